@@ -1,0 +1,3 @@
+"""mlgraph: graph-based multi-label image recognition in JAX/Flax NNX."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,102 @@
+"""Helpers shared by the configs in `configs/` (kept in the package so configs load anywhere)."""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """Parse a `key=value,key=value` config argument (big_vision style) over typed defaults.
+
+    `python -m mlgraph.main --config configs/x.py:runlocal=True,size=224`. Values take the type of
+    their default; an unknown key is an error that lists the known ones.
+    """
+    result = ml_collections.ConfigDict(defaults)
+    if not arg:
+        return result
+    for item in arg.split(","):
+        if not item:
+            continue
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"config argument '{item}': expected key=value")
+        if key not in defaults:
+            raise ValueError(f"config argument '{key}': unknown; known: {', '.join(sorted(defaults))}")
+        kind = type(defaults[key])
+        if kind is bool:
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"config argument '{key}={raw}': expected true or false")
+            value = raw.lower() in ("true", "1")
+        else:
+            value = kind(raw)
+        result[key] = value
+    return result
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The fields every experiment has; configs override what they need."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.image_size = 224
+    c.batch_size = 64  # global, over all devices and hosts
+    c.eval_batch_size = 64
+    c.num_epochs = 10.0  # used when total_steps == 0
+    c.total_steps = 0
+    c.stop_at_step = 0  # stop (checkpointed) after this step, as a preemption would; 0 = never
+    c.eval_every_steps = 500
+    c.log_every_steps = 50
+    c.dtype = "float32"  # compute dtype; bfloat16 on accelerators
+    c.init_from = ""  # a weights checkpoint written by `python -m mlgraph.convert`
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "coco2014"  # tfds builder name in mlgraph.data
+    c.data.builder_config = ""  # e.g. 'nonempty' / 'all' for coco2014; '' = the builder's default
+    c.data.data_dir = ""  # where built datasets live ('' = $MLGRAPH_DATA or ~/mlgraph_data)
+    c.data.demo = ""  # 'demo' or 'digits-mosaic': build the embedded data set on first use
+    c.data.train_split = "train"
+    c.data.eval_split = "val"
+    c.data.worker_count = 0  # grain worker processes; 0 = in the main process
+    c.data.prefetch = 2
+    c.data.augment = ml_collections.ConfigDict()
+    c.data.augment.flip = True
+    c.data.augment.cutout = 0.0  # CutoutPIL factor (SALGL: 0.5); 0 = off
+    c.data.augment.randaugment = False
+    c.data.mean = IMAGENET_MEAN
+    c.data.std = IMAGENET_STD
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "adamw"
+    c.optimizer.lr = 1e-4
+    c.optimizer.weight_decay = 1e-2
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-8
+    c.optimizer.schedule = "onecycle"  # or 'constant'
+    c.optimizer.pct_start = 0.2
+    c.optimizer.div_factor = 25.0
+    c.optimizer.final_div_factor = 1e4
+    c.optimizer.cycle_momentum = True  # PyTorch OneCycleLR also cycles Adam's beta1
+    c.optimizer.base_momentum = 0.85
+    c.optimizer.max_momentum = 0.95
+    c.optimizer.frozen = ()  # regexes of parameter paths that are not trained
+    c.optimizer.lr_mults = ()  # (regex, multiplier) pairs, e.g. (('backbone/.*', 0.1),)
+
+    c.ema = ml_collections.ConfigDict()
+    c.ema.decay = 0.9997
+    c.ema.live = ()  # regexes of state paths the EMA model takes live (not averaged)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "baseline"
+    return c
+
+
+def total_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
+    """`config.total_steps` if set, else `num_epochs` epochs of the global batch (rounded up)."""
+    if config.total_steps:
+        return int(config.total_steps)
+    return max(1, math.ceil(config.num_epochs * num_train_examples / config.batch_size))

@@ -1,0 +1,149 @@
+"""MS-COCO 2014 as a TFDS builder writing array_record (no TensorFlow needed).
+
+Reads `manual_dir` in the COCO-2014 layout:
+
+    annotations/instances_train2014.json   annotations/instances_val2014.json
+    train2014/COCO_train2014_*.jpg         val2014/COCO_val2014_*.jpg
+
+Classes are the JSON's categories in category-id order (for real COCO the 80 names person,
+bicycle, car, ... toothbrush), so non-contiguous category ids map to indices 0..C-1. Labels are
+the set of categories among an image's instances. Config 'nonempty' (the default, as SALGL's
+scripts/mscoco.py) skips images without annotations (82,081 train / 40,137 val images);
+'all' keeps them with an all-zero label vector.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from mlgraph.data import images
+from mlgraph.errors import DataError
+
+SPLITS = {"train": "train2014", "val": "val2014"}
+
+
+@dataclasses.dataclass
+class CocoConfig(tfds.core.BuilderConfig):
+    """Whether images without any annotation are kept."""
+
+    keep_empty: bool = False
+
+
+def required_paths(root: pathlib.Path) -> list[pathlib.Path]:
+    """The files and folders a COCO-2014 manual_dir must hold."""
+    return [root / "annotations" / f"instances_{folder}.json" for folder in SPLITS.values()] + [
+        root / folder for folder in SPLITS.values()
+    ]
+
+
+def check_manual_dir(root: str | pathlib.Path) -> pathlib.Path:
+    """Raise a DataError naming every expected COCO file or folder that is missing."""
+    root = pathlib.Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: COCO manual_dir does not exist")
+    missing = [str(p.relative_to(root)) for p in required_paths(root) if not p.exists()]
+    if missing:
+        raise DataError(
+            f"{root}: not a COCO-2014 folder, missing {', '.join(missing)} "
+            "(expected annotations/instances_{train,val}2014.json, train2014/, val2014/)"
+        )
+    return root
+
+
+def read_instances(json_path: pathlib.Path) -> tuple[list[dict], list[dict], list[dict]]:
+    """(categories sorted by id, images, annotations) of an instances JSON, validated."""
+    try:
+        data = json.loads(json_path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{json_path}: not valid JSON ({e})") from None
+    for key in ("images", "annotations", "categories"):
+        if key not in data:
+            raise DataError(f"{json_path}: missing top-level key '{key}'")
+    return sorted(data["categories"], key=lambda c: c["id"]), data["images"], data["annotations"]
+
+
+def image_labels(
+    images_: list[dict], annotations: list[dict], cat_index: dict[int, int], json_path
+) -> dict[int, np.ndarray]:
+    """Multi-hot label vector per image id, from the categories of its instances."""
+    labels = {im["id"]: np.zeros(len(cat_index), np.uint8) for im in images_}
+    for ann in annotations:
+        if ann["category_id"] not in cat_index:
+            raise DataError(
+                f"{json_path}: annotation {ann.get('id')} names unknown category_id "
+                f"{ann['category_id']}"
+            )
+        if ann["image_id"] not in labels:
+            raise DataError(
+                f"{json_path}: annotation {ann.get('id')} names unknown image_id {ann['image_id']}"
+            )
+        labels[ann["image_id"]][cat_index[ann["category_id"]]] = 1
+    return labels
+
+
+class Coco2014(tfds.core.GeneratorBasedBuilder):
+    """MS-COCO 2014 multi-label classification (train2014 -> 'train', val2014 -> 'val')."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    BUILDER_CONFIGS = [
+        CocoConfig(name="nonempty", description="images without annotations skipped"),
+        CocoConfig(name="all", description="every image, empty label vectors allowed", keep_empty=True),
+    ]
+    DEFAULT_CONFIG_NAME = "nonempty"
+    MANUAL_DOWNLOAD_INSTRUCTIONS = (
+        "Download train2014.zip, val2014.zip and annotations_trainval2014.zip from "
+        "cocodataset.org and unpack them so that manual_dir holds annotations/, train2014/ "
+        "and val2014/."
+    )
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="MS-COCO 2014 multi-label: image, multi-hot labels, image id.",
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+                    "labels": tfds.features.Tensor(shape=(None,), dtype=np.uint8),
+                    "image_id": tfds.features.Scalar(dtype=np.int64),
+                }
+            ),
+            metadata=tfds.core.MetadataDict(),
+            homepage="https://cocodataset.org",
+        )
+
+    def _split_generators(self, dl_manager):
+        root = check_manual_dir(pathlib.Path(dl_manager.manual_dir))
+        parsed = {
+            split: read_instances(root / "annotations" / f"instances_{folder}.json")
+            for split, folder in SPLITS.items()
+        }
+        names = {split: [c["name"] for c in cats] for split, (cats, _, _) in parsed.items()}
+        if names["train"] != names["val"]:
+            raise DataError(f"{root}/annotations: train and val JSON list different categories")
+        self.info.metadata["class_names"] = names["train"]
+        self.info.metadata["skipped"] = {}
+        return {
+            split: self._generate_examples(root, split, *parsed[split]) for split in SPLITS
+        }
+
+    def _generate_examples(self, root, split, categories, images_, annotations):
+        json_path = root / "annotations" / f"instances_{SPLITS[split]}.json"
+        cat_index = {c["id"]: i for i, c in enumerate(categories)}
+        labels = image_labels(images_, annotations, cat_index, json_path)
+        skipped = []
+        for im in sorted(images_, key=lambda im: im["id"]):
+            y = labels[im["id"]]
+            if not y.any() and not self.builder_config.keep_empty:
+                continue
+            try:
+                data, _ = images.rgb_jpeg_bytes(root / SPLITS[split] / im["file_name"])
+            except images.BadImage as e:
+                skipped.append(str(e))
+                continue
+            yield im["id"], {"image": data, "labels": y, "image_id": im["id"]}
+        self.info.metadata["skipped"][split] = skipped

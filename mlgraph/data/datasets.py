@@ -1,0 +1,94 @@
+"""Finding, building and opening the TFDS data sets that mlgraph trains on."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import pathlib
+
+import ml_collections
+import tensorflow_datasets as tfds
+
+from mlgraph.errors import ConfigError, DataError
+
+# name -> "module:Class" of its TFDS builder.
+BUILDERS = {"coco2014": "mlgraph.data.coco:Coco2014"}
+
+
+def default_data_dir() -> pathlib.Path:
+    """Where built data sets live unless the config says otherwise."""
+    return pathlib.Path(os.environ.get("MLGRAPH_DATA", pathlib.Path.home() / "mlgraph_data"))
+
+
+def builder_class(name: str) -> type:
+    """The TFDS builder class registered under `name`."""
+    if name not in BUILDERS:
+        raise ConfigError(f"data set '{name}': unknown; known: {', '.join(sorted(BUILDERS))}")
+    module, cls = BUILDERS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def make_builder(name: str, data_dir: str | pathlib.Path, builder_config: str = ""):
+    """A builder instance for `name` (array_record files) rooted at `data_dir`."""
+    cls = builder_class(name)
+    kwargs = {"config": builder_config} if builder_config else {}
+    return cls(data_dir=str(data_dir), file_format="array_record", **kwargs)
+
+
+def build(name: str, manual_dir: str | pathlib.Path, data_dir: str | pathlib.Path, config=""):
+    """Build `name` from the raw files in `manual_dir` into `data_dir` (no-op when built)."""
+    builder = make_builder(name, data_dir, config)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir))
+    )
+    return builder
+
+
+@dataclasses.dataclass
+class Dataset:
+    """An opened data set: random-access sources per split and its class names."""
+
+    name: str
+    directory: pathlib.Path
+    class_names: list[str]
+    sources: dict[str, object]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def open_dataset(data: ml_collections.ConfigDict) -> Dataset:
+    """Open the data set `config.data` names; the embedded demo sets are built on first use."""
+    if data.demo:
+        from mlgraph.data import demo
+
+        manual_dir = demo.ensure_demo(data.demo)
+        data_dir = manual_dir.parent / f"{manual_dir.name}-tfds"
+        builder = build(data.name, manual_dir, data_dir, data.builder_config)
+    else:
+        data_dir = pathlib.Path(data.data_dir) if data.data_dir else default_data_dir()
+        builder = make_builder(data.name, data_dir, data.builder_config)
+        if not pathlib.Path(builder.data_dir).is_dir() or not (
+            pathlib.Path(builder.data_dir) / "dataset_info.json"
+        ).exists():
+            raise DataError(
+                f"data set '{data.name}' is not built: looked in {builder.data_dir}; build it "
+                f"once with: python -m mlgraph.data.build {data.name} --manual_dir RAW "
+                f"--data_dir {data_dir}"
+            )
+    info = tfds.builder_from_directory(builder.data_dir).info
+    class_names = list(info.metadata.get("class_names", [])) if info.metadata else []
+    if not class_names:
+        raise DataError(f"{builder.data_dir}: metadata has no class_names; rebuild the data set")
+    splits = {data.train_split, data.eval_split}
+    missing = [s for s in splits if s not in info.splits]
+    if missing:
+        raise ConfigError(
+            f"config.data split(s) {', '.join(missing)} not in {data.name}; "
+            f"available: {', '.join(info.splits)}"
+        )
+    read = tfds.builder_from_directory(builder.data_dir)
+    sources = {s: read.as_data_source(split=s) for s in splits}
+    return Dataset(data.name, pathlib.Path(builder.data_dir), class_names, sources)

@@ -1,0 +1,130 @@
+"""grain input pipelines: shuffled, augmented, process-sharded training batches, and padded,
+masked evaluation batches in which every image counts exactly once.
+
+Decoding happens in the TFDS array_record source (Pillow); resizing and augmentation here, with
+per-example random generators that grain derives from the pipeline seed and the example's
+position, so a restored iterator state reproduces the same batches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from mlgraph.data import augment
+
+
+def _normalize(img: Image.Image, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    return (np.asarray(img, np.float32) / 255.0 - mean) / std
+
+
+def _labels(element: dict, num_classes: int) -> np.ndarray:
+    labels = np.asarray(element["labels"], np.float32)
+    if labels.shape != (num_classes,):
+        raise ValueError(
+            f"image {element.get('image_id')}: label vector of shape {labels.shape}, "
+            f"expected ({num_classes},)"
+        )
+    return labels
+
+
+class TrainTransform(grain.transforms.RandomMap):
+    """Resize to a square, then the configured augmentations, then normalise."""
+
+    def __init__(self, image_size: int, num_classes: int, aug: ml_collections.ConfigDict, mean, std):
+        self.image_size = image_size
+        self.num_classes = num_classes
+        self.flip = bool(aug.flip)
+        self.cutout = float(aug.cutout)
+        self.mean = np.asarray(mean, np.float32)
+        self.std = np.asarray(std, np.float32)
+
+    def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+        img = Image.fromarray(element["image"]).resize(
+            (self.image_size, self.image_size), Image.BILINEAR
+        )
+        if self.flip and rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        if self.cutout > 0:
+            img = augment.cutout(img, self.cutout, rng)
+        return {
+            "image": _normalize(img, self.mean, self.std),
+            "labels": _labels(element, self.num_classes),
+        }
+
+
+class EvalTransform(grain.transforms.Map):
+    """Resize to a square and normalise (the papers' test transform: no crop, no TTA)."""
+
+    def __init__(self, image_size: int, num_classes: int, mean, std):
+        self.image_size = image_size
+        self.num_classes = num_classes
+        self.mean = np.asarray(mean, np.float32)
+        self.std = np.asarray(std, np.float32)
+
+    def map(self, element: dict) -> dict:
+        img = Image.fromarray(element["image"]).resize(
+            (self.image_size, self.image_size), Image.BILINEAR
+        )
+        return {
+            "image": _normalize(img, self.mean, self.std),
+            "labels": _labels(element, self.num_classes),
+            "mask": np.bool_(True),
+        }
+
+
+def local_batch_size(global_batch_size: int) -> int:
+    """This process's share of a global batch."""
+    return global_batch_size // jax.process_count()
+
+
+def train_dataset(
+    source, config: ml_collections.ConfigDict, num_classes: int
+) -> grain.IterDataset:
+    """Infinite, shuffled (reshuffled every epoch), augmented batches of this process's shard."""
+    data = config.data
+    ds = grain.MapDataset.source(source).seed(config.seed).shuffle().repeat()
+    ds = ds[jax.process_index() :: jax.process_count()]
+    ds = ds.random_map(
+        TrainTransform(config.image_size, num_classes, data.augment, data.mean, data.std)
+    )
+    ds = ds.batch(local_batch_size(config.batch_size), drop_remainder=True)
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=data.prefetch))
+    if data.worker_count > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.worker_count))
+    return it
+
+
+def eval_batches(
+    source, config: ml_collections.ConfigDict, num_classes: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """Every example once, this process's shard, in batches padded with mask=False.
+
+    All processes yield the same number of batches (ceil(ceil(n / processes) / local batch)),
+    so the jitted eval step runs in lockstep on every host.
+    """
+    pc, pi = jax.process_count(), jax.process_index()
+    local_bs = local_batch_size(config.eval_batch_size)
+    steps = math.ceil(math.ceil(len(source) / pc) / local_bs)
+    transform = EvalTransform(config.image_size, num_classes, config.data.mean, config.data.std)
+    ds = grain.MapDataset.source(source)[pi::pc].map(transform).batch(local_bs)
+    it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)))
+    shape = (config.image_size, config.image_size, 3)
+    for _ in range(steps):
+        batch = next(it, None)
+        if batch is None:
+            batch = {
+                "image": np.zeros((0, *shape), np.float32),
+                "labels": np.zeros((0, num_classes), np.float32),
+                "mask": np.zeros((0,), bool),
+            }
+        pad = local_bs - len(batch["mask"])
+        if pad:
+            batch = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
+        yield batch

@@ -1,0 +1,222 @@
+"""Multi-label evaluation metrics as the graph-based papers report them (numpy, vectorized).
+
+* `average_precision` / `mean_average_precision`: per-class VOC-2012-style AP (interpolated
+  precision envelope) and its mean, in the form SALGL's official `VOCmAP(year='2012')` computes
+  them, with VOC "difficult" entries dropped through `mask`.
+* `threshold_metrics`: CP, CR, CF1, OP, OR, OF1 of the prediction `score >= threshold` (the
+  papers' "All" columns).
+* `topk_metrics`: the same after zeroing every score outside each sample's top k (the papers'
+  "Top-3" columns).
+* `compute_all`: all of the above in one flat dict of plain Python floats, in percent.
+
+Conventions shared by every function:
+* `scores` and `targets` are `[N, C]` (N samples, C classes); scores are probabilities
+  (sigmoid outputs), targets are 0/1 (bool or numeric).
+* `mask` is an optional boolean `[N, C]`; False drops that (sample, class) pair from everything
+  computed for that class. It is the logical negation of the VOC `ignore.npy` matrix
+  (1 = ignore), so pass `mask=(ignore != 1)`. Non-boolean masks are refused on purpose, because
+  passing the ignore matrix itself would silently invert its meaning.
+* Tied scores are ranked in ascending sample (or class) index order. The official code's order
+  for ties is whatever its unstable sort gives, so with ties no implementation is "the" reference.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+_EPS = np.finfo(np.float64).eps
+_THRESHOLD_KEYS = ("CP", "CR", "CF1", "OP", "OR", "OF1")
+
+
+def _validate(scores: Any, targets: Any, mask: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Check and convert inputs to (float64 scores, bool targets, bool mask), all [N, C]."""
+    scores = np.asarray(scores)
+    targets = np.asarray(targets)
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be 2-D [N, C]; got shape {scores.shape}")
+    if targets.shape != scores.shape:
+        raise ValueError(
+            f"targets shape {targets.shape} does not match scores shape {scores.shape}"
+        )
+    if scores.shape[1] == 0:
+        raise ValueError(f"scores must have at least one class column; got shape {scores.shape}")
+    if not (np.issubdtype(scores.dtype, np.number) or scores.dtype == np.bool_):
+        raise ValueError(f"scores must be numeric; got dtype {scores.dtype}")
+    scores = scores.astype(np.float64)
+    if np.isnan(scores).any():
+        raise ValueError("scores contain NaN; cannot rank them")
+    if targets.dtype != np.bool_:
+        bad = ~np.isin(targets, (0, 1))
+        if bad.any():
+            value = targets[bad].flat[0].item()
+            raise ValueError(
+                f"targets must contain only 0 and 1; found {value!r}. Express ignored or "
+                "difficult entries through mask=False instead"
+            )
+        targets = targets == 1
+    if mask is None:
+        mask = np.ones(scores.shape, dtype=bool)
+    else:
+        mask = np.asarray(mask)
+        if mask.shape != scores.shape:
+            raise ValueError(f"mask shape {mask.shape} does not match scores shape {scores.shape}")
+        if mask.dtype != np.bool_:
+            raise ValueError(
+                f"mask must be a boolean array (True = keep the entry); got dtype {mask.dtype}. "
+                "For a VOC ignore matrix (1 = ignore) pass mask=(ignore != 1)"
+            )
+    return scores, targets, mask
+
+
+def average_precision(scores: Any, targets: Any, mask: Any = None) -> np.ndarray:
+    """Per-class average precision, VOC-2012 style (interpolated), as fractions in [0, 1].
+
+    For each class the kept samples (mask True) are ranked by descending score; the precision
+    envelope is taken from the right (the best precision at or below each rank) and
+    AP = sum over recall steps of delta-recall x envelope precision. Equivalently: the mean,
+    over the class's positives, of the maximum precision at or beyond that positive's rank.
+    This is neither scikit-learn's `average_precision_score` (non-interpolated, never larger)
+    nor the 11-point VOC-2007 metric.
+
+    Args:
+      scores: [N, C] scores, higher = more confident.
+      targets: [N, C] 0/1 ground truth.
+      mask: optional [N, C] bool; False drops the (sample, class) pair from that class's ranking.
+
+    Returns:
+      float64 [C]; NaN for a class with no positive among its kept samples (the official code
+      would report 0 for such a class, which then drags the mean down).
+    """
+    scores, targets, mask = _validate(scores, targets, mask)
+    # One stable sort per column ranks every class at once; masked entries stay in place but
+    # count neither as hits nor as ranks, so they cannot change any kept entry's precision.
+    order = np.argsort(-scores, axis=0, kind="stable")
+    hits = np.take_along_axis(targets & mask, order, axis=0)
+    kept = np.take_along_axis(mask, order, axis=0)
+    tp = np.cumsum(hits, axis=0, dtype=np.float64)
+    ranks = np.cumsum(kept, axis=0, dtype=np.float64)
+    # A masked row's precision repeats the previous kept row's (or 0 before any), so it adds no
+    # new value to the envelope of any positive below it.
+    precision = np.divide(tp, ranks, out=np.zeros_like(tp), where=ranks > 0)
+    envelope = np.flip(np.maximum.accumulate(np.flip(precision, axis=0), axis=0), axis=0)
+    n_pos = hits.sum(axis=0)
+    total = (envelope * hits).sum(axis=0)
+    return np.divide(total, n_pos, out=np.full(total.shape, np.nan), where=n_pos > 0)
+
+
+def mean_average_precision(scores: Any, targets: Any, mask: Any = None) -> float:
+    """Mean of `average_precision` over the classes that have at least one positive, in percent.
+
+    Classes with no positive (after masking) have undefined AP and are left out of the mean,
+    rather than counted as 0 as the official SALGL code does; on the standard COCO, VOC 2007
+    and NUS-WIDE test splits every class has positives, so the two agree there.
+
+    Raises:
+      ValueError: if no class has a positive, since the mean is then undefined.
+    """
+    ap = average_precision(scores, targets, mask)
+    defined = ~np.isnan(ap)
+    if not defined.any():
+        raise ValueError(
+            "mean_average_precision: no class has a positive target (after masking); "
+            "mAP is undefined"
+        )
+    return float(100.0 * ap[defined].mean())
+
+
+def _f1(precision: float, recall: float) -> float:
+    """Harmonic mean; 0 when both are 0 (the official code yields 0/0 = NaN there)."""
+    if precision + recall == 0:
+        return 0.0
+    return 2.0 * precision * recall / (precision + recall)
+
+
+def threshold_metrics(
+    scores: Any, targets: Any, threshold: float = 0.5, mask: Any = None
+) -> dict[str, float]:
+    """CP, CR, CF1, OP, OR, OF1 (percent) of the prediction `score >= threshold`.
+
+    Per class c over the kept entries: gt_c positives, pd_c predicted positives, tp_c hits.
+    * OP = sum tp / sum pd, OR = sum tp / sum gt, OF1 their harmonic mean. These are computed
+      from the raw counts; an empty denominator gives NaN (no prediction at all: OP; no
+      positive at all: OR).
+    * Then tp, pd and gt are clamped to at least float64 eps, and CP = mean_c tp_c / pd_c,
+      CR = mean_c tp_c / gt_c, CF1 = 2 CP CR / (CP + CR): the harmonic mean of the averaged
+      precision and recall, not the mean of per-class F1s.
+
+    Quirk, kept on purpose because it is the definition behind the papers' numbers: the eps
+    clamp makes a never-predicted class count as precision eps/eps = 1 in CP (and a class
+    with no positives count as recall 1 in CR).
+
+    F1 values are 0 when precision and recall are both 0 (the official code gives NaN there).
+    """
+    scores, targets, mask = _validate(scores, targets, mask)
+    threshold = float(threshold)
+    if not np.isfinite(threshold):
+        raise ValueError(f"threshold must be finite; got {threshold}")
+    predicted = (scores >= threshold) & mask
+    positive = targets & mask
+    tp = (predicted & positive).sum(axis=0).astype(np.float64)
+    pd = predicted.sum(axis=0).astype(np.float64)
+    gt = positive.sum(axis=0).astype(np.float64)
+
+    op = tp.sum() / pd.sum() if pd.sum() > 0 else float("nan")
+    or_ = tp.sum() / gt.sum() if gt.sum() > 0 else float("nan")
+    tp, pd, gt = np.maximum(tp, _EPS), np.maximum(pd, _EPS), np.maximum(gt, _EPS)
+    cp = float(np.mean(tp / pd))
+    cr = float(np.mean(tp / gt))
+    values = (cp, cr, _f1(cp, cr), op, or_, _f1(op, or_))
+    return {key: float(100.0 * v) for key, v in zip(_THRESHOLD_KEYS, values, strict=True)}
+
+
+def topk_scores(scores: Any, k: int = 3) -> np.ndarray:
+    """A float64 copy of `scores` [N, C] with every entry outside its row's top k set to 0.
+
+    Ties are broken towards the lower class index. The input is never modified.
+    """
+    scores = np.asarray(scores)
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be 2-D [N, C]; got shape {scores.shape}")
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+        raise ValueError(f"k must be a positive integer; got {k!r}")
+    scores = scores.astype(np.float64)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    keep = np.zeros(scores.shape, dtype=bool)
+    np.put_along_axis(keep, order[:, :k], True, axis=1)
+    return np.where(keep, scores, 0.0)
+
+
+def topk_metrics(
+    scores: Any, targets: Any, k: int = 3, threshold: float = 0.5, mask: Any = None
+) -> dict[str, float]:
+    """`threshold_metrics` after keeping only each sample's top-k scores (`topk_scores`).
+
+    The top k are chosen before the mask is applied, as in the official code, so a masked
+    entry can still take one of a sample's k slots. Keys carry the suffix `_top{k}`
+    (`CP_top3`, ...). The input array is not modified.
+    """
+    _validate(scores, targets, mask)
+    kept = topk_scores(scores, k)
+    metrics = threshold_metrics(kept, targets, threshold=threshold, mask=mask)
+    return {f"{key}_top{k}": value for key, value in metrics.items()}
+
+
+def compute_all(
+    scores: Any,
+    targets: Any,
+    mask: Any = None,
+    threshold: float = 0.5,
+    topk: int | None = 3,
+) -> dict[str, float]:
+    """Every reported metric in one flat dict of plain Python floats, all in percent.
+
+    Keys: `mAP`, `CP`, `CR`, `CF1`, `OP`, `OR`, `OF1` and, unless `topk` is None, the same six
+    with the suffix `_top{topk}`. See the individual functions for the definitions.
+    """
+    result = {"mAP": mean_average_precision(scores, targets, mask)}
+    result.update(threshold_metrics(scores, targets, threshold=threshold, mask=mask))
+    if topk is not None:
+        result.update(topk_metrics(scores, targets, k=topk, threshold=threshold, mask=mask))
+    return result

@@ -1,0 +1,297 @@
+"""The one training loop: mesh, data, model, optimizer, restore, steps, eval, loop.
+
+Data parallel `jax.jit` over a ('data',) mesh: the train state is replicated, each batch is
+sharded on its leading axis, so gradients, batch-norm statistics and method buffers (SALGL's
+co-occurrence counts) are reduced over the global batch by construction.
+
+The model is an NNX module used functionally: `nnx.split` once into (graphdef, params, rest),
+`nnx.merge` inside the jitted steps. `params` are the `nnx.Param`s (optimized); `rest` holds batch
+statistics and buffers, updated by the forward pass in training mode.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import pathlib
+import re
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from mlgraph import checkpointing, config_lib, metrics, optim, sharding
+from mlgraph.data import datasets, pipeline
+from mlgraph.errors import ConfigError, WorkdirError
+from mlgraph.metric_writer import MetricWriter, read_metrics
+
+# Fields that may change between a run and its resumption without changing what is computed.
+RESUMABLE_CHANGES = ("stop_at_step", "data.worker_count", "data.prefetch", "log_every_steps")
+
+
+# ---------------------------------------------------------------------------------------------
+# Workdir
+# ---------------------------------------------------------------------------------------------
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def prepare_workdir(workdir: str | pathlib.Path, config: ml_collections.ConfigDict) -> pathlib.Path:
+    """Create `workdir` (its parent must exist) and record the config, or check it on resume."""
+    workdir = pathlib.Path(workdir).absolute()
+    if not workdir.parent.is_dir():
+        raise WorkdirError(f"--workdir {workdir}: parent folder {workdir.parent} does not exist")
+    workdir.mkdir(exist_ok=True)
+    config_file = workdir / "config.json"
+    current = json.loads(config.to_json_best_effort())
+    if config_file.exists():
+        previous = json.loads(config_file.read_text())
+        a, b = _flatten(previous), _flatten(current)
+        changed = sorted(
+            k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES
+        )
+        if changed:
+            raise WorkdirError(
+                f"--workdir {workdir}: holds a run of a different config (fields "
+                f"{', '.join(changed)} differ); use a new workdir"
+            )
+    if jax.process_index() == 0:
+        config_file.write_text(json.dumps(current, indent=2, sort_keys=True))
+    return workdir
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and state
+# ---------------------------------------------------------------------------------------------
+def model_module(config: ml_collections.ConfigDict):
+    """The module `mlgraph.models.<config.model.name>`."""
+    try:
+        return importlib.import_module(f"mlgraph.models.{config.model.name}")
+    except ModuleNotFoundError as e:
+        if e.name == f"mlgraph.models.{config.model.name}":
+            raise ConfigError(
+                f"config.model.name='{config.model.name}': no module mlgraph/models/"
+                f"{config.model.name}.py"
+            ) from None
+        raise
+
+
+def init_from_weights(model: nnx.Module, path: str) -> None:
+    """Fill `model` (or its backbone) from a weights checkpoint written by mlgraph.convert."""
+    tree, settings = checkpointing.load_weights(path)
+    kind = settings.get("kind", "model")
+    target = model.backbone if kind == "backbone" else model
+    state = nnx.state(target)
+    try:
+        nnx.replace_by_pure_dict(state, tree)
+    except (KeyError, ValueError) as e:
+        raise ConfigError(
+            f"config.init_from={path}: its {kind} weights do not fit this model ({e})"
+        ) from None
+    nnx.update(target, state)
+
+
+def ema_update(ema: Any, live: Any, decay: float, live_paths: tuple[str, ...]) -> Any:
+    """ema <- decay * ema + (1 - decay) * live; entries matching `live_paths` are copied live."""
+    patterns = [re.compile(p) for p in live_paths]
+
+    def update(path, e, x):
+        name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        if any(p.fullmatch(name) for p in patterns) or not jnp.issubdtype(x.dtype, jnp.floating):
+            return x
+        return decay * e + (1.0 - decay) * x
+
+    return jax.tree_util.tree_map_with_path(update, ema, live)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+def evaluate_scores(predict, state, source, config, num_classes, mesh) -> dict[str, np.ndarray]:
+    """Sigmoid scores of the model and the EMA over every example of `source` (mask applied)."""
+    scores, ema_scores, labels = [], [], []
+    for local in pipeline.eval_batches(source, config, num_classes):
+        batch = sharding.global_batch(mesh, local)
+        s, e = predict(state, batch["image"])
+        mask = sharding.to_host(batch["mask"])
+        scores.append(sharding.to_host(s)[mask])
+        ema_scores.append(sharding.to_host(e)[mask])
+        labels.append(sharding.to_host(batch["labels"])[mask])
+    return {
+        "scores": np.concatenate(scores),
+        "ema_scores": np.concatenate(ema_scores),
+        "labels": np.concatenate(labels),
+    }
+
+
+def eval_metrics(result: dict[str, np.ndarray]) -> dict[str, float]:
+    """`eval/<metric>` for the model and `eval/ema_<metric>` for the EMA, in percent."""
+    out = {}
+    for prefix, key in (("eval/", "scores"), ("eval/ema_", "ema_scores")):
+        for name, value in metrics.compute_all(result[key], result["labels"] > 0.5).items():
+            out[prefix + name] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Run
+# ---------------------------------------------------------------------------------------------
+def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
+    """Train (or resume) `config` in `workdir`; returns the last evaluation's metrics."""
+    # --- workdir, logs -------------------------------------------------------------------
+    workdir = prepare_workdir(workdir, config)
+    writer = MetricWriter(workdir)
+
+    # --- mesh ----------------------------------------------------------------------------
+    mesh = sharding.make_mesh()
+    sharding.check_batch_size(config.batch_size)
+    sharding.check_batch_size(config.eval_batch_size, "eval_batch_size")
+    repl, data_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+
+    # --- data ----------------------------------------------------------------------------
+    dataset = datasets.open_dataset(config.data)
+    train_source = dataset.sources[config.data.train_split]
+    eval_source = dataset.sources[config.data.eval_split]
+    num_classes = dataset.num_classes
+    total = config_lib.total_steps(config, len(train_source))
+    train_iter = iter(pipeline.train_dataset(train_source, config, num_classes))
+
+    # --- model, optimizer, EMA -----------------------------------------------------------
+    mod = model_module(config)
+    model = mod.create(config, num_classes=num_classes, rngs=nnx.Rngs(config.seed))
+    if config.init_from:
+        init_from_weights(model, config.init_from)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = optim.make_optimizer(config.optimizer, total, params)
+    state = {
+        "params": params,
+        "rest": rest,
+        "opt": tx.init(params),
+        # A copy: the EMA must not share buffers with the live weights, which are donated.
+        "ema": jax.tree.map(jnp.copy, {"params": params, "rest": rest}),
+        "step": jnp.zeros((), jnp.int32),
+    }
+    state = jax.device_put(state, repl)
+    state_sh = jax.tree.map(lambda _: repl, state)
+    num_params = sum(x.size for x in jax.tree.leaves(params))
+
+    # --- restore -------------------------------------------------------------------------
+    ckpts = checkpointing.TrainCheckpoints(workdir / "checkpoints")
+    start = ckpts.latest_step()
+    if start is not None:
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), state
+        )
+        state = ckpts.restore(start, abstract, train_iter)
+        logging.info("resumed %s at step %d", workdir, start)
+    step = int(start or 0)
+    if step >= total:
+        history = [r for r in read_metrics(workdir) if "eval/ema_mAP" in r]
+        last = history[-1] if history else {}
+        print(
+            f"{workdir}: training already finished at step {step}/{total} "
+            f"(eval/mAP {last.get('eval/mAP', float('nan')):.2f}, "
+            f"eval/ema_mAP {last.get('eval/ema_mAP', float('nan')):.2f}); nothing to do",
+            flush=True,
+        )
+        ckpts.close()
+        writer.close()
+        return {k: v for k, v in last.items() if k != "step"}
+
+    # --- steps ---------------------------------------------------------------------------
+    dropout_key = jax.random.key(config.seed + 1)
+
+    def train_step(state, batch):
+        def loss_of(params, rest):
+            model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, rest))
+            rngs = nnx.Rngs(dropout=jax.random.fold_in(dropout_key, state["step"]))
+            out = model(batch["image"], labels=batch["labels"], train=True, rngs=rngs)
+            loss, aux = mod.loss_fn(out, batch["labels"], config)
+            return loss, (aux, nnx.state(model, nnx.Not(nnx.Param)))
+
+        (loss, (aux, rest)), grads = jax.value_and_grad(loss_of, has_aux=True)(
+            state["params"], state["rest"]
+        )
+        updates, opt = tx.update(grads, state["opt"], state["params"])
+        params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
+        ema = ema_update(
+            state["ema"], {"params": params, "rest": rest}, config.ema.decay, tuple(config.ema.live)
+        )
+        new_state = {"params": params, "rest": rest, "opt": opt, "ema": ema, "step": state["step"] + 1}
+        lr = optim.learning_rate_fn(config.optimizer, total)(state["step"])
+        return new_state, {"loss": loss, "lr": lr, **aux}
+
+    def predict(state, images):
+        out = []
+        for params, rest in ((state["params"], state["rest"]), (state["ema"]["params"], state["ema"]["rest"])):
+            model = nnx.merge(graphdef, params, rest)
+            out.append(jax.nn.sigmoid(model(images, train=False)["logits"]))
+        return tuple(out)
+
+    p_train = jax.jit(
+        train_step, in_shardings=(state_sh, data_sh), out_shardings=(state_sh, repl), donate_argnums=0
+    )
+    p_predict = jax.jit(predict, in_shardings=(state_sh, data_sh), out_shardings=(data_sh, data_sh))
+
+    # --- loop ----------------------------------------------------------------------------
+    stop = min(total, config.stop_at_step) if config.stop_at_step else total
+    print(
+        f"training {config.model.name} ({num_params:,} parameters) on {dataset.name} "
+        f"({len(train_source)} train, {len(eval_source)} eval images, {num_classes} classes) "
+        f"for {total} steps of {config.batch_size} on {jax.device_count()} device(s); "
+        f"starting at step {step}",
+        flush=True,
+    )
+    last_eval: dict[str, float] = {}
+    t0, step0 = time.time(), step
+    try:
+        while step < stop:
+            batch = sharding.global_batch(mesh, next(train_iter))
+            state, train_metrics = p_train(state, batch)
+            step += 1
+            if step % config.log_every_steps == 0 or step == stop:
+                train_metrics = {k: float(v) for k, v in jax.device_get(train_metrics).items()}
+                if not np.isfinite(train_metrics["loss"]):
+                    raise FloatingPointError(f"step {step}: loss is {train_metrics['loss']}")
+                rate = (step - step0) * config.batch_size / (time.time() - t0)
+                left = (total - step) * config.batch_size / max(rate, 1e-9)
+                writer.write(step, {f"train/{k}": v for k, v in train_metrics.items()})
+                print(
+                    f"step {step}/{total} loss {train_metrics['loss']:.4f} "
+                    f"lr {train_metrics['lr']:.2e} | {rate:.1f} img/s | "
+                    f"{left / 60:.1f} min left",
+                    flush=True,
+                )
+            if step % config.eval_every_steps == 0 or step == stop:
+                result = evaluate_scores(p_predict, state, eval_source, config, num_classes, mesh)
+                last_eval = eval_metrics(result)
+                writer.write(step, last_eval)
+                print(
+                    f"eval step {step}: mAP {last_eval['eval/mAP']:.2f} "
+                    f"EMA mAP {last_eval['eval/ema_mAP']:.2f} "
+                    f"(CF1 {last_eval['eval/CF1']:.2f} OF1 {last_eval['eval/OF1']:.2f})",
+                    flush=True,
+                )
+                ckpts.save(step, state, train_iter, {"ema_mAP": last_eval["eval/ema_mAP"]})
+    finally:
+        ckpts.close()
+        writer.close()
+        close = getattr(train_iter, "close", None)
+        if close is not None:
+            close()
+    if step >= total:
+        print(f"finished: {workdir} (best EMA step {ckpts.best_step()})", flush=True)
+    else:
+        print(f"stopped at step {step}/{total}; run the same command to resume", flush=True)
+    return last_eval

@@ -1,0 +1,295 @@
+"""CNN backbones (ResNet, MobileNetV2) against plain-torch references with torchvision's key names.
+
+The references below are written with torch.nn only (torchvision does not work here) and follow
+torchvision's module names, so their `state_dict()` has the same keys as torchvision's files.
+Weights and BatchNorm running statistics are random (mean 0 / var 1 would hide a swapped pair).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from mlgraph.convert import torchvision_mobilenet_v2, torchvision_resnet  # noqa: E402
+from mlgraph.convert.pretrained import imagenet_class_names, mobilenet_v2_imagenet_path  # noqa: E402
+from mlgraph.models import backbones  # noqa: E402
+from mlgraph.models.backbones import resnet  # noqa: E402
+
+RTOL = 1e-4
+
+
+# ----------------------------------------------------------------------------- torch references
+class TorchBottleneck(nn.Module):
+    """torchvision.models.resnet.Bottleneck (v1.5: stride on conv2)."""
+
+    def __init__(self, inp: int, width: int, stride: int):
+        super().__init__()
+        out = width * 4
+        self.conv1 = nn.Conv2d(inp, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, out, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out)
+        self.relu = nn.ReLU()
+        self.downsample = None
+        if stride != 1 or inp != out:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(inp, out, 1, stride, bias=False), nn.BatchNorm2d(out)
+            )
+
+    def forward(self, x):
+        idt = x if self.downsample is None else self.downsample(x)
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.relu(self.bn2(self.conv2(y)))
+        return self.relu(self.bn3(self.conv3(y)) + idt)
+
+
+class TorchResNet(nn.Module):
+    """torchvision.models.resnet.ResNet with Bottleneck blocks and a configurable stem width."""
+
+    def __init__(self, layers, width: int = 64, num_classes: int = 1000):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU()
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        inp = width
+        for i, n in enumerate(layers):
+            w = width * 2**i
+            blocks = []
+            for b in range(n):
+                blocks.append(TorchBottleneck(inp, w, (1 if i == 0 else 2) if b == 0 else 1))
+                inp = w * 4
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(inp, num_classes)
+
+    def layer4_map(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.avgpool(self.layer4_map(x)), 1))
+
+
+def _conv_bn_act(inp, oup, k, s=1, groups=1):
+    """torchvision Conv2dNormActivation: keys .0 (conv) and .1 (bn)."""
+    return nn.Sequential(
+        nn.Conv2d(inp, oup, k, s, (k - 1) // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(oup),
+        nn.ReLU6(),
+    )
+
+
+class TorchInvertedResidual(nn.Module):
+    """torchvision.models.mobilenetv2.InvertedResidual."""
+
+    def __init__(self, inp, oup, stride, t):
+        super().__init__()
+        hidden = int(round(inp * t))
+        self.use_res = stride == 1 and inp == oup
+        layers = [] if t == 1 else [_conv_bn_act(inp, hidden, 1)]
+        layers += [
+            _conv_bn_act(hidden, hidden, 3, stride, hidden),
+            nn.Conv2d(hidden, oup, 1, bias=False),
+            nn.BatchNorm2d(oup),
+        ]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return x + self.conv(x) if self.use_res else self.conv(x)
+
+
+class TorchMobileNetV2(nn.Module):
+    """torchvision.models.MobileNetV2 (width 1.0)."""
+
+    def __init__(self, num_classes=1000):
+        super().__init__()
+        setting = [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2], [6, 64, 4, 2]]
+        setting += [[6, 96, 3, 1], [6, 160, 3, 2], [6, 320, 1, 1]]
+        feats, inp = [_conv_bn_act(3, 32, 3, 2)], 32
+        for t, c, n, s in setting:
+            for i in range(n):
+                feats.append(TorchInvertedResidual(inp, c, s if i == 0 else 1, t))
+                inp = c
+        feats.append(_conv_bn_act(inp, 1280, 1))
+        self.features = nn.Sequential(*feats)
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(1280, num_classes))
+
+    def forward(self, x):
+        x = nn.functional.adaptive_avg_pool2d(self.features(x), 1)
+        return self.classifier(torch.flatten(x, 1))
+
+
+# ----------------------------------------------------------------------------- helpers
+def randomize(model: nn.Module, seed: int) -> nn.Module:
+    """Random BN affine parameters and running statistics; eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
+    return model.eval()
+
+
+def state_dict_np(model: nn.Module) -> dict[str, np.ndarray]:
+    """The model's state dict as numpy arrays, as `io.read_state_dict` returns it."""
+    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def rel_diff(ours, ref) -> float:
+    """max|ours - ref| / max|ref|."""
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def images(seed: int, h: int, w: int, batch: int = 2) -> tuple[np.ndarray, torch.Tensor]:
+    """The same random batch as NHWC numpy and NCHW torch."""
+    x = np.random.default_rng(seed).normal(size=(batch, h, w, 3)).astype(np.float32)
+    return x, torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+
+
+# ----------------------------------------------------------------------------- registry
+def test_registry_rejects_unknown_name():
+    with pytest.raises(ValueError) as e:
+        backbones.build("resnet18", image_size=64, rngs=nnx.Rngs(0))
+    assert str(e.value) == (
+        "unknown backbone 'resnet18'; valid names: "
+        "mobilenet_v2, resnet101, resnet152, resnet50, vit_b16, vit_l16"
+    )
+
+
+def test_registry_builds_resnet_with_overrides():
+    model = backbones.build(
+        "resnet101", image_size=64, rngs=nnx.Rngs(0), width=4, layers=(1, 2, 3, 1)
+    )
+    assert isinstance(model, resnet.ResNet)
+    assert model.layers == (1, 2, 3, 1)
+    assert model.num_features == 4 * 8 * 4
+    assert model.fc is None
+    x = jnp.ones((2, 64, 96, 3))
+    assert model(x).shape == (2, 2 * 3, 128)
+    assert model.feature_map(x).shape == (2, 2, 3, 128)
+    with pytest.raises(ValueError, match="built without a classifier"):
+        model.logits(x)
+    bf16 = backbones.build(
+        "resnet50", image_size=32, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), width=4, num_classes=3
+    )
+    assert bf16.layers == (3, 4, 6, 3)
+    assert bf16.conv1.kernel[...].dtype == jnp.float32
+    assert bf16(jnp.ones((1, 32, 32, 3))).dtype == jnp.bfloat16
+    assert bf16.logits(jnp.ones((1, 32, 32, 3))).shape == (1, 3)
+
+
+def test_resnet_depth_must_be_bottleneck():
+    with pytest.raises(ValueError, match=r"ResNet depth must be one of \[50, 101, 152\], got 34"):
+        resnet.create(image_size=64, depth=34, rngs=nnx.Rngs(0))
+
+
+# ----------------------------------------------------------------------------- parity
+@pytest.mark.parametrize(
+    "layers, width, expected",
+    [
+        ((3, 4, 6, 3), 8, {"backbone": "resnet50"}),
+        ((3, 4, 23, 3), 4, {"backbone": "resnet101"}),
+        ((1, 2, 3, 1), 8, {"backbone": "resnet50", "layers": [1, 2, 3, 1]}),
+    ],
+    ids=["resnet50-layout", "resnet101-layout", "reduced-layout"],
+)
+def test_resnet_parity_with_torch(layers, width, expected):
+    ref = randomize(TorchResNet(layers, width=width, num_classes=10), seed=sum(layers))
+    module, settings = torchvision_resnet.convert(state_dict_np(ref), {})
+    assert settings == {"kind": "backbone", **expected, "width": width, "num_classes": 10}
+    x, xt = images(0, 64, 96)  # h != w so that a transposed token order would show
+    with torch.no_grad():
+        fmap = ref.layer4_map(xt)
+        ref_tokens = fmap.flatten(2).transpose(1, 2).numpy()
+        ref_logits = ref(xt).numpy()
+    tokens = module(jnp.asarray(x), train=False)
+    assert tokens.shape == ref_tokens.shape == (2, 2 * 3, width * 32)
+    assert module.num_features == width * 32
+    np.testing.assert_array_equal(
+        np.asarray(module.feature_map(jnp.asarray(x))).reshape(tokens.shape), np.asarray(tokens)
+    )
+    d_tok = rel_diff(tokens, ref_tokens)
+    d_log = rel_diff(module.logits(jnp.asarray(x)), ref_logits)
+    print(f"\nResNet {layers} width {width}: rel diff tokens {d_tok:.2e}, logits {d_log:.2e}")
+    assert d_tok < RTOL and d_log < RTOL
+    # Batch statistics (train=True) give a clearly different output: the running stats matter.
+    assert rel_diff(module(jnp.asarray(x), train=True), ref_tokens) > 1e-2
+
+
+def test_mobilenet_v2_parity_with_torch():
+    ref = randomize(TorchMobileNetV2(num_classes=1000), seed=3)
+    sd = state_dict_np(ref)
+    assert len(sd) == 314  # the key count of torchvision's file
+    module, settings = torchvision_mobilenet_v2.convert(sd, {})
+    assert settings == {"kind": "backbone", "backbone": "mobilenet_v2", "num_classes": 1000}
+    x, xt = images(1, 96, 64)
+    with torch.no_grad():
+        ref_tokens = ref.features(xt).flatten(2).transpose(1, 2).numpy()
+        ref_logits = ref(xt).numpy()
+    tokens = module(jnp.asarray(x))
+    assert tokens.shape == ref_tokens.shape == (2, 3 * 2, 1280)
+    d_tok = rel_diff(tokens, ref_tokens)
+    d_log = rel_diff(module.logits(jnp.asarray(x)), ref_logits)
+    print(f"\nMobileNetV2: rel diff tokens {d_tok:.2e}, logits {d_log:.2e}")
+    assert d_tok < RTOL and d_log < RTOL
+    n_params = sum(p.numel() for p in ref.parameters())
+    assert n_params == 3_504_872
+    ours = sum(v.size for v in jax.tree.leaves(nnx.state(module, nnx.Param)))
+    assert ours == n_params
+
+
+def test_mobilenet_v2_dropout_only_in_training():
+    model = backbones.build("mobilenet_v2", image_size=32, rngs=nnx.Rngs(0), num_classes=5)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
+    a = model.logits(x)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(model.logits(x, train=False)))
+    # train=True also switches BN to batch statistics; dropout alone is checked via the rngs.
+    b1 = model.logits(x, train=True, rngs=nnx.Rngs(dropout=1))
+    b2 = model.logits(x, train=True, rngs=nnx.Rngs(dropout=2))
+    assert not np.allclose(np.asarray(b1), np.asarray(b2))
+
+
+# ----------------------------------------------------------------------------- real weights
+def _imagenet_batch(names: list[str]) -> np.ndarray:
+    """skimage photos resized to 224 with PIL bilinear, ImageNet mean/std, NHWC float32."""
+    from PIL import Image
+    from skimage import data
+
+    mean = np.array([0.485, 0.456, 0.406], np.float32)
+    std = np.array([0.229, 0.224, 0.225], np.float32)
+    out = []
+    for name in names:
+        img = Image.fromarray(getattr(data, name)()).convert("RGB")
+        img = img.resize((224, 224), Image.BILINEAR)
+        out.append((np.asarray(img, np.float32) / 255.0 - mean) / std)
+    return np.stack(out)
+
+
+def test_shipped_mobilenet_v2_classifies_photos():
+    from mlgraph.convert.io import read_state_dict
+
+    module, settings = torchvision_mobilenet_v2.convert(
+        read_state_dict(mobilenet_v2_imagenet_path()), {}
+    )
+    assert settings["num_classes"] == 1000
+    logits = np.asarray(module.logits(jnp.asarray(_imagenet_batch(["chelsea", "coffee"]))))
+    top1 = logits.argmax(-1)
+    names = imagenet_class_names()
+    print(f"\nchelsea -> {top1[0]} {names[top1[0]]}, coffee -> {top1[1]} {names[top1[1]]}")
+    assert 281 <= top1[0] <= 285  # the cat classes (tabby .. Egyptian cat)
+    assert top1[1] == 967 and names[967] == "espresso"

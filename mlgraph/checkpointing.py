@@ -127,6 +127,14 @@ class TrainCheckpoints:
         restored = self.manager.restore(step, args=ocp.args.Composite(**args))
         return restored["state"]
 
+    def read_state(self, step: int) -> Any:
+        """The train state saved at `step` as host numpy arrays, without a target structure
+        (for inspection and tests; training restores with `restore`)."""
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+        )
+        return jax.tree.map(np.asarray, restored["state"])
+
     def close(self) -> None:
         """Finish pending writes and release the manager."""
         self.manager.wait_until_finished()

@@ -37,8 +37,9 @@ def onecycle(
 
     def value(step):
         step = jnp.asarray(step, jnp.float32)
-        pct1 = step / phase1_end
-        pct2 = (step - phase1_end) / (phase2_end - phase1_end)
+        # Guarded: very short runs can have an empty warm-up phase (phase1_end <= 0).
+        pct1 = step / max(phase1_end, 1e-9)
+        pct2 = (step - phase1_end) / max(phase2_end - phase1_end, 1e-9)
         return jnp.where(
             step <= phase1_end,
             _cos_anneal(start_value, max_value, pct1),

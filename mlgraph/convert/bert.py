@@ -106,9 +106,7 @@ def infer_settings(state_dict: Mapping[str, np.ndarray], *, num_heads: int = 0) 
                 f"no {key!r}: not a BERT state dict (first keys: {', '.join(list(state_dict)[:5])})"
             )
     vocab, hidden = (int(n) for n in state_dict["embeddings.word_embeddings.weight"].shape)
-    layers = {
-        int(m.group(1)) for k in state_dict if (m := re.match(r"encoder\.layer\.(\d+)\.", k))
-    }
+    layers = {int(m.group(1)) for k in state_dict if (m := re.match(r"encoder\.layer\.(\d+)\.", k))}
     if layers != set(range(len(layers))):
         raise core.ConversionError(f"encoder.layer indices are not 0..n-1: {sorted(layers)}")
     heads = num_heads or HEADS_BY_WIDTH.get(hidden, hidden // 64)
@@ -143,10 +141,11 @@ def build(settings: Mapping[str, Any], *, rngs: nnx.Rngs | None = None, **kwargs
 def convert(
     state_dict: Mapping[str, np.ndarray], options: Mapping[str, Any]
 ) -> tuple[nnx.Module, dict]:
-    """Build the BERT encoder that `state_dict` describes and fill it; returns (module, settings)."""
+    """Build the BERT that `state_dict` describes and fill it; returns (module, settings)."""
     opts = check_options(options, OPTIONS)
     state_dict = normalize_keys(state_dict, opts["prefix"])
     settings = infer_settings(state_dict, num_heads=opts["num_heads"])
-    module = build(settings)
+    # Built abstractly (no random init): every variable is then set from the checkpoint.
+    module = nnx.eval_shape(lambda: build(settings))
     core.load_into(module, state_dict, table(module), ignored=IGNORED, source="BERT")
     return module, settings

@@ -153,7 +153,9 @@ def infer_visual_settings(
     p = f"{prefix}visual."
     if f"{p}layer1.0.conv1.weight" in state_dict:
         raise core.ConversionError("ResNet CLIP image towers (RN50, ...) are not supported")
-    _require(state_dict, [f"{p}conv1.weight", f"{p}positional_embedding", f"{p}proj"], "an image tower")
+    _require(
+        state_dict, [f"{p}conv1.weight", f"{p}positional_embedding", f"{p}proj"], "an image tower"
+    )
     w = state_dict[f"{p}conv1.weight"]
     width, patch = int(w.shape[0]), int(w.shape[-1])
     positions = int(state_dict[f"{p}positional_embedding"].shape[0]) - 1
@@ -205,7 +207,9 @@ def build(settings: Mapping[str, Any], *, rngs: nnx.Rngs | None = None, **kwargs
     rngs = rngs or nnx.Rngs(0)
     if settings["kind"] == "text_encoder":
         names = ("width", "depth", "num_heads", "embed_dim", "context_length", "vocab_size")
-        return clip.create_text(variant=None, rngs=rngs, **{k: settings[k] for k in names}, **kwargs)
+        return clip.create_text(
+            variant=None, rngs=rngs, **{k: settings[k] for k in names}, **kwargs
+        )
     names = ("image_size", "width", "depth", "num_heads", "patch_size", "embed_dim")
     return clip.create(variant=None, rngs=rngs, **{k: settings[k] for k in names}, **kwargs)
 
@@ -230,7 +234,8 @@ def convert(
         )
         ignored += [re.escape(p) + k for k in TEXT_KEYS]
     try:
-        module = build(settings)
+        # Built abstractly (no random init): every variable is then set from the checkpoint.
+        module = nnx.eval_shape(lambda: build(settings))
     except ValueError as e:
         raise core.ConversionError(f"OpenAI CLIP: {e}") from e
     core.load_into(

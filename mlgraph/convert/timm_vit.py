@@ -163,16 +163,19 @@ def convert(
         num_heads=opts["num_heads"],
     )
     try:
-        module = vit.create(
-            variant=None,
-            image_size=settings["image_size"],
-            width=settings["width"],
-            depth=settings["depth"],
-            num_heads=settings["num_heads"],
-            patch_size=settings["patch_size"],
-            mlp_ratio=settings["mlp_ratio"],
-            num_classes=settings["num_classes"],
-            rngs=nnx.Rngs(0),
+        # Built abstractly (no random init): every variable is then set from the checkpoint.
+        module = nnx.eval_shape(
+            lambda: vit.create(
+                variant=None,
+                image_size=settings["image_size"],
+                width=settings["width"],
+                depth=settings["depth"],
+                num_heads=settings["num_heads"],
+                patch_size=settings["patch_size"],
+                mlp_ratio=settings["mlp_ratio"],
+                num_classes=settings["num_classes"],
+                rngs=nnx.Rngs(0),
+            )
         )
     except ValueError as e:
         raise core.ConversionError(f"timm ViT: {e}") from e

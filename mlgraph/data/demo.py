@@ -236,7 +236,11 @@ def _background(rng: np.random.Generator, scene: str, size: int, photos) -> np.n
     side = int(rng.uniform(0.3, 1.0) * min(tex.size))
     x0 = int(rng.integers(0, tex.size[0] - side + 1))
     y0 = int(rng.integers(0, tex.size[1] - side + 1))
-    g = np.asarray(tex.resize((size, size), Image.BILINEAR, box=(x0, y0, x0 + side, y0 + side)))
+    g = np.asarray(
+        tex.resize(
+            (size, size), Image.BILINEAR, box=(x0, y0, x0 + side, y0 + side), reducing_gap=2.0
+        )
+    )
     g = g[:, :, :1].astype(np.float32) / 255.0
     img = (1.0 - g) * np.float32(dark) + g * np.float32(light)
     if scene == "nature":  # sky above a horizon, so nature differs from a plain green field
@@ -263,7 +267,9 @@ def _object_patch(
     scale = longer / max(cw, ch)
     w = max(8, min(size, int(round(cw * scale))))
     h = max(8, min(size, int(round(ch * scale))))
-    patch = photos[key].resize((w, h), Image.BILINEAR, box=(cx, cy, cx + cw, cy + ch))
+    patch = photos[key].resize(
+        (w, h), Image.BILINEAR, box=(cx, cy, cx + cw, cy + ch), reducing_gap=2.0
+    )
     patch = np.asarray(patch, np.float32)
     if rng.random() < 0.5:
         patch = patch[:, ::-1]
@@ -352,9 +358,13 @@ def _jpeg_bytes(pixels: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
     return out.getvalue()
 
 
-def _image_id(split: str, index: int, num_train: int) -> int:
-    # train and val ids are disjoint, as in real COCO
-    return index + 1 if split == "train" else num_train + index + 1
+def _coco_id(split: str, index: int) -> int:
+    """Id of the index-th image (or annotation) of a split: odd in train, even in val.
+
+    Ids are sparse and disjoint between the splits, as in real COCO, and do not depend on the
+    size of the other split, so a smaller set's files are a prefix of a larger one's.
+    """
+    return 2 * index + 1 + _SPLIT_CODE[split]
 
 
 def _write_split(
@@ -362,8 +372,8 @@ def _write_split(
     split: str,
     entries: Iterator[tuple[np.ndarray, list[tuple[int, list[float], float]], dict]],
     categories: list[dict],
-    num_train: int,
     description: str,
+    quality: int = JPEG_QUALITY,
 ) -> None:
     """Write JPEGs and the instances JSON of one split.
 
@@ -374,15 +384,15 @@ def _write_split(
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     images_, annotations = [], []
     for i, (pixels, anns, extra) in enumerate(entries):
-        image_id = _image_id(split, i, num_train)
+        image_id = _coco_id(split, i)
         file_name = f"COCO_{folder}_{image_id:012d}.jpg"
-        (root / folder / file_name).write_bytes(_jpeg_bytes(pixels))
+        (root / folder / file_name).write_bytes(_jpeg_bytes(pixels, quality))
         h, w = pixels.shape[:2]
         images_.append({"id": image_id, "file_name": file_name, "width": w, "height": h, **extra})
         for category_id, bbox, area in anns:
             annotations.append(
                 {
-                    "id": len(annotations) + 1 + (0 if split == "train" else 10_000_000),
+                    "id": _coco_id(split, len(annotations)),
                     "image_id": image_id,
                     "category_id": category_id,
                     "bbox": bbox,
@@ -434,10 +444,8 @@ def write_demo(
             yield im.pixels, anns, {"scene": im.scene}
 
     description = f"mlgraph photo demo v{VERSION} (seed {seed}, {image_size}px)"
-    _write_split(
-        root, "train", entries("train", num_train), DEMO_CATEGORIES, num_train, description
-    )
-    _write_split(root, "val", entries("val", num_test), DEMO_CATEGORIES, num_train, description)
+    _write_split(root, "train", entries("train", num_train), DEMO_CATEGORIES, description)
+    _write_split(root, "val", entries("val", num_test), DEMO_CATEGORIES, description)
     scenes = {
         "scenes": list(SCENES),
         "classes": list(DEMO_CLASSES),
@@ -448,7 +456,10 @@ def write_demo(
 
 
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's 1797 8x8 digits read from its CSV (no sklearn import): (uint8 0..16, labels)."""
+    """scikit-learn's 1797 8x8 digits, read from its CSV without importing sklearn.
+
+    Returns (uint8 [1797, 8, 8] with values 0..16, int64 [1797] labels).
+    """
     path = _package_dir("sklearn") / "datasets" / "data" / "digits.csv.gz"
     if not path.is_file():
         raise DataError(f"{path}: scikit-learn's digits file is missing")
@@ -464,7 +475,7 @@ def compose_mosaic(
 ) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
     """A 32x32 RGB 2x2 mosaic with 1-4 cells filled from digits[pool[0]:pool[1]].
 
-    Returns (pixels, [(digit, row, col)]) ; a digit may appear in two cells.
+    Returns (pixels, [(digit, row, col)] in cell order); a digit may appear in two cells.
     """
     k = int(rng.integers(1, 5))
     cells = rng.choice(4, size=k, replace=False)
@@ -503,19 +514,22 @@ def write_digits_mosaic(
             rng = np.random.default_rng([seed, _SPLIT_CODE[split], i])
             pixels, placed = compose_mosaic(rng, digits, labels, pool)
             anns = [
-                (d + 1, [float(cell * c), float(cell * r), float(cell), float(cell)], cell * cell)
+                (
+                    d + 1,
+                    [float(cell * c), float(cell * r), float(cell), float(cell)],
+                    float(cell * cell),
+                )
                 for d, r, c in placed
             ]
             yield pixels, anns, {}
 
     description = f"mlgraph digits mosaic v{VERSION} (seed {seed})"
-    _write_split(
-        root, "train", entries("train", num_train, DIGITS_TRAIN_POOL), categories, num_train,
-        description,
-    )  # fmt: skip
-    _write_split(
-        root, "val", entries("val", num_test, DIGITS_TEST_POOL), categories, num_train, description
-    )
+    # high quality: the 2x-upscaled digits have hard edges that JPEG would otherwise smear
+    for split, n, pool in (
+        ("train", num_train, DIGITS_TRAIN_POOL),
+        ("val", num_test, DIGITS_TEST_POOL),
+    ):
+        _write_split(root, split, entries(split, n, pool), categories, description, quality=95)
     return root
 
 
@@ -561,6 +575,7 @@ def ensure_demo(name: str = "demo", cache_dir: str | pathlib.Path | None = None)
     try:
         writer = write_demo if name == "demo" else write_digits_mosaic
         writer(tmp, **_DEFAULTS[name])
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is ordinary user data
         try:
             tmp.rename(final)
         except OSError:
@@ -593,7 +608,10 @@ def _read_split(root: pathlib.Path, split: str) -> dict:
 
 def image_label_sets(root: str | pathlib.Path, split: str) -> dict[int, frozenset[str]]:
     """Image id -> set of class names among its annotations, for one split ('train'/'val')."""
-    doc = _read_split(pathlib.Path(root), split)
+    return _label_sets(_read_split(pathlib.Path(root), split))
+
+
+def _label_sets(doc: dict) -> dict[int, frozenset[str]]:
     names = {c["id"]: c["name"] for c in doc["categories"]}
     sets: dict[int, set[str]] = {im["id"]: set() for im in doc["images"]}
     for ann in doc["annotations"]:
@@ -602,33 +620,34 @@ def image_label_sets(root: str | pathlib.Path, split: str) -> dict[int, frozense
 
 
 def label_cardinality(root: str | pathlib.Path, split: str) -> float:
-    """Mean number of distinct labels per image of a split."""
+    """Mean number of distinct labels per image of a split ('train'/'val')."""
     sets = image_label_sets(root, split)
     return float(np.mean([len(s) for s in sets.values()])) if sets else 0.0
 
 
 def summary(root: str | pathlib.Path) -> dict:
-    """Statistics of a written data set: per split, images, mean labels per image, per-scene
-    image counts (when the images carry a scene) and per-class image counts."""
+    """Statistics of a written data set.
+
+    Returns ``{"classes": names in category-id order, "scenes": names (empty without
+    scenes.json), "splits": {"train"|"val": {"images", "mean_labels", "per_scene",
+    "per_class"}}}``; per-scene and per-class values count images.
+    """
     root = pathlib.Path(root)
     scenes_path = root / "scenes.json"
     scene_names = json.loads(scenes_path.read_text())["scenes"] if scenes_path.is_file() else []
-    out: dict = {"splits": {}, "scenes": scene_names}
+    out: dict = {"classes": [], "scenes": scene_names, "splits": {}}
     for split in SPLIT_FOLDERS:
         doc = _read_split(root, split)
-        cats = sorted(doc["categories"], key=lambda c: c["id"])
-        out["classes"] = [c["name"] for c in cats]
-        sets = image_label_sets(root, split)
-        per_class = {c["name"]: sum(c["name"] in s for s in sets.values()) for c in cats}
-        per_scene = {name: 0 for name in scene_names}
+        out["classes"] = [c["name"] for c in sorted(doc["categories"], key=lambda c: c["id"])]
+        sets = _label_sets(doc)
+        per_scene = dict.fromkeys(scene_names, 0)
         for im in doc["images"]:
             if "scene" in im:
-                key = scene_names[im["scene"]] if im["scene"] < len(scene_names) else im["scene"]
-                per_scene[key] = per_scene.get(key, 0) + 1
+                per_scene[scene_names[im["scene"]]] += 1
         out["splits"][split] = {
-            "images": len(doc["images"]),
-            "mean_labels": label_cardinality(root, split),
+            "images": len(sets),
+            "mean_labels": float(np.mean([len(s) for s in sets.values()])) if sets else 0.0,
             "per_scene": per_scene,
-            "per_class": per_class,
+            "per_class": {n: sum(n in s for s in sets.values()) for n in out["classes"]},
         }
     return out

@@ -29,8 +29,10 @@ class Baseline(nnx.Module):
 def model_config(**overrides) -> ml_collections.ConfigDict:
     """Default `config.model` fields of the baseline."""
     c = ml_collections.ConfigDict({"name": "baseline", "backbone": "simple_cnn"})
-    c.backbone_kwargs = ml_collections.ConfigDict()
+    c.backbone_kwargs = ml_collections.ConfigDict({"widths": (32, 64, 128, 256)})
     c.update(overrides)
+    if c.backbone != "simple_cnn":
+        c.backbone_kwargs = ml_collections.ConfigDict()
     return c
 
 

@@ -40,9 +40,7 @@ class Embeddings(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.word_embeddings = nnx.Embed(vocab_size, hidden, embedding_init=_init, **kw)
         self.position_embeddings = nnx.Embed(max_positions, hidden, embedding_init=_init, **kw)
-        self.token_type_embeddings = nnx.Embed(
-            type_vocab_size, hidden, embedding_init=_init, **kw
-        )
+        self.token_type_embeddings = nnx.Embed(type_vocab_size, hidden, embedding_init=_init, **kw)
         self.norm = nnx.LayerNorm(hidden, epsilon=1e-12, **kw)
 
     def __call__(self, ids: jax.Array, token_type_ids: jax.Array) -> jax.Array:
@@ -109,9 +107,7 @@ class BertEncoder(nnx.Module):
         self.hidden_size = hidden
         self.max_positions = max_positions
         self.embeddings = Embeddings(vocab_size, hidden, max_positions, type_vocab_size, **kw)
-        self.layers = nnx.List(
-            [Layer(hidden, num_heads, intermediate, **kw) for _ in range(depth)]
-        )
+        self.layers = nnx.List([Layer(hidden, num_heads, intermediate, **kw) for _ in range(depth)])
 
     def __call__(
         self,

@@ -216,9 +216,7 @@ class TextTower(nnx.Module):
         self.embed_dim = embed_dim
         self.context_length = context_length
         self.dtype = dtype
-        self.token_embedding = nnx.Embed(
-            vocab_size, width, embedding_init=_normal(0.02), **kw
-        )
+        self.token_embedding = nnx.Embed(vocab_size, width, embedding_init=_normal(0.02), **kw)
         self.positional_embedding = nnx.Param(
             _normal(0.01)(rngs.params(), (context_length, width), param_dtype)
         )

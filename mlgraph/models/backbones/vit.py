@@ -112,9 +112,7 @@ class Mlp(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
 
-    def __init__(
-        self, width: int, num_heads: int, mlp_ratio: float, *, dtype, param_dtype, rngs
-    ):
+    def __init__(self, width: int, num_heads: int, mlp_ratio: float, *, dtype, param_dtype, rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm1 = nnx.LayerNorm(width, epsilon=1e-6, **kw)
         self.attn = Attention(width, num_heads, **kw)

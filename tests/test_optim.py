@@ -1,0 +1,83 @@
+"""The one-cycle schedule (lr and Adam beta1) equals PyTorch's OneCycleLR step for step."""
+
+import ml_collections
+import numpy as np
+import pytest
+
+from mlgraph import config_lib, optim
+
+torch = pytest.importorskip("torch")
+
+
+def torch_onecycle(total, max_lr, pct_start):
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=max_lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=max_lr, total_steps=total, pct_start=pct_start
+    )
+    lrs, b1s = [], []
+    for _ in range(total):
+        lrs.append(opt.param_groups[0]["lr"])
+        b1s.append(opt.param_groups[0]["betas"][0])
+        opt.step()
+        sched.step()
+    return np.array(lrs), np.array(b1s)
+
+
+@pytest.mark.parametrize("total,pct", [(1000, 0.2), (51360, 0.2), (37, 0.3)])
+def test_onecycle_matches_torch(total, pct):
+    opt = config_lib.base_config().optimizer
+    opt.lr, opt.pct_start = 1e-4, pct
+    want_lr, want_b1 = torch_onecycle(total, 1e-4, pct)
+    steps = np.unique(np.linspace(0, total - 1, 60).astype(int))
+    steps = np.union1d(steps, [0, 1, int(pct * total) - 1, int(pct * total), total - 1])
+    lr = np.array([float(optim.learning_rate_fn(opt, total)(s)) for s in steps])
+    b1 = np.array([float(optim.beta1_fn(opt, total)(s)) for s in steps])
+    np.testing.assert_allclose(lr, want_lr[steps], rtol=2e-5, atol=1e-12)
+    np.testing.assert_allclose(b1, want_b1[steps], rtol=1e-6)
+    # Spot values: 4e-6 at the start (div_factor 25), 4e-10 at the end (final_div_factor 1e4).
+    assert lr[0] == pytest.approx(4e-6, rel=1e-5)
+    assert lr[-1] == pytest.approx(4e-10, rel=1e-3)
+
+
+def test_injected_b1_follows_schedule():
+    """The optax state carries the scheduled beta1, as torch's param_groups do."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    opt = config_lib.base_config().optimizer
+    params = nnx.state(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), nnx.Param)
+    tx = optim.make_optimizer(opt, 100, params)
+    state = tx.init(params)
+    import jax
+
+    grads = jax.tree.map(jnp.zeros_like, params)
+    _, want_b1 = torch_onecycle(100, 1e-4, 0.2)
+    for step in range(3):
+        _, state = tx.update(grads, state, params)
+        assert float(state.hyperparams["b1"]) == pytest.approx(want_b1[step], rel=1e-6)
+
+
+def test_frozen_and_lr_mults():
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    class Two(nnx.Module):
+        def __init__(self):
+            self.backbone = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+            self.head = nnx.Linear(2, 2, rngs=nnx.Rngs(1))
+
+    params = nnx.state(Two(), nnx.Param)
+    opt = ml_collections.ConfigDict(config_lib.base_config().optimizer.to_dict())
+    opt.schedule, opt.weight_decay = "constant", 0.0
+    opt.frozen = ("backbone/bias",)
+    opt.lr_mults = (("backbone/kernel", 0.1),)
+    tx = optim.make_optimizer(opt, 10, params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    u = nnx.to_pure_dict(updates)
+    np.testing.assert_allclose(u["backbone"]["bias"], 0.0)
+    # Adam's first step moves every coordinate by lr (sign of the gradient).
+    np.testing.assert_allclose(u["backbone"]["kernel"], -1e-5, rtol=1e-4)
+    np.testing.assert_allclose(u["head"]["kernel"], -1e-4, rtol=1e-4)

@@ -77,9 +77,7 @@ class TrainCheckpoints:
                 preservation_policy=policies.AnyPreservationPolicy(
                     [
                         policies.LatestN(n=1),
-                        policies.BestN(
-                            get_metric_fn=lambda m: m[BEST_METRIC], reverse=False, n=1
-                        ),
+                        policies.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=False, n=1),
                     ]
                 ),
                 best_fn=lambda m: m[BEST_METRIC],

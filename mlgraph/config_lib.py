@@ -26,7 +26,9 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
         if not sep:
             raise ValueError(f"config argument '{item}': expected key=value")
         if key not in defaults:
-            raise ValueError(f"config argument '{key}': unknown; known: {', '.join(sorted(defaults))}")
+            raise ValueError(
+                f"config argument '{key}': unknown; known: {', '.join(sorted(defaults))}"
+            )
         kind = type(defaults[key])
         if kind is bool:
             if raw.lower() not in ("true", "false", "1", "0"):

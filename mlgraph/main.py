@@ -14,7 +14,9 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file.", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints and logs (resumed).")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -29,16 +31,18 @@ def parse_flags(argv: list[str]) -> list[str]:
         return rest
     except OSError as e:
         path = flags.FLAGS["config"].config_filename if "config" in flags.FLAGS else "?"
-        reason = "no such file" if isinstance(e.__cause__, OSError) or "No such file" in str(
-            e
-        ) else str(e).splitlines()[0]
+        reason = (
+            "no such file"
+            if isinstance(e.__cause__, OSError) or "No such file" in str(e)
+            else str(e).splitlines()[0]
+        )
         print(f"error: --config {path}: cannot load the config ({reason})", file=sys.stderr)
     except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
         text = " ".join(str(e).replace("\\n", " ").replace("\\'", "'").split())
         match = re.search(r"'(\w+)'.*Did you mean \"(\w+)\"", text)
         culprit = next((a for a in overrides if match and match.group(1) in a.split("=")[0]), None)
         if match:
-            hint = f'no config field \'{match.group(1)}\' (did you mean "{match.group(2)}"?)'
+            hint = f"no config field '{match.group(1)}' (did you mean \"{match.group(2)}\"?)"
         else:
             hint = text.strip("'\"")
         print(f"error: {culprit + ': ' if culprit else ''}{hint}", file=sys.stderr)
@@ -50,7 +54,10 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     import jax
+    from absl import logging
 
+    # Orbax and TFDS log every checkpoint step at INFO; the progress lines say what matters.
+    logging.set_verbosity(logging.WARNING)
     if os.environ.get("MLGRAPH_DISTRIBUTED") == "1":
         jax.distributed.initialize()
     from mlgraph import train

@@ -26,7 +26,7 @@ def onecycle(
     end_value: float,
     pct_start: float,
 ) -> Callable:
-    """A two-phase cosine one-cycle curve, step-for-step the one of `torch.optim.lr_scheduler.OneCycleLR`.
+    """A two-phase cosine one-cycle curve, step for step that of torch OneCycleLR.
 
     Phase 1 goes start -> max over steps [0, pct_start*total - 1], phase 2 max -> end over
     [pct_start*total - 1, total - 1]. Step i is the value used by the i-th update (PyTorch sets

@@ -87,6 +87,35 @@ def model_module(config: ml_collections.ConfigDict):
         raise
 
 
+def create_model(config: ml_collections.ConfigDict, num_classes: int) -> tuple[Any, nnx.Module]:
+    """(the model's module, the model) for `config`, initialised from `config.init_from` if set."""
+    mod = model_module(config)
+    model = mod.create(config, num_classes=num_classes, rngs=nnx.Rngs(config.seed))
+    if config.init_from:
+        init_from_weights(model, config.init_from)
+    return mod, model
+
+
+def init_train_state(config: ml_collections.ConfigDict, num_classes: int, total: int):
+    """(model module, graphdef, optax transformation, train state) for a fresh run.
+
+    The state is a dict: `params` (nnx.Param), `rest` (batch statistics, buffers), `opt`, `ema`
+    (params and rest of the EMA model) and `step`.
+    """
+    mod, model = create_model(config, num_classes)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = optim.make_optimizer(config.optimizer, total, params)
+    state = {
+        "params": params,
+        "rest": rest,
+        "opt": tx.init(params),
+        # A copy: the EMA must not share buffers with the live weights, which are donated.
+        "ema": jax.tree.map(jnp.copy, {"params": params, "rest": rest}),
+        "step": jnp.zeros((), jnp.int32),
+    }
+    return mod, graphdef, tx, state
+
+
 def init_from_weights(model: nnx.Module, path: str) -> None:
     """Fill `model` (or its backbone) from a weights checkpoint written by mlgraph.convert."""
     tree, settings = checkpointing.load_weights(path)
@@ -118,28 +147,48 @@ def ema_update(ema: Any, live: Any, decay: float, live_paths: tuple[str, ...]) -
 # ---------------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------------
+def make_predict(graphdef: nnx.GraphDef, pairs_of) -> Any:
+    """A function (state, images) -> tuple of sigmoid scores, one per (params, rest) pair that
+    `pairs_of(state)` picks from the state (e.g. the model and its EMA)."""
+
+    def predict(state, images):
+        out = []
+        for params, rest in pairs_of(state):
+            model = nnx.merge(graphdef, params, rest)
+            out.append(jax.nn.sigmoid(model(images, train=False)["logits"].astype(jnp.float32)))
+        return tuple(out)
+
+    return predict
+
+
+def model_and_ema(state) -> tuple:
+    """The (params, rest) pairs of the live model and of its EMA."""
+    return ((state["params"], state["rest"]), (state["ema"]["params"], state["ema"]["rest"]))
+
+
 def evaluate_scores(predict, state, source, config, num_classes, mesh) -> dict[str, np.ndarray]:
-    """Sigmoid scores of the model and the EMA over every example of `source` (mask applied)."""
-    scores, ema_scores, labels = [], [], []
+    """Scores of each model `predict` returns over every example of `source` (padding masked).
+
+    Returns {"scores": [model_0 scores, model_1 scores, ...], "labels": [N, C]}.
+    """
+    scores, labels = [], []
     for local in pipeline.eval_batches(source, config, num_classes):
         batch = sharding.global_batch(mesh, local)
-        s, e = predict(state, batch["image"])
+        outputs = predict(state, batch["image"])
         mask = sharding.to_host(batch["mask"])
-        scores.append(sharding.to_host(s)[mask])
-        ema_scores.append(sharding.to_host(e)[mask])
+        scores.append([sharding.to_host(s)[mask] for s in outputs])
         labels.append(sharding.to_host(batch["labels"])[mask])
     return {
-        "scores": np.concatenate(scores),
-        "ema_scores": np.concatenate(ema_scores),
+        "scores": [np.concatenate(per_model) for per_model in zip(*scores, strict=True)],
         "labels": np.concatenate(labels),
     }
 
 
-def eval_metrics(result: dict[str, np.ndarray]) -> dict[str, float]:
+def eval_metrics(result: dict, prefixes=("eval/", "eval/ema_")) -> dict[str, float]:
     """`eval/<metric>` for the model and `eval/ema_<metric>` for the EMA, in percent."""
     out = {}
-    for prefix, key in (("eval/", "scores"), ("eval/ema_", "ema_scores")):
-        for name, value in metrics.compute_all(result[key], result["labels"] > 0.5).items():
+    for prefix, scores in zip(prefixes, result["scores"], strict=True):
+        for name, value in metrics.compute_all(scores, result["labels"] > 0.5).items():
             out[prefix + name] = value
     return out
 
@@ -168,23 +217,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     train_iter = iter(pipeline.train_dataset(train_source, config, num_classes))
 
     # --- model, optimizer, EMA -----------------------------------------------------------
-    mod = model_module(config)
-    model = mod.create(config, num_classes=num_classes, rngs=nnx.Rngs(config.seed))
-    if config.init_from:
-        init_from_weights(model, config.init_from)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx = optim.make_optimizer(config.optimizer, total, params)
-    state = {
-        "params": params,
-        "rest": rest,
-        "opt": tx.init(params),
-        # A copy: the EMA must not share buffers with the live weights, which are donated.
-        "ema": jax.tree.map(jnp.copy, {"params": params, "rest": rest}),
-        "step": jnp.zeros((), jnp.int32),
-    }
+    mod, graphdef, tx, state = init_train_state(config, num_classes, total)
     state = jax.device_put(state, repl)
     state_sh = jax.tree.map(lambda _: repl, state)
-    num_params = sum(x.size for x in jax.tree.leaves(params))
+    num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
 
     # --- restore -------------------------------------------------------------------------
     ckpts = checkpointing.TrainCheckpoints(workdir / "checkpoints")
@@ -228,21 +264,27 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
         ema = ema_update(
             state["ema"], {"params": params, "rest": rest}, config.ema.decay, tuple(config.ema.live)
         )
-        new_state = {"params": params, "rest": rest, "opt": opt, "ema": ema, "step": state["step"] + 1}
+        new_state = {
+            "params": params,
+            "rest": rest,
+            "opt": opt,
+            "ema": ema,
+            "step": state["step"] + 1,
+        }
         lr = optim.learning_rate_fn(config.optimizer, total)(state["step"])
         return new_state, {"loss": loss, "lr": lr, **aux}
 
-    def predict(state, images):
-        out = []
-        for params, rest in ((state["params"], state["rest"]), (state["ema"]["params"], state["ema"]["rest"])):
-            model = nnx.merge(graphdef, params, rest)
-            out.append(jax.nn.sigmoid(model(images, train=False)["logits"]))
-        return tuple(out)
-
     p_train = jax.jit(
-        train_step, in_shardings=(state_sh, data_sh), out_shardings=(state_sh, repl), donate_argnums=0
+        train_step,
+        in_shardings=(state_sh, data_sh),
+        out_shardings=(state_sh, repl),
+        donate_argnums=0,
     )
-    p_predict = jax.jit(predict, in_shardings=(state_sh, data_sh), out_shardings=(data_sh, data_sh))
+    p_predict = jax.jit(
+        make_predict(graphdef, model_and_ema),
+        in_shardings=(state_sh, data_sh),
+        out_shardings=(data_sh, data_sh),
+    )
 
     # --- loop ----------------------------------------------------------------------------
     stop = min(total, config.stop_at_step) if config.stop_at_step else total

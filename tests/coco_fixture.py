@@ -34,8 +34,14 @@ def write_coco(root: pathlib.Path, labels_per_split: dict[str, list[list[int]]])
             images.append({"id": image_id, "file_name": name, "height": 96, "width": 128})
             for c in cats:
                 anns.append(
-                    {"id": ann_id, "image_id": image_id, "category_id": c,
-                     "bbox": [1, 1, 10, 10], "area": 100.0, "iscrowd": 0}
+                    {
+                        "id": ann_id,
+                        "image_id": image_id,
+                        "category_id": c,
+                        "bbox": [1, 1, 10, 10],
+                        "area": 100.0,
+                        "iscrowd": 0,
+                    }
                 )
                 ann_id += 1
         doc = {"images": images, "annotations": anns, "categories": CATEGORIES}

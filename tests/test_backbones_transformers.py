@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ from mlgraph.convert import (  # noqa: E402
     openai_clip,
     timm_vit,
 )
-from mlgraph.models.backbones import bert, vit  # noqa: E402
+from mlgraph.models.backbones import bert, clip, vit  # noqa: E402
 
 RTOL = 1e-4
 
@@ -202,14 +203,19 @@ def test_vit_conversion_reports_missing_and_unexpected_keys(timm_vit_model):
         timm_vit.convert(sd, {"bogus": 1})
 
 
-@pytest.mark.parametrize("grid,new", [(7, (12, 12)), (7, (5, 9)), (14, (28, 28)), (4, (4, 4))])
+# 14 -> 28 and 14 -> 36 are SALGL's 224 -> 448 and 224 -> 576; 7 -> (5, 9) shrinks one side.
+@pytest.mark.parametrize(
+    "grid,new", [(7, (12, 12)), (7, (5, 9)), (14, (28, 28)), (14, (36, 36)), (4, (4, 4))]
+)
 def test_resize_pos_embed_matches_torch_bicubic(grid, new):
     pe = torch.randn(1, 1 + grid * grid, 8, generator=torch.Generator().manual_seed(grid))
     ours = vit.resize_pos_embed(pe.numpy(), new)
     ref = torch_resize(pe, new).numpy()
     assert ours.dtype == np.float32
     np.testing.assert_array_equal(ours[:, 0], ref[:, 0])
-    assert rel_err(ours, ref) < 1e-6
+    # torch computes in float32, ours in float64 (measured <= 1.1e-6); jax.image.resize's
+    # Keys kernel (A = -0.5) is off by 0.06-0.3 here.
+    assert rel_err(ours, ref) < 1e-5
 
 
 # -------------------------------------------------------------------------------- OpenAI CLIP
@@ -532,3 +538,27 @@ def test_bert_standard_heads():
     }
     sd = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
     assert bert_convert.infer_settings(sd)["num_heads"] == 12
+
+
+def param_count(module) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+def test_full_size_parameter_counts():
+    """Built abstractly; the counts are those of timm / OpenAI / HF for the same models."""
+    from mlgraph.models import backbones
+
+    def abstract(fn):
+        return nnx.eval_shape(lambda: fn(rngs=nnx.Rngs(0)))
+
+    b16 = abstract(
+        lambda rngs: backbones.build("vit_b16", image_size=224, num_classes=1000, rngs=rngs)
+    )
+    assert (param_count(b16), b16.num_features) == (86_567_656, 768)  # vit_base_patch16_224
+    l16 = abstract(lambda rngs: backbones.build("vit_l16", image_size=448, rngs=rngs))
+    assert l16.pos_embed.shape == (1, 785, 1024) and l16.num_features == 1024
+    # timm vit_large_patch16_224 (304,326,632) - head (1,025,000) + 588 more positions x 1024.
+    assert param_count(l16) == 303_903_744
+    assert param_count(abstract(lambda rngs: clip.create(rngs=rngs))) == 86_192_640
+    minilm = abstract(lambda rngs: bert.create(vocab_size=30522, rngs=rngs))
+    assert param_count(minilm) == 22_565_376  # the safetensors file minus pooler.*

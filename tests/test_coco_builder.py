@@ -71,6 +71,44 @@ def test_unknown_category_named(tmp_path):
     doc = json.loads(path.read_text())
     doc["annotations"][0]["category_id"] = 99
     path.write_text(json.dumps(doc))
-    with pytest.raises(DataError, match=r"instances_val2014.json: annotation \d+ names unknown "
-                       r"category_id 99"):
+    with pytest.raises(
+        DataError,
+        match=r"instances_val2014.json: annotation \d+ names unknown "
+        r"category_id 99",
+    ):
         datasets.build("coco2014", raw, tmp_path / "built")
+
+
+def run_build(*args):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES="1")
+    return subprocess.run(
+        [sys.executable, "-m", "mlgraph.data.build", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_build_cli_skips_corrupt_and_strict_stops(tmp_path):
+    raw = write_coco(tmp_path / "raw", {"train": [[1], [4, 7], [17]], "val": [[7]]})
+    bad = sorted((raw / "train2014").iterdir())[1]
+    bad.write_bytes(b"not a jpeg")
+
+    proc = run_build("coco2014", "--manual_dir", str(raw), "--data_dir", str(tmp_path / "a"))
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    assert "train: 2 images, 1.000 labels/image, 1 skipped" in proc.stdout
+    assert f"skipped {bad}: cannot decode image" in proc.stdout
+    assert "val: 1 images, 1.000 labels/image, 0 skipped" in proc.stdout
+
+    proc = run_build(
+        "coco2014", "--manual_dir", str(raw), "--data_dir", str(tmp_path / "b"), "--strict"
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {bad}: cannot decode image (not a known image format) (--strict)"
+    )

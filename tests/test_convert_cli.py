@@ -10,18 +10,17 @@ import sys
 
 import numpy as np
 import pytest
+from flax import nnx
+
+from mlgraph import checkpointing
+from mlgraph.convert import torchvision_mobilenet_v2, torchvision_resnet
+from mlgraph.convert.__main__ import convert_file, main, parse_option
+from mlgraph.convert.core import ConversionError
+from mlgraph.convert.io import read_state_dict
+from mlgraph.convert.pretrained import mobilenet_v2_imagenet_path
+from mlgraph.models.backbones import mobilenet_v2
 
 torch = pytest.importorskip("torch")
-
-from flax import nnx  # noqa: E402
-
-from mlgraph import checkpointing  # noqa: E402
-from mlgraph.convert import torchvision_mobilenet_v2, torchvision_resnet  # noqa: E402
-from mlgraph.convert.__main__ import convert_file, main, parse_option  # noqa: E402
-from mlgraph.convert.core import ConversionError  # noqa: E402
-from mlgraph.convert.io import read_state_dict  # noqa: E402
-from mlgraph.convert.pretrained import mobilenet_v2_imagenet_path  # noqa: E402
-from mlgraph.models.backbones import mobilenet_v2  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -123,6 +122,19 @@ def test_resnet_settings_errors():
         torchvision_resnet.convert(gap, {})
 
 
+def test_resnet_depth_inferred_from_block_counts():
+    for layers, name in [((3, 4, 23, 3), "resnet101"), ((3, 8, 36, 3), "resnet152")]:
+        sd = tiny_resnet_state_dict(layers=layers, width=1, num_classes=3)
+        settings = torchvision_resnet.infer_settings(sd)
+        assert settings == {"kind": "backbone", "backbone": name, "width": 1, "num_classes": 3}
+    module, _ = torchvision_resnet.convert(sd, {})
+    assert module.layers == (3, 8, 36, 3)
+    np.testing.assert_array_equal(
+        np.asarray(module.layer3[35].conv2.kernel[...]),
+        sd["layer3.35.conv2.weight"].transpose(2, 3, 1, 0),
+    )
+
+
 def test_resnet_prefix_and_head_options():
     sd = tiny_resnet_state_dict()
     wrapped = {f"module.backbone.{k}": v for k, v in sd.items()}
@@ -180,7 +192,7 @@ def test_read_state_dict_formats(tmp_path, caplog, mnv2_state_dict):
     )
     for name in ("w.npz", "w.safetensors"):
         got = read_state_dict(tmp_path / name)
-        assert list(got) == list(sd)
+        assert sorted(got) == sorted(sd)
         for k in sd:
             np.testing.assert_array_equal(got[k], sd[k])
     with caplog.at_level(logging.INFO, logger="mlgraph.convert.io"):
@@ -253,12 +265,25 @@ def test_convert_file_npz_resnet(tmp_path):
     tree, settings = checkpointing.load_weights(tmp_path / "out")
     assert settings == summary["settings"]
     assert "fc" not in tree
-    np.testing.assert_array_equal(tree["layer3"][5]["bn2"]["mean"], sd["layer3.5.bn2.running_mean"])
+    np.testing.assert_array_equal(
+        tree["layer3"]["5"]["bn2"]["mean"], sd["layer3.5.bn2.running_mean"]
+    )
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
-    assert main(["--source", "torchvision_resnet", "--input", str(tmp_path / "x.pth"),
-                 "--output", str(tmp_path / "o")]) == 1  # fmt: skip
+    assert (
+        main(
+            [
+                "--source",
+                "torchvision_resnet",
+                "--input",
+                str(tmp_path / "x.pth"),
+                "--output",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert err == (
         f"error: {tmp_path / 'x.pth'}: no such checkpoint file (expected '.pth', '.pt', '.bin' "
@@ -267,8 +292,16 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     sd = tiny_resnet_state_dict()
     del sd["layer1.0.bn1.bias"]
     np.savez(tmp_path / "bad.npz", **sd)
-    code = main(["--source", "torchvision_resnet", "--input", str(tmp_path / "bad.npz"),
-                 "--output", str(tmp_path / "o")])  # fmt: skip
+    code = main(
+        [
+            "--source",
+            "torchvision_resnet",
+            "--input",
+            str(tmp_path / "bad.npz"),
+            "--output",
+            str(tmp_path / "o"),
+        ]
+    )
     assert code == 1
     assert capsys.readouterr().err == (
         f"error: {tmp_path / 'bad.npz'}: torchvision ResNet: missing keys (1): layer1.0.bn1.bias\n"
@@ -283,8 +316,17 @@ def test_cli_end_to_end_shipped_mobilenet_v2(tmp_path):
     src = mobilenet_v2_imagenet_path()
     out = tmp_path / "mnv2"
     env = os.environ | {"PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    cmd = [sys.executable, "-m", "mlgraph.convert", "--source", "torchvision_mobilenet_v2",
-           "--input", str(src), "--output", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlgraph.convert",
+        "--source",
+        "torchvision_mobilenet_v2",
+        "--input",
+        str(src),
+        "--output",
+        str(out),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout == (
@@ -292,6 +334,7 @@ def test_cli_end_to_end_shipped_mobilenet_v2(tmp_path):
         '{"backbone": "mobilenet_v2", "kind": "backbone", "num_classes": 1000}\n'
     )
     tree, settings = checkpointing.load_weights(out)
+    # Orbax stores nnx.List indices as string keys; nnx.replace_by_pure_dict accepts them.
     assert settings == {
         "kind": "backbone",
         "backbone": "mobilenet_v2",
@@ -299,9 +342,9 @@ def test_cli_end_to_end_shipped_mobilenet_v2(tmp_path):
         "source": "torchvision_mobilenet_v2",
         "input": str(src),
     }
-    assert tree["features"][0]["conv"]["kernel"].shape == (3, 3, 3, 32)
-    assert tree["features"][17]["depthwise"]["conv"]["kernel"].shape == (3, 3, 1, 960)
-    assert tree["features"][18]["bn"]["var"].shape == (1280,)
+    assert tree["features"]["0"]["conv"]["kernel"].shape == (3, 3, 3, 32)
+    assert tree["features"]["17"]["depthwise"]["conv"]["kernel"].shape == (3, 3, 1, 960)
+    assert tree["features"]["18"]["bn"]["var"].shape == (1280,)
     assert tree["classifier"]["kernel"].shape == (1280, 1000)
     # The tree restores into a freshly built model with the original values.
     model = nnx.eval_shape(
@@ -315,7 +358,20 @@ def test_cli_end_to_end_shipped_mobilenet_v2(tmp_path):
         np.asarray(model.features[5].expand.bn.mean[...]), sd["features.5.conv.0.1.running_mean"]
     )
 
-    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert again.returncode == 1
-    assert again.stdout == ""
-    assert again.stderr == f"error: {out}: already exists; choose a new output path\n"
+
+def test_cli_refuses_existing_output(tmp_path, capsys):
+    (tmp_path / "mnv2").mkdir()
+    code = main(
+        [
+            "--source",
+            "torchvision_mobilenet_v2",
+            "--input",
+            str(mobilenet_v2_imagenet_path()),
+            "--output",
+            str(tmp_path / "mnv2"),
+        ]
+    )
+    assert code == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == f"error: {tmp_path / 'mnv2'}: already exists; choose a new output path\n"

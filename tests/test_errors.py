@@ -19,7 +19,10 @@ def main_cli(*args):
 
 def test_misspelt_override(tmp_path):
     proc = main_cli(
-        "--config", "configs/baseline_demo.py", "--workdir", str(tmp_path / "w"),
+        "--config",
+        "configs/baseline_demo.py",
+        "--workdir",
+        str(tmp_path / "w"),
         "--config.batchsize=3",
     )
     assert proc.returncode == 2
@@ -38,9 +41,7 @@ def test_missing_config_file(tmp_path):
 
 
 def test_missing_workdir_parent(tmp_path):
-    proc = main_cli(
-        "--config", "configs/baseline_demo.py", "--workdir", str(tmp_path / "no" / "w")
-    )
+    proc = main_cli("--config", "configs/baseline_demo.py", "--workdir", str(tmp_path / "no" / "w"))
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
         f"error: --workdir {tmp_path / 'no' / 'w'}: parent folder {tmp_path / 'no'} does not exist"

@@ -141,6 +141,9 @@ def test_bert_recipe_cls_or_single_wordpiece(tmp_path):
     for row, (ids, pick) in zip(emb, expected_rows, strict=True):
         hidden = forward(module, np.array([ids]))  # one name, unpadded
         np.testing.assert_allclose(row, np.asarray(hidden)[0, pick], atol=1e-5)
+    vocab.write_text("\n".join(BERT_VOCAB + ["extra"]) + "\n")
+    with pytest.raises(label_embed.LabelEmbedError, match="has 14 tokens but the encoder's"):
+        label_embed.embed_labels(names, "bert", weights=tmp_path / "bert", vocab=vocab)
 
 
 # ---------------------------------------------------------------------------- CLIP tokenizer

@@ -46,8 +46,12 @@ def test_resume_is_exact(data_dir, tmp_path):
     ev_a = [r for r in read_metrics(tmp_path / "once") if "eval/mAP" in r]
     ev_b = [r for r in read_metrics(tmp_path / "twice") if "eval/mAP" in r]
     assert ev_a[-1] == ev_b[-1]
-    loss_a = {r["step"]: r["train/loss"] for r in read_metrics(tmp_path / "once") if "train/loss" in r}
-    loss_b = {r["step"]: r["train/loss"] for r in read_metrics(tmp_path / "twice") if "train/loss" in r}
+    loss_a = {
+        r["step"]: r["train/loss"] for r in read_metrics(tmp_path / "once") if "train/loss" in r
+    }
+    loss_b = {
+        r["step"]: r["train/loss"] for r in read_metrics(tmp_path / "twice") if "train/loss" in r
+    }
     assert loss_a == loss_b
 
 
@@ -64,11 +68,23 @@ def test_finished_run_does_not_retrain(data_dir, tmp_path, capsys):
 def run_cli(workdir, data_dir, devices, *extra):
     env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(devices))
     cmd = [
-        sys.executable, "-m", "mlgraph.main", "--config", str(REPO / "configs/baseline_demo.py"),
-        "--workdir", str(workdir), "--config.data.demo=", f"--config.data.data_dir={data_dir}",
-        "--config.image_size=32", "--config.batch_size=16", "--config.eval_batch_size=16",
-        "--config.total_steps=5", "--config.eval_every_steps=5", "--config.log_every_steps=1",
-        "--config.model.backbone_kwargs.widths=(8, 16)", *extra,
+        sys.executable,
+        "-m",
+        "mlgraph.main",
+        "--config",
+        str(REPO / "configs/baseline_demo.py"),
+        "--workdir",
+        str(workdir),
+        "--config.data.demo=",
+        f"--config.data.data_dir={data_dir}",
+        "--config.image_size=32",
+        "--config.batch_size=16",
+        "--config.eval_batch_size=16",
+        "--config.total_steps=5",
+        "--config.eval_every_steps=5",
+        "--config.log_every_steps=1",
+        "--config.model.backbone_kwargs.widths=(8, 16)",
+        *extra,
     ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
 
@@ -110,3 +126,19 @@ def test_digits_mosaic_learns(tmp_path):
     assert end["eval/mAP"] >= 90, end
     lines = (tmp_path / "learn" / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["step"] == 300
+
+
+def test_evaluate_restores_same_metrics(data_dir, tmp_path):
+    from mlgraph import evaluate
+
+    config = tiny_config(data_dir, total_steps=3)
+    last = train.run(config, tmp_path / "wd")
+    result = evaluate.evaluate_workdir(tmp_path / "wd")
+    assert result["step"] == 3
+    for name, value in result["model"].items():
+        assert value == pytest.approx(last[f"eval/{name}"], abs=1e-9), name
+    for name, value in result["ema"].items():
+        assert value == pytest.approx(last[f"eval/ema_{name}"], abs=1e-9), name
+    table = evaluate.format_table({"model": result["model"], "ema": result["ema"]})
+    assert table.splitlines()[0].split()[:3] == ["model", "mAP", "CP"]
+    assert f"{result['ema']['mAP']:7.2f}".strip() in table.splitlines()[2]

@@ -79,6 +79,14 @@ def _unwrap(obj: Any, path: pathlib.Path, container: str | None) -> Mapping[str,
     return obj
 
 
+def _float32(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Half-precision arrays -> float32 (numpy reads bfloat16 only where ml_dtypes is loaded)."""
+    return {
+        k: v.astype(np.float32) if v.dtype.name in ("bfloat16", "float16") else v
+        for k, v in state_dict.items()
+    }
+
+
 def read_state_dict(
     path: str | pathlib.Path, *, container: str | None = None
 ) -> dict[str, np.ndarray]:
@@ -104,25 +112,24 @@ def read_state_dict(
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # pickle, zip and weights_only errors all mean "unreadable"
             raise ConversionError(f"{path}: could not read as a torch checkpoint: {e}") from e
-        return to_numpy_state_dict(_unwrap(obj, path, container))
+        return _float32(to_numpy_state_dict(_unwrap(obj, path, container)))
     if suffix == ".safetensors":
-        from safetensors import SafetensorsError
         from safetensors.numpy import load_file
 
         try:
-            return to_numpy_state_dict(load_file(path))
-        except (TypeError, ValueError, SafetensorsError) as e:
+            return _float32(to_numpy_state_dict(load_file(path)))
+        except Exception as e:  # safetensors raises TypeError, SafetensorError, OSError...
             # numpy has no bfloat16: such files are read through torch.
             if "bf16" not in str(e).lower() and "bfloat16" not in str(e).lower():
                 raise ConversionError(f"{path}: could not read as safetensors: {e}") from e
             _import_torch()
             from safetensors.torch import load_file as load_torch
 
-            return to_numpy_state_dict(load_torch(path))
+            return _float32(to_numpy_state_dict(load_torch(path)))
     if suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as data:
-                return {k: np.asarray(data[k]) for k in data.files}
+                return _float32({k: np.asarray(data[k]) for k in data.files})
         except ValueError as e:
             raise ConversionError(f"{path}: could not read as .npz: {e}") from e
     raise ConversionError(f"{path}: unknown checkpoint extension {suffix!r}; expected {FORMATS}")

@@ -60,7 +60,7 @@ def table(
 def infer_settings(
     state_dict: Mapping[str, np.ndarray], *, include_head: bool = True
 ) -> dict[str, Any]:
-    """Build settings from a torchvision MobileNetV2 state dict: {"kind", "backbone", "num_classes"}."""
+    """Settings {"kind", "backbone", "num_classes"} read from a torchvision MobileNetV2 dict."""
     stem = state_dict.get("features.0.0.weight")
     if stem is None:
         raise core.ConversionError(

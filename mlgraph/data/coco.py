@@ -92,7 +92,9 @@ class Coco2014(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
     BUILDER_CONFIGS = [
         CocoConfig(name="nonempty", description="images without annotations skipped"),
-        CocoConfig(name="all", description="every image, empty label vectors allowed", keep_empty=True),
+        CocoConfig(
+            name="all", description="every image, empty label vectors allowed", keep_empty=True
+        ),
     ]
     DEFAULT_CONFIG_NAME = "nonempty"
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
@@ -100,6 +102,11 @@ class Coco2014(tfds.core.GeneratorBasedBuilder):
         "cocodataset.org and unpack them so that manual_dir holds annotations/, train2014/ "
         "and val2014/."
     )
+
+    def __init__(self, *, strict: bool = False, **kwargs):
+        """`strict`: an unreadable image is an error instead of being skipped and counted."""
+        self.strict = strict
+        super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
@@ -127,9 +134,7 @@ class Coco2014(tfds.core.GeneratorBasedBuilder):
             raise DataError(f"{root}/annotations: train and val JSON list different categories")
         self.info.metadata["class_names"] = names["train"]
         self.info.metadata["skipped"] = {}
-        return {
-            split: self._generate_examples(root, split, *parsed[split]) for split in SPLITS
-        }
+        return {split: self._generate_examples(root, split, *parsed[split]) for split in SPLITS}
 
     def _generate_examples(self, root, split, categories, images_, annotations):
         json_path = root / "annotations" / f"instances_{SPLITS[split]}.json"
@@ -143,6 +148,8 @@ class Coco2014(tfds.core.GeneratorBasedBuilder):
             try:
                 data, _ = images.rgb_jpeg_bytes(root / SPLITS[split] / im["file_name"])
             except images.BadImage as e:
+                if self.strict:
+                    raise DataError(f"{e} (--strict)") from None
                 skipped.append(str(e))
                 continue
             yield im["id"], {"image": data, "labels": y, "image_id": im["id"]}

@@ -29,16 +29,27 @@ def builder_class(name: str) -> type:
     return getattr(importlib.import_module(module), cls)
 
 
-def make_builder(name: str, data_dir: str | pathlib.Path, builder_config: str = ""):
+def make_builder(name: str, data_dir: str | pathlib.Path, builder_config: str = "", **kwargs):
     """A builder instance for `name` (array_record files) rooted at `data_dir`."""
     cls = builder_class(name)
-    kwargs = {"config": builder_config} if builder_config else {}
+    if builder_config:
+        kwargs["config"] = builder_config
     return cls(data_dir=str(data_dir), file_format="array_record", **kwargs)
 
 
-def build(name: str, manual_dir: str | pathlib.Path, data_dir: str | pathlib.Path, config=""):
-    """Build `name` from the raw files in `manual_dir` into `data_dir` (no-op when built)."""
-    builder = make_builder(name, data_dir, config)
+def build(
+    name: str,
+    manual_dir: str | pathlib.Path,
+    data_dir: str | pathlib.Path,
+    config: str = "",
+    strict: bool = False,
+):
+    """Build `name` from the raw files in `manual_dir` into `data_dir` (no-op when built).
+
+    TFDS writes into a temporary folder and renames it when complete, so an interrupted build
+    never leaves a folder that looks built, and building again into the same place is safe.
+    """
+    builder = make_builder(name, data_dir, config, strict=strict)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir))
     )
@@ -70,9 +81,10 @@ def open_dataset(data: ml_collections.ConfigDict) -> Dataset:
     else:
         data_dir = pathlib.Path(data.data_dir) if data.data_dir else default_data_dir()
         builder = make_builder(data.name, data_dir, data.builder_config)
-        if not pathlib.Path(builder.data_dir).is_dir() or not (
-            pathlib.Path(builder.data_dir) / "dataset_info.json"
-        ).exists():
+        if (
+            not pathlib.Path(builder.data_dir).is_dir()
+            or not (pathlib.Path(builder.data_dir) / "dataset_info.json").exists()
+        ):
             raise DataError(
                 f"data set '{data.name}' is not built: looked in {builder.data_dir}; build it "
                 f"once with: python -m mlgraph.data.build {data.name} --manual_dir RAW "

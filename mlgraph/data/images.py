@@ -37,5 +37,7 @@ def rgb_jpeg_bytes(path: str | pathlib.Path) -> tuple[bytes, tuple[int, int]]:
             out = io.BytesIO()
             rgb.save(out, format="JPEG", quality=95)
             return out.getvalue(), (rgb.height, rgb.width)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except UnidentifiedImageError:
+        raise BadImage(f"{path}: cannot decode image (not a known image format)") from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise BadImage(f"{path}: cannot decode image ({e})") from None

@@ -131,7 +131,9 @@ def _load_converted(weights: Any, kind: str):
         # Built abstractly (no random init); every variable must then come from the checkpoint.
         module = nnx.eval_shape(lambda: build(settings))
     except (KeyError, ValueError) as e:
-        raise LabelEmbedError(f"{path}: settings.json does not describe a {kind} encoder: {e}")
+        raise LabelEmbedError(
+            f"{path}: settings.json does not describe a {kind} encoder: {e}"
+        ) from e
     state = nnx.state(module)
     try:
         nnx.replace_by_pure_dict(state, tree)
@@ -162,6 +164,15 @@ def load_minilm():
     tok.enable_padding(pad_id=0, pad_token="[PAD]")
     tok.enable_truncation(MINILM_MAX_TOKENS)
     return module, tok
+
+
+def _check_vocab(tokenizer_size: int, model_size: int, vocab: Any) -> None:
+    # An id past the embedding table would be clamped silently by the lookup, not rejected.
+    if tokenizer_size != model_size:
+        raise LabelEmbedError(
+            f"{vocab}: has {tokenizer_size} tokens but the encoder's embedding table has "
+            f"{model_size}; pass the vocabulary the encoder was trained with"
+        )
 
 
 def _run_bert(module, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -197,6 +208,7 @@ def _embed_bert(texts: list[str], weights: Any, vocab: Any) -> np.ndarray:
     vocab = _require_file(vocab, "the bert encoder's vocab.txt (--vocab)")
     module = _load_converted(weights, "bert")
     tok = BertWordPieceTokenizer(str(vocab), lowercase=True)
+    _check_vocab(tok.get_vocab_size(), module.embeddings.word_embeddings.num_embeddings, vocab)
     cls_id = tok.token_to_id("[CLS]")
     if cls_id is None:
         raise LabelEmbedError(f"{vocab}: has no [CLS] token; not a BERT vocab.txt")
@@ -292,6 +304,7 @@ def _embed_clip(texts: list[str], weights: Any, vocab: Any) -> np.ndarray:
 
     tok = clip_tokenizer(vocab)
     module = _load_converted(weights, "clip")
+    _check_vocab(tok.get_vocab_size(), module.token_embedding.num_embeddings, vocab)
     ids = clip_tokenize(tok, texts, module.context_length)
     # Causal attention: trailing padding never reaches the EOT row, so it is cut off.
     ids = ids[:, : int((ids != 0).sum(axis=1).max())]

@@ -37,7 +37,9 @@ def _labels(element: dict, num_classes: int) -> np.ndarray:
 class TrainTransform(grain.transforms.RandomMap):
     """Resize to a square, then the configured augmentations, then normalise."""
 
-    def __init__(self, image_size: int, num_classes: int, aug: ml_collections.ConfigDict, mean, std):
+    def __init__(
+        self, image_size: int, num_classes: int, aug: ml_collections.ConfigDict, mean, std
+    ):
         self.image_size = image_size
         self.num_classes = num_classes
         self.flip = bool(aug.flip)
@@ -84,9 +86,7 @@ def local_batch_size(global_batch_size: int) -> int:
     return global_batch_size // jax.process_count()
 
 
-def train_dataset(
-    source, config: ml_collections.ConfigDict, num_classes: int
-) -> grain.IterDataset:
+def train_dataset(source, config: ml_collections.ConfigDict, num_classes: int) -> grain.IterDataset:
     """Infinite, shuffled (reshuffled every epoch), augmented batches of this process's shard."""
     data = config.data
     ds = grain.MapDataset.source(source).seed(config.seed).shuffle().repeat()
@@ -126,5 +126,8 @@ def eval_batches(
             }
         pad = local_bs - len(batch["mask"])
         if pad:
-            batch = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
+            batch = {
+                k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)])
+                for k, v in batch.items()
+            }
         yield batch

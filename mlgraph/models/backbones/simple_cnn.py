@@ -12,8 +12,15 @@ class ConvBNReLU(nnx.Module):
 
     def __init__(self, cin: int, cout: int, stride: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.conv = nnx.Conv(
-            cin, cout, (3, 3), strides=stride, padding=((1, 1), (1, 1)), use_bias=False,
-            dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+            cin,
+            cout,
+            (3, 3),
+            strides=stride,
+            padding=((1, 1), (1, 1)),
+            use_bias=False,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
         )
         self.bn = nnx.BatchNorm(
             cout, momentum=0.9, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, rngs=rngs

@@ -1,0 +1,148 @@
+"""Evaluate a trained workdir or a converted checkpoint on the config's evaluation split.
+
+    python -m mlgraph.evaluate --workdir DIR [--step N]
+    python -m mlgraph.evaluate --checkpoint CONVERTED_DIR --config configs/NAME.py
+
+Prints a table of mAP, CP, CR, CF1, OP, OR, OF1 and their top-3 forms (for the model and its
+EMA when evaluating a workdir) and writes it as JSON (`DIR/eval_step<N>.json`, or `--output`).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import jax
+import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
+
+from mlgraph import checkpointing, config_lib, sharding, train
+from mlgraph.data import datasets
+from mlgraph.errors import ConfigError, MlgraphError, WorkdirError
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir to evaluate.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the best by EMA mAP).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A converted weights checkpoint.")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config (with --checkpoint).")
+_OUTPUT = flags.DEFINE_string("output", None, "Where to write the JSON results.")
+
+COLUMNS = ["mAP", "CP", "CR", "CF1", "OP", "OR", "OF1"]
+
+
+def format_table(rows: dict[str, dict[str, float]]) -> str:
+    """A text table: one row per model, the seven metrics and their top-3 forms."""
+    header = ["model"] + COLUMNS + [f"{c}@3" for c in COLUMNS[1:]]
+    lines = ["  ".join(f"{h:>7}" for h in header)]
+    for name, m in rows.items():
+        values = [m[c] for c in COLUMNS] + [m[f"{c}_top3"] for c in COLUMNS[1:]]
+        lines.append("  ".join([f"{name:>7}"] + [f"{v:7.2f}" for v in values]))
+    return "\n".join(lines)
+
+
+def workdir_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
+    """The config a workdir was trained with."""
+    path = workdir / "config.json"
+    if not path.exists():
+        raise WorkdirError(f"--workdir {workdir}: no config.json; not a training workdir")
+    config = ml_collections.ConfigDict(json.loads(path.read_text()))
+    config.init_from = ""  # the checkpoint holds the weights
+    return config
+
+
+def evaluate_workdir(workdir: str | pathlib.Path, step: int | None = None) -> dict:
+    """Metrics of the model and the EMA saved at `step` (default: best EMA mAP) in `workdir`."""
+    workdir = pathlib.Path(workdir).absolute()
+    config = workdir_config(workdir)
+    ckpts = checkpointing.TrainCheckpoints(workdir / "checkpoints")
+    steps = ckpts.all_steps()
+    if not steps:
+        raise WorkdirError(f"--workdir {workdir}: no checkpoints in {workdir / 'checkpoints'}")
+    if step is None:
+        step = ckpts.best_step() or ckpts.latest_step()
+    elif step not in steps:
+        raise WorkdirError(f"--step {step}: not saved in {workdir}; saved steps: {steps}")
+    dataset = datasets.open_dataset(config.data)
+    total = config_lib.total_steps(config, len(dataset.sources[config.data.train_split]))
+    mesh = sharding.make_mesh()
+    repl, data_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    _, graphdef, _, state = train.init_train_state(config, dataset.num_classes, total)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), state)
+    state = ckpts.restore(step, abstract)
+    ckpts.close()
+    predict = jax.jit(
+        train.make_predict(graphdef, train.model_and_ema),
+        in_shardings=(jax.tree.map(lambda _: repl, state), data_sh),
+        out_shardings=(data_sh, data_sh),
+    )
+    source = dataset.sources[config.data.eval_split]
+    result = train.evaluate_scores(predict, state, source, config, dataset.num_classes, mesh)
+    rows = {
+        name: train.eval_metrics({"scores": [s], "labels": result["labels"]}, prefixes=("",))
+        for name, s in zip(("model", "ema"), result["scores"], strict=True)
+    }
+    return {"step": int(step), "split": config.data.eval_split, "images": len(source), **rows}
+
+
+def evaluate_checkpoint(path: str, config: ml_collections.ConfigDict) -> dict:
+    """Metrics of a converted weights checkpoint (a whole model) under `config`."""
+    _, settings = checkpointing.load_weights(path)
+    if settings.get("kind") != "model":
+        raise ConfigError(
+            f"--checkpoint {path}: holds a {settings.get('kind')} ('kind' in settings.json), "
+            "not a whole model; use it as config.init_from for training instead"
+        )
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.init_from = str(path)
+    dataset = datasets.open_dataset(config.data)
+    mesh = sharding.make_mesh()
+    repl, data_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    _, graphdef, _, state = train.init_train_state(config, dataset.num_classes, 1)
+    state = jax.device_put({"params": state["params"], "rest": state["rest"]}, repl)
+    predict = jax.jit(
+        train.make_predict(graphdef, lambda s: ((s["params"], s["rest"]),)),
+        in_shardings=(jax.tree.map(lambda _: repl, state), data_sh),
+        out_shardings=(data_sh,),
+    )
+    source = dataset.sources[config.data.eval_split]
+    result = train.evaluate_scores(predict, state, source, config, dataset.num_classes, mesh)
+    row = train.eval_metrics(result, prefixes=("",))
+    return {
+        "checkpoint": str(path),
+        "split": config.data.eval_split,
+        "images": len(source),
+        "model": row,
+    }
+
+
+def main(argv: list[str]) -> None:
+    """Entry point after flag parsing."""
+    del argv
+    try:
+        if bool(_WORKDIR.value) == bool(_CHECKPOINT.value):
+            raise ConfigError(
+                "give exactly one of --workdir DIR or --checkpoint PATH --config FILE"
+            )
+        if _WORKDIR.value:
+            results = evaluate_workdir(_WORKDIR.value, _STEP.value)
+            default_out = pathlib.Path(_WORKDIR.value) / f"eval_step{results['step']}.json"
+        else:
+            if _CONFIG.value is None:
+                raise ConfigError("--checkpoint needs --config FILE (the model and data set)")
+            results = evaluate_checkpoint(_CHECKPOINT.value, _CONFIG.value)
+            default_out = pathlib.Path(_CHECKPOINT.value) / "eval.json"
+    except (MlgraphError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    rows = {k: v for k, v in results.items() if isinstance(v, dict)}
+    print(f"{results['split']} split, {results['images']} images")
+    print(format_table(rows))
+    out = pathlib.Path(_OUTPUT.value) if _OUTPUT.value else default_out
+    if jax.process_index() == 0:
+        out.write_text(json.dumps(results, indent=2))
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,282 @@
+"""Attention parts shared by the graph methods: PyTorch-initialised Linear, multi-head attention,
+a DETR-style post-norm transformer encoder layer, the 2-D sine position table, and low-rank
+bilinear (label-to-region) attention.
+
+Everything follows PyTorch's semantics and parameter layout so that checkpoints convert by a
+plain renaming (see salgl.md §1.2, §1.3, §1.6 and ssgrl_mlgcn.md §1.2):
+
+* `MultiheadAttention` is `torch.nn.MultiheadAttention(batch_first=True)` with its fused
+  `in_proj_weight` held as three Linears `q_proj`, `k_proj`, `v_proj` (rows [0, D), [D, 2D),
+  [2D, 3D) of the torch matrix) and `out_proj`.
+* `TransformerEncoderLayer` is DETR's post-norm layer (`q = k = x + pos`, `v = x`).
+* `LowRankBilinearAttention` keeps the four torch Linears (`linear1`, `linear2`,
+  `hidden_linear`, `target_linear`) but evaluates the attention logits through the folded vector
+  v = W_hidden^T w_target, which never forms the [B, C, N, A] hidden projection.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def uniform_init(bound: float) -> nnx.Initializer:
+    """Initializer drawing from U(-bound, bound), PyTorch's `uniform_(-bound, bound)`."""
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def torch_linear(
+    in_features: int,
+    out_features: int,
+    *,
+    use_bias: bool = True,
+    zero_bias: bool = False,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    rngs: nnx.Rngs,
+) -> nnx.Linear:
+    """An `nnx.Linear` initialised like `torch.nn.Linear`: weight and bias U(±1/sqrt(fan_in)).
+
+    `zero_bias=True` starts the bias at 0 instead (torch's MultiheadAttention `out_proj`).
+    """
+    bound = 1.0 / math.sqrt(in_features)
+    return nnx.Linear(
+        in_features,
+        out_features,
+        use_bias=use_bias,
+        kernel_init=uniform_init(bound),
+        bias_init=nnx.initializers.zeros if zero_bias else uniform_init(bound),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
+
+
+class MultiheadAttention(nnx.Module):
+    """`torch.nn.MultiheadAttention(dim, num_heads, dropout, batch_first=True)`.
+
+    The heads are consecutive `dim / num_heads` slices of the feature axis, the query is scaled
+    by 1/sqrt(head_dim), and dropout acts on the attention probabilities (training only).
+    Initialisation follows torch: the fused in-projection is xavier-uniform over its [3D, D]
+    shape (so each of q/k/v draws from U(±sqrt(6 / 4D))) with zero bias; `out_proj` has torch's
+    Linear weight init and a zero bias.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        dropout: float = 0.0,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if dim % num_heads:
+            raise ValueError(f"MultiheadAttention: dim {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.dtype = dtype
+        xavier = uniform_init(math.sqrt(6.0 / (dim + 3 * dim)))
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = nnx.Linear(dim, dim, kernel_init=xavier, **kw)
+        self.k_proj = nnx.Linear(dim, dim, kernel_init=xavier, **kw)
+        self.v_proj = nnx.Linear(dim, dim, kernel_init=xavier, **kw)
+        self.out_proj = torch_linear(dim, dim, zero_bias=True, **kw)
+        self.attn_drop = nnx.Dropout(dropout)
+
+    def __call__(
+        self,
+        query: jax.Array,
+        key: jax.Array,
+        value: jax.Array,
+        *,
+        mask: jax.Array | None = None,
+        train: bool = False,
+        rngs: nnx.Rngs | None = None,
+    ) -> jax.Array:
+        """Attend `query` [B, Lq, D] over `key`/`value` [B, Lk, D]; returns [B, Lq, D].
+
+        `mask` (optional, boolean, broadcastable to [B, heads, Lq, Lk]) marks the pairs that may
+        attend (True), as the inverse of torch's boolean `attn_mask`.
+        """
+        q, k, v = self.q_proj(query), self.k_proj(key), self.v_proj(value)
+        b, lq, d = q.shape
+        h = self.num_heads
+        hd = d // h
+        q = q.reshape(b, lq, h, hd)
+        k = k.reshape(b, k.shape[1], h, hd)
+        v = v.reshape(b, v.shape[1], h, hd)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(hd)
+        if mask is not None:
+            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1)
+        probs = self.attn_drop(probs, deterministic=not train, rngs=rngs).astype(v.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, lq, d)
+        return self.out_proj(out)
+
+
+class TransformerEncoderLayer(nnx.Module):
+    """DETR's post-norm encoder layer (`forward_post`) with torch MultiheadAttention semantics.
+
+        q = k = x + pos,  v = x
+        x = norm1(x + dropout1(attn(q, k, v)))
+        x = norm2(x + dropout2(linear2(dropout(relu(linear1(x))))))
+
+    LayerNorms use torch's eps 1e-5. Attribute names are torch's, so a checkpoint's
+    `layers.0.linear1.weight` maps to `linear1/kernel`.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        ffn_dim: int = 2048,
+        dropout: float = 0.1,
+        *,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.self_attn = MultiheadAttention(dim, num_heads, dropout=dropout, **kw)
+        self.linear1 = torch_linear(dim, ffn_dim, **kw)
+        self.dropout = nnx.Dropout(dropout)
+        self.linear2 = torch_linear(ffn_dim, dim, **kw)
+        # The two-pass variance: the one-pass E[x^2] - E[x]^2 loses digits on residual streams
+        # with large means, which shows in parity with torch.
+        ln = dict(epsilon=1e-5, use_fast_variance=False, **kw)
+        self.norm1 = nnx.LayerNorm(dim, **ln)
+        self.norm2 = nnx.LayerNorm(dim, **ln)
+        self.dropout1 = nnx.Dropout(dropout)
+        self.dropout2 = nnx.Dropout(dropout)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        pos: jax.Array | None = None,
+        *,
+        train: bool = False,
+        rngs: nnx.Rngs | None = None,
+    ) -> jax.Array:
+        """Tokens [B, N, D] (and optional position codes broadcastable to them) -> [B, N, D]."""
+        det = not train
+        qk = x if pos is None else x + pos.astype(x.dtype)
+        y = self.self_attn(qk, qk, x, train=train, rngs=rngs)
+        x = self.norm1(x + self.dropout1(y, deterministic=det, rngs=rngs))
+        y = self.dropout(nnx.relu(self.linear1(x)), deterministic=det, rngs=rngs)
+        y = self.linear2(y)
+        return self.norm2(x + self.dropout2(y, deterministic=det, rngs=rngs))
+
+
+def sine_position_encoding(
+    dim: int, grid: int | tuple[int, int], *, temperature: float = 10000.0
+) -> np.ndarray:
+    """DETR's normalised 2-D sine position table, flattened to tokens: [H*W, dim] float32.
+
+    With F = dim / 2, row i and column j counted from 1, y_i = 2*pi*i / (H + 1e-6) and likewise
+    x_j: channels [0, F) hold the y-features and [F, 2F) the x-features; within each half,
+    channel f is sin (f even) or cos (f odd) of coordinate / temperature^(2*floor(f/2)/F).
+    Tokens are row-major (h outer, w inner), the order of a flattened NHWC map. Computed in
+    float32 like the PyTorch buffer it replaces.
+    """
+    if dim % 2:
+        raise ValueError(f"sine_position_encoding: dim must be even, got {dim}")
+    h, w = (grid, grid) if isinstance(grid, int) else grid
+    f = dim // 2
+    f32 = np.float32
+    scale = f32(2 * math.pi)
+    y = np.arange(1, h + 1, dtype=f32) / (f32(h) + f32(1e-6)) * scale
+    x = np.arange(1, w + 1, dtype=f32) / (f32(w) + f32(1e-6)) * scale
+    dim_t = f32(temperature) ** (f32(2) * (np.arange(f, dtype=f32) // 2) / f32(f))
+
+    def features(coord: np.ndarray) -> np.ndarray:
+        arg = coord[:, None] / dim_t  # [L, F]
+        out = np.empty_like(arg)
+        out[:, 0::2] = np.sin(arg[:, 0::2])
+        out[:, 1::2] = np.cos(arg[:, 1::2])
+        return out
+
+    fy, fx = features(y), features(x)
+    table = np.concatenate(
+        [np.broadcast_to(fy[:, None, :], (h, w, f)), np.broadcast_to(fx[None, :, :], (h, w, f))],
+        axis=-1,
+    )
+    return table.reshape(h * w, dim).astype(f32)
+
+
+@jax.checkpoint
+def _folded_bilinear_logits(u: jax.Array, w: jax.Array, v: jax.Array) -> jax.Array:
+    """t[b, c, n] = sum_a tanh(u[b, n, a] * w[b, c, a]) * v[a], accumulated in float32.
+
+    Written as an elementwise product feeding a reduction (not an einsum), so XLA fuses it and
+    the [B, C, N, A] tensor is never stored; `jax.checkpoint` makes the backward pass recompute
+    it instead of keeping tanh's output as a residual.
+    """
+    z = jnp.tanh(u[:, None, :, :] * w[:, :, None, :])
+    return jnp.sum((z * v).astype(jnp.float32), axis=-1)
+
+
+class LowRankBilinearAttention(nnx.Module):
+    """Label-to-region attention by low-rank bilinear pooling (SALGL §1.6, SSGRL §1.2).
+
+    For tokens x [B, N, D] and label embeddings l [C, E]:
+      u = W1 x (no bias), w = W2 l (no bias), z = tanh(u ⊙ w)  [B, C, N, A],
+      t = w_t^T (W_h z + b_h) + b_t,  alpha = softmax over the N tokens,
+      f[b, c] = sum_n alpha[b, c, n] x[b, n]   (the tokens themselves, not u).
+
+    The two stacked Linears are affine in z, so t = v^T z + const with v = W_h^T w_t; the
+    constant cancels in the softmax. The logits are therefore computed from v (exact up to float
+    rounding, also for gradients: the biases b_h, b_t get zero gradient either way). This drops
+    the A x A matmul over every (b, c, n) and the [B, C, N, A] activations; the original four
+    parameters are kept so checkpoints map one to one.
+    """
+
+    def __init__(
+        self,
+        dim1: int,
+        dim2: int,
+        att_dim: int = 1024,
+        hidden_dim: int | None = None,
+        *,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        """Args: dim1 token width D, dim2 embedding width E, att_dim A, hidden_dim (default A)."""
+        hidden_dim = att_dim if hidden_dim is None else hidden_dim
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.dtype = dtype
+        self.linear1 = torch_linear(dim1, att_dim, use_bias=False, **kw)
+        self.linear2 = torch_linear(dim2, att_dim, use_bias=False, **kw)
+        self.hidden_linear = torch_linear(att_dim, hidden_dim, **kw)
+        self.target_linear = torch_linear(hidden_dim, 1, **kw)
+
+    def folded_vector(self) -> jax.Array:
+        """v = W_hidden^T w_target [A] (float32): the logits are v . z plus a constant."""
+        kh = self.hidden_linear.kernel[...].astype(jnp.float32)  # [A, A_hidden]
+        kt = self.target_linear.kernel[...].astype(jnp.float32)  # [A_hidden, 1]
+        return (kh @ kt)[:, 0]
+
+    def __call__(self, x: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Tokens x [B, N, D], label embeddings [C, E] or [B, C, E].
+
+        Returns:
+          (label_feats [B, C, D], alphas [B, C, N] float32).
+        """
+        u = self.linear1(x)  # [B, N, A]
+        w = self.linear2(labels)  # [C, A] or [B, C, A]
+        if w.ndim == 2:
+            w = w[None]
+        v = self.folded_vector().astype(u.dtype)
+        alphas = jax.nn.softmax(_folded_bilinear_logits(u, w, v), axis=-1)
+        label_feats = jnp.einsum("bcn,bnd->bcd", alphas.astype(x.dtype), x)
+        return label_feats, alphas

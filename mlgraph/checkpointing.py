@@ -128,8 +128,19 @@ class TrainCheckpoints:
     def read_state(self, step: int) -> Any:
         """The train state saved at `step` as host numpy arrays, without a target structure
         (for inspection and tests; training restores with `restore`)."""
+        meta = self.manager.item_metadata(step)["state"]
+        # Onto one local device: readable whatever devices (or hosts) wrote the checkpoint.
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(
+            lambda m: (
+                jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)
+                if hasattr(m, "shape")
+                else m
+            ),
+            meta,
+        )
         restored = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
         )
         return jax.tree.map(np.asarray, restored["state"])
 

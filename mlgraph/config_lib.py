@@ -67,7 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.augment = ml_collections.ConfigDict()
     c.data.augment.flip = True
     c.data.augment.cutout = 0.0  # CutoutPIL factor (SALGL: 0.5); 0 = off
-    c.data.augment.randaugment = False
+    c.data.augment.randaugment = False  # randaugment==1.0.2's RandAugment() (SALGL: True)
     c.data.mean = IMAGENET_MEAN
     c.data.std = IMAGENET_STD
 

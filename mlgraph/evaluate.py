@@ -41,6 +41,10 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def _strip_count(row: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in row.items() if k != "eval/images"}
+
+
 def workdir_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
     """The config a workdir was trained with."""
     path = workdir / "config.json"
@@ -79,7 +83,9 @@ def evaluate_workdir(workdir: str | pathlib.Path, step: int | None = None) -> di
     source = dataset.sources[config.data.eval_split]
     result = train.evaluate_scores(predict, state, source, config, dataset.num_classes, mesh)
     rows = {
-        name: train.eval_metrics({"scores": [s], "labels": result["labels"]}, prefixes=("",))
+        name: _strip_count(
+            train.eval_metrics({"scores": [s], "labels": result["labels"]}, prefixes=("",))
+        )
         for name, s in zip(("model", "ema"), result["scores"], strict=True)
     }
     return {"step": int(step), "split": config.data.eval_split, "images": len(source), **rows}
@@ -107,7 +113,7 @@ def evaluate_checkpoint(path: str, config: ml_collections.ConfigDict) -> dict:
     )
     source = dataset.sources[config.data.eval_split]
     result = train.evaluate_scores(predict, state, source, config, dataset.num_classes, mesh)
-    row = train.eval_metrics(result, prefixes=("",))
+    row = _strip_count(train.eval_metrics(result, prefixes=("",)))
     return {
         "checkpoint": str(path),
         "split": config.data.eval_split,

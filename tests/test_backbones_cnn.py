@@ -161,9 +161,9 @@ def tokens_fn(model, x, train=False):
 
 
 @nnx.jit
-def logits_fn(model, x):
-    """Jitted `model.logits(x)` in eval mode."""
-    return model.logits(x)
+def outputs_fn(model, x):
+    """Jitted (tokens, logits) in eval mode; XLA shares the common forward pass."""
+    return model(x), model.logits(x)
 
 
 def images(seed: int, h: int, w: int, batch: int = 2) -> tuple[np.ndarray, torch.Tensor]:
@@ -220,8 +220,10 @@ def test_registry_builds_resnet_with_overrides():
 
 
 def test_registry_builds_standard_depths():
-    r152 = _abstract("resnet152", image_size=448)
-    assert r152.layers == (3, 8, 36, 3) and r152.num_features == 2048 and r152.fc is None
+    assert resnet.LAYOUTS == {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+    r50 = _abstract("resnet50", image_size=448)
+    assert r50.layers == (3, 4, 6, 3) and r50.num_features == 2048 and r50.fc is None
+    assert r50.layer2[0].conv2.strides == 2 and r50.layer2[0].conv1.strides == 1
     mnv2 = _abstract("mobilenet_v2", image_size=224, num_classes=1000)
     assert mnv2.num_features == 1280 and len(mnv2.features) == 19
     assert mnv2.classifier.kernel.shape == (1280, 1000)
@@ -250,11 +252,11 @@ def test_resnet_parity_with_torch(layers, width, expected):
         fmap = ref.layer4_map(xt)
         ref_tokens = fmap.flatten(2).transpose(1, 2).numpy()
         ref_logits = ref(xt).numpy()
-    tokens = tokens_fn(module, jnp.asarray(x))
+    tokens, logits = outputs_fn(module, jnp.asarray(x))
     assert tokens.shape == ref_tokens.shape == (2, 2 * 3, width * 32)
     assert module.num_features == width * 32
     d_tok = rel_diff(tokens, ref_tokens)
-    d_log = rel_diff(logits_fn(module, jnp.asarray(x)), ref_logits)
+    d_log = rel_diff(logits, ref_logits)
     print(f"\nResNet {layers} width {width}: rel diff tokens {d_tok:.2e}, logits {d_log:.2e}")
     assert d_tok < RTOL and d_log < RTOL
     if layers == (1, 2, 3, 1):
@@ -275,14 +277,14 @@ def mobilenet_pair():
 def test_mobilenet_v2_parity_with_torch(mobilenet_pair):
     ref, module, settings = mobilenet_pair
     assert settings == {"kind": "backbone", "backbone": "mobilenet_v2", "num_classes": 1000}
-    x, xt = images(1, 96, 64)
+    x, xt = images(1, 224, 224)  # the photo test's shape: the jitted functions are reused
     with torch.no_grad():
         ref_tokens = ref.features(xt).flatten(2).transpose(1, 2).numpy()
         ref_logits = ref(xt).numpy()
-    tokens = tokens_fn(module, jnp.asarray(x))
-    assert tokens.shape == ref_tokens.shape == (2, 3 * 2, 1280)
+    tokens, logits = outputs_fn(module, jnp.asarray(x))
+    assert tokens.shape == ref_tokens.shape == (2, 7 * 7, 1280)
     d_tok = rel_diff(tokens, ref_tokens)
-    d_log = rel_diff(logits_fn(module, jnp.asarray(x)), ref_logits)
+    d_log = rel_diff(logits, ref_logits)
     print(f"\nMobileNetV2: rel diff tokens {d_tok:.2e}, logits {d_log:.2e}")
     assert d_tok < RTOL and d_log < RTOL
     n_params = sum(p.numel() for p in ref.parameters())
@@ -330,7 +332,7 @@ def test_shipped_mobilenet_v2_classifies_photos():
     module, settings = torchvision_mobilenet_v2.convert(sd, {})
     assert settings["num_classes"] == 1000
     x = _imagenet_batch(["chelsea", "coffee"])
-    logits = np.asarray(logits_fn(module, jnp.asarray(x)))
+    logits = np.asarray(outputs_fn(module, jnp.asarray(x))[1])
     ref = TorchMobileNetV2().eval()
     ref.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
     with torch.no_grad():

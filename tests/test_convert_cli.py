@@ -123,16 +123,21 @@ def test_resnet_settings_errors():
 
 
 def test_resnet_depth_inferred_from_block_counts():
+    # Only the key names and the conv1/fc shapes matter to the inference.
     for layers, name in [((3, 4, 23, 3), "resnet101"), ((3, 8, 36, 3), "resnet152")]:
-        sd = tiny_resnet_state_dict(layers=layers, width=1, num_classes=3)
-        settings = torchvision_resnet.infer_settings(sd)
-        assert settings == {"kind": "backbone", "backbone": name, "width": 1, "num_classes": 3}
-    module, _ = torchvision_resnet.convert(sd, {})
-    assert module.layers == (3, 8, 36, 3)
-    np.testing.assert_array_equal(
-        np.asarray(module.layer3[35].conv2.kernel[...]),
-        sd["layer3.35.conv2.weight"].transpose(2, 3, 1, 0),
-    )
+        sd = {"conv1.weight": np.zeros((64, 3, 7, 7)), "fc.weight": np.zeros((80, 2048))}
+        for stage, blocks in enumerate(layers, start=1):
+            for b in range(blocks):
+                for i in (1, 2, 3):
+                    sd[f"layer{stage}.{b}.conv{i}.weight"] = np.zeros(1)
+        assert torchvision_resnet.block_layout(sd) == list(layers)
+        assert torchvision_resnet.infer_settings(sd) == {
+            "kind": "backbone",
+            "backbone": name,
+            "width": 64,
+            "num_classes": 80,
+        }
+        assert torchvision_resnet.infer_settings(sd, include_head=False)["num_classes"] is None
 
 
 def test_resnet_prefix_and_head_options():

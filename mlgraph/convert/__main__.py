@@ -118,9 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="source-specific option, repeatable (e.g. include_head=false)",
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    # absl (pulled in by orbax) would otherwise repeat our messages with its own prefix.
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    # Our own notes (e.g. which container of a checkpoint was used) at INFO, others' at WARNING.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("mlgraph").setLevel(logging.INFO)
 
     from mlgraph.convert.core import ConversionError
 

@@ -13,7 +13,13 @@ import tensorflow_datasets as tfds
 from mlgraph.errors import ConfigError, DataError
 
 # name -> "module:Class" of its TFDS builder.
-BUILDERS = {"coco2014": "mlgraph.data.coco:Coco2014"}
+BUILDERS = {
+    "coco2014": "mlgraph.data.coco:Coco2014",
+    "voc2007": "mlgraph.data.voc:Voc2007",
+    "voc2012": "mlgraph.data.voc:Voc2012",
+    "nuswide": "mlgraph.data.nuswide:NusWide",
+    "custom": "mlgraph.data.custom:Custom",
+}
 
 
 def default_data_dir() -> pathlib.Path:

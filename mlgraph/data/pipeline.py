@@ -35,7 +35,9 @@ def _labels(element: dict, num_classes: int) -> np.ndarray:
 
 
 class TrainTransform(grain.transforms.RandomMap):
-    """Resize to a square, then the configured augmentations, then normalise."""
+    """SALGL's training chain (spec salgl.md §3.4): square bilinear resize, horizontal flip
+    (p=0.5), CutoutPIL when `aug.cutout > 0`, RandAugment when `aug.randaugment`, then scaling
+    to [0, 1] and normalisation. All randomness comes from grain's per-example generator."""
 
     def __init__(
         self, image_size: int, num_classes: int, aug: ml_collections.ConfigDict, mean, std
@@ -44,10 +46,12 @@ class TrainTransform(grain.transforms.RandomMap):
         self.num_classes = num_classes
         self.flip = bool(aug.flip)
         self.cutout = float(aug.cutout)
+        self.randaugment = bool(aug.randaugment)
         self.mean = np.asarray(mean, np.float32)
         self.std = np.asarray(std, np.float32)
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+        """Augment one decoded example; returns float32 `image` [S, S, 3] and `labels`."""
         img = Image.fromarray(element["image"]).resize(
             (self.image_size, self.image_size), Image.BILINEAR
         )
@@ -55,6 +59,8 @@ class TrainTransform(grain.transforms.RandomMap):
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         if self.cutout > 0:
             img = augment.cutout(img, self.cutout, rng)
+        if self.randaugment:
+            img = augment.rand_augment(img, rng)
         return {
             "image": _normalize(img, self.mean, self.std),
             "labels": _labels(element, self.num_classes),
@@ -90,10 +96,12 @@ def train_dataset(source, config: ml_collections.ConfigDict, num_classes: int) -
     """Infinite, shuffled (reshuffled every epoch), augmented batches of this process's shard."""
     data = config.data
     ds = grain.MapDataset.source(source).seed(config.seed).shuffle().repeat()
-    ds = ds[jax.process_index() :: jax.process_count()]
+    # Augment before sharding: each example's random draws depend on its position in the
+    # global stream, so any number of processes sees exactly the global batches one would.
     ds = ds.random_map(
         TrainTransform(config.image_size, num_classes, data.augment, data.mean, data.std)
     )
+    ds = ds[jax.process_index() :: jax.process_count()]
     ds = ds.batch(local_batch_size(config.batch_size), drop_remainder=True)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=data.prefetch))
     if data.worker_count > 0:

@@ -35,7 +35,15 @@ class Embeddings(nnx.Module):
     """Word + position + token-type embeddings, then LayerNorm."""
 
     def __init__(
-        self, vocab_size, hidden, max_positions, type_vocab_size, *, dtype, param_dtype, rngs
+        self,
+        vocab_size: int,
+        hidden: int,
+        max_positions: int,
+        type_vocab_size: int,
+        *,
+        dtype: Any,
+        param_dtype: Any,
+        rngs: nnx.Rngs,
     ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.word_embeddings = nnx.Embed(vocab_size, hidden, embedding_init=_init, **kw)
@@ -57,7 +65,10 @@ class Embeddings(nnx.Module):
 class Layer(nnx.Module):
     """One post-LN BERT layer."""
 
-    def __init__(self, hidden, num_heads, intermediate, *, dtype, param_dtype, rngs):
+    def __init__(
+        self, hidden: int, num_heads: int, intermediate: int, *, dtype: Any, param_dtype: Any,
+        rngs: nnx.Rngs,
+    ):  # fmt: skip
         if hidden % num_heads:
             raise ValueError(f"hidden {hidden} is not divisible by num_heads {num_heads}")
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)

@@ -104,7 +104,9 @@ class ResidualAttentionBlock(nnx.Module):
 class Transformer(nnx.Module):
     """A stack of `resblocks`."""
 
-    def __init__(self, width: int, depth: int, num_heads: int, *, dtype, param_dtype, rngs):
+    def __init__(
+        self, width: int, depth: int, num_heads: int, *, dtype, param_dtype, rngs: nnx.Rngs
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.resblocks = nnx.List(
             [ResidualAttentionBlock(width, num_heads, **kw) for _ in range(depth)]

@@ -1,0 +1,146 @@
+"""A user's own multi-label data set, in SALGL's text format, as a TFDS builder.
+
+`manual_dir` holds the images (any folder structure) and three text files:
+
+    classes.txt   one class name per line; the order defines the class indices
+    train.txt     one image per line: <path><TAB><label>,<label>,...
+    test.txt      the same for the 'test' split
+
+Paths are relative to `manual_dir` (absolute paths are used as they are). Label names are the
+lines of classes.txt: they may hold spaces but not commas, and surrounding spaces are ignored, as
+are blank lines and empty items (a trailing comma). A line with an empty label field (`path<TAB>`
+or just `path`) is an image with no labels, kept with an all-zero label vector.
+
+A line naming a label that is not in classes.txt, an image listed twice in a split, and a missing
+or unreadable image are reported as `file:line: ...` or by path and skipped
+(`info.metadata['skipped'][split]`), or with `strict=True` stop the build with a DataError.
+`image_id` (text) is the path as written in the split file.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from mlgraph.data import images
+from mlgraph.errors import DataError
+
+SPLITS = ("train", "test")
+CLASSES_FILE = "classes.txt"
+
+
+class LineError(Exception):
+    """A split-file line cannot be used."""
+
+
+def required_paths(root: pathlib.Path) -> list[pathlib.Path]:
+    """The files a custom manual_dir must hold."""
+    return [root / CLASSES_FILE] + [root / f"{split}.txt" for split in SPLITS]
+
+
+def check_manual_dir(root: str | pathlib.Path) -> pathlib.Path:
+    """Raise a DataError naming every expected file that is missing."""
+    root = pathlib.Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: custom data set manual_dir does not exist")
+    missing = [str(p.relative_to(root)) for p in required_paths(root) if not p.exists()]
+    if missing:
+        raise DataError(
+            f"{root}: not a custom data set folder, missing {', '.join(missing)} (expected "
+            "classes.txt, train.txt and test.txt of <path><TAB><label>,<label>,... lines)"
+        )
+    return root
+
+
+def read_classes(path: pathlib.Path) -> list[str]:
+    """Class names in file order; a comma in a name or a name listed twice is an error."""
+    names = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        name = line.strip()
+        if not name:
+            continue
+        if "," in name:
+            raise DataError(f"{path}:{n}: class name '{name}' contains a comma")
+        if name in names:
+            raise DataError(f"{path}:{n}: class '{name}' listed twice")
+        names.append(name)
+    if not names:
+        raise DataError(f"{path}: no class names")
+    return names
+
+
+def parse_line(line: str, where: str, class_index: dict[str, int]) -> tuple[str, np.ndarray]:
+    """(image path, multi-hot labels) of one split-file line; `where` is 'file:line'."""
+    path, _, field = line.partition("\t")
+    path = path.strip()
+    if not path:
+        raise LineError(f"{where}: no image path before the tab")
+    y = np.zeros(len(class_index), np.uint8)
+    for name in (item.strip() for item in field.split(",")):
+        if not name:
+            continue
+        if name not in class_index:
+            raise LineError(f"{where}: unknown label '{name}' (not in {CLASSES_FILE})")
+        y[class_index[name]] = 1
+    return path, y
+
+
+class Custom(tfds.core.GeneratorBasedBuilder):
+    """A folder of images with train.txt / test.txt label lists and classes.txt."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    MANUAL_DOWNLOAD_INSTRUCTIONS = (
+        "Put classes.txt, train.txt and test.txt (lines <path><TAB><label>,<label>,..., paths "
+        "relative to manual_dir) and the images into manual_dir."
+    )
+
+    def __init__(self, *, strict: bool = False, **kwargs):
+        """`strict`: a bad line or image is an error instead of being skipped and counted."""
+        self.strict = strict
+        super().__init__(**kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="Custom multi-label data: image, multi-hot labels, image path.",
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+                    "labels": tfds.features.Tensor(shape=(None,), dtype=np.uint8),
+                    "image_id": tfds.features.Text(),
+                }
+            ),
+            metadata=tfds.core.MetadataDict(),
+        )
+
+    def _split_generators(self, dl_manager):
+        root = check_manual_dir(pathlib.Path(dl_manager.manual_dir))
+        classes = read_classes(root / CLASSES_FILE)
+        self.info.metadata["class_names"] = classes
+        self.info.metadata["skipped"] = {}
+        class_index = {name: i for i, name in enumerate(classes)}
+        return {split: self._generate_examples(root, split, class_index) for split in SPLITS}
+
+    def _generate_examples(self, root, split, class_index):
+        list_path = root / f"{split}.txt"
+        skipped = []
+        first_line: dict[str, int] = {}
+        for n, line in enumerate(list_path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            where = f"{list_path}:{n}"
+            try:
+                path, y = parse_line(line, where, class_index)
+                if path in first_line:
+                    raise LineError(f"{where}: image {path} already listed on line {first_line[path]}")
+                first_line[path] = n
+                data, _ = images.rgb_jpeg_bytes(root / path)
+            except (LineError, images.BadImage) as e:
+                if self.strict:
+                    raise DataError(f"{e} (--strict)") from None
+                skipped.append(str(e))
+                continue
+            yield path, {"image": data, "labels": y, "image_id": path}
+        self.info.metadata["skipped"][split] = skipped

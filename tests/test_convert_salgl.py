@@ -1,0 +1,526 @@
+"""Official SALGL checkpoint -> mlgraph SALGL, against a plain-torch SALGL written from the spec.
+
+The torch model below follows salgl.md §1 and the checkpoint layout of §7.2 (the official module
+names: `backbone` a torchvision-style ResNet, `tb.layers.0` a DETR post-norm layer around
+`nn.MultiheadAttention`, `position_embedding.pe`, `embeddings`, `comatrix`, `scene_linear`,
+`ggnn.fc{1,2,3}_{w,u}`, `attention.*`, `fc.0`, `classifier`). Its backbone is reduced (one or
+two blocks per stage, width 4, so D = 128) and every weight, BatchNorm statistic and
+co-occurrence count is random. Its `state_dict()` with the `module.` prefix of `ModelEma` is
+converted, the inferred settings are checked, and the eval-mode outputs are compared.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mlgraph.convert import core
+from mlgraph.convert import salgl as convert_salgl
+from mlgraph.models import salgl
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+F = torch.nn.functional
+
+RTOL = 1e-4  # relative to the largest |logit|
+C, K, E, IMAGE = 6, 3, 10, 96
+
+
+# ----------------------------------------------------------------------------- torch reference
+class TorchBottleneck(nn.Module):
+    """torchvision's v1.5 bottleneck (stride on the 3x3 conv)."""
+
+    def __init__(self, inp: int, width: int, stride: int):
+        super().__init__()
+        out = 4 * width
+        self.conv1 = nn.Conv2d(inp, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, out, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out)
+        self.downsample = None
+        if stride != 1 or inp != out:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(inp, out, 1, stride, bias=False), nn.BatchNorm2d(out)
+            )
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = F.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return F.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+class TorchResNet(nn.Module):
+    """Stem + 4 bottleneck stages; returns layer4 as tokens [B, H*W, C] (row-major)."""
+
+    def __init__(self, layers, width: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        inp = width
+        for i, blocks in enumerate(layers):
+            w = width * 2**i
+            stage = []
+            for b in range(blocks):
+                stage.append(TorchBottleneck(inp, w, (1 if i == 0 else 2) if b == 0 else 1))
+                inp = 4 * w
+            setattr(self, f"layer{i + 1}", nn.Sequential(*stage))
+        self.num_features = inp
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
+        for i in range(1, 5):
+            x = getattr(self, f"layer{i}")(x)
+        return x.flatten(2).transpose(1, 2)
+
+
+class TorchEncoderLayer(nn.Module):
+    """DETR post-norm encoder layer (salgl.md §1.3)."""
+
+    def __init__(self, d: int, heads: int, ffn: int, dropout: float = 0.1):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
+        self.linear1 = nn.Linear(d, ffn)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(ffn, d)
+        self.norm1 = nn.LayerNorm(d)
+        self.norm2 = nn.LayerNorm(d)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+
+    def forward(self, x, pos=None):
+        qk = x if pos is None else x + pos
+        x = self.norm1(x + self.dropout1(self.self_attn(qk, qk, x)[0]))
+        y = self.linear2(self.dropout(F.relu(self.linear1(x))))
+        return self.norm2(x + self.dropout2(y))
+
+
+class TorchEncoder(nn.Module):
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layers = nn.ModuleList([layer])
+
+    def forward(self, x, pos=None):
+        for layer in self.layers:
+            x = layer(x, pos)
+        return x
+
+
+def torch_sine_table(d: int, grid: int) -> torch.Tensor:
+    """salgl.md §1.2 in torch float32: [1, D, grid, grid]."""
+    f = d // 2
+    ones = torch.ones(1, grid, grid)
+    y = ones.cumsum(1) / (grid + 1e-6) * 2 * math.pi
+    x = ones.cumsum(2) / (grid + 1e-6) * 2 * math.pi
+    dim_t = 10000 ** (2 * (torch.arange(f, dtype=torch.float32) // 2) / f)
+
+    def feats(coord):
+        arg = coord[..., None] / dim_t
+        return torch.stack((arg[..., 0::2].sin(), arg[..., 1::2].cos()), dim=4).flatten(3)
+
+    return torch.cat((feats(y), feats(x)), dim=3).permute(0, 3, 1, 2)
+
+
+class TorchPositionEmbedding(nn.Module):
+    def __init__(self, d: int, grid: int):
+        super().__init__()
+        self.register_buffer("pe", torch_sine_table(d, grid))
+
+
+class TorchGGNN(nn.Module):
+    def __init__(self, d: int, steps: int, outmess: bool):
+        super().__init__()
+        din = 2 * d if outmess else d
+        for i in (1, 2, 3):
+            setattr(self, f"fc{i}_w", nn.Linear(din, d))
+            setattr(self, f"fc{i}_u", nn.Linear(d, d))
+        self.steps, self.outmess = steps, outmess
+
+    def forward(self, h, a):
+        for _ in range(self.steps):
+            m = torch.bmm(a, h)
+            if self.outmess:
+                m = torch.cat([m, torch.bmm(a.transpose(1, 2), h)], -1)
+            z = torch.sigmoid(self.fc1_w(m) + self.fc1_u(h))
+            r = torch.sigmoid(self.fc2_w(m) + self.fc2_u(h))
+            cand = torch.tanh(self.fc3_w(m) + self.fc3_u(r * h))
+            h = (1 - z) * h + z * cand
+        return h
+
+
+class TorchAttention(nn.Module):
+    """Low-rank bilinear attention, unfolded: the full [B, C, N, A] hidden projection."""
+
+    def __init__(self, d: int, e: int, a: int):
+        super().__init__()
+        self.linear1 = nn.Linear(d, a, bias=False)
+        self.linear2 = nn.Linear(e, a, bias=False)
+        self.hidden_linear = nn.Linear(a, a)
+        self.target_linear = nn.Linear(a, 1)
+
+    def forward(self, x, labels):
+        z = torch.tanh(self.linear1(x)[:, None] * self.linear2(labels)[:, :, None])
+        alpha = self.target_linear(self.hidden_linear(z)).squeeze(-1).softmax(-1)
+        return torch.bmm(alpha, x), alpha
+
+
+class TorchElementWise(nn.Module):
+    def __init__(self, c: int, d: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(c, d).uniform_(-0.3, 0.3))
+        self.bias = nn.Parameter(torch.empty(c).uniform_(-0.3, 0.3))
+
+    def forward(self, x):
+        return (x * self.weight).sum(2) + self.bias
+
+
+class TorchSALGL(nn.Module):
+    """SALGL in eval mode (salgl.md §1), with the official attribute names."""
+
+    def __init__(self, backbone, *, steps, outmess, pos_grid, normalize, ignore_self, soft, random):
+        super().__init__()
+        d = backbone.num_features
+        self.backbone = backbone
+        self.tb = TorchEncoder(TorchEncoderLayer(d, 8, 32))
+        if pos_grid:
+            self.position_embedding = TorchPositionEmbedding(d, pos_grid)
+        if random:
+            self.embeddings = nn.Parameter(torch.randn(C, d))
+        else:
+            self.register_buffer("embeddings", torch.randn(C, E))
+        self.scene_linear = nn.Linear(d, K, bias=False)
+        self.ggnn = TorchGGNN(d, steps, outmess)
+        self.register_buffer("comatrix", torch.zeros(K, C, C))
+        self.attention = TorchAttention(d, self.embeddings.shape[1], 16)
+        self.fc = nn.Sequential(nn.Linear(2 * d if steps > 0 else d, d), nn.Tanh())
+        self.classifier = TorchElementWise(C, d)
+        self.steps, self.pos = steps, bool(pos_grid)
+        self.normalize, self.ignore_self, self.soft = normalize, ignore_self, soft
+
+    def transition(self):
+        t = self.comatrix.transpose(1, 2)
+        p = t / (torch.diagonal(t, dim1=1, dim2=2)[..., None] + 1e-8)
+        if self.ignore_self:
+            p = p * (1 - torch.eye(C))[None]
+        if self.normalize:
+            p = p / (p.sum(-1, keepdim=True) + 1e-8)
+        return p
+
+    def forward(self, images):
+        x = self.backbone(images)
+        pos = self.position_embedding.pe.flatten(2).transpose(1, 2) if self.pos else None
+        x = self.tb(x, pos)
+        probs = self.scene_linear(x.mean(1)).softmax(-1)
+        p = self.transition()
+        if self.soft:
+            adjacency = (probs[:, :, None, None] * p[None]).sum(1)
+        else:
+            adjacency = p[probs.argmax(-1)]
+        labels = self.embeddings[None].repeat(x.shape[0], 1, 1)
+        feats, alphas = self.attention(x, labels)
+        if self.steps > 0:
+            feats = torch.cat([feats, self.ggnn(feats, adjacency)], -1)
+        logits = self.classifier(self.fc(feats))
+        return {
+            "logits": logits,
+            "scene_probs": probs,
+            "att_weights": alphas,
+            "adjacency": adjacency,
+        }
+
+
+def _randomize_buffers(model: nn.Module, seed: int) -> None:
+    """Random BN affine/statistics and scene counts (as an EMA of counts: not integers)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.normal_(0, 0.2, generator=g)
+                m.running_mean.normal_(0, 0.2, generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+                m.num_batches_tracked.fill_(17)
+        for k in range(K):
+            y = (torch.rand(30, C, generator=g) < 0.4).float()
+            if k == 1:
+                y[:, 2] = 0  # a label never seen in scene 1: an all-zero row
+            model.comatrix[k] = 0.93 * (y.T @ y)
+
+
+def _torch_model(seed: int, *, layers, **kwargs) -> TorchSALGL:
+    torch.manual_seed(seed)
+    model = TorchSALGL(TorchResNet(layers, 4), **kwargs)
+    _randomize_buffers(model, seed)
+    return model.eval()
+
+
+def _checkpoint(model: nn.Module) -> dict[str, np.ndarray]:
+    """What `torch.load(ema_best_model.pth)` gives, as numpy: every key under `module.`."""
+    return core.to_numpy_state_dict({f"module.{k}": v for k, v in model.state_dict().items()})
+
+
+def _images(b: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(b, IMAGE, IMAGE, 3)).astype(np.float32)
+
+
+def _compare(tm: TorchSALGL, module: nnx.Module) -> float:
+    """Eval outputs of both on the same images; returns the max |dlogit| / max |logit|."""
+    x = _images(3, 0)
+    with torch.no_grad():
+        want = {k: v.numpy() for k, v in tm(torch.from_numpy(x.transpose(0, 3, 1, 2))).items()}
+    got = nnx.jit(lambda m, x: m(x, train=False))(module, jnp.asarray(x))
+    got = {k: np.asarray(v) for k, v in got.items()}
+    np.testing.assert_allclose(got["scene_probs"], want["scene_probs"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got["att_weights"], want["att_weights"], rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(got["adjacency"], want["adjacency"], rtol=1e-4, atol=1e-6)
+    rel = float(np.abs(got["logits"] - want["logits"]).max() / np.abs(want["logits"]).max())
+    assert rel < RTOL, f"max relative logit difference {rel:.2e}"
+    return rel
+
+
+def _yaml(tmp_path, text: str):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+# ----------------------------------------------------------------------------------------- tests
+CONFIG_A = """\
+model: salgl
+backbone: resnet50
+data: mscoco
+num_classes: 6
+num_scenes: 3
+num_steps: 2
+outmess: True
+normalize: True
+ignore_self: False
+soft: False
+pos: True
+embed_type: bert
+embed_path: data/mscoco/bert.npy
+img_size: 96
+lr: 5e-05
+weight_decay: 0.01
+loss: asl
+gamma_pos: 0.0
+gamma_neg: 2.0
+clip: 0.0
+lamda: 0.5
+comat_ema: False
+pretrained_model: None
+"""
+
+
+def test_convert_outmess_pos_hard_matches_torch(tmp_path, capsys):
+    tm = _torch_model(
+        0,
+        layers=(1, 2, 1, 1),
+        steps=2,
+        outmess=True,
+        pos_grid=IMAGE // 32,
+        normalize=True,
+        ignore_self=False,
+        soft=False,
+        random=False,
+    )
+    sd = _checkpoint(tm)
+    assert all(k.startswith("module.") for k in sd) and "module.position_embedding.pe" in sd
+    module, settings = convert_salgl.convert(sd, {"config_yaml": _yaml(tmp_path, CONFIG_A)})
+    assert settings == {
+        "kind": "model",
+        "model": {
+            "name": "salgl",
+            "backbone": "resnet50",
+            "backbone_kwargs": {"layers": [1, 2, 1, 1], "width": 4},
+            "num_scenes": K,
+            "num_steps": 2,
+            "outmess": True,
+            "normalize": True,
+            "ignore_self": False,
+            "soft": False,
+            "pos": True,
+            "embed_type": "checkpoint",
+            "embed_path": "",
+            "embed_dim": E,
+            "att_dim": 16,
+            "ffn_dim": 32,
+            "heads": 8,
+            "dropout": 0.1,
+            "loss": "asl",
+            "gamma_pos": 0.0,
+            "gamma_neg": 2.0,
+            "clip": 0.0,
+            "lamda": 0.5,
+            "comat_ema": False,
+        },
+        "num_classes": C,
+        "image_size": IMAGE,
+        "assumed": [],
+    }
+    json.dumps(settings)  # stored as settings.json
+    np.testing.assert_array_equal(np.asarray(module.comatrix[...]), sd["module.comatrix"])
+    np.testing.assert_array_equal(np.asarray(module.embeddings[...]), sd["module.embeddings"])
+    rel = _compare(tm, module)
+    with capsys.disabled():
+        print(f"\nSALGL conversion (outmess, pos, hard): max relative logit diff {rel:.2e}")
+
+    # Round trip: the settings rebuild the same tree (paths, shapes, variable types).
+    rebuilt = nnx.eval_shape(
+        lambda: salgl.build(
+            salgl.model_config(**settings["model"]),
+            num_classes=settings["num_classes"],
+            image_size=settings["image_size"],
+            rngs=nnx.Rngs(0),
+        )
+    )
+    spec = lambda m: {  # noqa: E731
+        p: (tuple(v.shape), type(v).__name__) for p, v in core.variable_paths(m).items()
+    }
+    assert spec(rebuilt) == spec(module)
+
+    # Without the yaml, what the weights cannot tell is assumed (and listed).
+    _, guessed = convert_salgl.convert(sd, {})
+    assert guessed["assumed"] == sorted(
+        ["normalize", "ignore_self", "soft", "num_steps", "embed_type"]
+        + ["loss", "gamma_pos", "gamma_neg", "clip", "lamda", "comat_ema"]
+    )
+    assert guessed["image_size"] == IMAGE  # from the position table
+    assert guessed["model"]["num_steps"] == 3 and guessed["model"]["lamda"] == 1.0
+
+
+def test_convert_plain_soft_random_embeddings_matches_torch(tmp_path, capsys):
+    tm = _torch_model(
+        1,
+        layers=(1, 1, 1, 1),
+        steps=0,
+        outmess=False,
+        pos_grid=None,
+        normalize=False,
+        ignore_self=True,
+        soft=True,
+        random=True,
+    )
+    yaml = _yaml(tmp_path, "embed_type: random\nnormalize: False\nignore_self: True\nsoft: True\n")
+    module, settings = convert_salgl.convert(_checkpoint(tm), {"config_yaml": yaml})
+    model = settings["model"]
+    assert (model["num_steps"], model["outmess"], model["pos"]) == (0, False, False)
+    assert (model["embed_type"], model["embed_dim"]) == ("random", 128)
+    assert settings["assumed"] == sorted(
+        ["loss", "gamma_pos", "gamma_neg", "clip", "lamda", "comat_ema", "image_size"]
+    )
+    assert isinstance(module.embeddings, nnx.Param)  # trainable, as in the original
+    rel = _compare(tm, module)
+    with capsys.disabled():
+        print(f"\nSALGL conversion (soft, ignore_self, T=0): max relative logit diff {rel:.2e}")
+
+
+def test_convert_vit_backbone_layout():
+    """A timm ViT backbone is recognised by its keys; sizes come from the shapes."""
+    torch.manual_seed(2)
+    d, patch, grid = 32, 8, 4
+
+    class NoBackbone(nn.Module):
+        num_features = d
+
+    head = TorchSALGL(
+        NoBackbone(),
+        steps=1,
+        outmess=True,
+        pos_grid=None,
+        normalize=True,
+        ignore_self=False,
+        soft=False,
+        random=False,
+    )
+    sd = {f"module.{k}": v.numpy() for k, v in head.state_dict().items()}
+    rng = np.random.default_rng(0)
+    vit = {
+        "cls_token": (1, 1, d),
+        "pos_embed": (1, 1 + grid * grid, d),
+        "patch_embed.proj.weight": (d, 3, patch, patch),
+        "patch_embed.proj.bias": (d,),
+        "norm.weight": (d,),
+        "norm.bias": (d,),
+    }
+    for name, shape in {
+        "norm1.weight": (d,),
+        "norm1.bias": (d,),
+        "attn.qkv.weight": (3 * d, d),
+        "attn.qkv.bias": (3 * d,),
+        "attn.proj.weight": (d, d),
+        "attn.proj.bias": (d,),
+        "norm2.weight": (d,),
+        "norm2.bias": (d,),
+        "mlp.fc1.weight": (4 * d, d),
+        "mlp.fc1.bias": (4 * d,),
+        "mlp.fc2.weight": (d, 4 * d),
+        "mlp.fc2.bias": (d,),
+    }.items():
+        vit[f"blocks.0.{name}"] = shape
+    sd |= {f"module.backbone.{k}": rng.normal(size=s).astype(np.float32) for k, s in vit.items()}
+    module, settings = convert_salgl.convert(sd, {"num_heads": 4, "num_steps": 1})
+    assert settings["model"]["backbone"] == "vit_b16"
+    assert settings["model"]["backbone_kwargs"] == {
+        "width": d,
+        "depth": 1,
+        "num_heads": 4,
+        "patch_size": patch,
+    }
+    assert settings["image_size"] == grid * patch
+    assert "image_size" not in settings["assumed"] and "num_steps" not in settings["assumed"]
+    np.testing.assert_array_equal(
+        np.asarray(module.backbone.pos_embed[...]), sd["module.backbone.pos_embed"]
+    )
+
+
+def test_conversion_errors(tmp_path):
+    tm = _torch_model(
+        3,
+        layers=(1, 1, 1, 1),
+        steps=0,
+        outmess=True,
+        pos_grid=None,
+        normalize=True,
+        ignore_self=False,
+        soft=False,
+        random=False,
+    )
+    sd = _checkpoint(tm)
+    broken = {k: v for k, v in sd.items() if k != "module.ggnn.fc2_u.bias"}
+    broken["module.extra.weight"] = np.zeros(3, np.float32)
+    with pytest.raises(
+        core.ConversionError,
+        match=r"missing keys \(1\): ggnn.fc2_u.bias \| unexpected keys \(1\): extra.weight",
+    ):
+        convert_salgl.convert(broken, {})
+    with pytest.raises(core.ConversionError, match="num_scenes: 4, but the weights imply 3"):
+        convert_salgl.convert(sd, {"config_yaml": _yaml(tmp_path, "num_scenes: 4\n")})
+    with pytest.raises(core.ConversionError, match=r"option num_steps=2, but fc.0.weight"):
+        convert_salgl.convert(sd, {"num_steps": 2})
+    with pytest.raises(core.ConversionError, match="backbone: 'resnet101', but the weights"):
+        convert_salgl.convert(sd, {"config_yaml": _yaml(tmp_path, "backbone: resnet101\n")})
+    with pytest.raises(core.ConversionError, match=r"config.yaml:2: expected a top-level"):
+        convert_salgl.convert(sd, {"config_yaml": _yaml(tmp_path, "soft: True\n  nested\n")})
+    with pytest.raises(core.ConversionError, match="not a SALGL state dict: missing comatrix"):
+        convert_salgl.convert({k: v for k, v in sd.items() if "comatrix" not in k}, {})
+    with pytest.raises(core.ConversionError, match="unknown options steps"):
+        convert_salgl.convert(sd, {"steps": 2})
+
+
+def test_read_config_yaml_types(tmp_path):
+    path = _yaml(tmp_path, "lr: 5e-05\npretrained_model: None\nouts: True\nk: 6\nname: salgl\n")
+    assert convert_salgl.read_config_yaml(path) == {
+        "lr": 5e-05,
+        "pretrained_model": None,
+        "outs": True,
+        "k": 6,
+        "name": "salgl",
+    }

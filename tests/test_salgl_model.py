@@ -1,0 +1,254 @@
+"""The SALGL model: parameter counts of the paper settings (abstractly, nothing materialised),
+a tiny end-to-end forward, when the co-occurrence counts change, gradient routing of the hard
+and soft scene assignment, the data-parallel step on 8 devices, the loss and config errors.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from mlgraph import losses, sharding
+from mlgraph.errors import ConfigError
+from mlgraph.models import graph, salgl
+
+C, K, IMAGE = 5, 3, 16
+
+
+def _config(embed_path: str, image_size: int = IMAGE, **model) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict({"image_size": image_size, "dtype": "float32"})
+    c.model = salgl.model_config(embed_path=embed_path, **model)
+    return c
+
+
+def _num_params(module: nnx.Module) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+@pytest.fixture(scope="module")
+def embed_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("embed") / "labels.npy"
+    np.save(path, np.random.default_rng(0).normal(size=(C, 6)))  # float64, as bert.npy
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny(embed_file):
+    """A tiny SALGL: 2-stage CNN (D = 16, 4x4 tokens), K = 3, C = 5, E = 6."""
+    config = _config(
+        embed_file,
+        backbone="simple_cnn",
+        backbone_kwargs={"widths": (8, 16)},
+        num_scenes=K,
+        num_steps=2,
+        att_dim=8,
+        ffn_dim=12,
+    )
+    return config, salgl.create(config, num_classes=C, rngs=nnx.Rngs(0))
+
+
+def _images(b: int, seed: int = 0) -> jax.Array:
+    return jnp.asarray(np.random.default_rng(seed).normal(size=(b, IMAGE, IMAGE, 3)), jnp.float32)
+
+
+def _labels(b: int, seed: int = 0) -> jax.Array:
+    y = (np.random.default_rng(seed).random((b, C)) < 0.5).astype(np.float32)
+    y[:, 0] = 1.0  # every image has a label
+    return jnp.asarray(y)
+
+
+_forward = nnx.jit(
+    lambda m, x, y, key, train: m(x, labels=y, train=train, rngs=nnx.Rngs(dropout=key)),
+    static_argnames="train",
+)
+
+
+# ------------------------------------------------------------------------------ parameter count
+def test_parameter_count_of_the_coco_setting(tmp_path):
+    """R101, K = 6, C = 80, E = 768, outmess: 117,948,561 (salgl.md §1.14), part by part."""
+    np.save(tmp_path / "bert.npy", np.zeros((80, 768)))
+    config = _config(str(tmp_path / "bert.npy"), image_size=448)
+    model = nnx.eval_shape(lambda: salgl.create(config, num_classes=80, rngs=nnx.Rngs(0)))
+    assert _num_params(model) == 117_948_561
+    parts = {
+        "backbone": 42_500_160,
+        "tb": 25_186_304,
+        "scene_linear": 12_288,
+        "ggnn": 37_761_024,
+        "attention": 3_934_209,
+        "fc": 8_390_656,
+        "classifier": 163_920,
+    }
+    assert {name: _num_params(getattr(model, name)) for name in parts} == parts
+    assert model.embeddings.shape == (80, 768) and not isinstance(model.embeddings, nnx.Param)
+    assert model.comatrix.shape == (6, 80, 80)
+
+    # Without outmess: 105,189,441 + 2048 K + 2049 C.
+    config.model.outmess = False
+    model = nnx.eval_shape(lambda: salgl.create(config, num_classes=80, rngs=nnx.Rngs(0)))
+    assert _num_params(model) == 105_189_441 + 2048 * 6 + 2049 * 80
+
+
+def test_parameter_count_of_vit_large_at_448():
+    """ViT-L/16 at 448: 326,730,753 + 1024 K + 1025 C (salgl.md §1.14)."""
+    config = _config("", image_size=448, backbone="vit_l16", embed_type="checkpoint")
+    config.model.embed_dim = 768
+    model = nnx.eval_shape(lambda: salgl.create(config, num_classes=20, rngs=nnx.Rngs(0)))
+    assert _num_params(model) == 326_730_753 + 1024 * 6 + 1025 * 20
+    assert _num_params(model.backbone) == 303_903_744
+
+
+# ------------------------------------------------------------------------------------- forward
+def test_tiny_forward_outputs(tiny):
+    config, model = tiny
+    model = nnx.clone(model)
+    out = _forward(model, _images(4), None, jax.random.key(0), train=False)
+    shapes = {k: v.shape for k, v in out.items()}
+    assert shapes == {
+        "logits": (4, C),
+        "scene_probs": (4, K),
+        "sample_en": (),
+        "batch_en": (),
+        "att_weights": (4, C, 16),
+        "adjacency": (4, C, C),
+    }
+    assert all(v.dtype == jnp.float32 for v in out.values())
+    assert np.isfinite(np.asarray(out["logits"])).all()
+    np.testing.assert_allclose(np.asarray(out["att_weights"]).sum(-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(out["scene_probs"]).sum(-1), 1.0, rtol=1e-5)
+    # Nothing counted yet: every transition matrix is zero.
+    np.testing.assert_array_equal(np.asarray(out["adjacency"]), 0.0)
+    assert float(out["sample_en"]) == pytest.approx(
+        float(losses.sample_entropy(out["scene_probs"])), rel=1e-6
+    )
+    # The file embeddings are the .npy table, as float32.
+    want = np.load(config.model.embed_path).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(model.embeddings[...]), want)
+
+
+def test_comatrix_changes_only_in_training_and_before_the_adjacency(tiny):
+    _, model = tiny
+    model = nnx.clone(model)
+    x, y = _images(6, 1), _labels(6, 1)
+    _forward(model, x, y, jax.random.key(0), train=False)
+    np.testing.assert_array_equal(np.asarray(model.comatrix[...]), 0.0)  # eval, labels given
+    _forward(model, x, None, jax.random.key(0), train=True)
+    np.testing.assert_array_equal(np.asarray(model.comatrix[...]), 0.0)  # train, no labels
+
+    out = _forward(model, x, y, jax.random.key(0), train=True)
+    counts = np.asarray(model.comatrix[...])
+    want = np.asarray(graph.cooccurrence_update(out["scene_probs"], y, soft=False))
+    np.testing.assert_array_equal(counts, want)
+    assert counts.sum() == float((np.asarray(y).sum(1) ** 2).sum())
+    # The batch's own labels are counted before its adjacency is built (salgl.md §1.7).
+    probs = graph.comatrix_to_prob(jnp.asarray(counts), normalize=True, ignore_self=False)
+    adjacency = graph.sample_adjacency(probs, out["scene_probs"], soft=False)
+    np.testing.assert_allclose(np.asarray(out["adjacency"]), np.asarray(adjacency), rtol=1e-6)
+    assert np.abs(np.asarray(out["adjacency"])).max() > 0
+
+    out2 = _forward(model, x, y, jax.random.key(1), train=True)
+    more = np.asarray(graph.cooccurrence_update(out2["scene_probs"], y, soft=False))
+    np.testing.assert_array_equal(np.asarray(model.comatrix[...]), counts + more)
+    before = np.asarray(model.comatrix[...])
+    _forward(model, x, y, jax.random.key(0), train=False)
+    np.testing.assert_array_equal(np.asarray(model.comatrix[...]), before)
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_scene_head_gets_classification_gradient_only_in_soft_mode(tiny, soft):
+    """Hard assignment: the scene head learns only from the entropy terms (salgl.md §1.9)."""
+    _, model = tiny
+    model = nnx.clone(model)
+    model.soft = soft
+    x, y = _images(4, 2), _labels(4, 2)
+
+    def cls_loss(m):
+        out = m(x, labels=y, train=True, rngs=nnx.Rngs(dropout=jax.random.key(0)))
+        return losses.asl(out["logits"], y)
+
+    # Gradients of the scene head and of `fc` only: a smaller backward graph to compile.
+    wrt = nnx.All(nnx.Param, nnx.Any(nnx.PathContains("scene_linear"), nnx.PathContains("fc")))
+    grads = nnx.jit(nnx.grad(cls_loss, argnums=nnx.DiffState(0, wrt)))(model)
+    scene = float(jnp.abs(grads["scene_linear"]["kernel"][...]).max())
+    head = float(jnp.abs(grads["fc"]["kernel"][...]).max())
+    assert head > 0
+    assert (scene > 0) if soft else (scene == 0.0)
+
+
+def test_train_step_on_8_devices_counts_the_global_batch(tiny):
+    """Batch sharded over the ('data',) mesh: the counts are those of all 16 images."""
+    _, model = tiny
+    graphdef, params, rest = nnx.split(nnx.clone(model), nnx.Param, ...)
+
+    def step(params, rest, x, y):
+        m = nnx.merge(graphdef, params, rest)
+        out = m(x, labels=y, train=True, rngs=nnx.Rngs(dropout=jax.random.key(3)))
+        return out["scene_probs"], nnx.state(m, nnx.Not(nnx.Param))
+
+    x, y = _images(16, 3), _labels(16, 3)
+    mesh = sharding.make_mesh()
+    data, repl = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    sharded = jax.jit(step, in_shardings=(repl, repl, data, data), out_shardings=(data, repl))
+    x8, y8 = jax.device_put(x, data), jax.device_put(y, data)
+    assert {s.data.shape[0] for s in x8.addressable_shards} == {2}
+    scene_probs, new_rest = sharded(params, rest, x8, y8)
+    counts = np.asarray(new_rest["comatrix"][...])
+    # What one device computes from the whole batch's scene assignments (exact integer counts).
+    want = graph.cooccurrence_update(jnp.asarray(np.asarray(scene_probs)), y, soft=False)
+    np.testing.assert_array_equal(counts, np.asarray(want))
+    assert counts.sum() == float((np.asarray(y).sum(1) ** 2).sum())
+    assert len(set(np.argmax(np.asarray(scene_probs), -1).tolist())) >= 1
+
+
+# ----------------------------------------------------------------------------------------- loss
+def test_loss_fn_combines_classification_and_scene_terms():
+    rng = np.random.default_rng(4)
+    logits = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
+    y = jnp.asarray([[1, 0, 0, 1], [0, 1, 0, 0], [1, 1, 1, 0]], jnp.float32)
+    outputs = {"logits": logits, "sample_en": jnp.float32(1.25), "batch_en": jnp.float32(0.5)}
+    config = ml_collections.ConfigDict({"model": salgl.model_config(lamda=2.0, gamma_neg=3.0)})
+    total, aux = salgl.loss_fn(outputs, y, config)
+    cls = float(losses.asl(logits, y, gamma_neg=3.0))
+    assert set(aux) == {"asl", "sample_en", "batch_en"}
+    assert float(aux["asl"]) == pytest.approx(cls, rel=1e-6)
+    assert float(total) == pytest.approx(cls + 2.0 * (1.25 + 0.5), rel=1e-6)
+    config.model.loss = "bce"
+    total, aux = salgl.loss_fn(outputs, y, config)
+    assert float(total) == pytest.approx(float(losses.bce(logits, y)) + 2.0 * 1.75, rel=1e-6)
+    assert set(aux) == {"bce", "sample_en", "batch_en"}
+
+
+# --------------------------------------------------------------------------------------- errors
+def test_config_errors(tmp_path, embed_file):
+    with pytest.raises(ConfigError, match=r"unknown SALGL field\(s\) num_scene;"):
+        salgl.model_config(num_scene=4)
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.zeros((7, 6)))
+    with pytest.raises(ConfigError, match=r"bad.npy: holds an array of shape \(7, 6\); expected"):
+        salgl.load_embeddings(str(bad), C)
+    with pytest.raises(ConfigError, match="embed_dim=300"):
+        salgl.load_embeddings(embed_file, C, embed_dim=300)
+    with pytest.raises(ConfigError, match="missing.npy: no such file"):
+        salgl.load_embeddings(str(tmp_path / "missing.npy"), C)
+    with pytest.raises(ConfigError, match="embed_type='file' needs a .npy file"):
+        salgl.load_embeddings("", C)
+
+    def build(**model):
+        config = _config(embed_file, image_size=64, **model)
+        nnx.eval_shape(lambda: salgl.create(config, num_classes=C, rngs=nnx.Rngs(0)))
+
+    with pytest.raises(ConfigError, match="pos=True does not work with backbone 'vit_b16'"):
+        build(backbone="vit_b16", pos=True)
+    with pytest.raises(ConfigError, match="embed_type='glove': expected one of file, random"):
+        build(embed_type="glove")
+    with pytest.raises(ConfigError, match="loss='focal': expected one of asl, bce"):
+        build(loss="focal")
+    with pytest.raises(ConfigError, match="image_size=80: position codes need a multiple of 32"):
+        config = _config(embed_file, image_size=80, pos=True)
+        salgl.create(config, num_classes=C, rngs=nnx.Rngs(0))

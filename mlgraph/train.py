@@ -157,6 +157,45 @@ def ema_update(ema: Any, live: Any, decay: float, live_paths: tuple[str, ...]) -
 # ---------------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------------
+def make_train_step(mod, graphdef: nnx.GraphDef, tx, config: ml_collections.ConfigDict, total: int):
+    """The (un-jitted) step: (state, batch) -> (new state, scalar metrics).
+
+    Forward in training mode (batch statistics and method buffers such as SALGL's co-occurrence
+    counts update over the global batch), gradient of the method's loss with respect to the
+    `nnx.Param`s, optax update, EMA of every state entry.
+    """
+    dropout_key = jax.random.key(config.seed + 1)
+    lr_fn = optim.learning_rate_fn(config.optimizer, total)
+
+    def train_step(state, batch):
+        def loss_of(params, rest):
+            # `rest` is copied so that the forward's buffer updates belong to this trace.
+            model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, rest))
+            rngs = nnx.Rngs(dropout=jax.random.fold_in(dropout_key, state["step"]))
+            out = model(batch["image"], labels=batch["labels"], train=True, rngs=rngs)
+            loss, aux = mod.loss_fn(out, batch["labels"], config)
+            return loss, (aux, nnx.state(model, nnx.Not(nnx.Param)))
+
+        (loss, (aux, rest)), grads = jax.value_and_grad(loss_of, has_aux=True)(
+            state["params"], state["rest"]
+        )
+        updates, opt = tx.update(grads, state["opt"], state["params"])
+        params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
+        ema = ema_update(
+            state["ema"], {"params": params, "rest": rest}, config.ema.decay, tuple(config.ema.live)
+        )
+        new_state = {
+            "params": params,
+            "rest": rest,
+            "opt": opt,
+            "ema": ema,
+            "step": state["step"] + 1,
+        }
+        return new_state, {"loss": loss, "lr": lr_fn(state["step"]), **aux}
+
+    return train_step
+
+
 def make_predict(graphdef: nnx.GraphDef, pairs_of) -> Any:
     """A function (state, images) -> tuple of sigmoid scores, one per (params, rest) pair that
     `pairs_of(state)` picks from the state (e.g. the model and its EMA)."""
@@ -256,33 +295,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
         return {k: v for k, v in last.items() if k != "step"}
 
     # --- steps ---------------------------------------------------------------------------
-    dropout_key = jax.random.key(config.seed + 1)
-
-    def train_step(state, batch):
-        def loss_of(params, rest):
-            model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, rest))
-            rngs = nnx.Rngs(dropout=jax.random.fold_in(dropout_key, state["step"]))
-            out = model(batch["image"], labels=batch["labels"], train=True, rngs=rngs)
-            loss, aux = mod.loss_fn(out, batch["labels"], config)
-            return loss, (aux, nnx.state(model, nnx.Not(nnx.Param)))
-
-        (loss, (aux, rest)), grads = jax.value_and_grad(loss_of, has_aux=True)(
-            state["params"], state["rest"]
-        )
-        updates, opt = tx.update(grads, state["opt"], state["params"])
-        params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
-        ema = ema_update(
-            state["ema"], {"params": params, "rest": rest}, config.ema.decay, tuple(config.ema.live)
-        )
-        new_state = {
-            "params": params,
-            "rest": rest,
-            "opt": opt,
-            "ema": ema,
-            "step": state["step"] + 1,
-        }
-        lr = optim.learning_rate_fn(config.optimizer, total)(state["step"])
-        return new_state, {"loss": loss, "lr": lr, **aux}
+    train_step = make_train_step(mod, graphdef, tx, config, total)
 
     p_train = jax.jit(
         train_step,

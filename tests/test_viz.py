@@ -186,6 +186,7 @@ def test_label_cloud_figure_empty_notice():
 def make_workdir(path: pathlib.Path, comatrix: np.ndarray | None, ema_comatrix=None):
     """A workdir with one training checkpoint (step 7) holding `comatrix` in the model (and
     `ema_comatrix` in the EMA model); None gives a baseline-like state without counts."""
+    path.mkdir(parents=True, exist_ok=True)
     params = {"head": {"kernel": {"value": np.ones((2, 3), np.float32)}}}
     rest = {} if comatrix is None else {"comatrix": {"value": comatrix}}
     ema_rest = {} if comatrix is None else {"comatrix": {"value": ema_comatrix}}
@@ -258,7 +259,6 @@ def test_cli_labelcloud_default_output(salgl_workdir, capsys):
 
 def test_cli_errors(salgl_workdir, tmp_path, capsys):
     names = str(salgl_workdir / "names.txt")
-    (tmp_path / "baseline").mkdir()
     baseline = make_workdir(tmp_path / "baseline", None)
     code = viz_cli.main(["heatmap", "--workdir", str(baseline), "--classes_file", names])
     assert code == 2
@@ -295,6 +295,24 @@ def test_cli_errors(salgl_workdir, tmp_path, capsys):
     assert capsys.readouterr().err == (
         f"error: --workdir {salgl_workdir}: no config.json; not a training workdir\n"
     )
+
+
+def test_cli_class_names_from_config(tmp_path, capsys):
+    """Without --classes_file the names come from the data set of the workdir's config.json."""
+    from train_helpers import tiny_coco, tiny_config
+
+    config = tiny_config(tiny_coco(tmp_path / "data", num_train=4, num_val=2))
+    # Classes in category-id order: person, motorcycle, train, cat.
+    comatrix = np.zeros((2, 4, 4), np.float32)
+    comatrix[0] = np.diag([3, 0, 0, 5])
+    comatrix[1] = np.diag([1, 4, 2, 0])
+    workdir = make_workdir(tmp_path / "run", comatrix, comatrix)
+    (workdir / "config.json").write_text(config.to_json_best_effort())
+    assert viz_cli.main(["heatmap", "--workdir", str(workdir)]) == 0
+    out = capsys.readouterr().out
+    assert "scene 0: 53.3% of counted labels, most counted: cat, person ->" in out
+    assert "scene 1: 46.7% of counted labels, most counted: motorcycle, train, person ->" in out
+    assert "demo scene" not in out  # not the demo data set: no scene matching
 
 
 def test_module_entry_point_exit_status(salgl_workdir, tmp_path):

@@ -125,7 +125,7 @@ def rand_augment_plan(rng: np.random.Generator, size: tuple[int, int]) -> list[R
     parameters of the ops that fire. `size` is the image's PIL (width, height)."""
     pair = int(rng.integers(NUM_ENTRIES * NUM_ENTRIES))
     entries = divmod(pair, NUM_ENTRIES)
-    fires = rng.random(2) < 0.6
+    fires = rng.random(2) < OP_PROB
     steps = []
     for entry, fire in zip(entries, fires, strict=True):
         if not fire:

@@ -134,7 +134,9 @@ class Custom(tfds.core.GeneratorBasedBuilder):
             try:
                 path, y = parse_line(line, where, class_index)
                 if path in first_line:
-                    raise LineError(f"{where}: image {path} already listed on line {first_line[path]}")
+                    raise LineError(
+                        f"{where}: image {path} already listed on line {first_line[path]}"
+                    )
                 first_line[path] = n
                 data, _ = images.rgb_jpeg_bytes(root / path)
             except (LineError, images.BadImage) as e:

@@ -83,9 +83,7 @@ def evaluate_workdir(workdir: str | pathlib.Path, step: int | None = None) -> di
     source = dataset.sources[config.data.eval_split]
     result = train.evaluate_scores(predict, state, source, config, dataset.num_classes, mesh)
     rows = {
-        name: _strip_count(
-            train.eval_metrics({"scores": [s], "labels": result["labels"]}, prefixes=("",))
-        )
+        name: _strip_count(train.eval_metrics({**result, "scores": [s]}, prefixes=("",)))
         for name, s in zip(("model", "ema"), result["scores"], strict=True)
     }
     return {"step": int(step), "split": config.data.eval_split, "images": len(source), **rows}

@@ -220,24 +220,27 @@ def evaluate_scores(predict, state, source, config, num_classes, mesh) -> dict[s
 
     Returns {"scores": [model_0 scores, model_1 scores, ...], "labels": [N, C]}.
     """
-    scores, labels = [], []
+    scores, labels, label_masks = [], [], []
     for local in pipeline.eval_batches(source, config, num_classes):
         batch = sharding.global_batch(mesh, local)
         outputs = predict(state, batch["image"])
         mask = sharding.to_host(batch["mask"])
         scores.append([sharding.to_host(s)[mask] for s in outputs])
         labels.append(sharding.to_host(batch["labels"])[mask])
+        label_masks.append(sharding.to_host(batch["label_mask"])[mask])
     return {
         "scores": [np.concatenate(per_model) for per_model in zip(*scores, strict=True)],
         "labels": np.concatenate(labels),
+        "label_mask": np.concatenate(label_masks),
     }
 
 
 def eval_metrics(result: dict, prefixes=("eval/", "eval/ema_")) -> dict[str, float]:
     """`eval/<metric>` for the model and `eval/ema_<metric>` for the EMA, in percent."""
     out = {"eval/images": float(len(result["labels"]))}
+    mask = result.get("label_mask")
     for prefix, scores in zip(prefixes, result["scores"], strict=True):
-        for name, value in metrics.compute_all(scores, result["labels"] > 0.5).items():
+        for name, value in metrics.compute_all(scores, result["labels"] > 0.5, mask).items():
             out[prefix + name] = value
     return out
 

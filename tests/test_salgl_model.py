@@ -178,6 +178,8 @@ def test_comatrix_counts_the_global_batch_in_training_only(tiny):
     sharded = jax.jit(step, in_shardings=(repl, repl, data, data, repl), out_shardings=repl)
     x8, y8 = jax.device_put(x, data), jax.device_put(y, data)
     assert {s.data.shape[0] for s in x8.addressable_shards} == {B // 8}
+    # Replicated up front, as the training loop does: both steps then share one compilation.
+    params, rest = jax.device_put((params, rest), repl)
 
     out, rest = sharded(params, rest, x8, y8, jax.random.key(1))
     counts = np.asarray(rest["comatrix"][...])

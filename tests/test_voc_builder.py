@@ -228,3 +228,38 @@ def test_build_cli_prints_summary(tmp_path):
         assert any(line.startswith(expected) for line in lines), (expected, proc.stdout)
     base = raw / "VOCdevkit" / "VOC2007"
     assert f"    skipped {base / 'JPEGImages' / '000020.jpg'}: image file not found" in lines
+
+
+def test_difficult_pairs_left_out_of_metrics(voc2007):
+    """The eval pipeline turns `difficult` into a label mask and the metrics honour it."""
+    import ml_collections
+
+    from mlgraph import config_lib, metrics, train
+    from mlgraph.data import pipeline
+
+    _, _, builder = voc2007
+    source = builder.as_data_source(split="test")
+    config = ml_collections.ConfigDict(config_lib.base_config().to_dict())
+    config.image_size, config.eval_batch_size = 32, 8
+    batches = list(pipeline.eval_batches(source, config, len(NAMES)))
+    keep = np.concatenate([b["mask"] for b in batches])
+    label_mask = np.concatenate([b["label_mask"] for b in batches])[keep]
+    labels = np.concatenate([b["labels"] for b in batches])[keep]
+    ids = [source[i]["image_id"].decode() for i in range(len(source))]
+    want = {"000001": ["person"], "000002": [], "000003": ["sofa"], "000004": ["pottedplant"]}
+    for row, image_id in enumerate(ids):
+        masked = [NAMES[c] for c in np.flatnonzero(~label_mask[row])]
+        assert masked == want[image_id], image_id
+
+    # A perfect ranking plus one confident score on a difficult-only pair (person in 000001):
+    # masked, it is no false positive; unmasked, it costs overall precision.
+    scores = labels * 0.9 + 0.05
+    scores[ids.index("000001"), NAMES.index("person")] = 1.0
+    with_mask = train.eval_metrics(
+        {"scores": [scores], "labels": labels, "label_mask": label_mask}, prefixes=("",)
+    )
+    assert with_mask["mAP"] == pytest.approx(100.0)
+    assert with_mask["OP"] == pytest.approx(100.0)
+    unmasked = train.eval_metrics({"scores": [scores], "labels": labels}, prefixes=("",))
+    assert unmasked["OP"] == pytest.approx(100.0 * 4 / 5)
+    assert metrics.mean_average_precision(scores, labels > 0.5, label_mask) == pytest.approx(100)

@@ -80,9 +80,16 @@ class EvalTransform(grain.transforms.Map):
         img = Image.fromarray(element["image"]).resize(
             (self.image_size, self.image_size), Image.BILINEAR
         )
+        # VOC marks classes present only as difficult: those (image, class) pairs are left out
+        # of every metric, as the VOC devkit and the papers do.
+        difficult = element.get("difficult")
+        label_mask = (
+            np.ones(self.num_classes, bool) if difficult is None else np.asarray(difficult) == 0
+        )
         return {
             "image": _normalize(img, self.mean, self.std),
             "labels": _labels(element, self.num_classes),
+            "label_mask": label_mask,
             "mask": np.bool_(True),
         }
 
@@ -92,17 +99,26 @@ def local_batch_size(global_batch_size: int) -> int:
     return global_batch_size // jax.process_count()
 
 
-def train_dataset(source, config: ml_collections.ConfigDict, num_classes: int) -> grain.IterDataset:
-    """Infinite, shuffled (reshuffled every epoch), augmented batches of this process's shard."""
+def train_dataset(
+    source,
+    config: ml_collections.ConfigDict,
+    num_classes: int,
+    process: tuple[int, int] | None = None,
+) -> grain.IterDataset:
+    """Infinite, shuffled (reshuffled every epoch), augmented batches of this process's shard.
+
+    `process` = (index, count) defaults to this JAX process's.
+    """
     data = config.data
+    pi, pc = process or (jax.process_index(), jax.process_count())
     ds = grain.MapDataset.source(source).seed(config.seed).shuffle().repeat()
     # Augment before sharding: each example's random draws depend on its position in the
     # global stream, so any number of processes sees exactly the global batches one would.
     ds = ds.random_map(
         TrainTransform(config.image_size, num_classes, data.augment, data.mean, data.std)
     )
-    ds = ds[jax.process_index() :: jax.process_count()]
-    ds = ds.batch(local_batch_size(config.batch_size), drop_remainder=True)
+    ds = ds[pi::pc]
+    ds = ds.batch(config.batch_size // pc, drop_remainder=True)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=data.prefetch))
     if data.worker_count > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.worker_count))
@@ -130,6 +146,7 @@ def eval_batches(
             batch = {
                 "image": np.zeros((0, *shape), np.float32),
                 "labels": np.zeros((0, num_classes), np.float32),
+                "label_mask": np.zeros((0, num_classes), bool),
                 "mask": np.zeros((0,), bool),
             }
         pad = local_bs - len(batch["mask"])

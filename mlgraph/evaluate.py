@@ -18,7 +18,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from mlgraph import checkpointing, config_lib, sharding, train
+from mlgraph import assets, checkpointing, config_lib, sharding, train
 from mlgraph.data import datasets
 from mlgraph.errors import ConfigError, MlgraphError, WorkdirError
 
@@ -71,6 +71,7 @@ def evaluate_workdir(workdir: str | pathlib.Path, step: int | None = None) -> di
     total = config_lib.total_steps(config, len(dataset.sources[config.data.train_split]))
     mesh = sharding.make_mesh()
     repl, data_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    config = assets.resolve(config, dataset.class_names, dataset.directory)
     _, graphdef, _, state = train.init_train_state(config, dataset.num_classes, total)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), state)
     state = ckpts.restore(step, abstract)
@@ -102,6 +103,7 @@ def evaluate_checkpoint(path: str, config: ml_collections.ConfigDict) -> dict:
     dataset = datasets.open_dataset(config.data)
     mesh = sharding.make_mesh()
     repl, data_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    config = assets.resolve(config, dataset.class_names, dataset.directory)
     _, graphdef, _, state = train.init_train_state(config, dataset.num_classes, 1)
     state = jax.device_put({"params": state["params"], "rest": state["rest"]}, repl)
     predict = jax.jit(

@@ -25,7 +25,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from mlgraph import checkpointing, config_lib, metrics, optim, sharding
+from mlgraph import assets, checkpointing, config_lib, metrics, optim, sharding
 from mlgraph.data import datasets, pipeline
 from mlgraph.errors import ConfigError, WorkdirError
 from mlgraph.metric_writer import MetricWriter, read_metrics
@@ -266,6 +266,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     eval_source = dataset.sources[config.data.eval_split]
     num_classes = dataset.num_classes
     total = config_lib.total_steps(config, len(train_source))
+    config = assets.resolve(config, dataset.class_names, dataset.directory)
     train_iter = iter(pipeline.train_dataset(train_source, config, num_classes))
 
     # --- model, optimizer, EMA -----------------------------------------------------------

@@ -103,6 +103,8 @@ class TorchEncoderLayer(nn.Module):
 
 
 class TorchEncoder(nn.Module):
+    """`tb`: a list holding the one encoder layer, no final norm."""
+
     def __init__(self, layer: nn.Module):
         super().__init__()
         self.layers = nn.ModuleList([layer])
@@ -129,12 +131,16 @@ def torch_sine_table(d: int, grid: int) -> torch.Tensor:
 
 
 class TorchPositionEmbedding(nn.Module):
+    """Holds the sine table as the persistent buffer `pe` [1, D, H, W]."""
+
     def __init__(self, d: int, grid: int):
         super().__init__()
         self.register_buffer("pe", torch_sine_table(d, grid))
 
 
 class TorchGGNN(nn.Module):
+    """Gated GNN (salgl.md §1.10), weights shared across steps."""
+
     def __init__(self, d: int, steps: int, outmess: bool):
         super().__init__()
         din = 2 * d if outmess else d
@@ -172,6 +178,8 @@ class TorchAttention(nn.Module):
 
 
 class TorchElementWise(nn.Module):
+    """Per-class linear classifier: weight [C, D], bias [C]."""
+
     def __init__(self, c: int, d: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(c, d).uniform_(-0.3, 0.3))

@@ -222,6 +222,26 @@ def test_scene_head_gets_classification_gradient_only_in_soft_mode(tiny, soft):
     assert (scene > 0) if soft else (scene == 0.0)
 
 
+def test_bfloat16_compute_keeps_counts_and_outputs_in_float32(tiny):
+    """Mixed precision (traced only, nothing compiled): parameters, counts and outputs stay
+    float32 while the layers compute in bfloat16."""
+    config, _ = tiny
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.dtype = "bfloat16"
+
+    def run():
+        model = salgl.create(config, num_classes=C, rngs=nnx.Rngs(0))
+        out = model(
+            _images(B), labels=_labels(B), train=True, rngs=nnx.Rngs(dropout=jax.random.key(0))
+        )
+        return out, model.comatrix[...], model.fc.kernel[...]
+
+    out, counts, kernel = jax.eval_shape(run)
+    assert all(v.dtype == jnp.float32 for v in out.values())
+    assert counts.dtype == jnp.float32 and kernel.dtype == jnp.float32
+    assert out["logits"].shape == (B, C)
+
+
 # ----------------------------------------------------------------------------------------- loss
 def test_loss_fn_combines_classification_and_scene_terms():
     rng = np.random.default_rng(4)

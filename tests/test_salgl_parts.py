@@ -236,17 +236,29 @@ def test_low_rank_bilinear_attention_matches_unfolded_reference():
     np.testing.assert_allclose(np.asarray(feats_b), np.asarray(feats), rtol=1e-5, atol=1e-6)
 
 
-def test_low_rank_bilinear_attention_gradients_equal_unfolded():
-    """Folding is exact for training too: same gradients for all four Linears and the input."""
+@pytest.mark.parametrize(
+    "class_chunk, per_image", [(8, False), (2, True)], ids=["one-chunk", "padded-chunks"]
+)
+def test_low_rank_bilinear_attention_gradients_equal_unfolded(class_chunk, per_image):
+    """Folding is exact for training too: same gradients for all four Linears and the input,
+    from the chunked custom backward pass (3 classes in chunks of 2: one padded class)."""
     d, e, a = 4, 3, 6
-    att = _random_module(lambda: attention.LowRankBilinearAttention(d, e, a, rngs=nnx.Rngs(0)), 3)
+    att = _random_module(
+        lambda: attention.LowRankBilinearAttention(
+            d, e, a, class_chunk=class_chunk, rngs=nnx.Rngs(0)
+        ),
+        3,
+    )
     x = jnp.asarray(RNG.normal(size=(2, 5, d)), jnp.float32)
     lab = jnp.asarray(RNG.normal(size=(3, e)), jnp.float32)
+    if per_image:  # embeddings [B, C, E]: w has a batch axis, its gradient is not summed
+        lab = lab[None] + jnp.asarray(RNG.normal(size=(2, 3, e)), jnp.float32)
     target = jnp.asarray(RNG.normal(size=(2, 3, d)), jnp.float32)
 
     def unfolded(m, x):
         u = m.linear1(x)
-        z = jnp.tanh(u[:, None] * m.linear2(lab)[None, :, None])
+        w = m.linear2(lab)
+        z = jnp.tanh(u[:, None] * (w if per_image else w[None])[:, :, None])
         t = m.target_linear(m.hidden_linear(z))[..., 0]
         return jnp.einsum("bcn,bnd->bcd", jax.nn.softmax(t, -1), x)
 

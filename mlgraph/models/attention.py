@@ -11,11 +11,13 @@ plain renaming (see salgl.md §1.2, §1.3, §1.6 and ssgrl_mlgcn.md §1.2):
 * `TransformerEncoderLayer` is DETR's post-norm layer (`q = k = x + pos`, `v = x`).
 * `LowRankBilinearAttention` keeps the four torch Linears (`linear1`, `linear2`,
   `hidden_linear`, `target_linear`) but evaluates the attention logits through the folded vector
-  v = W_hidden^T w_target, which never forms the [B, C, N, A] hidden projection.
+  v = W_hidden^T w_target, which never forms the [B, C, N, A] hidden projection; its custom
+  backward pass recomputes tanh in class chunks, so training does not store [B, C, N, A] either.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -213,16 +215,70 @@ def sine_position_encoding(
     return table.reshape(h * w, dim).astype(f32)
 
 
-@jax.checkpoint
-def _folded_bilinear_logits(u: jax.Array, w: jax.Array, v: jax.Array) -> jax.Array:
+def _folded_logits(u: jax.Array, w: jax.Array, v: jax.Array) -> jax.Array:
     """t[b, c, n] = sum_a tanh(u[b, n, a] * w[b, c, a]) * v[a], accumulated in float32.
 
-    Written as an elementwise product feeding a reduction (not an einsum), so XLA fuses it and
-    the [B, C, N, A] tensor is never stored; `jax.checkpoint` makes the backward pass recompute
-    it instead of keeping tanh's output as a residual.
+    An elementwise product feeding a reduction (not an einsum), so XLA fuses it into one loop
+    and the [B, C, N, A] tensor is never stored.
     """
     z = jnp.tanh(u[:, None, :, :] * w[:, :, None, :])
     return jnp.sum((z * v).astype(jnp.float32), axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def folded_bilinear_logits(
+    u: jax.Array, w: jax.Array, v: jax.Array, class_chunk: int = 8
+) -> jax.Array:
+    """Low-rank bilinear attention logits through the folded vector, memory-bounded.
+
+    t[b, c, n] = sum_a tanh(u[b, n, a] * w[b', c, a]) * v[a], with u [B, N, A], w [B or 1,
+    C, A] (b' = b or 0) and v [A]; float32 [B, C, N].
+
+    The forward pass is one fused reduction. The backward pass keeps only (u, w, v) and
+    recomputes tanh over `class_chunk` classes at a time, so its temporaries are
+    [B, class_chunk, N, A] instead of several [B, C, N, A] tensors (the latter is ~1 GB per
+    tensor for B = 16, C = 80, N = 196, A = 1024 in float32).
+    """
+    return _folded_logits(u, w, v)
+
+
+def _folded_fwd(u, w, v, class_chunk):
+    return _folded_logits(u, w, v), (u, w, v)
+
+
+def _folded_bwd(class_chunk, residuals, g):
+    u, w, v = residuals
+    b, n, a = u.shape
+    bw, c, _ = w.shape
+    cc = max(1, min(class_chunk, c))
+    pad = -c % cc
+    f32 = jnp.float32
+    u32, v32 = u.astype(f32), v.astype(f32)
+    # Padded classes have zero cotangent, so they add nothing; their dw rows are dropped.
+    w_chunks = jnp.pad(w.astype(f32), ((0, 0), (0, pad), (0, 0)))
+    w_chunks = w_chunks.reshape(bw, -1, cc, a).transpose(1, 0, 2, 3)  # [chunks, Bw, cc, A]
+    g_chunks = jnp.pad(g.astype(f32), ((0, 0), (0, pad), (0, 0)))
+    g_chunks = g_chunks.reshape(b, -1, cc, n).transpose(1, 0, 2, 3)  # [chunks, B, cc, N]
+
+    def chunk(carry, xs):
+        du, dv = carry
+        wc, gc = xs
+        z = jnp.tanh(u32[:, None] * wc[:, :, None])  # [B, cc, N, A]
+        dpre = gc[..., None] * v32 * (1.0 - z * z)
+        du = du + jnp.sum(dpre * wc[:, :, None], axis=1)
+        dwc = jnp.sum(dpre * u32[:, None], axis=2)  # [B, cc, A]
+        if bw == 1:
+            dwc = dwc.sum(axis=0, keepdims=True)
+        dv = dv + jnp.sum(gc[..., None] * z, axis=(0, 1, 2))
+        return (du, dv), dwc
+
+    init = (jnp.zeros((b, n, a), f32), jnp.zeros((a,), f32))
+    (du, dv), dw = jax.lax.scan(chunk, init, (w_chunks, g_chunks))
+    dw = dw.transpose(1, 0, 2, 3).reshape(bw, -1, a)[:, :c]
+    return du.astype(u.dtype), dw.astype(w.dtype), dv.astype(v.dtype)
+
+
+folded_bilinear_logits.defvjp(_folded_fwd, _folded_bwd)
 
 
 class LowRankBilinearAttention(nnx.Module):
@@ -247,14 +303,17 @@ class LowRankBilinearAttention(nnx.Module):
         att_dim: int = 1024,
         hidden_dim: int | None = None,
         *,
+        class_chunk: int = 8,
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        """Args: dim1 token width D, dim2 embedding width E, att_dim A, hidden_dim (default A)."""
+        """Args: dim1 token width D, dim2 embedding width E, att_dim A, hidden_dim (default A),
+        class_chunk: classes per step of the backward pass (bounds its memory)."""
         hidden_dim = att_dim if hidden_dim is None else hidden_dim
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.dtype = dtype
+        self.class_chunk = int(class_chunk)
         self.linear1 = torch_linear(dim1, att_dim, use_bias=False, **kw)
         self.linear2 = torch_linear(dim2, att_dim, use_bias=False, **kw)
         self.hidden_linear = torch_linear(att_dim, hidden_dim, **kw)
@@ -277,6 +336,7 @@ class LowRankBilinearAttention(nnx.Module):
         if w.ndim == 2:
             w = w[None]
         v = self.folded_vector().astype(u.dtype)
-        alphas = jax.nn.softmax(_folded_bilinear_logits(u, w, v), axis=-1)
+        logits = folded_bilinear_logits(u, w, v, self.class_chunk)
+        alphas = jax.nn.softmax(logits, axis=-1)
         label_feats = jnp.einsum("bcn,bnd->bcd", alphas.astype(x.dtype), x)
         return label_feats, alphas

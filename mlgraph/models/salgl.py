@@ -356,6 +356,11 @@ def create(config: ml_collections.ConfigDict, *, num_classes: int, rngs: nnx.Rng
     )
 
 
+def ema_live_paths(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """With `comat_ema` off the EMA model uses the live co-occurrence counts (spec §3.1)."""
+    return () if _field(config.model, "comat_ema") else (r"rest/comatrix(/.*)?",)
+
+
 def loss_fn(outputs: dict, labels: jax.Array, config) -> tuple[jax.Array, dict[str, jax.Array]]:
     """cls + lamda * (sample_en + batch_en), cls the ASL or BCE of the logits.
 

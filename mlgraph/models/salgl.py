@@ -77,6 +77,9 @@ DEFAULTS: dict[str, Any] = {
     # True: the EMA model averages the counts like every other entry. False: the EMA model
     # uses the live counts (the training loop copies `comatrix` instead of averaging it).
     "comat_ema": True,
+    # True: the backbone's batch norm always uses its running statistics (a frozen, pretrained
+    # backbone); False: batch statistics in training, as the official code (SyncBN).
+    "frozen_bn": False,
 }
 
 
@@ -170,6 +173,7 @@ class SALGL(nnx.Module):
         ffn_dim: int = 2048,
         heads: int = 8,
         dropout: float = 0.1,
+        frozen_bn: bool = False,
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
@@ -181,6 +185,7 @@ class SALGL(nnx.Module):
         d = int(backbone.num_features)
         c, k = int(num_classes), int(num_scenes)
         self.backbone = backbone
+        self.frozen_bn = bool(frozen_bn)
         self.dtype = dtype
         self.num_classes, self.num_scenes, self.num_steps = c, k, int(num_steps)
         self.normalize, self.ignore_self, self.soft = bool(normalize), bool(ignore_self), bool(soft)
@@ -231,7 +236,7 @@ class SALGL(nnx.Module):
         """
         if train and self.dropout_rate > 0 and rngs is None:
             raise ValueError("SALGL: train=True needs rngs (with a 'dropout' stream)")
-        x = self.backbone(images, train=train).astype(self.dtype)
+        x = self.backbone(images, train=train and not self.frozen_bn).astype(self.dtype)
         pos = None
         if self.pos_grid is not None:
             if x.shape[1] != self.pos_grid**2:
@@ -339,6 +344,7 @@ def build(
         ffn_dim=int(_field(model_cfg, "ffn_dim")),
         heads=int(_field(model_cfg, "heads")),
         dropout=float(_field(model_cfg, "dropout")),
+        frozen_bn=bool(_field(model_cfg, "frozen_bn")),
         dtype=dtype,
         rngs=rngs,
     )

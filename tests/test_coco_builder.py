@@ -50,6 +50,23 @@ def test_labels_equal_json(tmp_path, config):
         assert source[0]["image"].shape == (96, 128, 3)
 
 
+def test_labels_equal_pycocotools(tmp_path):
+    """An independent reader: pycocotools' category and annotation indexes."""
+    coco_api = pytest.importorskip("pycocotools.coco")
+    raw = write_coco(tmp_path / "raw", LABELS)
+    builder = datasets.build("coco2014", raw, tmp_path / "built", "all")
+    for split, folder in (("train", "train2014"), ("val", "val2014")):
+        api = coco_api.COCO(str(raw / "annotations" / f"instances_{folder}.json"))
+        cat_ids = sorted(api.getCatIds())
+        source = builder.as_data_source(split=split)
+        assert len(source) == len(api.getImgIds())
+        for i in range(len(source)):
+            image_id = int(source[i]["image_id"])
+            cats = {a["category_id"] for a in api.loadAnns(api.getAnnIds(imgIds=[image_id]))}
+            want = np.array([c in cats for c in cat_ids], np.uint8)
+            np.testing.assert_array_equal(source[i]["labels"], want)
+
+
 def test_missing_files_named(tmp_path):
     raw = tmp_path / "raw"
     (raw / "annotations").mkdir(parents=True)

@@ -24,11 +24,11 @@ _STRICT = flags.DEFINE_bool("strict", False, "Stop at the first unreadable image
 flags.mark_flags_as_required(["manual_dir", "data_dir"])
 
 
-def summarize(builder) -> str:
+def summarize(name: str, builder) -> str:
     """Images per split, mean labels per image, classes without positives, skipped files."""
     info = builder.info
     names = list(info.metadata.get("class_names", []))
-    lines = [f"{info.name} ({len(names)} classes) in {builder.data_dir}"]
+    lines = [f"{name} ({len(names)} classes) in {builder.data_dir}"]
     for split in info.splits:
         source = builder.as_data_source(split=split)
         labels = np.stack([np.asarray(source[i]["labels"]) for i in range(len(source))])
@@ -58,7 +58,7 @@ def main(argv: list[str]) -> None:
     except MlgraphError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(summarize(builder))
+    print(summarize(argv[1], builder))
 
 
 if __name__ == "__main__":

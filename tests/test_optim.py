@@ -81,3 +81,45 @@ def test_frozen_and_lr_mults():
     # Adam's first step moves every coordinate by lr (sign of the gradient).
     np.testing.assert_allclose(u["backbone"]["kernel"], -1e-5, rtol=1e-4)
     np.testing.assert_allclose(u["head"]["kernel"], -1e-4, rtol=1e-4)
+
+
+def test_salgl_modes_select_parameters():
+    """mode=part scales the backbone's lr by 0.1; mode=layer4 trains only layer4 and the head."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    class Block(nnx.Module):
+        def __init__(self, seed):
+            self.conv = nnx.Linear(2, 2, rngs=nnx.Rngs(seed))
+
+    class Backbone(nnx.Module):
+        def __init__(self):
+            self.layer3 = Block(0)
+            self.layer4 = Block(1)
+
+    class Model(nnx.Module):
+        def __init__(self):
+            self.backbone = Backbone()
+            self.classifier = nnx.Linear(2, 2, rngs=nnx.Rngs(2))
+
+    params = nnx.state(Model(), nnx.Param)
+    grads = jax.tree.map(jnp.ones_like, params)
+    moved = {}
+    for mode in ("full", "part", "layer4"):
+        c = config_lib.base_config()
+        c.optimizer.schedule, c.optimizer.weight_decay = "constant", 0.0
+        config_lib.apply_mode(c, mode)
+        tx = optim.make_optimizer(c.optimizer, 10, params)
+        updates, _ = tx.update(grads, tx.init(params), params)
+        u = nnx.to_pure_dict(updates)
+        moved[mode] = {
+            "layer3": float(np.abs(u["backbone"]["layer3"]["conv"]["kernel"]).max()),
+            "layer4": float(np.abs(u["backbone"]["layer4"]["conv"]["kernel"]).max()),
+            "head": float(np.abs(u["classifier"]["kernel"]).max()),
+        }
+    assert moved["full"] == pytest.approx({"layer3": 1e-4, "layer4": 1e-4, "head": 1e-4})
+    assert moved["part"] == pytest.approx({"layer3": 1e-5, "layer4": 1e-5, "head": 1e-4})
+    assert moved["layer4"] == pytest.approx({"layer3": 0.0, "layer4": 1e-4, "head": 1e-4})
+    with pytest.raises(ValueError, match="mode 'all': expected full, part or layer4"):
+        config_lib.apply_mode(config_lib.base_config(), "all")

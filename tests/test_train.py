@@ -160,3 +160,41 @@ def test_ema_update_averages_or_copies_live():
     copied = train.ema_update(ema, live, 0.9, salgl.ema_live_paths(config))
     np.testing.assert_allclose(copied["rest"]["comatrix"]["value"], 5.0)
     np.testing.assert_allclose(copied["params"]["w"], 0.1, rtol=1e-6)
+
+
+def test_evaluate_converted_checkpoint(data_dir, tmp_path):
+    """`evaluate --checkpoint` scores a weights checkpoint (as `mlgraph.convert` writes) exactly
+    as the model it holds scores the evaluation images."""
+    from flax import nnx
+
+    from mlgraph import evaluate, metrics
+    from mlgraph.data import pipeline
+
+    config = tiny_config(data_dir)
+    dataset = datasets.open_dataset(config.data)
+    _, graphdef, params, rest = train.create_model(config, dataset.num_classes)
+    # Distinct weights from a fresh init, so that loading them is what is measured.
+    params = jax.tree.map(lambda x: x + 0.05 * np.sign(np.asarray(x) + 0.01), params)
+    model = nnx.merge(graphdef, params, rest)
+    checkpointing.save_weights(
+        tmp_path / "w", nnx.to_pure_dict(nnx.state(model)), {"kind": "model"}
+    )
+    result = evaluate.evaluate_checkpoint(str(tmp_path / "w"), config)
+
+    source = dataset.sources[config.data.eval_split]
+    batches = list(pipeline.eval_batches(source, config, dataset.num_classes))
+    images = np.concatenate([b["image"][b["mask"]] for b in batches])
+    labels = np.concatenate([b["labels"][b["mask"]] for b in batches])
+    scores = jax.nn.sigmoid(model(images, train=False)["logits"])
+    want = metrics.compute_all(np.asarray(scores), labels > 0.5)
+    for name, value in want.items():
+        assert result["model"][name] == pytest.approx(value, abs=1e-4), name
+
+
+def test_evaluate_checkpoint_refuses_backbone(tmp_path, data_dir):
+    from mlgraph import evaluate
+    from mlgraph.errors import ConfigError
+
+    checkpointing.save_weights(tmp_path / "b", {"x": np.zeros(2)}, {"kind": "backbone"})
+    with pytest.raises(ConfigError, match=r"holds a backbone \('kind' in settings.json\), not a "):
+        evaluate.evaluate_checkpoint(str(tmp_path / "b"), tiny_config(data_dir))

@@ -12,7 +12,9 @@ CPU gradients of depthwise convolutions are slow) and the attention (A = 256) an
     python -m mlgraph.viz heatmap --workdir /tmp/salgl_demo
     python -m mlgraph.viz labelcloud --workdir /tmp/salgl_demo
 
-Expected: test mAP of at least 95 (see README for the measured figure).
+Measured (2 CPU cores, fresh cache, so including writing the demo data set, building it,
+embedding the class names and converting the MobileNetV2 file): test mAP 98.79 (EMA 98.38),
+CF1 93.57, OF1 93.36, 7 min 46 s wall.
 """
 
 from mlgraph import config_lib
@@ -29,8 +31,8 @@ def get_config(arg=None):
     c.image_size = 128
     c.batch_size = 32
     c.eval_batch_size = 100
-    c.num_epochs = 4.0
-    c.eval_every_steps = 125
+    c.num_epochs = 3.0
+    c.eval_every_steps = 100
     c.log_every_steps = 25
     c.init_from = "offline:mobilenet_v2"
     c.optimizer.lr = 3e-4

@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mlgraph.data import images
+from mlgraph.data.builder_lib import MultiLabelBuilder
 from mlgraph.errors import DataError
 
 SPLITS = {"train": "train2014", "val": "val2014"}
@@ -86,10 +87,13 @@ def image_labels(
     return labels
 
 
-class Coco2014(tfds.core.GeneratorBasedBuilder):
+class Coco2014(MultiLabelBuilder):
     """MS-COCO 2014 multi-label classification (train2014 -> 'train', val2014 -> 'val')."""
 
     VERSION = tfds.core.Version("1.0.0")
+    DESCRIPTION = "MS-COCO 2014 multi-label: image, multi-hot labels, image id."
+    HOMEPAGE = "https://cocodataset.org"
+    IMAGE_ID = "int"
     BUILDER_CONFIGS = [
         CocoConfig(name="nonempty", description="images without annotations skipped"),
         CocoConfig(
@@ -102,26 +106,6 @@ class Coco2014(tfds.core.GeneratorBasedBuilder):
         "cocodataset.org and unpack them so that manual_dir holds annotations/, train2014/ "
         "and val2014/."
     )
-
-    def __init__(self, *, strict: bool = False, **kwargs):
-        """`strict`: an unreadable image is an error instead of being skipped and counted."""
-        self.strict = strict
-        super().__init__(**kwargs)
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description="MS-COCO 2014 multi-label: image, multi-hot labels, image id.",
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-                    "labels": tfds.features.Tensor(shape=(None,), dtype=np.uint8),
-                    "image_id": tfds.features.Scalar(dtype=np.int64),
-                }
-            ),
-            metadata=tfds.core.MetadataDict(),
-            homepage="https://cocodataset.org",
-        )
 
     def _split_generators(self, dl_manager):
         root = check_manual_dir(pathlib.Path(dl_manager.manual_dir))

@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mlgraph.data import images
+from mlgraph.data.builder_lib import MultiLabelBuilder
 from mlgraph.errors import DataError
 
 SPLITS = ("train", "test")
@@ -87,33 +88,15 @@ def parse_line(line: str, where: str, class_index: dict[str, int]) -> tuple[str,
     return path, y
 
 
-class Custom(tfds.core.GeneratorBasedBuilder):
+class Custom(MultiLabelBuilder):
     """A folder of images with train.txt / test.txt label lists and classes.txt."""
 
     VERSION = tfds.core.Version("1.0.0")
+    DESCRIPTION = "Custom multi-label data: image, multi-hot labels, image path."
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Put classes.txt, train.txt and test.txt (lines <path><TAB><label>,<label>,..., paths "
         "relative to manual_dir) and the images into manual_dir."
     )
-
-    def __init__(self, *, strict: bool = False, **kwargs):
-        """`strict`: a bad line or image is an error instead of being skipped and counted."""
-        self.strict = strict
-        super().__init__(**kwargs)
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description="Custom multi-label data: image, multi-hot labels, image path.",
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-                    "labels": tfds.features.Tensor(shape=(None,), dtype=np.uint8),
-                    "image_id": tfds.features.Text(),
-                }
-            ),
-            metadata=tfds.core.MetadataDict(),
-        )
 
     def _split_generators(self, dl_manager):
         root = check_manual_dir(pathlib.Path(dl_manager.manual_dir))

@@ -33,6 +33,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mlgraph.data import images
+from mlgraph.data.builder_lib import MultiLabelBuilder
 from mlgraph.errors import DataError
 
 SPLIT_LISTS = {"train": "TrainImagelist.txt", "test": "TestImagelist.txt"}
@@ -136,34 +137,16 @@ def assign_splits(root: pathlib.Path, entries: list[str]) -> np.ndarray:
     return where
 
 
-class NusWide(tfds.core.GeneratorBasedBuilder):
+class NusWide(MultiLabelBuilder):
     """NUS-WIDE 81-concept multi-label classification ('train', 'test'; official lists)."""
 
     VERSION = tfds.core.Version("1.0.0")
+    DESCRIPTION = "NUS-WIDE 81-concept multi-label: image, multi-hot labels, image path."
+    HOMEPAGE = "https://lms.comp.nus.edu.sg/wp-content/uploads/2019/research/nuswide/NUS-WIDE.html"
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Unpack the NUS-WIDE images (Flickr/), ImageList.zip, Groundtruth.zip and "
         "Concepts81.txt into manual_dir."
     )
-
-    def __init__(self, *, strict: bool = False, **kwargs):
-        """`strict`: a missing or unreadable image is an error instead of being skipped."""
-        self.strict = strict
-        super().__init__(**kwargs)
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description="NUS-WIDE 81-concept multi-label: image, multi-hot labels, image path.",
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-                    "labels": tfds.features.Tensor(shape=(None,), dtype=np.uint8),
-                    "image_id": tfds.features.Text(),
-                }
-            ),
-            metadata=tfds.core.MetadataDict(),
-            homepage="https://lms.comp.nus.edu.sg/wp-content/uploads/2019/research/nuswide/NUS-WIDE.html",
-        )
 
     def _split_generators(self, dl_manager):
         root = check_manual_dir(pathlib.Path(dl_manager.manual_dir))

@@ -45,6 +45,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mlgraph.data import images
+from mlgraph.data.builder_lib import MultiLabelBuilder
 from mlgraph.errors import DataError
 
 CLASSES = (
@@ -117,17 +118,15 @@ def read_split_ids(list_path: pathlib.Path) -> list[str]:
     return [line.split()[0] for line in list_path.read_text().splitlines() if line.strip()]
 
 
-class VocBase(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class VocBase(MultiLabelBuilder, skip_registration=True):
     """Shared reader of one VOC year; subclasses set YEAR and SPLITS."""
 
     YEAR = ""
     SPLITS: tuple[str, ...] = ()
     VERSION = tfds.core.Version("1.0.0")
-
-    def __init__(self, *, strict: bool = False, **kwargs):
-        """`strict`: a bad annotation or image is an error instead of being skipped and counted."""
-        self.strict = strict
-        super().__init__(**kwargs)
+    DESCRIPTION = "PASCAL VOC multi-label: image, multi-hot labels, difficult-only mask, image id."
+    HOMEPAGE = "http://host.robots.ox.ac.uk/pascal/VOC/"
+    EXTRA_MULTIHOT = ("difficult",)
 
     @classmethod
     def devkit(cls, root: pathlib.Path) -> pathlib.Path:
@@ -156,25 +155,6 @@ class VocBase(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 f"ImageSets/Main/{{{','.join(cls.SPLITS)}}}.txt)"
             )
         return root
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=(
-                f"PASCAL VOC {self.YEAR} multi-label: image, multi-hot labels, difficult-only "
-                "mask, image id."
-            ),
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-                    "labels": tfds.features.Tensor(shape=(None,), dtype=np.uint8),
-                    "difficult": tfds.features.Tensor(shape=(None,), dtype=np.uint8),
-                    "image_id": tfds.features.Text(),
-                }
-            ),
-            metadata=tfds.core.MetadataDict(),
-            homepage="http://host.robots.ox.ac.uk/pascal/VOC/",
-        )
 
     def _split_generators(self, dl_manager):
         root = self.check_manual_dir(pathlib.Path(dl_manager.manual_dir))

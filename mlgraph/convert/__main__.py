@@ -26,6 +26,8 @@ SOURCES: dict[str, str] = {
     "openai_clip": "mlgraph.convert.openai_clip",
     "bert": "mlgraph.convert.bert",
     "salgl": "mlgraph.convert.salgl",
+    "ssgrl": "mlgraph.convert.ssgrl",
+    "mlgcn": "mlgraph.convert.mlgcn",
 }
 
 

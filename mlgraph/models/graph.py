@@ -87,6 +87,10 @@ class GatedGNN(nnx.Module):
       h~ = tanh(W3 m + U3 (r * h)),  h <- (1 - z) h + z h~,
     where every W and U is a Linear with its own bias (`fc{1,2,3}_w`, `fc{1,2,3}_u`, the torch
     names). `num_steps=0` returns h unchanged.
+
+    `reset_uses_update_u=True` reproduces official SSGRL (ssgrl_mlgcn.md §1.5): the reset gate
+    reads U1 (the update gate's) instead of U2, r = sigmoid(W2 m + U1 h); `fc2_u` is then kept
+    (checkpoints hold it) but unused.
     """
 
     def __init__(
@@ -95,12 +99,14 @@ class GatedGNN(nnx.Module):
         num_steps: int,
         outmess: bool,
         *,
+        reset_uses_update_u: bool = False,
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.num_steps = int(num_steps)
+        self.reset_uses_update_u = bool(reset_uses_update_u)
         self.outmess = bool(outmess)
         din = 2 * dim if outmess else dim
         self.fc1_w = torch_linear(din, dim, **kw)
@@ -116,8 +122,9 @@ class GatedGNN(nnx.Module):
         m = jnp.einsum("bij,bjd->bid", adj, h)
         if self.outmess:
             m = jnp.concatenate([m, jnp.einsum("bji,bjd->bid", adj, h)], axis=-1)
-        z = jax.nn.sigmoid(self.fc1_w(m) + self.fc1_u(h))
-        r = jax.nn.sigmoid(self.fc2_w(m) + self.fc2_u(h))
+        u1 = self.fc1_u(h)
+        z = jax.nn.sigmoid(self.fc1_w(m) + u1)
+        r = jax.nn.sigmoid(self.fc2_w(m) + (u1 if self.reset_uses_update_u else self.fc2_u(h)))
         h_new = jnp.tanh(self.fc3_w(m) + self.fc3_u(r * h))
         return (1 - z) * h + z * h_new
 

@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from mlgraph import losses
+from mlgraph import config_lib, losses
 from mlgraph.errors import ConfigError
 from mlgraph.models import backbones
 from mlgraph.models.attention import (
@@ -89,15 +89,7 @@ def model_config(**overrides: Any) -> ml_collections.ConfigDict:
     Raises:
       ConfigError: for a field SALGL does not have.
     """
-    unknown = sorted(set(overrides) - set(DEFAULTS))
-    if unknown:
-        raise ConfigError(
-            f"config.model: unknown SALGL field(s) {', '.join(unknown)}; "
-            f"valid fields: {', '.join(sorted(DEFAULTS))}"
-        )
-    fields = dict(DEFAULTS) | dict(overrides)
-    fields["backbone_kwargs"] = dict(fields["backbone_kwargs"] or {})
-    return ml_collections.ConfigDict(fields)
+    return config_lib.model_fields("SALGL", DEFAULTS, overrides)
 
 
 def _field(cfg: Mapping[str, Any] | ml_collections.ConfigDict, name: str) -> Any:

@@ -1,0 +1,124 @@
+"""Official ML-GCN checkpoint (`checkpoint.pth.tar` / `model_best.pth.tar`) -> `models.mlgcn`.
+
+Key layout (ssgrl_mlgcn.md §3.2): the backbone as `features.{0,1,4,5,6,7}` (conv1, bn1,
+layer1..4), `gc1.weight` (E, hidden) and `gc2.weight` (hidden, D) stored (in, out) and copied
+as they are, and `A` (C, C), the `gen_A` output, copied into the `A` buffer. The word vectors
+are not in the checkpoint: pass the data bundle's (class-order-matching) vectors as .npy.
+
+Options:
+  embed_path: str, required; the word vectors .npy [C, E] (e.g. the GloVe pickle's array).
+  image_size: int, default 448.
+  prefix: str, default "module."; stripped from every key that has it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from mlgraph.convert import core, torchvision_resnet
+from mlgraph.convert.torchvision_resnet import check_options
+from mlgraph.errors import ConfigError
+from mlgraph.models import mlgcn
+
+OPTIONS = {"embed_path": "", "image_size": 448, "prefix": "module."}
+IGNORED = [r".*num_batches_tracked"]
+REQUIRED = ("gc1.weight", "gc2.weight", "A", "features.0.weight")
+# torchvision names -> the official nn.Sequential indices.
+RENAMES = (("conv1.", "features.0."), ("bn1.", "features.1."))
+
+
+def official_key(key: str) -> str:
+    """A torchvision ResNet key -> its name in the official `features` Sequential."""
+    m = re.match(r"layer([1-4])\.(.*)", key)
+    if m:
+        return f"features.{int(m.group(1)) + 3}.{m.group(2)}"
+    for old, new in RENAMES:
+        if key.startswith(old):
+            return new + key[len(old) :]
+    raise ValueError(f"no ML-GCN name for backbone key {key!r}")
+
+
+def table(module: mlgcn.MLGCN, prefix: str = "") -> dict[str, tuple[str, core.Transform]]:
+    """NNX path -> (torch key, transform) for every variable of `module` but `embeddings`."""
+    sub = torchvision_resnet.table(module.backbone)
+    t = {f"backbone/{path}": (prefix + official_key(k), f) for path, (k, f) in sub.items()}
+    t["gc1/weight"] = (f"{prefix}gc1.weight", core.identity)
+    t["gc2/weight"] = (f"{prefix}gc2.weight", core.identity)
+    t["A"] = (f"{prefix}A", core.identity)
+    return t
+
+
+def infer_settings(state_dict: Mapping[str, np.ndarray], *, image_size: int) -> dict[str, Any]:
+    """The weights-checkpoint settings of an official ML-GCN state dict (no prefix)."""
+    missing = [k for k in REQUIRED if k not in state_dict]
+    if missing:
+        raise core.ConversionError(
+            f"not an ML-GCN state dict: missing {', '.join(missing)} "
+            f"(first keys: {', '.join(list(state_dict)[:5])})"
+        )
+    backbone_sd = {}
+    for key, value in state_dict.items():
+        m = re.match(r"features\.(\d+)\.(.*)", key)
+        if not m:
+            continue
+        index, rest = int(m.group(1)), m.group(2)
+        name = {0: "conv1", 1: "bn1"}.get(index, f"layer{index - 3}" if 4 <= index <= 7 else "")
+        if name:
+            backbone_sd[f"{name}.{rest}"] = value
+    rs = torchvision_resnet.infer_settings(backbone_sd, include_head=False)
+    kwargs: dict[str, Any] = {}
+    if "layers" in rs:
+        kwargs["layers"] = list(rs["layers"])
+    if rs["width"] != 64:
+        kwargs["width"] = rs["width"]
+    e, hidden = state_dict["gc1.weight"].shape
+    c = state_dict["A"].shape[0]
+    model = dict(mlgcn.DEFAULTS) | {
+        "backbone": rs["backbone"],
+        "backbone_kwargs": kwargs,
+        "embed_path": "",
+        "embed_dim": int(e),
+        "graph_path": "",
+        "hidden_dim": int(hidden),
+    }
+    return {"kind": "model", "model": model, "num_classes": int(c), "image_size": int(image_size)}
+
+
+def convert(
+    state_dict: Mapping[str, np.ndarray], options: Mapping[str, Any]
+) -> tuple[nnx.Module, dict]:
+    """Build the ML-GCN that `state_dict` describes and fill it; returns (module, settings)."""
+    opts = check_options(options, OPTIONS)
+    if opts["prefix"]:
+        state_dict = core.strip_prefix(state_dict, opts["prefix"])
+    if not opts["embed_path"]:
+        raise core.ConversionError(
+            "option embed_path is required: official ML-GCN checkpoints do not hold the word "
+            "vectors (pass them as a .npy [C, E] in the checkpoint's class order)"
+        )
+    settings = infer_settings(state_dict, image_size=opts["image_size"])
+    c = settings["num_classes"]
+    try:
+        words = mlgcn.load_embeddings(opts["embed_path"], c, settings["model"]["embed_dim"])
+    except ConfigError as e:
+        raise core.ConversionError(f"ML-GCN: {e}") from e
+    module = nnx.eval_shape(
+        lambda: mlgcn.build(
+            settings["model"], num_classes=c, image_size=settings["image_size"], rngs=nnx.Rngs(0)
+        )
+    )
+    core.load_into(
+        module,
+        state_dict,
+        table(module),
+        ignored=IGNORED,
+        keep_init=["embeddings"],
+        source="ML-GCN",
+    )
+    module.embeddings.set_value(np.asarray(words, np.float32))
+    return module, settings

@@ -1,0 +1,177 @@
+"""Official SSGRL checkpoint (`checkpoint_*.pth.tar` / `model_best_*.pth.tar`) -> `models.ssgrl`.
+
+Key layout: ssgrl_mlgcn.md §2.2 (`resnet_101.*`, `word_semantic.fc_{1,2,3,a}`,
+`graph_net.fc_eq{3,4,5}_{w,u}`, `fc_output`, `classifiers`). C and D come from
+`classifiers.weight`, the word-vector width E from `word_semantic.fc_2.weight`, the attention
+width from `fc_1`, the backbone from the `resnet_101.layer{L}.{b}` keys.
+
+The official files were pickled by Python 2.7 / PyTorch 0.4.1 inside a {'epoch', 'state_dict',
+'best_mAP'} container. `mlgraph.convert.io.read_state_dict` reads them only if they load with
+`torch.load(weights_only=True)`; otherwise dump the state dict first in a torch shell:
+`sd = torch.load(f, map_location='cpu', encoding='latin1')['state_dict']`,
+`np.savez('ssgrl.npz', **{k: v.numpy() for k, v in sd.items()})`, and convert the `.npz`.
+
+Neither the word vectors nor the graph M is in the checkpoint (the official code keeps them as
+plain attributes): pass the bundle's files as options, and they are stored as buffers.
+
+Options:
+  embed_path: str, required; the word vectors .npy [C, E] (e.g. data/coco/vectors.npy).
+  graph_path: str, required; the graph .npy [C, C] (e.g. data/coco/prob_train.npy), or counts.
+  image_size: int, default 576.
+  reset_uses_update_u: bool, default True (the official forward; False = the paper's gate).
+  prefix: str, default "module."; stripped from every key that has it (not in the official
+    files, which are saved unwrapped, but harmless).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from mlgraph.convert import core, torchvision_resnet
+from mlgraph.convert.torchvision_resnet import check_options
+from mlgraph.errors import ConfigError
+from mlgraph.models import ssgrl
+
+OPTIONS = {
+    "embed_path": "",
+    "graph_path": "",
+    "image_size": 576,
+    "reset_uses_update_u": True,
+    "prefix": "module.",
+}
+IGNORED = [r".*num_batches_tracked"]
+BACKBONE = "resnet_101."
+REQUIRED = (
+    "classifiers.weight",
+    "word_semantic.fc_1.weight",
+    "word_semantic.fc_2.weight",
+    "graph_net.fc_eq3_w.weight",
+    "fc_output.weight",
+    "resnet_101.conv1.weight",
+)
+# NNX gate name -> official name.
+GATES = {
+    "fc1_w": "fc_eq3_w",
+    "fc1_u": "fc_eq3_u",
+    "fc2_w": "fc_eq4_w",
+    "fc2_u": "fc_eq4_u",
+    "fc3_w": "fc_eq5_w",
+    "fc3_u": "fc_eq5_u",
+}
+
+
+def _linear(path: str, key: str, bias: bool = True) -> dict[str, tuple[str, core.Transform]]:
+    t = {f"{path}/kernel": (f"{key}.weight", core.linear_kernel)}
+    if bias:
+        t[f"{path}/bias"] = (f"{key}.bias", core.identity)
+    return t
+
+
+def table(module: ssgrl.SSGRL, prefix: str = "") -> dict[str, tuple[str, core.Transform]]:
+    """NNX path -> (torch key, transform) for every Param and batch statistic of `module`.
+
+    The buffers `word_features` and `graph` are not in official checkpoints (see `convert`).
+    """
+    p = prefix
+    sub = torchvision_resnet.table(module.backbone, prefix=f"{p}{BACKBONE}")
+    t: dict[str, tuple[str, core.Transform]] = {f"backbone/{k}": v for k, v in sub.items()}
+    ws = f"{p}word_semantic"
+    t |= _linear("word_semantic/linear1", f"{ws}.fc_1", bias=False)
+    t |= _linear("word_semantic/linear2", f"{ws}.fc_2", bias=False)
+    t |= _linear("word_semantic/hidden_linear", f"{ws}.fc_3")
+    t |= _linear("word_semantic/target_linear", f"{ws}.fc_a")
+    for ours, theirs in GATES.items():
+        t |= _linear(f"graph_net/{ours}", f"{p}graph_net.{theirs}")
+    t |= _linear("fc_output", f"{p}fc_output")
+    t["classifiers/weight"] = (f"{p}classifiers.weight", core.identity)
+    t["classifiers/bias"] = (f"{p}classifiers.bias", core.identity)
+    return t
+
+
+def infer_settings(
+    state_dict: Mapping[str, np.ndarray],
+    *,
+    image_size: int = 576,
+    reset_uses_update_u: bool = True,
+) -> dict[str, Any]:
+    """The weights-checkpoint settings of an official SSGRL state dict (no prefix).
+
+    Returns {"kind": "model", "model": {config.model fields}, "num_classes": C,
+    "image_size": S}. The model's embed/graph paths are "" (the values live in the weights).
+    """
+    missing = [k for k in REQUIRED if k not in state_dict]
+    if missing:
+        raise core.ConversionError(
+            f"not an SSGRL state dict: missing {', '.join(missing)} "
+            f"(first keys: {', '.join(list(state_dict)[:5])})"
+        )
+    c, d = state_dict["classifiers.weight"].shape
+    att, e = state_dict["word_semantic.fc_2.weight"].shape
+    backbone_sd = {k[len(BACKBONE) :]: v for k, v in state_dict.items() if k.startswith(BACKBONE)}
+    rs = torchvision_resnet.infer_settings(backbone_sd, include_head=False)
+    kwargs: dict[str, Any] = {}
+    if "layers" in rs:
+        kwargs["layers"] = list(rs["layers"])
+    if rs["width"] != 64:
+        kwargs["width"] = rs["width"]
+    model = dict(ssgrl.DEFAULTS) | {
+        "backbone": rs["backbone"],
+        "backbone_kwargs": kwargs,
+        "embed_path": "",
+        "embed_dim": int(e),
+        "graph_path": "",
+        "att_dim": int(att),
+        "reset_uses_update_u": bool(reset_uses_update_u),
+    }
+    if state_dict["fc_output.weight"].shape != (d, 2 * d):
+        raise core.ConversionError(
+            f"fc_output.weight has shape {state_dict['fc_output.weight'].shape}; expected "
+            f"({d}, {2 * d})"
+        )
+    return {"kind": "model", "model": model, "num_classes": int(c), "image_size": int(image_size)}
+
+
+def convert(
+    state_dict: Mapping[str, np.ndarray], options: Mapping[str, Any]
+) -> tuple[nnx.Module, dict]:
+    """Build the SSGRL that `state_dict` describes and fill it; returns (module, settings)."""
+    opts = check_options(options, OPTIONS)
+    if opts["prefix"]:
+        state_dict = core.strip_prefix(state_dict, opts["prefix"])
+    for name in ("embed_path", "graph_path"):
+        if not opts[name]:
+            raise core.ConversionError(
+                f"option {name} is required: official SSGRL checkpoints hold neither the word "
+                "vectors nor the graph (pass the data bundle's .npy files)"
+            )
+    settings = infer_settings(
+        state_dict,
+        image_size=opts["image_size"],
+        reset_uses_update_u=opts["reset_uses_update_u"],
+    )
+    c = settings["num_classes"]
+    try:
+        words = ssgrl.load_embeddings(opts["embed_path"], c, settings["model"]["embed_dim"])
+        graph = ssgrl.load_graph(opts["graph_path"], c, settings["model"]["graph_diagonal"])
+    except ConfigError as e:
+        raise core.ConversionError(f"SSGRL: {e}") from e
+    module = nnx.eval_shape(
+        lambda: ssgrl.build(
+            settings["model"], num_classes=c, image_size=settings["image_size"], rngs=nnx.Rngs(0)
+        )
+    )
+    core.load_into(
+        module,
+        state_dict,
+        table(module),
+        ignored=IGNORED,
+        keep_init=["word_features", "graph"],
+        source="SSGRL",
+    )
+    module.word_features.set_value(np.asarray(words, np.float32))
+    module.graph.set_value(np.asarray(graph, np.float32))
+    return module, settings

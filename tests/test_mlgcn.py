@@ -1,0 +1,183 @@
+"""ML-GCN: official-layout checkpoint -> mlgraph ML-GCN, against a plain-torch ML-GCN from the spec.
+
+The torch model follows ssgrl_mlgcn.md §3 with the official names: `features` (a Sequential
+conv1, bn1, relu, maxpool, layer1..4 of a reduced torchvision-style ResNet), `pooling`
+(MaxPool2d over the whole map), `gc1`/`gc2` (bias-free GraphConvolution, weight (in, out)),
+`relu` (LeakyReLU 0.2) and the Parameter `A` from `gen_A`; `gen_adj` each forward. The
+correlation statistics are checked against `gen_A`/`gen_adj` written from the spec.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from test_ssgrl import TorchBottleneck
+
+from mlgraph.convert import core, io
+from mlgraph.convert import mlgcn as convert_mlgcn
+from mlgraph.data import cooccurrence
+from mlgraph.models import mlgcn
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+RTOL = 1e-4
+C, E, HIDDEN, IMAGE = 6, 10, 24, 96
+
+
+def gen_a(adj: np.ndarray, nums: np.ndarray, t: float, p: float = 0.25) -> np.ndarray:
+    """The official `gen_A` steps (§3.1) on {'adj', 'nums'}."""
+    a = adj / nums[:, None]
+    a[a < t] = 0
+    a[a >= t] = 1
+    a = a * p / (a.sum(0, keepdims=True) + 1e-6)
+    return a + np.identity(len(nums))
+
+
+class TorchGraphConvolution(nn.Module):
+    """Bias-free graph convolution: adj @ (x @ weight), weight (in, out)."""
+
+    def __init__(self, inp: int, out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(inp, out).uniform_(-0.3, 0.3))
+
+    def forward(self, x, adj):
+        return adj @ (x @ self.weight)
+
+
+class TorchMLGCN(nn.Module):
+    """The official `GCNResnet` layout with a reduced backbone (width 4, one block a stage)."""
+
+    def __init__(self, a: np.ndarray, words: np.ndarray):
+        super().__init__()
+        w = 4
+        stages, inp = [], w
+        for i in range(4):
+            stages.append(nn.Sequential(TorchBottleneck(inp, w * 2**i, 1 if i == 0 else 2)))
+            inp = 4 * w * 2**i
+        self.features = nn.Sequential(
+            nn.Conv2d(3, w, 7, 2, 3, bias=False),
+            nn.BatchNorm2d(w),
+            nn.ReLU(),
+            nn.MaxPool2d(3, 2, 1),
+            *stages,
+        )
+        self.pooling = nn.AdaptiveMaxPool2d(1)
+        self.gc1 = TorchGraphConvolution(words.shape[1], HIDDEN)
+        self.gc2 = TorchGraphConvolution(HIDDEN, inp)
+        self.relu = nn.LeakyReLU(0.2)
+        self.A = nn.Parameter(torch.from_numpy(a).float())
+        self.inp = torch.from_numpy(words)
+
+    def forward(self, images):
+        x = self.pooling(self.features(images)).flatten(1)
+        d = torch.pow(self.A.sum(1).float(), -0.5)
+        d = torch.diag(d)
+        adj = torch.matmul(torch.matmul(self.A, d).t(), d).detach()  # gen_adj
+        w = self.gc2(self.relu(self.gc1(self.inp, adj)), adj)
+        return x @ w.t()
+
+
+def _setup(seed: int, tmp_path):
+    rng = np.random.default_rng(seed)
+    y = (rng.random((60, C)) < 0.4).astype(np.float32)
+    y[:8, 0] = y[:8, 1] = 1  # a strong pair, so that some P(j|i) pass tau
+    counts = cooccurrence.counts_from_labels(y)
+    a = cooccurrence.mlgcn_correlation(counts, 0.4, 0.25)
+    words = rng.normal(size=(C, E)).astype(np.float32)
+    np.save(tmp_path / "words.npy", words)
+    torch.manual_seed(seed)
+    model = TorchMLGCN(a, words)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.normal_(0, 0.2, generator=g)
+                m.running_mean.normal_(0, 0.2, generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+    return model.eval(), counts
+
+
+def test_official_checkpoint_converts_and_matches_torch(tmp_path, capsys):
+    tm, _ = _setup(0, tmp_path)
+    path = tmp_path / "model_best.pth"
+    torch.save(
+        {"epoch": 3, "arch": "resnet101", "state_dict": tm.state_dict(), "best_score": 83.0}, path
+    )
+    sd = io.read_state_dict(path)
+    module, settings = convert_mlgcn.convert(
+        sd, {"embed_path": str(tmp_path / "words.npy"), "image_size": IMAGE}
+    )
+    model = settings["model"]
+    assert settings["num_classes"] == C
+    assert (model["embed_dim"], model["hidden_dim"]) == (E, HIDDEN)
+    assert model["backbone_kwargs"] == {"layers": [1, 1, 1, 1], "width": 4}
+    x = np.random.default_rng(1).normal(size=(3, IMAGE, IMAGE, 3)).astype(np.float32)
+    with torch.no_grad():
+        want = tm(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+    got = np.asarray(nnx.jit(lambda m, x: m(x)["logits"])(module, jnp.asarray(x)))
+    rel = float(np.abs(got - want).max() / np.abs(want).max())
+    assert rel < RTOL, f"max relative logit difference {rel:.2e}"
+    with capsys.disabled():
+        print(f"\nML-GCN conversion: max relative logit diff {rel:.2e}")
+    rebuilt = nnx.eval_shape(
+        lambda: mlgcn.build(
+            mlgcn.model_config(**model), num_classes=C, image_size=IMAGE, rngs=nnx.Rngs(0)
+        )
+    )
+    spec = lambda m: {p: tuple(v.shape) for p, v in core.variable_paths(m).items()}  # noqa: E731
+    assert spec(rebuilt) == spec(module)
+
+
+def test_correlation_matches_gen_a_and_gen_adj(tmp_path):
+    _, counts = _setup(1, tmp_path)
+    nums = np.diag(counts).copy()
+    adj = counts - np.diag(nums)
+    for tau, p in ((0.4, 0.25), (0.3, 0.2)):
+        want = gen_a(adj.copy(), nums, tau, p)
+        got = cooccurrence.mlgcn_correlation(counts, tau, p)
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+        np.testing.assert_array_equal(np.diag(got), 1.0)
+        off = got - np.eye(C)
+        sums = off.sum(axis=0)
+        assert np.all(np.isclose(sums, p, rtol=1e-5) | (sums == 0))
+        # gen_adj: D A^T D, both the numpy reference and the model's version.
+        d = np.diag(want.sum(1) ** -0.5)
+        np.testing.assert_allclose(cooccurrence.normalize_adjacency(want), d @ want.T @ d, 1e-6)
+        np.testing.assert_allclose(
+            np.asarray(mlgcn.normalized_adjacency(jnp.asarray(got))), d @ want.T @ d, rtol=1e-5
+        )
+    # ML-GCN's own {'adj', 'nums'} pickle is read as the same counts.
+    import pickle
+
+    with open(tmp_path / "coco_adj.pkl", "wb") as f:
+        pickle.dump({"adj": adj.astype(np.int64), "nums": nums.astype(np.int64)}, f)
+    np.testing.assert_array_equal(
+        cooccurrence.load_counts(tmp_path / "coco_adj.pkl", C, "graph"), counts
+    )
+    cfg = mlgcn.model_config(
+        backbone="resnet50",
+        backbone_kwargs={"layers": (1, 1, 1, 1), "width": 4},
+        embed_path=str(tmp_path / "words.npy"),
+        graph_path=str(tmp_path / "coco_adj.pkl"),
+        hidden_dim=8,
+    )
+    built = mlgcn.build(cfg, num_classes=C, image_size=64, rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(built.A[...], gen_a(adj.copy(), nums, 0.4), rtol=1e-6)
+
+
+def test_conversion_errors(tmp_path):
+    tm, _ = _setup(2, tmp_path)
+    sd = core.to_numpy_state_dict(tm.state_dict())
+    with pytest.raises(core.ConversionError, match="option embed_path is required"):
+        convert_mlgcn.convert(sd, {})
+    opts = {"embed_path": str(tmp_path / "words.npy")}
+    with pytest.raises(core.ConversionError, match="not an ML-GCN state dict: missing A"):
+        convert_mlgcn.convert({k: v for k, v in sd.items() if k != "A"}, opts)
+    broken = dict(sd)
+    broken["gc2.weight"] = np.zeros((HIDDEN, 7), np.float32)
+    with pytest.raises(core.ConversionError, match=r"wrong shapes \(1\): gc2.weight \(24, 7\)"):
+        convert_mlgcn.convert(broken, opts)

@@ -1,0 +1,340 @@
+"""SSGRL: official-layout checkpoint -> mlgraph SSGRL, against a plain-torch SSGRL from the spec.
+
+The torch model follows ssgrl_mlgcn.md §1 with the official attribute names (§2.2): a
+torchvision-style ResNet `resnet_101` (reduced: one block per stage, width 4, so D = 128) and
+its `avgpool1`, `word_semantic.fc_{1,2,3,a}`, `graph_net.fc_eq{3,4,5}_{w,u}` (with the official
+reset gate reusing `fc_eq3_u`), `fc_output`, `classifiers`. Word vectors and the graph are plain
+attributes, as in the official code, and reach the converter as .npy files. Also: the
+co-occurrence statistics against the spec's formulas and the 'train_labels' resolution.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from train_helpers import tiny_coco
+
+from mlgraph.convert import core, io
+from mlgraph.convert import ssgrl as convert_ssgrl
+from mlgraph.data import cooccurrence
+from mlgraph.errors import ConfigError
+from mlgraph.models import ssgrl
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+F = torch.nn.functional
+
+RTOL = 1e-4
+C, E, A, IMAGE = 5, 12, 16, 128
+
+
+class TorchBottleneck(nn.Module):
+    """torchvision's v1.5 bottleneck (stride on the 3x3 conv)."""
+
+    def __init__(self, inp: int, width: int, stride: int):
+        super().__init__()
+        out = 4 * width
+        self.conv1 = nn.Conv2d(inp, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, out, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out)
+        self.downsample = None
+        if stride != 1 or inp != out:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(inp, out, 1, stride, bias=False), nn.BatchNorm2d(out)
+            )
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = F.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return F.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+class TorchResNet(nn.Module):
+    """The official backbone: conv1..layer4 then `avgpool1` (2x2/s2); no fc."""
+
+    def __init__(self, layers, width: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        inp = width
+        for i, blocks in enumerate(layers):
+            w = width * 2**i
+            stage = []
+            for b in range(blocks):
+                stage.append(TorchBottleneck(inp, w, (1 if i == 0 else 2) if b == 0 else 1))
+                inp = 4 * w
+            setattr(self, f"layer{i + 1}", nn.Sequential(*stage))
+        self.avgpool1 = nn.AvgPool2d(2, 2)
+        self.num_features = inp
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
+        for i in range(1, 5):
+            x = getattr(self, f"layer{i}")(x)
+        return self.avgpool1(x)
+
+
+class TorchSemantic(nn.Module):
+    """§1.2: tanh(U f ⊙ V x) -> fc_3 -> fc_a -> softmax over locations -> weighted sum of f."""
+
+    def __init__(self, d: int, e: int, a: int):
+        super().__init__()
+        self.fc_1 = nn.Linear(d, a, bias=False)
+        self.fc_2 = nn.Linear(e, a, bias=False)
+        self.fc_3 = nn.Linear(a, a)
+        self.fc_a = nn.Linear(a, 1)
+
+    def forward(self, fmap, words):
+        b, d, h, w = fmap.shape
+        f = fmap.permute(0, 2, 3, 1).reshape(b, h * w, d)  # [B, N, D]
+        g = torch.tanh(self.fc_1(f)[:, :, None] * self.fc_2(words)[None, None])  # [B, N, C, A]
+        logits = self.fc_a(self.fc_3(g)).squeeze(-1)  # [B, N, C]
+        att = logits.softmax(dim=1)
+        return torch.einsum("bnc,bnk->bck", att, f)
+
+
+class TorchGGNN(nn.Module):
+    """§1.5 with the official reset gate (U_z) unless `paper=True`."""
+
+    def __init__(self, d: int, steps: int, paper: bool):
+        super().__init__()
+        for eq in (3, 4, 5):
+            setattr(self, f"fc_eq{eq}_w", nn.Linear(2 * d, d))
+            setattr(self, f"fc_eq{eq}_u", nn.Linear(d, d))
+        self.steps, self.paper = steps, paper
+
+    def forward(self, h, in_matrix, out_matrix):
+        for _ in range(self.steps):
+            a = torch.cat(
+                [
+                    torch.einsum("cd,bdk->bck", in_matrix, h),
+                    torch.einsum("cd,bdk->bck", out_matrix, h),
+                ],
+                -1,
+            )
+            z = torch.sigmoid(self.fc_eq3_w(a) + self.fc_eq3_u(h))
+            u_r = self.fc_eq4_u if self.paper else self.fc_eq3_u
+            r = torch.sigmoid(self.fc_eq4_w(a) + u_r(h))
+            cand = torch.tanh(self.fc_eq5_w(a) + self.fc_eq5_u(r * h))
+            h = (1 - z) * h + z * cand
+        return h
+
+
+class TorchSSGRL(nn.Module):
+    """The official `SSGRL` module layout; word vectors and M are plain attributes."""
+
+    def __init__(self, words: np.ndarray, graph: np.ndarray, *, paper: bool = False):
+        super().__init__()
+        self.resnet_101 = TorchResNet((1, 1, 1, 1), 4)
+        d = self.resnet_101.num_features
+        self.word_semantic = TorchSemantic(d, words.shape[1], A)
+        self.graph_net = TorchGGNN(d, 3, paper)
+        self.fc_output = nn.Linear(2 * d, d)
+        self.classifiers = TorchElementWise(C, d)
+        self.word_features = torch.from_numpy(words)
+        self.in_matrix = torch.from_numpy(graph)
+        self.out_matrix = torch.from_numpy(graph).t()
+
+    def forward(self, images):
+        h0 = self.word_semantic(self.resnet_101(images), self.word_features)
+        ht = self.graph_net(h0, self.in_matrix, self.out_matrix)
+        return self.classifiers(torch.tanh(self.fc_output(torch.cat([ht, h0], -1))))
+
+
+class TorchElementWise(nn.Module):
+    """`Element_Wise_Layer(C, D)`: weight [C, D], bias [C]."""
+
+    def __init__(self, c: int, d: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(c, d).uniform_(-0.3, 0.3))
+        self.bias = nn.Parameter(torch.empty(c).uniform_(-0.3, 0.3))
+
+    def forward(self, x):
+        return (x * self.weight).sum(2) + self.bias
+
+
+def _torch_model(seed: int, tmp_path, *, paper: bool = False):
+    rng = np.random.default_rng(seed)
+    words = rng.normal(size=(C, E)).astype(np.float32)
+    y = rng.random((40, C)) < 0.5
+    graph = cooccurrence.conditional_probability(cooccurrence.counts_from_labels(y))
+    torch.manual_seed(seed)
+    model = TorchSSGRL(words, graph, paper=paper)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.normal_(0, 0.2, generator=g)
+                m.running_mean.normal_(0, 0.2, generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+    np.save(tmp_path / "vectors.npy", words)
+    np.save(tmp_path / "prob_train.npy", graph)
+    return model.eval()
+
+
+def _options(tmp_path, **extra):
+    return {
+        "embed_path": str(tmp_path / "vectors.npy"),
+        "graph_path": str(tmp_path / "prob_train.npy"),
+        "image_size": IMAGE,
+    } | extra
+
+
+def _images(b: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(b, IMAGE, IMAGE, 3)).astype(np.float32)
+
+
+def _torch_logits(model, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+
+
+def _rel(got, want) -> float:
+    return float(np.abs(np.asarray(got) - want).max() / np.abs(want).max())
+
+
+@pytest.mark.parametrize("paper", [False, True])
+def test_official_checkpoint_converts_and_matches_torch(tmp_path, capsys, paper):
+    tm = _torch_model(0, tmp_path, paper=paper)
+    # What main.py saves (Python-2-era legacy serialisation, protocol 2), read back by io.
+    path = tmp_path / "model_best_coco.pth"
+    torch.save(
+        {"epoch": 7, "state_dict": tm.state_dict(), "best_mAP": 83.8},
+        path,
+        pickle_protocol=2,
+        _use_new_zipfile_serialization=False,
+    )
+    sd = io.read_state_dict(path)
+    assert "resnet_101.layer4.0.bn3.num_batches_tracked" in sd
+    assert not any("word_features" in k or "matrix" in k for k in sd)
+    module, settings = convert_ssgrl.convert(sd, _options(tmp_path, reset_uses_update_u=not paper))
+    assert settings["num_classes"] == C and settings["image_size"] == IMAGE
+    model = settings["model"]
+    assert model["backbone"] == "resnet50"
+    assert model["backbone_kwargs"] == {"layers": [1, 1, 1, 1], "width": 4}
+    assert (model["embed_dim"], model["att_dim"]) == (E, A)
+    assert model["reset_uses_update_u"] is (not paper)
+    np.testing.assert_array_equal(module.graph[...], np.load(tmp_path / "prob_train.npy"))
+
+    x = _images(3, 1)
+    want = _torch_logits(tm, x)
+    got = nnx.jit(lambda m, x: m(x, train=False))(module, jnp.asarray(x))
+    rel = _rel(got["logits"], want)
+    assert rel < RTOL, f"max relative logit difference {rel:.2e}"
+    assert got["att_weights"].shape == (3, C, (IMAGE // 64) ** 2)
+    np.testing.assert_allclose(np.asarray(got["att_weights"]).sum(-1), 1.0, rtol=1e-5)
+    with capsys.disabled():
+        print(f"\nSSGRL conversion (paper gate={paper}): max relative logit diff {rel:.2e}")
+
+    # The settings rebuild the same tree.
+    rebuilt = nnx.eval_shape(
+        lambda: ssgrl.build(
+            ssgrl.model_config(**model), num_classes=C, image_size=IMAGE, rngs=nnx.Rngs(0)
+        )
+    )
+    spec = lambda m: {p: tuple(v.shape) for p, v in core.variable_paths(m).items()}  # noqa: E731
+    assert spec(rebuilt) == spec(module)
+
+
+def test_train_mode_batch_norm_only_in_layer4(tmp_path):
+    """bn_train='layer4' = official mode switching: backbone eval, then layer4 train."""
+    tm = _torch_model(1, tmp_path)
+    module, _ = convert_ssgrl.convert(core.to_numpy_state_dict(tm.state_dict()), _options(tmp_path))
+    tm.train()
+    tm.resnet_101.eval()
+    tm.resnet_101.layer4.train()
+    x = _images(4, 2)
+    want = _torch_logits(tm, x)
+    before = jax.tree.map(np.asarray, nnx.state(module.backbone, nnx.BatchStat))
+    got = module(jnp.asarray(x), train=True)
+    assert _rel(got["logits"], want) < RTOL
+    after = nnx.state(module.backbone, nnx.BatchStat)
+    np.testing.assert_array_equal(
+        after["layer3"][0]["bn1"]["mean"][...], before["layer3"][0]["bn1"]["mean"]
+    )
+    np.testing.assert_allclose(
+        after["layer4"][0]["bn1"]["mean"][...],
+        tm.resnet_101.layer4[0].bn1.running_mean.numpy(),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+
+
+def test_conversion_errors(tmp_path):
+    tm = _torch_model(2, tmp_path)
+    sd = core.to_numpy_state_dict(tm.state_dict())
+    with pytest.raises(core.ConversionError, match="option graph_path is required"):
+        convert_ssgrl.convert(sd, {"embed_path": str(tmp_path / "vectors.npy")})
+    broken = {k: v for k, v in sd.items() if k != "graph_net.fc_eq4_u.bias"}
+    broken["extra.weight"] = np.zeros(2, np.float32)
+    with pytest.raises(
+        core.ConversionError,
+        match=r"missing keys \(1\): graph_net.fc_eq4_u.bias \| unexpected keys \(1\): extra.weight",
+    ):
+        convert_ssgrl.convert(broken, _options(tmp_path))
+    np.save(tmp_path / "bad.npy", np.zeros((C, C + 1), np.float32))
+    with pytest.raises(core.ConversionError, match=r"bad.npy: holds an array of shape \(5, 6\)"):
+        convert_ssgrl.convert(sd, _options(tmp_path, graph_path=str(tmp_path / "bad.npy")))
+    with pytest.raises(core.ConversionError, match="not an SSGRL state dict: missing fc_output"):
+        convert_ssgrl.convert(
+            {k: v for k, v in sd.items() if "fc_output" not in k}, _options(tmp_path)
+        )
+
+
+def test_cooccurrence_statistics_match_the_formulas():
+    rng = np.random.default_rng(0)
+    y = (rng.random((50, 6)) < 0.35).astype(np.float32)
+    y[:, 5] = 0  # a class never seen
+    counts = cooccurrence.counts_from_labels(y)
+    for i in range(6):
+        for j in range(6):
+            assert counts[i, j] == sum(y[n, i] * y[n, j] for n in range(50))
+    m = cooccurrence.conditional_probability(counts)
+    for i in range(5):
+        for j in range(6):
+            both = np.sum((y[:, i] > 0) & (y[:, j] > 0))
+            assert m[i, j] == pytest.approx(both / np.sum(y[:, i] > 0), rel=1e-6)
+    np.testing.assert_array_equal(m[5], 0.0)
+    np.testing.assert_array_equal(np.diag(m)[:5], 1.0)
+    np.testing.assert_array_equal(
+        np.diag(cooccurrence.conditional_probability(counts, "zero")), 0.0
+    )
+    with pytest.raises(ConfigError, match="graph diagonal 'two'"):
+        cooccurrence.conditional_probability(counts, "two")
+
+
+def test_train_labels_resolution_and_graph_files(tmp_path):
+    data_dir = tiny_coco(tmp_path, num_train=12, num_val=4)
+    import ml_collections
+
+    from mlgraph.data import datasets
+
+    cfg = ml_collections.ConfigDict(
+        {
+            "data": {"train_split": "train"},
+            "model": ssgrl.model_config(graph_path="train_labels", embed_dim=3),
+        }
+    )
+    built = datasets.make_builder("coco2014", data_dir, "").data_dir
+    resolved = cooccurrence.resolve(cfg, built)
+    assert cfg.model.graph_path == "train_labels"  # the input is not modified
+    path = resolved.model.graph_path
+    assert path.endswith("cooccurrence_train.npz")
+    labels = cooccurrence.split_labels(built, "train")
+    assert labels.shape == (12, 4)
+    counts = cooccurrence.load_counts(path, 4, "graph")
+    np.testing.assert_array_equal(counts, labels.T @ labels)
+    graph = ssgrl.load_graph(path, 4)
+    np.testing.assert_allclose(graph, cooccurrence.conditional_probability(labels.T @ labels))
+    with pytest.raises(ConfigError, match=r"config.model.graph_path=.*: counts of shape \(4, 4\)"):
+        ssgrl.load_graph(path, 3)
+    with pytest.raises(ConfigError, match="must be resolved to a file first"):
+        ssgrl.build(cfg.model, num_classes=4, image_size=64, rngs=nnx.Rngs(0))

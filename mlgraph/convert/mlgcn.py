@@ -24,6 +24,7 @@ from mlgraph.convert import core, torchvision_resnet
 from mlgraph.convert.torchvision_resnet import check_options
 from mlgraph.errors import ConfigError
 from mlgraph.models import mlgcn
+from mlgraph.models.common import load_embeddings
 
 OPTIONS = {"embed_path": "", "image_size": 448, "prefix": "module."}
 IGNORED = [r".*num_batches_tracked"]
@@ -104,7 +105,7 @@ def convert(
     settings = infer_settings(state_dict, image_size=opts["image_size"])
     c = settings["num_classes"]
     try:
-        words = mlgcn.load_embeddings(opts["embed_path"], c, settings["model"]["embed_dim"])
+        words = load_embeddings(opts["embed_path"], c, settings["model"]["embed_dim"])
     except ConfigError as e:
         raise core.ConversionError(f"ML-GCN: {e}") from e
     module = nnx.eval_shape(

@@ -35,6 +35,7 @@ from mlgraph.convert import core, torchvision_resnet
 from mlgraph.convert.torchvision_resnet import check_options
 from mlgraph.errors import ConfigError
 from mlgraph.models import ssgrl
+from mlgraph.models.common import load_embeddings
 
 OPTIONS = {
     "embed_path": "",
@@ -155,7 +156,7 @@ def convert(
     )
     c = settings["num_classes"]
     try:
-        words = ssgrl.load_embeddings(opts["embed_path"], c, settings["model"]["embed_dim"])
+        words = load_embeddings(opts["embed_path"], c, settings["model"]["embed_dim"])
         graph = ssgrl.load_graph(opts["graph_path"], c, settings["model"]["graph_diagonal"])
     except ConfigError as e:
         raise core.ConversionError(f"SSGRL: {e}") from e

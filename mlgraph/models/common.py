@@ -1,6 +1,15 @@
-"""Small pieces shared by every model: the non-trainable buffer variable type."""
+"""Small pieces shared by the models: the buffer variable type and the loaders of the
+fixed inputs the graph methods read (label word vectors, label graphs)."""
 
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
 from flax import nnx
+
+from mlgraph.data import cooccurrence
+from mlgraph.errors import ConfigError
 
 
 class Buffer(nnx.Variable):
@@ -10,3 +19,57 @@ class Buffer(nnx.Variable):
     embeddings loaded from a file. Gradients are taken with respect to `nnx.Param` only, so a
     Buffer is never touched by the optimizer.
     """
+
+
+def load_embeddings(path: str, num_classes: int, embed_dim: int = 0) -> np.ndarray:
+    """Read label embeddings [C, E] from a .npy file as float32, checking their shape.
+
+    Raises:
+      ConfigError: no path, a missing or unreadable file, or a shape other than
+        [num_classes, E] (with E == embed_dim when embed_dim > 0).
+    """
+    if not path:
+        raise ConfigError(
+            "config.model.embed_path: embed_type='file' needs a .npy file of label embeddings "
+            "[num_classes, E] (see mlgraph.data.label_embed), or use embed_type='random'"
+        )
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config.model.embed_path={path}: no such file")
+    try:
+        table = np.load(file, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"config.model.embed_path={path}: not a readable .npy file ({e})") from e
+    if table.ndim != 2 or table.shape[0] != num_classes:
+        raise ConfigError(
+            f"config.model.embed_path={path}: holds an array of shape {table.shape}; expected "
+            f"[{num_classes}, E] (one row per class)"
+        )
+    if embed_dim and table.shape[1] != embed_dim:
+        raise ConfigError(
+            f"config.model.embed_path={path}: embeddings have width {table.shape[1]}, but "
+            f"config.model.embed_dim={embed_dim}"
+        )
+    return table.astype(np.float32)
+
+
+def word_vectors(path: str, embed_dim: int, num_classes: int, method: str) -> np.ndarray:
+    """Label word vectors [C, E] from `path`, or zeros [C, embed_dim] to be filled from a
+    weights checkpoint when `path` is empty."""
+    if path:
+        return load_embeddings(path, num_classes, embed_dim)
+    if embed_dim > 0:
+        return np.zeros((num_classes, embed_dim), np.float32)
+    raise ConfigError(
+        f"config.model.embed_path: {method} needs word vectors (a .npy [C, E] file or "
+        "'minilm'), or embed_dim > 0 for vectors filled from a checkpoint"
+    )
+
+
+def check_graph_resolved(graph_path: str) -> None:
+    """`graph_path='train_labels'` must have been turned into a file by `assets.resolve`."""
+    if graph_path == cooccurrence.TRAIN_LABELS:
+        raise ConfigError(
+            "config.model.graph_path='train_labels' must be resolved to a file first "
+            "(mlgraph.data.cooccurrence.resolve)"
+        )

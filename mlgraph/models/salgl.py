@@ -15,7 +15,6 @@ EMA-averaged, never optimized.
 
 from __future__ import annotations
 
-import pathlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,7 +33,7 @@ from mlgraph.models.attention import (
     sine_position_encoding,
     torch_linear,
 )
-from mlgraph.models.common import Buffer
+from mlgraph.models.common import Buffer, load_embeddings  # noqa: F401 (re-exported)
 from mlgraph.models.graph import (
     ElementWiseLinear,
     GatedGNN,
@@ -97,38 +96,6 @@ def _field(cfg: Mapping[str, Any] | ml_collections.ConfigDict, name: str) -> Any
     if isinstance(value, ml_collections.ConfigDict):
         return value.to_dict()
     return value
-
-
-def load_embeddings(path: str, num_classes: int, embed_dim: int = 0) -> np.ndarray:
-    """Read label embeddings [C, E] from a .npy file as float32, checking their shape.
-
-    Raises:
-      ConfigError: no path, a missing or unreadable file, or a shape other than
-        [num_classes, E] (with E == embed_dim when embed_dim > 0).
-    """
-    if not path:
-        raise ConfigError(
-            "config.model.embed_path: embed_type='file' needs a .npy file of label embeddings "
-            "[num_classes, E] (see mlgraph.data.label_embed), or use embed_type='random'"
-        )
-    file = pathlib.Path(path)
-    if not file.is_file():
-        raise ConfigError(f"config.model.embed_path={path}: no such file")
-    try:
-        table = np.load(file, allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise ConfigError(f"config.model.embed_path={path}: not a readable .npy file ({e})") from e
-    if table.ndim != 2 or table.shape[0] != num_classes:
-        raise ConfigError(
-            f"config.model.embed_path={path}: holds an array of shape {table.shape}; expected "
-            f"[{num_classes}, E] (one row per class)"
-        )
-    if embed_dim and table.shape[1] != embed_dim:
-        raise ConfigError(
-            f"config.model.embed_path={path}: embeddings have width {table.shape[1]}, but "
-            f"config.model.embed_dim={embed_dim}"
-        )
-    return table.astype(np.float32)
 
 
 class SALGL(nnx.Module):

@@ -30,9 +30,8 @@ from mlgraph.data import cooccurrence
 from mlgraph.errors import ConfigError
 from mlgraph.models import backbones
 from mlgraph.models.attention import LowRankBilinearAttention, torch_linear
-from mlgraph.models.common import Buffer
+from mlgraph.models.common import Buffer, check_graph_resolved, word_vectors
 from mlgraph.models.graph import ElementWiseLinear, GatedGNN
-from mlgraph.models.salgl import load_embeddings
 
 BN_MODES = ("layer4", "all", "none")
 
@@ -246,23 +245,11 @@ def build(
       ConfigError: unusable word-vector or graph files, or an empty path without `embed_dim`.
     """
     c = int(num_classes)
-    embed_path = _field(model_cfg, "embed_path")
-    embed_dim = int(_field(model_cfg, "embed_dim"))
-    if embed_path:
-        words = load_embeddings(embed_path, c, embed_dim)
-    elif embed_dim > 0:
-        words = np.zeros((c, embed_dim), np.float32)
-    else:
-        raise ConfigError(
-            "config.model.embed_path: SSGRL needs word vectors (a .npy [C, E] file or 'minilm'),"
-            " or embed_dim > 0 for vectors filled from a checkpoint"
-        )
+    words = word_vectors(
+        _field(model_cfg, "embed_path"), int(_field(model_cfg, "embed_dim")), c, "SSGRL"
+    )
     graph_path = _field(model_cfg, "graph_path")
-    if graph_path == cooccurrence.TRAIN_LABELS:
-        raise ConfigError(
-            "config.model.graph_path='train_labels' must be resolved to a file first "
-            "(mlgraph.data.cooccurrence.resolve)"
-        )
+    check_graph_resolved(graph_path)
     if graph_path:
         graph = load_graph(graph_path, c, _field(model_cfg, "graph_diagonal"))
     else:

@@ -25,22 +25,4 @@ from mlgraph.models import mlgcn
 def get_config(arg=None):
     """The config (no arguments)."""
     config_lib.parse_arg(arg)
-    c = config_lib.base_config()
-    c.data.name = "coco2014"
-    c.data.builder_config = "nonempty"
-    c.data.worker_count = 8
-    c.image_size = 448
-    c.batch_size = 32
-    c.eval_batch_size = 64
-    c.num_epochs = 20.0
-    c.eval_every_steps = 2000
-    c.log_every_steps = 50
-    c.dtype = "bfloat16"
-    c.optimizer.lr = 1e-4
-    c.optimizer.weight_decay = 1e-4
-    c.optimizer.lr_mults = (("backbone/.*", 0.1),)
-    c.ema.decay = 0.0
-    c.model = mlgcn.model_config(
-        backbone="resnet101", embed_path="minilm", graph_path="train_labels"
-    )
-    return c
+    return mlgcn.official_config(data="coco2014", builder_config="nonempty")

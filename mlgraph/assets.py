@@ -64,7 +64,7 @@ def offline_weights(name: str) -> pathlib.Path:
 
 
 def resolve(
-    config: ml_collections.ConfigDict, class_names: list[str], data_dir: pathlib.Path
+    config: ml_collections.ConfigDict, class_names: list[str], data_dir: pathlib.Path | None
 ) -> ml_collections.ConfigDict:
     """A copy of `config` with asset names replaced by the paths of the made assets."""
     config = ml_collections.ConfigDict(config.to_dict())

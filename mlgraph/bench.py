@@ -19,13 +19,17 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mlgraph import sharding, train
-from mlgraph.data import datasets, pipeline
+from mlgraph import assets, sharding, train
+from mlgraph.data import cooccurrence, datasets, pipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed train steps (after 2 warm-up steps).")
 _BATCHES = flags.DEFINE_integer("batches", 20, "Timed input batches (after 2 warm-up).")
-_CLASSES = flags.DEFINE_integer("num_classes", 80, "Classes of the synthetic batches.")
+_CLASSES = flags.DEFINE_integer(
+    "num_classes",
+    80,
+    "Classes of the synthetic batches (the data set's count when the config's assets need it).",
+)
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s of one device, for MFU.")
 
 
@@ -40,8 +44,25 @@ def _timed(fn, n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
+def resolve_assets(config, num_classes: int):
+    """(config, num_classes) with the config's asset names made into files, as training does.
+
+    Label embeddings by name ('minilm') and 'train_labels' graphs come from the config's data
+    set, which must then be built (or be a demo set); its class count replaces `num_classes`.
+    """
+    model = config.model
+    if (
+        model.get("embed_path") == assets.MINILM
+        or model.get("graph_path") == cooccurrence.TRAIN_LABELS
+    ):
+        dataset = datasets.open_dataset(config.data)
+        return assets.resolve(config, dataset.class_names, dataset.directory), dataset.num_classes
+    return assets.resolve(config, [], None), num_classes
+
+
 def bench_train(config, steps: int, num_classes: int, peak_tflops: float) -> dict[str, float]:
     """Images/s of the train step and of the eval forward pass on synthetic data."""
+    config, num_classes = resolve_assets(config, num_classes)
     mesh = sharding.make_mesh()
     repl, data_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     mod, graphdef, tx, state = train.init_train_state(config, num_classes, 1000)

@@ -219,15 +219,15 @@ def test_read_state_dict_errors(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         read_state_dict(tmp_path / "nope.pth")
     assert str(e.value) == (
-        f"{tmp_path / 'nope.pth'}: no such checkpoint file (expected '.pth', '.pt', '.bin' "
-        "(torch.save), '.safetensors' or '.npz')"
+        f"{tmp_path / 'nope.pth'}: no such checkpoint file (expected '.pth', '.pt', '.bin', "
+        "'.tar', '.pkl' (torch.save), '.safetensors' or '.npz')"
     )
     (tmp_path / "w.ckpt").write_bytes(b"x")
     with pytest.raises(ConversionError) as e:
         read_state_dict(tmp_path / "w.ckpt")
     assert str(e.value) == (
         f"{tmp_path / 'w.ckpt'}: unknown checkpoint extension '.ckpt'; expected '.pth', '.pt', "
-        "'.bin' (torch.save), '.safetensors' or '.npz'"
+        "'.bin', '.tar', '.pkl' (torch.save), '.safetensors' or '.npz'"
     )
     torch.save({"epoch": 3, "optimizer": {"lr": 0.1}}, tmp_path / "meta.pth")
     with pytest.raises(ConversionError) as e:
@@ -291,8 +291,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert err == (
-        f"error: {tmp_path / 'x.pth'}: no such checkpoint file (expected '.pth', '.pt', '.bin' "
-        "(torch.save), '.safetensors' or '.npz')\n"
+        f"error: {tmp_path / 'x.pth'}: no such checkpoint file (expected '.pth', '.pt', '.bin', "
+        "'.tar', '.pkl' (torch.save), '.safetensors' or '.npz')\n"
     )
     sd = tiny_resnet_state_dict()
     del sd["layer1.0.bn1.bias"]

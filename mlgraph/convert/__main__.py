@@ -28,6 +28,7 @@ SOURCES: dict[str, str] = {
     "salgl": "mlgraph.convert.salgl",
     "ssgrl": "mlgraph.convert.ssgrl",
     "mlgcn": "mlgraph.convert.mlgcn",
+    "q2l": "mlgraph.convert.q2l",
 }
 
 

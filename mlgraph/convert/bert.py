@@ -44,35 +44,21 @@ SETTING_NAMES = (
 )
 
 
-def _linear(path: str, key: str) -> dict[str, tuple[str, core.Transform]]:
-    return {
-        f"{path}/kernel": (f"{key}.weight", core.linear_kernel),
-        f"{path}/bias": (f"{key}.bias", core.identity),
-    }
-
-
-def _norm(path: str, key: str) -> dict[str, tuple[str, core.Transform]]:
-    return {
-        f"{path}/scale": (f"{key}.weight", core.identity),
-        f"{path}/bias": (f"{key}.bias", core.identity),
-    }
-
-
 def table(module: bert.BertEncoder) -> dict[str, tuple[str, Any]]:
     """NNX path -> (HF key without the `bert.` prefix, transform) for every variable."""
     t: dict[str, tuple[str, Any]] = {}
     for name in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
         t[f"embeddings/{name}/embedding"] = (f"embeddings.{name}.weight", core.identity)
-    t |= _norm("embeddings/norm", "embeddings.LayerNorm")
+    t |= core.layer_norm("embeddings/norm", "embeddings.LayerNorm")
     for i in range(len(module.layers)):
         path, key = f"layers/{i}", f"encoder.layer.{i}"
         for name in ("query", "key", "value"):
-            t |= _linear(f"{path}/{name}", f"{key}.attention.self.{name}")
-        t |= _linear(f"{path}/attention_out", f"{key}.attention.output.dense")
-        t |= _norm(f"{path}/attention_norm", f"{key}.attention.output.LayerNorm")
-        t |= _linear(f"{path}/intermediate", f"{key}.intermediate.dense")
-        t |= _linear(f"{path}/output", f"{key}.output.dense")
-        t |= _norm(f"{path}/output_norm", f"{key}.output.LayerNorm")
+            t |= core.linear(f"{path}/{name}", f"{key}.attention.self.{name}")
+        t |= core.linear(f"{path}/attention_out", f"{key}.attention.output.dense")
+        t |= core.layer_norm(f"{path}/attention_norm", f"{key}.attention.output.LayerNorm")
+        t |= core.linear(f"{path}/intermediate", f"{key}.intermediate.dense")
+        t |= core.linear(f"{path}/output", f"{key}.output.dense")
+        t |= core.layer_norm(f"{path}/output_norm", f"{key}.output.LayerNorm")
     return t
 
 

@@ -38,6 +38,19 @@ def conv_kernel(w: np.ndarray) -> np.ndarray:
     return w.transpose(2, 3, 1, 0)
 
 
+def linear(path: str, key: str, bias: bool = True) -> dict[str, tuple[str, Transform]]:
+    """Entries for a torch `nn.Linear` at `key` -> the `nnx.Linear` at NNX `path`."""
+    t = {f"{path}/kernel": (f"{key}.weight", linear_kernel)}
+    if bias:
+        t[f"{path}/bias"] = (f"{key}.bias", identity)
+    return t
+
+
+def layer_norm(path: str, key: str) -> dict[str, tuple[str, Transform]]:
+    """Entries for a torch `nn.LayerNorm` at `key` -> the `nnx.LayerNorm` at `path`."""
+    return {f"{path}/scale": (f"{key}.weight", identity), f"{path}/bias": (f"{key}.bias", identity)}
+
+
 def variable_paths(module: nnx.Module) -> dict[str, nnx.Variable]:
     """All NNX variables of `module` keyed by their '/'-joined path."""
     flat = nnx.to_flat_state(nnx.state(module))

@@ -20,8 +20,8 @@ from mlgraph.convert.core import ConversionError, to_numpy_state_dict
 
 log = logging.getLogger(__name__)
 
-TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".tar")  # .tar: the `model_best.pth.tar` habit
-FORMATS = "'.pth', '.pt', '.bin' (torch.save), '.safetensors' or '.npz'"
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".tar", ".pkl")  # .tar: `model_best.pth.tar`; .pkl: Q2L
+FORMATS = "'.pth', '.pt', '.bin', '.tar', '.pkl' (torch.save), '.safetensors' or '.npz'"
 # Keys under which training scripts commonly nest the weights, in the order they are tried.
 CONTAINER_KEYS = ("state_dict", "model", "state_dict_ema")
 TORCH_PIN = "torch==2.13.0"

@@ -51,33 +51,19 @@ TEXT_KEYS = [
 ]
 
 
-def _linear(path: str, key: str) -> dict[str, tuple[str, core.Transform]]:
-    return {
-        f"{path}/kernel": (f"{key}.weight", core.linear_kernel),
-        f"{path}/bias": (f"{key}.bias", core.identity),
-    }
-
-
-def _norm(path: str, key: str) -> dict[str, tuple[str, core.Transform]]:
-    return {
-        f"{path}/scale": (f"{key}.weight", core.identity),
-        f"{path}/bias": (f"{key}.bias", core.identity),
-    }
-
-
 def _blocks(transformer: clip.Transformer, key_prefix: str) -> dict[str, tuple[str, Any]]:
     t: dict[str, tuple[str, Any]] = {}
     for i in range(len(transformer.resblocks)):
         path, key = f"transformer/resblocks/{i}", f"{key_prefix}transformer.resblocks.{i}"
-        t |= _norm(f"{path}/ln_1", f"{key}.ln_1")
+        t |= core.layer_norm(f"{path}/ln_1", f"{key}.ln_1")
         # The packed in_proj (3D, D), rows [q; k; v], becomes one (D, 3D) kernel whose columns
         # keep that order, which is how `MultiheadAttention` splits it.
         t[f"{path}/attn/in_proj/kernel"] = (f"{key}.attn.in_proj_weight", core.linear_kernel)
         t[f"{path}/attn/in_proj/bias"] = (f"{key}.attn.in_proj_bias", core.identity)
-        t |= _linear(f"{path}/attn/out_proj", f"{key}.attn.out_proj")
-        t |= _norm(f"{path}/ln_2", f"{key}.ln_2")
-        t |= _linear(f"{path}/mlp/c_fc", f"{key}.mlp.c_fc")
-        t |= _linear(f"{path}/mlp/c_proj", f"{key}.mlp.c_proj")
+        t |= core.linear(f"{path}/attn/out_proj", f"{key}.attn.out_proj")
+        t |= core.layer_norm(f"{path}/ln_2", f"{key}.ln_2")
+        t |= core.linear(f"{path}/mlp/c_fc", f"{key}.mlp.c_fc")
+        t |= core.linear(f"{path}/mlp/c_proj", f"{key}.mlp.c_proj")
     return t
 
 
@@ -104,7 +90,7 @@ def table(module: clip.ImageTower | clip.TextTower, prefix: str = "") -> dict[st
             "positional_embedding": (f"{p}positional_embedding", core.identity),
             "text_projection": (f"{p}text_projection", core.identity),
         }
-        t |= _norm("ln_final", f"{p}ln_final")
+        t |= core.layer_norm("ln_final", f"{p}ln_final")
         return t | _blocks(module.transformer, p)
     p = f"{prefix}visual."
     t = {
@@ -113,7 +99,7 @@ def table(module: clip.ImageTower | clip.TextTower, prefix: str = "") -> dict[st
         "positional_embedding": (f"{p}positional_embedding", _positions_to(module.grid)),
         "proj": (f"{p}proj", core.identity),
     }
-    t |= _norm("ln_pre", f"{p}ln_pre") | _norm("ln_post", f"{p}ln_post")
+    t |= core.layer_norm("ln_pre", f"{p}ln_pre") | core.layer_norm("ln_post", f"{p}ln_post")
     return t | _blocks(module.transformer, p)
 
 

@@ -24,7 +24,6 @@ Options:
 
 from __future__ import annotations
 
-import math
 import pathlib
 import re
 from collections.abc import Mapping
@@ -33,11 +32,10 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from mlgraph.convert import core, timm_vit, torchvision_resnet
+from mlgraph.convert import core, timm_vit, torch_transformer, torchvision_resnet
 from mlgraph.convert.torchvision_resnet import check_options
 from mlgraph.errors import ConfigError
 from mlgraph.models import salgl
-from mlgraph.models.attention import sine_position_encoding
 
 OPTIONS = {"num_steps": -1, "config_yaml": "", "image_size": 0, "num_heads": 0, "prefix": "module."}
 IGNORED = [r".*num_batches_tracked", r"position_embedding\.pe"]
@@ -314,24 +312,6 @@ def infer_settings(
 # ---------------------------------------------------------------------------------------------
 # Table and conversion
 # ---------------------------------------------------------------------------------------------
-def _linear(path: str, key: str, bias: bool = True) -> dict[str, tuple[str, core.Transform]]:
-    t = {f"{path}/kernel": (f"{key}.weight", core.linear_kernel)}
-    if bias:
-        t[f"{path}/bias"] = (f"{key}.bias", core.identity)
-    return t
-
-
-def _in_proj_rows(i: int) -> core.Transform:
-    """Rows [iD, (i+1)D) of a fused [3D, ...] in-projection; a weight block is transposed."""
-
-    def transform(w: np.ndarray) -> np.ndarray:
-        d = w.shape[0] // 3
-        block = w[i * d : (i + 1) * d]
-        return block.T if block.ndim == 2 else block
-
-    return transform
-
-
 def table(module: salgl.SALGL, prefix: str = "") -> dict[str, tuple[str, core.Transform]]:
     """NNX path -> (torch key, transform) for every variable of `module`.
 
@@ -346,44 +326,18 @@ def table(module: salgl.SALGL, prefix: str = "") -> dict[str, tuple[str, core.Tr
     t: dict[str, tuple[str, core.Transform]] = {f"backbone/{k}": v for k, v in sub.items()}
     t["embeddings"] = (f"{p}embeddings", core.identity)
     t["comatrix"] = (f"{p}comatrix", core.identity)
-    tb = f"{p}tb.layers.0"
-    for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
-        t[f"tb/self_attn/{name}/kernel"] = (f"{tb}.self_attn.in_proj_weight", _in_proj_rows(i))
-        t[f"tb/self_attn/{name}/bias"] = (f"{tb}.self_attn.in_proj_bias", _in_proj_rows(i))
-    t |= _linear("tb/self_attn/out_proj", f"{tb}.self_attn.out_proj")
-    t |= _linear("tb/linear1", f"{tb}.linear1")
-    t |= _linear("tb/linear2", f"{tb}.linear2")
-    for norm in ("norm1", "norm2"):
-        t[f"tb/{norm}/scale"] = (f"{tb}.{norm}.weight", core.identity)
-        t[f"tb/{norm}/bias"] = (f"{tb}.{norm}.bias", core.identity)
-    t |= _linear("scene_linear", f"{p}scene_linear", bias=False)
+    t |= torch_transformer.encoder_layer("tb", f"{p}tb.layers.0")
+    t |= core.linear("scene_linear", f"{p}scene_linear", bias=False)
     for gate in ("fc1_w", "fc1_u", "fc2_w", "fc2_u", "fc3_w", "fc3_u"):
-        t |= _linear(f"ggnn/{gate}", f"{p}ggnn.{gate}")
-    t |= _linear("attention/linear1", f"{p}attention.linear1", bias=False)
-    t |= _linear("attention/linear2", f"{p}attention.linear2", bias=False)
-    t |= _linear("attention/hidden_linear", f"{p}attention.hidden_linear")
-    t |= _linear("attention/target_linear", f"{p}attention.target_linear")
-    t |= _linear("fc", f"{p}fc.0")
+        t |= core.linear(f"ggnn/{gate}", f"{p}ggnn.{gate}")
+    t |= core.linear("attention/linear1", f"{p}attention.linear1", bias=False)
+    t |= core.linear("attention/linear2", f"{p}attention.linear2", bias=False)
+    t |= core.linear("attention/hidden_linear", f"{p}attention.hidden_linear")
+    t |= core.linear("attention/target_linear", f"{p}attention.target_linear")
+    t |= core.linear("fc", f"{p}fc.0")
     t["classifier/weight"] = (f"{p}classifier.weight", core.identity)
     t["classifier/bias"] = (f"{p}classifier.bias", core.identity)
     return t
-
-
-def _check_position_table(pe: np.ndarray, dim: int, image_size: int) -> None:
-    """The checkpoint's sine table must be the one the model recomputes."""
-    grid = image_size // 32
-    if pe.shape != (1, dim, grid, grid):
-        raise core.ConversionError(
-            f"position_embedding.pe has shape {pe.shape}; expected (1, {dim}, {grid}, {grid}) "
-            f"for image size {image_size}"
-        )
-    ours = sine_position_encoding(dim, grid)
-    theirs = pe[0].transpose(1, 2, 0).reshape(grid * grid, dim)
-    err = float(np.max(np.abs(ours - theirs)))
-    if not math.isfinite(err) or err > 1e-4:
-        raise core.ConversionError(
-            f"position_embedding.pe differs from the sine table by up to {err:.3g}"
-        )
 
 
 def convert(
@@ -403,8 +357,11 @@ def convert(
     model = settings["model"]
     d = int(state_dict["classifier.weight"].shape[1])
     if model["pos"]:
-        _check_position_table(
-            np.asarray(state_dict["position_embedding.pe"]), d, settings["image_size"]
+        torch_transformer.check_position_table(
+            np.asarray(state_dict["position_embedding.pe"]),
+            d,
+            settings["image_size"],
+            "position_embedding.pe",
         )
     try:
         # Built abstractly (no random init): every variable is then set from the checkpoint.

@@ -65,13 +65,6 @@ GATES = {
 }
 
 
-def _linear(path: str, key: str, bias: bool = True) -> dict[str, tuple[str, core.Transform]]:
-    t = {f"{path}/kernel": (f"{key}.weight", core.linear_kernel)}
-    if bias:
-        t[f"{path}/bias"] = (f"{key}.bias", core.identity)
-    return t
-
-
 def table(module: ssgrl.SSGRL, prefix: str = "") -> dict[str, tuple[str, core.Transform]]:
     """NNX path -> (torch key, transform) for every Param and batch statistic of `module`.
 
@@ -81,13 +74,13 @@ def table(module: ssgrl.SSGRL, prefix: str = "") -> dict[str, tuple[str, core.Tr
     sub = torchvision_resnet.table(module.backbone, prefix=f"{p}{BACKBONE}")
     t: dict[str, tuple[str, core.Transform]] = {f"backbone/{k}": v for k, v in sub.items()}
     ws = f"{p}word_semantic"
-    t |= _linear("word_semantic/linear1", f"{ws}.fc_1", bias=False)
-    t |= _linear("word_semantic/linear2", f"{ws}.fc_2", bias=False)
-    t |= _linear("word_semantic/hidden_linear", f"{ws}.fc_3")
-    t |= _linear("word_semantic/target_linear", f"{ws}.fc_a")
+    t |= core.linear("word_semantic/linear1", f"{ws}.fc_1", bias=False)
+    t |= core.linear("word_semantic/linear2", f"{ws}.fc_2", bias=False)
+    t |= core.linear("word_semantic/hidden_linear", f"{ws}.fc_3")
+    t |= core.linear("word_semantic/target_linear", f"{ws}.fc_a")
     for ours, theirs in GATES.items():
-        t |= _linear(f"graph_net/{ours}", f"{p}graph_net.{theirs}")
-    t |= _linear("fc_output", f"{p}fc_output")
+        t |= core.linear(f"graph_net/{ours}", f"{p}graph_net.{theirs}")
+    t |= core.linear("fc_output", f"{p}fc_output")
     t["classifiers/weight"] = (f"{p}classifiers.weight", core.identity)
     t["classifiers/bias"] = (f"{p}classifiers.bias", core.identity)
     return t

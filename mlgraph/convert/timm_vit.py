@@ -40,20 +40,6 @@ HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
 REGISTERED = {"B/16": "vit_b16", "L/16": "vit_l16"}
 
 
-def _linear(path: str, key: str) -> dict[str, tuple[str, core.Transform]]:
-    return {
-        f"{path}/kernel": (f"{key}.weight", core.linear_kernel),
-        f"{path}/bias": (f"{key}.bias", core.identity),
-    }
-
-
-def _norm(path: str, key: str) -> dict[str, tuple[str, core.Transform]]:
-    return {
-        f"{path}/scale": (f"{key}.weight", core.identity),
-        f"{path}/bias": (f"{key}.bias", core.identity),
-    }
-
-
 def _pos_embed_to(grid: int) -> core.Transform:
     """The checkpoint's position table, resized to `grid` when its grid differs."""
 
@@ -79,15 +65,15 @@ def table(module: vit.VisionTransformer, prefix: str = "") -> dict[str, tuple[st
     }
     for i in range(len(module.blocks)):
         path, key = f"blocks/{i}", f"{p}blocks.{i}"
-        t |= _norm(f"{path}/norm1", f"{key}.norm1")
-        t |= _linear(f"{path}/attn/qkv", f"{key}.attn.qkv")
-        t |= _linear(f"{path}/attn/proj", f"{key}.attn.proj")
-        t |= _norm(f"{path}/norm2", f"{key}.norm2")
-        t |= _linear(f"{path}/mlp/fc1", f"{key}.mlp.fc1")
-        t |= _linear(f"{path}/mlp/fc2", f"{key}.mlp.fc2")
-    t |= _norm("norm", f"{p}norm")
+        t |= core.layer_norm(f"{path}/norm1", f"{key}.norm1")
+        t |= core.linear(f"{path}/attn/qkv", f"{key}.attn.qkv")
+        t |= core.linear(f"{path}/attn/proj", f"{key}.attn.proj")
+        t |= core.layer_norm(f"{path}/norm2", f"{key}.norm2")
+        t |= core.linear(f"{path}/mlp/fc1", f"{key}.mlp.fc1")
+        t |= core.linear(f"{path}/mlp/fc2", f"{key}.mlp.fc2")
+    t |= core.layer_norm("norm", f"{p}norm")
     if module.head is not None:
-        t |= _linear("head", f"{p}head")
+        t |= core.linear("head", f"{p}head")
     return t
 
 

@@ -1,6 +1,6 @@
 """Attention parts shared by the graph methods: PyTorch-initialised Linear, multi-head attention,
-a DETR-style post-norm transformer encoder layer, the 2-D sine position table, and low-rank
-bilinear (label-to-region) attention.
+DETR-style post-norm transformer encoder and decoder layers, the 2-D sine position table, and
+low-rank bilinear (label-to-region) attention.
 
 Everything follows PyTorch's semantics and parameter layout so that checkpoints convert by a
 plain renaming (see salgl.md §1.2, §1.3, §1.6 and ssgrl_mlgcn.md §1.2):
@@ -177,6 +177,81 @@ class TransformerEncoderLayer(nnx.Module):
         y = self.dropout(nnx.relu(self.linear1(x)), deterministic=det, rngs=rngs)
         y = self.linear2(y)
         return self.norm2(x + self.dropout2(y, deterministic=det, rngs=rngs))
+
+
+class TransformerDecoderLayer(nnx.Module):
+    """DETR's post-norm decoder layer (`forward_post`), with an optional self-attention block.
+
+        if self_attn:  q = k = t + query_pos;  t = norm1(t + dropout1(self_attn(q, k, t)))
+        t = norm2(t + dropout2(multihead_attn(t + query_pos, memory + pos, memory)))
+        t = norm3(t + dropout3(linear2(dropout(relu(linear1(t))))))
+
+    Query2Label removes the self-attention of its decoder layers by default (ssgrl_mlgcn.md
+    §4.1); `self_attn=False` builds the layer without `self_attn`/`norm1`, as the official
+    checkpoints have no such keys. Attribute names are torch's.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        ffn_dim: int = 2048,
+        dropout: float = 0.1,
+        *,
+        self_attn: bool = True,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        ln = dict(epsilon=1e-5, use_fast_variance=False, **kw)
+        if self_attn:
+            self.self_attn = MultiheadAttention(dim, num_heads, dropout=dropout, **kw)
+            self.norm1 = nnx.LayerNorm(dim, **ln)
+        else:
+            self.self_attn = None
+            self.norm1 = None
+        self.multihead_attn = MultiheadAttention(dim, num_heads, dropout=dropout, **kw)
+        self.norm2 = nnx.LayerNorm(dim, **ln)
+        self.linear1 = torch_linear(dim, ffn_dim, **kw)
+        self.linear2 = torch_linear(ffn_dim, dim, **kw)
+        self.norm3 = nnx.LayerNorm(dim, **ln)
+        self.dropout = nnx.Dropout(dropout)
+        self.dropout1 = nnx.Dropout(dropout)
+        self.dropout2 = nnx.Dropout(dropout)
+        self.dropout3 = nnx.Dropout(dropout)
+
+    def __call__(
+        self,
+        tgt: jax.Array,
+        memory: jax.Array,
+        *,
+        pos: jax.Array | None = None,
+        query_pos: jax.Array | None = None,
+        train: bool = False,
+        rngs: nnx.Rngs | None = None,
+    ) -> jax.Array:
+        """Targets [B, Q, D] attend over memory [B, N, D] -> [B, Q, D].
+
+        `pos` (memory position codes) and `query_pos` (query embeddings) broadcast to the
+        memory and the targets; they are added to the keys and queries, never to the values.
+        """
+        det = not train
+
+        def with_pos(x: jax.Array, p: jax.Array | None) -> jax.Array:
+            return x if p is None else x + p.astype(x.dtype)
+
+        if self.self_attn is not None:
+            q = with_pos(tgt, query_pos)
+            y = self.self_attn(q, q, tgt, train=train, rngs=rngs)
+            tgt = self.norm1(tgt + self.dropout1(y, deterministic=det, rngs=rngs))
+        y = self.multihead_attn(
+            with_pos(tgt, query_pos), with_pos(memory, pos), memory, train=train, rngs=rngs
+        )
+        tgt = self.norm2(tgt + self.dropout2(y, deterministic=det, rngs=rngs))
+        y = self.dropout(nnx.relu(self.linear1(tgt)), deterministic=det, rngs=rngs)
+        y = self.linear2(y)
+        return self.norm3(tgt + self.dropout3(y, deterministic=det, rngs=rngs))
 
 
 def sine_position_encoding(

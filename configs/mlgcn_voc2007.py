@@ -1,0 +1,22 @@
+"""ML-GCN (Chen et al., CVPR 2019) on VOC 2007 trainval -> test (see mlgcn_coco.py for the recipe
+and its documented deviations: AdamW one-cycle instead of SGD, no multi-scale crop).
+
+ResNet-101 at 448 px, global max pooling, the two-layer GCN over gen_A(tau 0.4, p 0.25) of the
+trainval co-occurrence; BCE. The training labels count difficult objects as positives, as
+ML-GCN's VOC loader does.
+
+    python -m mlgraph.data.build voc2007 --manual_dir RAW --data_dir DATA
+    python -m mlgraph.main --config configs/mlgcn_voc2007.py --workdir DIR \
+        --config.data.data_dir=DATA --config.init_from=WEIGHTS
+
+Expected: 94.0 mAP (README).
+"""
+
+from mlgraph import config_lib
+from mlgraph.models import mlgcn
+
+
+def get_config(arg=None):
+    """The config (no arguments)."""
+    config_lib.parse_arg(arg)
+    return mlgcn.official_config(data="voc2007", eval_split="test", train_split="trainval")

@@ -1,0 +1,412 @@
+"""Query2Label: official-layout checkpoint -> mlgraph Query2Label, against a plain-torch Q2L.
+
+The torch model follows ssgrl_mlgcn.md §4.1 with the official names (§4.2): `backbone` a
+Sequential of the ResNet wrapper (`.body`, FrozenBatchNorm2d) and the position module (buffer
+`pe`, DETR's normalised sine table), `input_proj` (Identity or a 1x1 conv),
+`transformer.encoder.layers` / `transformer.decoder.layers` (DETR post-norm layers on
+sequence-first `nn.MultiheadAttention`, decoder self-attention removable per layer),
+`transformer.decoder.norm`, `query_embed` (nn.Embedding) and `fc` (GroupWiseLinear `W`, `b`).
+The checkpoint is written as the released `checkpoint.pkl` container with its `module.` prefix,
+and the architecture is read from a `config_new.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from test_ssgrl import TorchResNet
+
+from mlgraph import checkpointing
+from mlgraph.convert import core
+from mlgraph.convert import q2l as convert_q2l
+from mlgraph.convert.__main__ import convert_file
+from mlgraph.errors import ConfigError
+from mlgraph.models import q2l
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+F = torch.nn.functional
+
+RTOL = 1e-4
+K, IMAGE, WIDTH = 5, 96, 4  # ResNet width 4: layer4 has 128 channels; a 3x3 map at 96 px
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """DETR's FrozenBatchNorm2d: affine and statistics are buffers, eps 1e-5."""
+
+    def __init__(self, bn: nn.BatchNorm2d):
+        super().__init__()
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            self.register_buffer(name, getattr(bn, name).detach().clone())
+
+    def forward(self, x):
+        scale = self.weight * (self.running_var + 1e-5).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale[None, :, None, None] + shift[None, :, None, None]
+
+
+def freeze_batch_norms(module: nn.Module) -> None:
+    """Replace every BatchNorm2d under `module` by a FrozenBatchNorm2d with its values."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(module, name, FrozenBatchNorm2d(child))
+        else:
+            freeze_batch_norms(child)
+
+
+class Body(TorchResNet):
+    """torchvision conv1..layer4 (the IntermediateLayerGetter's `body`), returning layer4."""
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
+        for i in range(1, 5):
+            x = getattr(self, f"layer{i}")(x)
+        return x
+
+
+class BackboneBase(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = Body((1, 1, 1, 1), WIDTH)
+        self.num_channels = self.body.num_features
+
+
+class PositionEmbeddingSine(nn.Module):
+    """The sine table for an (h, w) map, normalised, stored as buffer `pe` (1, D, h, w)."""
+
+    def __init__(self, num_pos_feats: int, h: int, w: int, temperature: float = 10000.0):
+        super().__init__()
+        y = torch.arange(1, h + 1, dtype=torch.float32)[:, None].expand(h, w)
+        x = torch.arange(1, w + 1, dtype=torch.float32)[None, :].expand(h, w)
+        eps, scale = 1e-6, 2 * math.pi
+        y = y / (y[-1:, :] + eps) * scale
+        x = x / (x[:, -1:] + eps) * scale
+        dim_t = torch.arange(num_pos_feats, dtype=torch.float32)
+        dim_t = temperature ** (2 * (dim_t // 2) / num_pos_feats)
+        pos_x, pos_y = x[:, :, None] / dim_t, y[:, :, None] / dim_t
+        pos_x = torch.stack((pos_x[:, :, 0::2].sin(), pos_x[:, :, 1::2].cos()), dim=3).flatten(2)
+        pos_y = torch.stack((pos_y[:, :, 0::2].sin(), pos_y[:, :, 1::2].cos()), dim=3).flatten(2)
+        self.register_buffer("pe", torch.cat((pos_y, pos_x), dim=2).permute(2, 0, 1)[None])
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, d, heads, ffn):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d, heads, dropout=0.1)
+        self.linear1, self.linear2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+
+    def forward(self, src, pos):
+        q = k = src + pos
+        src = self.norm1(src + self.self_attn(q, k, value=src)[0])
+        return self.norm2(src + self.linear2(F.relu(self.linear1(src))))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, d, heads, ffn, self_attn: bool):
+        super().__init__()
+        if self_attn:
+            self.self_attn = nn.MultiheadAttention(d, heads, dropout=0.1)
+            self.norm1 = nn.LayerNorm(d)
+        self.omit_selfattn = not self_attn
+        self.multihead_attn = nn.MultiheadAttention(d, heads, dropout=0.1)
+        self.linear1, self.linear2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
+        self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d)
+
+    def forward(self, tgt, memory, pos, query_pos):
+        if not self.omit_selfattn:
+            q = k = tgt + query_pos
+            tgt = self.norm1(tgt + self.self_attn(q, k, value=tgt)[0])
+        t2 = self.multihead_attn(query=tgt + query_pos, key=memory + pos, value=memory)[0]
+        tgt = self.norm2(tgt + t2)
+        return self.norm3(tgt + self.linear2(F.relu(self.linear1(tgt))))
+
+
+class Stack(nn.Module):
+    def __init__(self, layers, norm=None):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        if norm is not None:
+            self.norm = norm
+
+
+class Transformer(nn.Module):
+    def __init__(self, d, heads, ffn, enc, dec, keep_first, keep_other):
+        super().__init__()
+        self.encoder = Stack([EncoderLayer(d, heads, ffn) for _ in range(enc)])
+        self.decoder = Stack(
+            [DecoderLayer(d, heads, ffn, keep_first if i == 0 else keep_other) for i in range(dec)],
+            nn.LayerNorm(d),
+        )
+
+    def forward(self, src, query_embed, pos):
+        b, c, h, w = src.shape
+        src = src.flatten(2).permute(2, 0, 1)
+        pos = pos.flatten(2).permute(2, 0, 1).expand(-1, b, -1)
+        query = query_embed.unsqueeze(1).repeat(1, b, 1)
+        memory = src
+        for layer in self.encoder.layers:
+            memory = layer(memory, pos)
+        tgt = torch.zeros_like(query)
+        for layer in self.decoder.layers:
+            tgt = layer(tgt, memory, pos, query)
+        return self.decoder.norm(tgt).transpose(0, 1)  # B, K, D
+
+
+class GroupWiseLinear(nn.Module):
+    def __init__(self, k, d):
+        super().__init__()
+        stdv = 1.0 / math.sqrt(d)
+        self.W = nn.Parameter(torch.empty(1, k, d).uniform_(-stdv, stdv))
+        self.b = nn.Parameter(torch.empty(1, k).uniform_(-stdv, stdv))
+
+    def forward(self, x):
+        return (self.W * x).sum(-1) + self.b
+
+
+class TorchQ2L(nn.Module):
+    def __init__(self, d, heads, ffn, enc, dec, keep_input_proj, keep_first, keep_other):
+        super().__init__()
+        base = BackboneBase()
+        grid = IMAGE // 32
+        self.backbone = nn.Sequential(base, PositionEmbeddingSine(d // 2, grid, grid))
+        self.input_proj = (
+            nn.Conv2d(base.num_channels, d, kernel_size=1) if keep_input_proj else nn.Identity()
+        )
+        self.transformer = Transformer(d, heads, ffn, enc, dec, keep_first, keep_other)
+        self.query_embed = nn.Embedding(K, d)
+        self.fc = GroupWiseLinear(K, d)
+
+    def forward(self, images):
+        src = self.backbone[0].body(images)
+        hs = self.transformer(self.input_proj(src), self.query_embed.weight, self.backbone[1].pe)
+        return self.fc(hs)
+
+
+VARIANTS = {
+    # The released layout: hidden = channels (Identity projection), 1 + 2 layers, no decoder
+    # self-attention.
+    "released": dict(d=128, heads=4, ffn=96, enc=1, dec=2, proj=False, first=False, other=False),
+    # Every switch the other way: a 1x1 projection, self-attention kept in every decoder layer.
+    "all_switches": dict(d=64, heads=2, ffn=48, enc=2, dec=3, proj=True, first=True, other=True),
+}
+
+
+def _torch_model(v: dict, seed: int) -> TorchQ2L:
+    torch.manual_seed(seed)
+    model = TorchQ2L(
+        v["d"], v["heads"], v["ffn"], v["enc"], v["dec"], v["proj"], v["first"], v["other"]
+    )
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.normal_(0, 0.2, generator=g)
+                m.running_mean.normal_(0, 0.2, generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+            elif isinstance(m, nn.MultiheadAttention):
+                # torch starts these biases at zero; random ones check the q/k/v row split.
+                m.in_proj_bias.normal_(0, 0.1, generator=g)
+                m.out_proj.bias.normal_(0, 0.1, generator=g)
+            elif isinstance(m, nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.normal_(0, 0.1, generator=g)
+    freeze_batch_norms(model.backbone)
+    return model.eval()
+
+
+def _config_json(v: dict) -> dict:
+    """The released `config_new.json` fields for variant `v` (plus some it does not use)."""
+    return {
+        "arch": "Q2L-R101-448",
+        "img_size": IMAGE,
+        "num_class": K,
+        "hidden_dim": v["d"],
+        "dim_feedforward": v["ffn"],
+        "nheads": v["heads"],
+        "enc_layers": v["enc"],
+        "dec_layers": v["dec"],
+        "dropout": 0.1,
+        "pre_norm": False,
+        "position_embedding": "sine",
+        "backbone": "resnet101",
+        "keep_input_proj": v["proj"],
+        "keep_first_self_attn_dec": v["first"],
+        "keep_other_self_attn_dec": v["other"],
+        "gamma_neg": 4.0,
+        "gamma_pos": 0.0,
+    }
+
+
+def _save_release(model: TorchQ2L, v: dict, tmp_path):
+    ckpt = tmp_path / "checkpoint.pkl"
+    state = {f"module.{k}": t for k, t in model.state_dict().items()}
+    torch.save(
+        {
+            "epoch": 7,
+            "arch": "Q2L-R101-448",
+            "state_dict": state,
+            "best_mAP": 84.9,
+            "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4}]},
+        },
+        ckpt,
+    )
+    cfg = tmp_path / "config_new.json"
+    cfg.write_text(json.dumps(_config_json(v)))
+    return ckpt, cfg
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_release_converts_and_matches_torch(variant, tmp_path, capsys):
+    v = VARIANTS[variant]
+    tm = _torch_model(v, 0)
+    ckpt, cfg = _save_release(tm, v, tmp_path)
+    out = tmp_path / "converted"
+    summary = convert_file("q2l", ckpt, out, {"config": str(cfg)})
+    settings = summary["settings"]
+    model = settings["model"]
+    assert settings["assumed"] == []
+    assert (settings["num_classes"], settings["image_size"]) == (K, IMAGE)
+    assert (model["hidden_dim"], model["num_heads"], model["ffn_dim"]) == (
+        v["d"],
+        v["heads"],
+        v["ffn"],
+    )
+    assert (model["enc_layers"], model["dec_layers"]) == (v["enc"], v["dec"])
+    assert model["keep_input_proj"] is v["proj"]
+    assert (model["keep_first_self_attn_dec"], model["keep_other_self_attn_dec"]) == (
+        v["first"],
+        v["other"],
+    )
+    assert model["backbone_kwargs"] == {"layers": [1, 1, 1, 1], "width": WIDTH}
+    assert model["gamma_neg"] == 4.0  # the loss fields come from the json too
+
+    tree, saved = checkpointing.load_weights(out)
+    module = nnx.eval_shape(
+        lambda: q2l.build(
+            q2l.model_config(**model), num_classes=K, image_size=IMAGE, rngs=nnx.Rngs(0)
+        )
+    )
+    graphdef, state = nnx.split(module)
+    state.replace_by_pure_dict(tree)
+    module = nnx.merge(graphdef, state)
+
+    x = np.random.default_rng(1).normal(size=(3, IMAGE, IMAGE, 3)).astype(np.float32)
+    with torch.no_grad():
+        want = tm(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+    got = np.asarray(nnx.jit(lambda m, x: m(x)["logits"])(module, jnp.asarray(x)))
+    rel = float(np.abs(got - want).max() / np.abs(want).max())
+    assert rel < RTOL, f"max relative logit difference {rel:.2e}"
+    with capsys.disabled():
+        print(f"\nQuery2Label ({variant}): max relative logit diff {rel:.2e}")
+
+
+def test_settings_from_weights_alone_and_option_overrides(tmp_path):
+    v = VARIANTS["released"]
+    sd = {
+        f"module.{k}": t
+        for k, t in core.to_numpy_state_dict(_torch_model(v, 1).state_dict()).items()
+    }
+    _, settings = convert_q2l.convert(sd, {})
+    # The head count is not in the weights: the README recipe's 4 is taken and said so; the
+    # size comes from the stored table (3x3 -> 96).
+    assert settings["assumed"] == ["num_heads"]
+    assert (settings["model"]["num_heads"], settings["image_size"]) == (4, IMAGE)
+    _, settings = convert_q2l.convert(sd, {"num_heads": 8, "image_size": 576})
+    assert settings["assumed"] == []
+    assert (settings["model"]["num_heads"], settings["image_size"]) == (8, 576)
+
+
+def test_conversion_errors(tmp_path):
+    v = VARIANTS["released"]
+    tm = _torch_model(v, 2)
+    sd = core.to_numpy_state_dict(tm.state_dict())
+    cfg = tmp_path / "config_new.json"
+
+    def convert(state, **fields):
+        cfg.write_text(json.dumps(_config_json(v) | fields))
+        return convert_q2l.convert(state, {"config": str(cfg), "prefix": ""})
+
+    with pytest.raises(core.ConversionError) as e:
+        convert(sd, hidden_dim=2048)
+    assert str(e.value) == f"{cfg}: hidden_dim: 2048, but the weights imply 128"
+    with pytest.raises(core.ConversionError) as e:
+        convert(sd, pre_norm=True)
+    assert str(e.value) == (
+        f"{cfg}: pre_norm: true is not supported (only the post-norm layers of the released "
+        "models are ported)"
+    )
+    with pytest.raises(core.ConversionError) as e:
+        convert(sd, nheads=3)
+    assert str(e.value) == "num_heads 3 does not divide hidden_dim 128"
+    tresnet = {k.replace("backbone.0.body.", "backbone.0.body.body."): t for k, t in sd.items()}
+    with pytest.raises(core.ConversionError) as e:
+        convert(tresnet)
+    assert str(e.value).startswith(
+        "no 'backbone.0.body.conv1.weight': only ResNet backbones are supported (TResNet, Swin "
+        "and CvT are not ported); backbone keys start with backbone.0.body.body"
+    )
+    with pytest.raises(core.ConversionError) as e:
+        convert({k: t for k, t in sd.items() if k != "fc.W"})
+    assert str(e.value).startswith("not a Query2Label state dict: missing fc.W")
+    broken = dict(sd)
+    broken["backbone.1.pe"] = sd["backbone.1.pe"] + 0.5
+    with pytest.raises(core.ConversionError) as e:
+        convert(broken)
+    assert str(e.value) == "backbone.1.pe differs from the sine table by up to 0.5"
+    broken = dict(sd)
+    broken["transformer.decoder.layers.1.linear2.weight"] = np.zeros((128, 7), np.float32)
+    with pytest.raises(core.ConversionError, match=r"wrong shapes \(1\): transformer.decoder"):
+        convert(broken)
+    extra = dict(sd) | {"transformer.decoder.layers.1.norm1.weight": np.ones(128, np.float32)}
+    with pytest.raises(core.ConversionError, match=r"unexpected .*decoder.layers.1.norm1.weight"):
+        convert(extra)
+
+
+def test_initialisation_follows_the_official_code():
+    cfg = q2l.model_config(
+        backbone="resnet50",
+        backbone_kwargs={"layers": (1, 1, 1, 1), "width": 4},
+        hidden_dim=128,
+        ffn_dim=512,
+        dec_layers=1,
+    )
+    m = q2l.build(cfg, num_classes=40, image_size=64, rngs=nnx.Rngs(0))
+    # Transformer matrices: xavier-uniform over torch's shapes (the fused in-projection 3D x D).
+    for kernel, bound in (
+        (m.decoder[0].linear1.kernel, math.sqrt(6 / (128 + 512))),
+        (m.encoder[0].self_attn.out_proj.kernel, math.sqrt(6 / 256)),
+        (m.encoder[0].self_attn.q_proj.kernel, math.sqrt(6 / (4 * 128))),
+    ):
+        w = np.asarray(kernel[...])
+        assert bound * 0.97 < np.abs(w).max() <= bound
+    q = np.asarray(m.query_embed[...])
+    assert abs(q.std() - 1.0) < 0.05 and abs(q.mean()) < 0.05  # nn.Embedding's N(0, 1)
+    fc = np.asarray(m.fc.weight[...])
+    assert 0.97 / math.sqrt(128) < np.abs(fc).max() <= 1 / math.sqrt(128)
+
+
+def test_runs_at_any_resolution_and_rejects_a_mismatched_width():
+    cfg = q2l.model_config(
+        backbone="resnet50",
+        backbone_kwargs={"layers": (1, 1, 1, 1), "width": 4},
+        hidden_dim=128,
+        ffn_dim=64,
+    )
+    m = q2l.build(cfg, num_classes=3, image_size=64, rngs=nnx.Rngs(0))
+    for size in (64, 160):
+        out = m(jnp.ones((1, size, size, 3)))
+        assert out["logits"].shape == (1, 3) and out["label_feats"].shape == (1, 3, 128)
+    cfg.hidden_dim = 96
+    with pytest.raises(ConfigError) as e:
+        q2l.build(cfg, num_classes=3, image_size=64, rngs=nnx.Rngs(0))
+    assert str(e.value) == (
+        "config.model.hidden_dim=96 differs from the backbone's 128 channels: set "
+        "config.model.keep_input_proj=True (a 1x1 projection) or hidden_dim=128"
+    )

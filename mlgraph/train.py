@@ -102,7 +102,7 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int):
     params, rest = jax.jit(lambda: nnx.split(create(), nnx.Param, ...)[1:])()
     if config.init_from:
         model = nnx.merge(graphdef, params, rest)
-        init_from_weights(model, config.init_from)
+        init_from_weights(model, config.init_from, config.model)
         _, params, rest = nnx.split(model, nnx.Param, ...)
     return mod, graphdef, params, rest
 
@@ -126,10 +126,64 @@ def init_train_state(config: ml_collections.ConfigDict, num_classes: int, total:
     return mod, graphdef, tx, state
 
 
-def init_from_weights(model: nnx.Module, path: str) -> None:
-    """Fill `model` (or its backbone) from a weights checkpoint written by mlgraph.convert."""
+# `config.model` fields a converted whole-model checkpoint need not agree on: where the fixed
+# inputs come from (the checkpoint holds them as buffers) and training-only settings.
+NOT_IN_WEIGHTS = frozenset(
+    {"embed_type", "embed_path", "embed_dim", "graph_path", "graph_diagonal", "tau", "p"}
+    | {"dropout", "loss", "gamma_pos", "gamma_neg", "clip", "eps", "lamda", "comat_ema"}
+    | {"frozen_bn", "bn_train"}
+)
+
+
+def _plain(value: Any) -> Any:
+    """A config value as plain JSON data (ConfigDicts and tuples become dicts and lists)."""
+    if isinstance(value, ml_collections.ConfigDict):
+        value = value.to_dict()
+    return json.loads(json.dumps(value))
+
+
+def check_weights_settings(settings: dict, model_cfg: ml_collections.ConfigDict, path: str) -> None:
+    """A whole-model weights checkpoint must have been converted for the model `config.model`
+    describes: same method, and the same value of every architecture field the conversion read
+    from the weights or the official config (fields it only assumed are not compared), since
+    some (attention heads, GGNN steps, the extra pool) change the outputs but no shape.
+
+    Raises:
+      ConfigError: naming each differing field with both values.
+    """
+    saved = settings.get("model", {})
+    if saved.get("name", model_cfg.name) != model_cfg.name:
+        raise ConfigError(
+            f"config.init_from={path}: holds a '{saved['name']}' model, but "
+            f"config.model.name='{model_cfg.name}'"
+        )
+    assumed = set(settings.get("assumed", ()))
+    diffs = [
+        f"{field} (checkpoint {_plain(value)!r}, config {_plain(model_cfg[field])!r})"
+        for field, value in saved.items()
+        if field not in NOT_IN_WEIGHTS | assumed | {"name"}
+        and field in model_cfg
+        and _plain(model_cfg[field]) != _plain(value)
+    ]
+    if diffs:
+        raise ConfigError(
+            f"config.init_from={path}: the checkpoint's model differs from config.model in "
+            f"{'; '.join(diffs)}; set these config.model fields as in its settings.json"
+        )
+
+
+def init_from_weights(
+    model: nnx.Module, path: str, model_cfg: ml_collections.ConfigDict | None = None
+) -> None:
+    """Fill `model` (or its backbone) from a weights checkpoint written by mlgraph.convert.
+
+    With `model_cfg`, a whole-model checkpoint is first checked against it
+    (`check_weights_settings`).
+    """
     tree, settings = checkpointing.load_weights(path)
     kind = settings.get("kind", "model")
+    if kind == "model" and model_cfg is not None:
+        check_weights_settings(settings, model_cfg, path)
     target = model.backbone if kind == "backbone" else model
     state = nnx.state(target)
     try:

@@ -21,12 +21,12 @@ import pytest
 from flax import nnx
 from test_ssgrl import TorchResNet
 
-from mlgraph import checkpointing
+from mlgraph import checkpointing, config_lib, train
 from mlgraph.convert import core
 from mlgraph.convert import q2l as convert_q2l
 from mlgraph.convert.__main__ import convert_file
 from mlgraph.errors import ConfigError
-from mlgraph.models import q2l
+from mlgraph.models import mlgcn, q2l
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -409,4 +409,39 @@ def test_runs_at_any_resolution_and_rejects_a_mismatched_width():
     assert str(e.value) == (
         "config.model.hidden_dim=96 differs from the backbone's 128 channels: set "
         "config.model.keep_input_proj=True (a 1x1 projection) or hidden_dim=128"
+    )
+
+
+def test_training_from_a_converted_checkpoint_checks_the_architecture(tmp_path):
+    v = VARIANTS["released"]
+    ckpt, cfg = _save_release(_torch_model(v, 3), v, tmp_path)
+    convert_file("q2l", ckpt, tmp_path / "w", {"config": str(cfg)})
+    c = config_lib.base_config()
+    c.image_size = IMAGE
+    c.init_from = str(tmp_path / "w")
+    c.model = q2l.model_config(
+        backbone="resnet50",
+        backbone_kwargs={"layers": (1, 1, 1, 1), "width": WIDTH},
+        hidden_dim=v["d"],
+        num_heads=v["heads"],
+        ffn_dim=v["ffn"],
+    )
+    _, _, params, _ = train.create_model(c, K)
+    np.testing.assert_array_equal(
+        np.asarray(params["query_embed"][...]),
+        np.asarray(_torch_model(v, 3).query_embed.weight.detach()),
+    )
+    # Same shapes, other head count: the outputs would differ silently, so it is refused.
+    c.model.num_heads = 8
+    with pytest.raises(ConfigError) as e:
+        train.create_model(c, K)
+    assert str(e.value) == (
+        f"config.init_from={tmp_path / 'w'}: the checkpoint's model differs from config.model in "
+        "num_heads (checkpoint 4, config 8); set these config.model fields as in its settings.json"
+    )
+    c.model = mlgcn.model_config(embed_dim=4)
+    with pytest.raises(ConfigError) as e:
+        train.create_model(c, K)
+    assert str(e.value) == (
+        f"config.init_from={tmp_path / 'w'}: holds a 'q2l' model, but config.model.name='mlgcn'"
     )

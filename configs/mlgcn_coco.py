@@ -15,7 +15,8 @@ this data set's class order) or, by default, the offline MiniLM ('minilm').
     python -m mlgraph.main --config configs/mlgcn_coco.py --workdir DIR \
         --config.data.data_dir=DATA --config.init_from=WEIGHTS
 
-Expected: 83.0 mAP (README, non-interpolated AP; 448 px).
+Expected: 83.0 mAP (README), ML-GCN's non-interpolated AP: compare `eval/mAP_noninterp` (the
+`mAP_ni` column of mlgraph.evaluate), which runs slightly below the interpolated `eval/mAP`.
 """
 
 from mlgraph import config_lib

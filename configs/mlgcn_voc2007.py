@@ -9,7 +9,7 @@ ML-GCN's VOC loader does.
     python -m mlgraph.main --config configs/mlgcn_voc2007.py --workdir DIR \
         --config.data.data_dir=DATA --config.init_from=WEIGHTS
 
-Expected: 94.0 mAP (README).
+Expected: 94.0 mAP (README), non-interpolated: compare `eval/mAP_noninterp`.
 """
 
 from mlgraph import config_lib

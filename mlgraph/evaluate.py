@@ -3,8 +3,9 @@
     python -m mlgraph.evaluate --workdir DIR [--step N]
     python -m mlgraph.evaluate --checkpoint CONVERTED_DIR --config configs/NAME.py
 
-Prints a table of mAP, CP, CR, CF1, OP, OR, OF1 and their top-3 forms (for the model and its
-EMA when evaluating a workdir) and writes it as JSON (`DIR/eval_step<N>.json`, or `--output`).
+Prints a table of mAP (and ML-GCN's non-interpolated mAP_ni), CP, CR, CF1, OP, OR, OF1 and
+their top-3 forms (for the model and its EMA when evaluating a workdir) and writes it as JSON
+(`DIR/eval_step<N>.json`, or `--output`).
 """
 
 from __future__ import annotations
@@ -28,15 +29,18 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A converted weights check
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config (with --checkpoint).")
 _OUTPUT = flags.DEFINE_string("output", None, "Where to write the JSON results.")
 
-COLUMNS = ["mAP", "CP", "CR", "CF1", "OP", "OR", "OF1"]
+THRESHOLDED = ["CP", "CR", "CF1", "OP", "OR", "OF1"]
+# (metric key, column header): mAP_ni is ML-GCN's non-interpolated mAP.
+COLUMNS = [("mAP", "mAP"), ("mAP_noninterp", "mAP_ni")] + [(c, c) for c in THRESHOLDED]
+COLUMNS += [(f"{c}_top3", f"{c}@3") for c in THRESHOLDED]
 
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:
-    """A text table: one row per model, the seven metrics and their top-3 forms."""
-    header = ["model"] + COLUMNS + [f"{c}@3" for c in COLUMNS[1:]]
+    """A text table: one row per model; both mAPs, the six thresholded metrics, their top-3."""
+    header = ["model"] + [h for _, h in COLUMNS]
     lines = ["  ".join(f"{h:>7}" for h in header)]
     for name, m in rows.items():
-        values = [m[c] for c in COLUMNS] + [m[f"{c}_top3"] for c in COLUMNS[1:]]
+        values = [m[k] for k, _ in COLUMNS]
         lines.append("  ".join([f"{name:>7}"] + [f"{v:7.2f}" for v in values]))
     return "\n".join(lines)
 

@@ -2,7 +2,8 @@
 
 * `average_precision` / `mean_average_precision`: per-class VOC-2012-style AP (interpolated
   precision envelope) and its mean, in the form SALGL's official `VOCmAP(year='2012')` computes
-  them, with VOC "difficult" entries dropped through `mask`.
+  them (SSGRL and Query2Label too), with VOC "difficult" entries dropped through `mask`; with
+  `interpolated=False`, ML-GCN's AP (the mean over positives of the precision at their rank).
 * `threshold_metrics`: CP, CR, CF1, OP, OR, OF1 of the prediction `score >= threshold` (the
   papers' "All" columns).
 * `topk_metrics`: the same after zeroing every score outside each sample's top k (the papers'
@@ -70,7 +71,9 @@ def _validate(scores: Any, targets: Any, mask: Any) -> tuple[np.ndarray, np.ndar
     return scores, targets, mask
 
 
-def average_precision(scores: Any, targets: Any, mask: Any = None) -> np.ndarray:
+def average_precision(
+    scores: Any, targets: Any, mask: Any = None, *, interpolated: bool = True
+) -> np.ndarray:
     """Per-class average precision, VOC-2012 style (interpolated), as fractions in [0, 1].
 
     For each class the kept samples (mask True) are ranked by descending score; the precision
@@ -80,10 +83,15 @@ def average_precision(scores: Any, targets: Any, mask: Any = None) -> np.ndarray
     This is neither scikit-learn's `average_precision_score` (non-interpolated, never larger)
     nor the 11-point VOC-2007 metric.
 
+    `interpolated=False` gives the non-interpolated AP of ML-GCN's `AveragePrecisionMeter` (and
+    of scikit-learn without ties): the mean, over the positives, of the precision at the
+    positive's own rank.
+
     Args:
       scores: [N, C] scores, higher = more confident.
       targets: [N, C] 0/1 ground truth.
       mask: optional [N, C] bool; False drops the (sample, class) pair from that class's ranking.
+      interpolated: the precision envelope (True) or the precision at each rank (False).
 
     Returns:
       float64 [C]; NaN for a class with no positive among its kept samples (the official code
@@ -100,13 +108,16 @@ def average_precision(scores: Any, targets: Any, mask: Any = None) -> np.ndarray
     # A masked row's precision repeats the previous kept row's (or 0 before any), so it adds no
     # new value to the envelope of any positive below it.
     precision = np.divide(tp, ranks, out=np.zeros_like(tp), where=ranks > 0)
-    envelope = np.flip(np.maximum.accumulate(np.flip(precision, axis=0), axis=0), axis=0)
+    if interpolated:
+        precision = np.flip(np.maximum.accumulate(np.flip(precision, axis=0), axis=0), axis=0)
     n_pos = hits.sum(axis=0)
-    total = (envelope * hits).sum(axis=0)
+    total = (precision * hits).sum(axis=0)
     return np.divide(total, n_pos, out=np.full(total.shape, np.nan), where=n_pos > 0)
 
 
-def mean_average_precision(scores: Any, targets: Any, mask: Any = None) -> float:
+def mean_average_precision(
+    scores: Any, targets: Any, mask: Any = None, *, interpolated: bool = True
+) -> float:
     """Mean of `average_precision` over the classes that have at least one positive, in percent.
 
     Classes with no positive (after masking) have undefined AP and are left out of the mean,
@@ -116,7 +127,7 @@ def mean_average_precision(scores: Any, targets: Any, mask: Any = None) -> float
     Raises:
       ValueError: if no class has a positive, since the mean is then undefined.
     """
-    ap = average_precision(scores, targets, mask)
+    ap = average_precision(scores, targets, mask, interpolated=interpolated)
     defined = ~np.isnan(ap)
     if not defined.any():
         raise ValueError(
@@ -212,10 +223,14 @@ def compute_all(
 ) -> dict[str, float]:
     """Every reported metric in one flat dict of plain Python floats, all in percent.
 
-    Keys: `mAP`, `CP`, `CR`, `CF1`, `OP`, `OR`, `OF1` and, unless `topk` is None, the same six
-    with the suffix `_top{topk}`. See the individual functions for the definitions.
+    Keys: `mAP` (interpolated: SALGL, SSGRL, Q2L), `mAP_noninterp` (ML-GCN's), `CP`, `CR`,
+    `CF1`, `OP`, `OR`, `OF1` and, unless `topk` is None, the same six with the suffix
+    `_top{topk}`. See the individual functions for the definitions.
     """
-    result = {"mAP": mean_average_precision(scores, targets, mask)}
+    result = {
+        "mAP": mean_average_precision(scores, targets, mask),
+        "mAP_noninterp": mean_average_precision(scores, targets, mask, interpolated=False),
+    }
     result.update(threshold_metrics(scores, targets, threshold=threshold, mask=mask))
     if topk is not None:
         result.update(topk_metrics(scores, targets, k=topk, threshold=threshold, mask=mask))

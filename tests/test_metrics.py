@@ -351,12 +351,12 @@ def test_compute_all_keys_and_consistency():
     scores, targets, mask = _random_case(6, n=60, c=5)
     got = metrics.compute_all(scores, targets, mask=mask)
     six = ["CP", "CR", "CF1", "OP", "OR", "OF1"]
-    assert list(got) == ["mAP", *six, *(f"{k}_top3" for k in six)]
+    assert list(got) == ["mAP", "mAP_noninterp", *six, *(f"{k}_top3" for k in six)]
     assert all(type(v) is float for v in got.values())
     ap = _ap_mean_max_precision(scores, targets, mask)
     assert got["mAP"] == pytest.approx(100 * np.nanmean(ap), rel=1e-12)
     assert {k: got[k] for k in six} == metrics.threshold_metrics(scores, targets, mask=mask)
-    assert list(metrics.compute_all(scores, targets, topk=None)) == ["mAP", *six]
+    assert list(metrics.compute_all(scores, targets, topk=None)) == ["mAP", "mAP_noninterp", *six]
     assert "OF1_top2" in metrics.compute_all(scores, targets, topk=2)
 
 
@@ -387,3 +387,39 @@ def test_validation_errors():
         metrics.topk_metrics(s, np.eye(4, 3), k=0)
     with pytest.raises(ValueError, match="threshold must be finite"):
         metrics.threshold_metrics(s, np.eye(4, 3), threshold=float("nan"))
+
+
+def _mlgcn_average_precision(output: np.ndarray, target: np.ndarray) -> float:
+    """ML-GCN's `AveragePrecisionMeter.average_precision` (util.py), for one class."""
+    indices = np.argsort(-output, kind="stable")
+    total_count = np.cumsum(np.ones(len(output)))
+    target_ = target[indices]
+    ind = target_ == 1
+    pos_count = np.cumsum(ind).astype(np.float64)
+    total = pos_count[-1]
+    pos_count[np.logical_not(ind)] = 0
+    return float(np.sum(pos_count / total_count) / (total + 1e-8))
+
+
+def test_non_interpolated_ap_is_mlgcn_and_sklearn():
+    from sklearn.metrics import average_precision_score
+
+    rng = np.random.default_rng(11)
+    scores = rng.random((80, 6))  # continuous: no ties, where all three definitions agree
+    targets = (rng.random((80, 6)) < 0.3).astype(np.int64)
+    got = metrics.average_precision(scores, targets, interpolated=False)
+    for c in range(6):
+        assert got[c] == pytest.approx(
+            _mlgcn_average_precision(scores[:, c], targets[:, c]), rel=1e-7
+        )
+        assert got[c] == pytest.approx(
+            average_precision_score(targets[:, c], scores[:, c]), rel=1e-12
+        )
+    interp = metrics.average_precision(scores, targets)
+    assert np.all(interp >= got) and np.any(interp > got)
+    # Hand case: positives at ranks 1 and 3 of 4 -> (1/1 + 2/3) / 2; the envelope keeps 1, 2/3.
+    s = np.array([[0.9], [0.8], [0.7], [0.1]])
+    t = np.array([[1], [0], [1], [0]])
+    assert metrics.average_precision(s, t, interpolated=False)[0] == pytest.approx(5 / 6)
+    got_all = metrics.compute_all(scores, targets)
+    assert got_all["mAP_noninterp"] == pytest.approx(100 * got.mean(), rel=1e-12)

@@ -140,7 +140,7 @@ def test_evaluate_restores_same_metrics(data_dir, tmp_path):
     for name, value in result["ema"].items():
         assert value == pytest.approx(last[f"eval/ema_{name}"], abs=1e-9), name
     table = evaluate.format_table({"model": result["model"], "ema": result["ema"]})
-    assert table.splitlines()[0].split()[:3] == ["model", "mAP", "CP"]
+    assert table.splitlines()[0].split()[:4] == ["model", "mAP", "mAP_ni", "CP"]
     assert f"{result['ema']['mAP']:7.2f}".strip() in table.splitlines()[2]
 
 

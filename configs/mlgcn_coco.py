@@ -5,11 +5,10 @@ ResNet-101 at 448 px, global max pooling, two bias-free graph convolutions (300/
 labelled images only (builder config 'nonempty': 82,081 / 40,137); BCE
 (= MultiLabelSoftMarginLoss).
 
-The official optimizer is SGD (momentum 0.9, wd 1e-4, lr 0.1 for the GCN and 0.01 for the
-backbone, x0.1 at epoch 30 of 20 by default (so never), gradient-norm clip 10); `mlgraph.optim`
-offers AdamW/Adam only, so this config uses AdamW 1e-4 with the backbone at 0.1x and one-cycle,
-a documented deviation. Train augmentation: flip + resize (the official multi-scale crop is not
-in the shared pipeline). Word vectors: the GloVe file (--config.model.embed_path=glove.npy, in
+The official optimizer: SGD (momentum 0.9, L2 1e-4), lr 0.1 for the GCN and 0.01 for the
+backbone, gradient norm clipped to 10, constant over the 20 epochs (the official x0.1 step is at
+epoch 30). Train augmentation: flip + resize (the official multi-scale crop is not in the
+shared pipeline). Word vectors: the GloVe file (--config.model.embed_path=glove.npy, in
 this data set's class order) or, by default, the offline MiniLM ('minilm').
 
     python -m mlgraph.main --config configs/mlgcn_coco.py --workdir DIR \

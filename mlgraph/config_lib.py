@@ -72,12 +72,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.std = IMAGENET_STD
 
     c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.name = "adamw"
+    c.optimizer.name = "adamw"  # or 'adam', 'sgd' (torch semantics: L2 decay, momentum)
     c.optimizer.lr = 1e-4
     c.optimizer.weight_decay = 1e-2
     c.optimizer.b1 = 0.9
     c.optimizer.b2 = 0.999
     c.optimizer.eps = 1e-8
+    c.optimizer.momentum = 0.9  # SGD only (cycled like beta1 under one-cycle)
+    c.optimizer.clip_grad_norm = 0.0  # global gradient-norm clip (ML-GCN: 10); 0 = off
     c.optimizer.schedule = "onecycle"  # or 'constant'
     c.optimizer.pct_start = 0.2
     c.optimizer.div_factor = 25.0

@@ -1,5 +1,6 @@
-"""Optimizer and schedules: AdamW with PyTorch's OneCycleLR (learning rate and beta1), freezing
-and per-group learning-rate multipliers chosen by regexes on parameter paths."""
+"""Optimizer and schedules: AdamW, Adam or SGD (PyTorch's semantics) with PyTorch's OneCycleLR
+(learning rate, and beta1 or momentum), gradient-norm clipping, freezing and per-group
+learning-rate multipliers chosen by regexes on parameter paths."""
 
 from __future__ import annotations
 
@@ -62,23 +63,44 @@ def learning_rate_fn(opt: ml_collections.ConfigDict, total_steps: int) -> Callab
 
 
 def beta1_fn(opt: ml_collections.ConfigDict, total_steps: int) -> Callable | float:
-    """Adam's beta1: cycled inversely to the learning rate under OneCycleLR (cycle_momentum)."""
+    """Adam's beta1, or SGD's momentum: cycled inversely to the learning rate under OneCycleLR
+    (cycle_momentum), as torch does for either optimizer; otherwise `b1` (Adam) or `momentum`
+    (SGD)."""
     if opt.schedule == "onecycle" and opt.cycle_momentum:
         return onecycle(
             total_steps, opt.base_momentum, opt.max_momentum, opt.max_momentum, opt.pct_start
         )
-    return opt.b1
+    return opt.momentum if opt.name == "sgd" else opt.b1
+
+
+def torch_sgd(
+    learning_rate: float, momentum: float, weight_decay: float
+) -> optax.GradientTransformation:
+    """`torch.optim.SGD(lr, momentum, weight_decay)` (no dampening, not Nesterov): the decay is
+    added to the gradient (L2, not decoupled), the momentum buffer starts at the first
+    gradient, and the step is lr times the buffer."""
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay),
+        optax.trace(decay=momentum),
+        optax.scale_by_learning_rate(learning_rate),
+    )
 
 
 def _base_transform(opt: ml_collections.ConfigDict, total_steps: int, lr_scale: float):
     lr = learning_rate_fn(opt, total_steps)
     scaled_lr = (lambda s: lr(s) * lr_scale) if lr_scale != 1.0 else lr
+    if opt.name == "sgd":
+        return optax.inject_hyperparams(torch_sgd)(
+            learning_rate=scaled_lr,
+            momentum=beta1_fn(opt, total_steps),
+            weight_decay=opt.weight_decay,
+        )
     kwargs = dict(learning_rate=scaled_lr, b1=beta1_fn(opt, total_steps), b2=opt.b2, eps=opt.eps)
     if opt.name == "adamw":
         return optax.inject_hyperparams(optax.adamw)(weight_decay=opt.weight_decay, **kwargs)
     if opt.name == "adam":
         return optax.inject_hyperparams(optax.adam)(**kwargs)
-    raise ConfigError(f"config.optimizer.name='{opt.name}': expected 'adamw' or 'adam'")
+    raise ConfigError(f"config.optimizer.name='{opt.name}': expected 'adamw', 'adam' or 'sgd'")
 
 
 def param_labels(params: nnx.State, opt: ml_collections.ConfigDict) -> nnx.State:
@@ -101,10 +123,28 @@ def param_labels(params: nnx.State, opt: ml_collections.ConfigDict) -> nnx.State
 def make_optimizer(
     opt: ml_collections.ConfigDict, total_steps: int, params: nnx.State
 ) -> optax.GradientTransformation:
-    """The optax transformation for `config.optimizer`, with freezing and lr multipliers."""
+    """The optax transformation for `config.optimizer`, with freezing, lr multipliers and
+    gradient-norm clipping (`clip_grad_norm` > 0: torch's `clip_grad_norm_` over the trained
+    parameters, before the update)."""
     if not opt.frozen and not opt.lr_mults:
-        return _base_transform(opt, total_steps, 1.0)
-    transforms = {"default": _base_transform(opt, total_steps, 1.0), "frozen": optax.set_to_zero()}
-    for i, (_pattern, mult) in enumerate(opt.lr_mults):
-        transforms[f"mult{i}"] = _base_transform(opt, total_steps, float(mult))
-    return optax.multi_transform(transforms, param_labels(params, opt))
+        tx = _base_transform(opt, total_steps, 1.0)
+    else:
+        transforms = {
+            "default": _base_transform(opt, total_steps, 1.0),
+            "frozen": optax.set_to_zero(),
+        }
+        for i, (_pattern, mult) in enumerate(opt.lr_mults):
+            transforms[f"mult{i}"] = _base_transform(opt, total_steps, float(mult))
+        tx = optax.multi_transform(transforms, param_labels(params, opt))
+    if opt.clip_grad_norm < 0:
+        raise ConfigError(
+            f"config.optimizer.clip_grad_norm={opt.clip_grad_norm}: expected >= 0 (0 = off)"
+        )
+    if opt.clip_grad_norm == 0:
+        return tx
+    clip = [optax.clip_by_global_norm(opt.clip_grad_norm)]
+    if opt.frozen:
+        # Frozen parameters have no gradient in torch, so they must not count in the norm.
+        frozen = nnx.map_state(lambda _, label: label == "frozen", param_labels(params, opt))
+        clip.insert(0, optax.masked(optax.set_to_zero(), frozen))
+    return optax.chain(*clip, tx)

@@ -1,4 +1,5 @@
-"""The one-cycle schedule (lr and Adam beta1) equals PyTorch's OneCycleLR step for step."""
+"""The one-cycle schedule (lr and Adam beta1 / SGD momentum) equals PyTorch's OneCycleLR step for
+step; SGD with groups, clipping and freezing equals torch.optim.SGD."""
 
 import ml_collections
 import numpy as np
@@ -123,3 +124,76 @@ def test_salgl_modes_select_parameters():
     assert moved["layer4"] == pytest.approx({"layer3": 0.0, "layer4": 1e-4, "head": 1e-4})
     with pytest.raises(ValueError, match="mode 'all': expected full, part or layer4"):
         config_lib.apply_mode(config_lib.base_config(), "all")
+
+
+@pytest.mark.parametrize("schedule", ["constant", "onecycle"])
+def test_sgd_with_groups_clipping_and_freezing_matches_torch(schedule):
+    """ML-GCN's optimizer: SGD (momentum 0.9, L2 1e-4), backbone at 0.1x, gradients clipped
+    to norm 10 over the trained parameters (a frozen one is left out), five steps."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    class Two(nnx.Module):
+        def __init__(self):
+            self.backbone = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
+            self.head = nnx.Linear(4, 2, rngs=nnx.Rngs(1))
+
+    model = Two()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 3)).astype(np.float32)
+    y = rng.normal(size=(8, 2)).astype(np.float32) * 5
+
+    tb, th = torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)
+    with torch.no_grad():
+        for t, m in ((tb, model.backbone), (th, model.head)):
+            t.weight.copy_(torch.from_numpy(np.array(m.kernel[...]).T))
+            t.bias.copy_(torch.from_numpy(np.array(m.bias[...])))
+    tb.bias.requires_grad_(False)  # frozen
+    total = 5
+    topt = torch.optim.SGD(
+        [{"params": [tb.weight], "lr": 0.01}, {"params": th.parameters(), "lr": 0.1}],
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=1e-4,
+    )
+    sched = None
+    if schedule == "onecycle":
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            topt, max_lr=[0.01, 0.1], total_steps=total, pct_start=0.4
+        )
+    norms = []
+    for _ in range(total):
+        topt.zero_grad()
+        loss = 100 * ((th(torch.relu(tb(torch.from_numpy(x)))) - torch.from_numpy(y)) ** 2).mean()
+        loss.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_([tb.weight, *th.parameters()], 10.0)))
+        topt.step()
+        if sched is not None:
+            sched.step()
+    assert max(norms) > 10  # the clip is active
+
+    opt = ml_collections.ConfigDict(config_lib.base_config().optimizer.to_dict())
+    opt.name, opt.lr, opt.weight_decay, opt.momentum = "sgd", 0.1, 1e-4, 0.9
+    opt.schedule, opt.pct_start, opt.clip_grad_norm = schedule, 0.4, 10.0
+    opt.frozen = ("backbone/bias",)
+    opt.lr_mults = (("backbone/.*", 0.1),)
+    params = nnx.state(model, nnx.Param)
+    graphdef = nnx.graphdef(model)
+    tx = optim.make_optimizer(opt, total, params)
+    state = tx.init(params)
+
+    def loss_fn(p):
+        m = nnx.merge(graphdef, p)
+        return 100 * jnp.mean((m.head(jax.nn.relu(m.backbone(x))) - y) ** 2)
+
+    for _ in range(total):
+        grads = jax.grad(loss_fn)(params)
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    got = nnx.to_pure_dict(params)
+    np.testing.assert_allclose(got["backbone"]["kernel"], tb.weight.detach().numpy().T, rtol=2e-5)
+    np.testing.assert_allclose(got["backbone"]["bias"], tb.bias.detach().numpy(), rtol=0)
+    np.testing.assert_allclose(got["head"]["kernel"], th.weight.detach().numpy().T, rtol=2e-5)
+    np.testing.assert_allclose(got["head"]["bias"], th.bias.detach().numpy(), rtol=2e-5)

@@ -7,9 +7,10 @@ labelled images only (builder config 'nonempty': 82,081 / 40,137); BCE
 
 The official optimizer: SGD (momentum 0.9, L2 1e-4), lr 0.1 for the GCN and 0.01 for the
 backbone, gradient norm clipped to 10, constant over the 20 epochs (the official x0.1 step is at
-epoch 30). Train augmentation: flip + resize (the official multi-scale crop is not in the
-shared pipeline). Word vectors: the GloVe file (--config.model.embed_path=glove.npy, in
-this data set's class order) or, by default, the offline MiniLM ('minilm').
+epoch 30). Train augmentation: ML-GCN's MultiScaleCrop (scales 1.0-0.5 of the shorter side,
+max_distort 2, 13 fixed positions) to 448, then flip. Word vectors: the GloVe file
+(--config.model.embed_path=glove.npy, in this data set's class order) or, by default, the
+offline MiniLM ('minilm').
 
     python -m mlgraph.main --config configs/mlgcn_coco.py --workdir DIR \
         --config.data.data_dir=DATA --config.init_from=WEIGHTS

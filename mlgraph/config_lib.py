@@ -68,6 +68,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.augment.flip = True
     c.data.augment.cutout = 0.0  # CutoutPIL factor (SALGL: 0.5); 0 = off
     c.data.augment.randaugment = False  # randaugment==1.0.2's RandAugment() (SALGL: True)
+    # ML-GCN's MultiScaleCrop instead of the plain resize: crop scales of the shorter side
+    # (ML-GCN: (1.0, 0.875, 0.75, 0.66, 0.5)) and the largest scale-index gap between w and h.
+    c.data.augment.multiscale_crop = ()
+    c.data.augment.max_distort = 2
     c.data.mean = IMAGENET_MEAN
     c.data.std = IMAGENET_STD
 

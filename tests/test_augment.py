@@ -342,3 +342,63 @@ def test_train_transform_in_grain_is_deterministic():
     np.testing.assert_array_equal(first, second)
     assert first.dtype == np.float32 and first.shape == (6, 32, 32, 3)
     assert len({first[i].tobytes() for i in range(6)}) == 6
+
+
+# ---------------------------------------------------------------- ML-GCN's MultiScaleCrop
+
+MLGCN_SCALES = (1.0, 0.875, 0.75, 0.66, 0.5)
+
+
+def _tsn_candidates(image_w, image_h, input_size, scales, max_distort):
+    """Every (left, top, w, h) the original `MultiScaleCrop._sample_crop_size` (TSN, fix_crop
+    and more_fix_crop) can return, transcribed from its source."""
+    base_size = min(image_w, image_h)
+    crop_sizes = [int(base_size * x) for x in scales]
+    crop_h = [input_size if abs(x - input_size) < 3 else x for x in crop_sizes]
+    crop_w = [input_size if abs(x - input_size) < 3 else x for x in crop_sizes]
+    pairs = []
+    for i, h in enumerate(crop_h):
+        for j, w in enumerate(crop_w):
+            if abs(i - j) <= max_distort:
+                pairs.append((w, h))
+    out = set()
+    for cw, ch in pairs:
+        w_step, h_step = (image_w - cw) // 4, (image_h - ch) // 4
+        offsets = [
+            (0, 0), (4 * w_step, 0), (0, 4 * h_step), (4 * w_step, 4 * h_step),
+            (2 * w_step, 2 * h_step), (0, 2 * h_step), (4 * w_step, 2 * h_step),
+            (2 * w_step, 4 * h_step), (2 * w_step, 0 * h_step), (1 * w_step, 1 * h_step),
+            (3 * w_step, 1 * h_step), (1 * w_step, 3 * h_step), (3 * w_step, 3 * h_step),
+        ]  # fmt: skip
+        out |= {(x, y, cw, ch) for x, y in offsets}
+    return out, len(pairs)
+
+
+@pytest.mark.parametrize("size,input_size,distort", [((640, 480), 448, 2), ((300, 500), 224, 1)])
+def test_multiscale_crop_boxes_are_mlgcns(size, input_size, distort):
+    want, num_pairs = _tsn_candidates(*size, input_size, MLGCN_SCALES, distort)
+    assert num_pairs == (19 if distort == 2 else 13)
+    rng = np.random.default_rng(0)
+    drawn = collections.Counter(
+        A.multiscale_crop_box(*size, input_size, MLGCN_SCALES, distort, rng) for _ in range(6000)
+    )
+    assert set(drawn) == want  # only ML-GCN's boxes, and every one of them
+    for x, y, w, h in drawn:
+        assert 0 <= x and x + w <= size[0] and 0 <= y and y + h <= size[1]
+
+
+def test_multiscale_crop_in_the_train_chain():
+    element = _element()  # 64 x 48
+    aug = _aug(0.0, False)
+    aug.flip = False
+    aug.multiscale_crop = MLGCN_SCALES
+    t = TrainTransform(40, 3, aug, IMAGENET_MEAN, IMAGENET_STD)
+    mean, std = np.asarray(IMAGENET_MEAN), np.asarray(IMAGENET_STD)
+    for seed in range(4):
+        out = t.random_map(element, np.random.default_rng(seed))["image"]
+        x, y, w, h = A.multiscale_crop_box(64, 48, 40, MLGCN_SCALES, 2, np.random.default_rng(seed))
+        img = Image.fromarray(element["image"]).crop((x, y, x + w, y + h))
+        img = img.resize((40, 40), Image.BILINEAR)
+        np.testing.assert_allclose(
+            out, (np.asarray(img, np.float64) / 255.0 - mean) / std, atol=1e-5
+        )

@@ -6,6 +6,8 @@ Two augmentations of the SALGL/ASL training chain (spec salgl.md §3.4) live her
 * `cutout`: ASL's `CutoutPIL`, one large square of a random colour.
 * `rand_augment`: the `RandAugment()` class of the PyPI package `randaugment==1.0.2`.
 
+and ML-GCN's `MultiScaleCrop` (ssgrl_mlgcn.md §3.1): `multiscale_crop`.
+
 Reference for `rand_augment`: the source of the wheel `randaugment-1.0.2-py3-none-any.whl`
 (module `randaugment/randaugment.py`, read via `pip download randaugment==1.0.2 --no-deps`; its
 `SubPolicy` op table is the DeepVoltaire/AutoAugment one). What it does, per image:
@@ -212,3 +214,49 @@ def cutout(img: Image.Image, factor: float, rng: np.random.Generator) -> Image.I
     img = img.copy()
     ImageDraw.Draw(img).rectangle([int(x1), int(y1), int(x2), int(y2)], fill=color)
     return img
+
+
+def multiscale_crop_box(
+    width: int,
+    height: int,
+    output_size: int,
+    scales: tuple[float, ...],
+    max_distort: int,
+    rng: np.random.Generator,
+) -> tuple[int, int, int, int]:
+    """The (left, top, crop_w, crop_h) that ML-GCN's `MultiScaleCrop` (from TSN; fix_crop and
+    more_fix_crop on) picks in a `width` x `height` image.
+
+    Candidate sides are int(min(width, height) * scale), snapped to `output_size` when within
+    2 pixels of it; a (w, h) pair of candidates i, j is allowed when |i - j| <= max_distort,
+    and one pair is drawn uniformly. The position is drawn uniformly from 13 fixed offsets on a
+    4 x 4 grid of steps ((image - crop) // 4): the corners, the centre, the edge middles and
+    the four quarter points (duplicates kept, as in the original list).
+    """
+    base = min(width, height)
+    sides = [int(base * s) for s in scales]
+    snap = [output_size if abs(x - output_size) < 3 else x for x in sides]
+    pairs = [
+        (w, h) for i, h in enumerate(snap) for j, w in enumerate(snap) if abs(i - j) <= max_distort
+    ]
+    crop_w, crop_h = pairs[int(rng.integers(len(pairs)))]
+    ws, hs = (width - crop_w) // 4, (height - crop_h) // 4
+    grid = (
+        (0, 0), (4, 0), (0, 4), (4, 4), (2, 2), (0, 2), (4, 2),
+        (2, 4), (2, 0), (1, 1), (3, 1), (1, 3), (3, 3),
+    )  # fmt: skip
+    gx, gy = grid[int(rng.integers(len(grid)))]
+    return gx * ws, gy * hs, crop_w, crop_h
+
+
+def multiscale_crop(
+    img: Image.Image,
+    output_size: int,
+    scales: tuple[float, ...],
+    max_distort: int,
+    rng: np.random.Generator,
+) -> Image.Image:
+    """ML-GCN's `MultiScaleCrop(output_size, scales, max_distort)`: the `multiscale_crop_box`
+    crop of the original image, resized bilinearly to output_size x output_size."""
+    x, y, w, h = multiscale_crop_box(*img.size, output_size, scales, max_distort, rng)
+    return img.crop((x, y, x + w, y + h)).resize((output_size, output_size), Image.BILINEAR)

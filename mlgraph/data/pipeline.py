@@ -35,9 +35,10 @@ def _labels(element: dict, num_classes: int) -> np.ndarray:
 
 
 class TrainTransform(grain.transforms.RandomMap):
-    """SALGL's training chain (spec salgl.md §3.4): square bilinear resize, horizontal flip
-    (p=0.5), CutoutPIL when `aug.cutout > 0`, RandAugment when `aug.randaugment`, then scaling
-    to [0, 1] and normalisation. All randomness comes from grain's per-example generator."""
+    """SALGL's training chain (spec salgl.md §3.4): square bilinear resize (or ML-GCN's
+    multi-scale crop when `aug.multiscale_crop` lists scales), horizontal flip (p=0.5),
+    CutoutPIL when `aug.cutout > 0`, RandAugment when `aug.randaugment`, then scaling to [0, 1]
+    and normalisation. All randomness comes from grain's per-example generator."""
 
     def __init__(
         self, image_size: int, num_classes: int, aug: ml_collections.ConfigDict, mean, std
@@ -45,6 +46,8 @@ class TrainTransform(grain.transforms.RandomMap):
         self.image_size = image_size
         self.num_classes = num_classes
         self.flip = bool(aug.flip)
+        self.multiscale_crop = tuple(float(x) for x in aug.multiscale_crop)
+        self.max_distort = int(aug.max_distort)
         self.cutout = float(aug.cutout)
         self.randaugment = bool(aug.randaugment)
         self.mean = np.asarray(mean, np.float32)
@@ -52,9 +55,13 @@ class TrainTransform(grain.transforms.RandomMap):
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
         """Augment one decoded example; returns float32 `image` [S, S, 3] and `labels`."""
-        img = Image.fromarray(element["image"]).resize(
-            (self.image_size, self.image_size), Image.BILINEAR
-        )
+        img = Image.fromarray(element["image"])
+        if self.multiscale_crop:
+            img = augment.multiscale_crop(
+                img, self.image_size, self.multiscale_crop, self.max_distort, rng
+            )
+        else:
+            img = img.resize((self.image_size, self.image_size), Image.BILINEAR)
         if self.flip and rng.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         if self.cutout > 0:

@@ -68,10 +68,11 @@ def official_config(
 ) -> ml_collections.ConfigDict:
     """ML-GCN's official recipe (ssgrl_mlgcn.md §3.1) on `data`, for the configs/ files.
 
-    ResNet-101 at 448 px, the GCN over gen_A of the training labels, BCE; SGD (momentum 0.9,
-    L2 1e-4) at lr 0.1 for the GCN and 0.01 (lrp 0.1) for the backbone, gradients clipped to
-    norm 10, batch 32, 20 epochs at a constant rate (the official x0.1 step is at epoch 30,
-    after the end).
+    ResNet-101 at 448 px, the GCN over gen_A of the training labels, BCE; train images through
+    MultiScaleCrop (scales 1 to 0.5 of the shorter side, max_distort 2) and flip; SGD
+    (momentum 0.9, L2 1e-4) at lr 0.1 for the GCN and 0.01 (lrp 0.1) for the backbone,
+    gradients clipped to norm 10, batch 32, 20 epochs at a constant rate (the official x0.1
+    step is at epoch 30, after the end).
     """
     c = config_lib.base_config()
     c.data.name = data
@@ -80,6 +81,8 @@ def official_config(
     c.data.eval_split = eval_split
     c.data.worker_count = 8
     c.image_size = 448
+    c.data.augment.multiscale_crop = (1.0, 0.875, 0.75, 0.66, 0.5)
+    c.data.augment.max_distort = 2
     c.batch_size = 32
     c.eval_batch_size = 64
     c.num_epochs = 20.0

@@ -4,13 +4,14 @@ ResNet-101 at 576 px with the extra 2x2 average pool (9x9 locations); conv1..lay
 their batch norm in eval mode, layer4 and the head trained (layer4 batch norm in train mode);
 Adam lr 1e-5, default betas, no weight decay, constant learning rate; batch 4, 200 epochs (the
 official code keeps the best epoch on val); train: resize 640, random crop of a side from
-{640, 576, 512, 384, 320}, resize 576, no flip; BCE. All images (unlabelled ones included) as in
-the official code: builder config 'all'. Word vectors: the paper's 300-d GloVe file
-(--config.model.embed_path=vectors.npy) or, by default, the offline MiniLM ('minilm'); graph:
-P(j | i) from the training labels ('train_labels'), or the official prob_train.npy.
+{640, 576, 512, 384, 320}, resize 576, no flip; test: resize 640, centre crop 576; BCE. All
+images (unlabelled ones included) as in the official code: builder config 'all'. Word
+vectors: the paper's 300-d GloVe file (--config.model.embed_path=vectors.npy) or, by default,
+the offline MiniLM ('minilm'); graph: P(j | i) from the training labels ('train_labels'), or
+the official prob_train.npy.
 
-Not reproduced by the shared input pipeline: the multi-scale random crop (ours: a square resize
-to 576) and the 640 -> centre-crop 576 test transform (ours: resize to 576).
+Train and test transforms are the official ones (data.augment.crop_resize / crop_sides,
+data.eval_center_crop_from).
 
     python -m mlgraph.convert --source torchvision_resnet --input resnet101.pth \
         --output WEIGHTS --option include_head=false

@@ -72,6 +72,16 @@ def base_config() -> ml_collections.ConfigDict:
     # (ML-GCN: (1.0, 0.875, 0.75, 0.66, 0.5)) and the largest scale-index gap between w and h.
     c.data.augment.multiscale_crop = ()
     c.data.augment.max_distort = 2
+    # SSGRL's crop instead of the plain resize: resize to `crop_resize` (e.g. 640), random crop
+    # of a side from `crop_sides` (e.g. 640, 576, 512, 384, 320), resize to image_size.
+    c.data.augment.crop_resize = 0
+    c.data.augment.crop_sides = ()
+    # Test transform: resize to this side, then centre-crop image_size (SSGRL: 640); 0 = a
+    # plain resize to image_size.
+    c.data.eval_center_crop_from = 0
+    # VOC training labels of classes present only as difficult objects: 'positive' (SALGL,
+    # ML-GCN) or 'negative' (SSGRL). Evaluation always leaves such pairs out.
+    c.data.train_difficult = "positive"
     c.data.mean = IMAGENET_MEAN
     c.data.std = IMAGENET_STD
 

@@ -402,3 +402,65 @@ def test_multiscale_crop_in_the_train_chain():
         np.testing.assert_allclose(
             out, (np.asarray(img, np.float64) / 255.0 - mean) / std, atol=1e-5
         )
+
+
+# ---------------------------------------------------------------- SSGRL's crops
+
+
+def test_ssgrl_random_side_crop_and_center_crop():
+    img = Image.fromarray(skdata.astronaut()).resize((90, 70), Image.BILINEAR)
+    sides = (40, 36, 32, 24, 20)  # SSGRL's 640 .. 320, divided by 16
+    seen = collections.Counter()
+    for seed in range(400):
+        out = A.random_side_crop(img, 36, 40, sides, np.random.default_rng(seed))
+        rng = np.random.default_rng(seed)
+        side = sides[int(rng.integers(5))]
+        top, left = int(rng.integers(40 - side + 1)), int(rng.integers(40 - side + 1))
+        seen[side] += 1
+        want = img.resize((40, 40), Image.BILINEAR).crop((left, top, left + side, top + side))
+        np.testing.assert_array_equal(
+            np.asarray(out), np.asarray(want.resize((36, 36), Image.BILINEAR))
+        )
+    assert set(seen) == set(sides)
+    # CenterCrop rounds the offset: 40 -> 36 starts at 2; 11 -> 8 at round(1.5) = 2.
+    np.testing.assert_array_equal(
+        np.asarray(A.center_crop(img, 36, 40)),
+        np.asarray(img.resize((40, 40), Image.BILINEAR))[2:38, 2:38],
+    )
+    np.testing.assert_array_equal(
+        np.asarray(A.center_crop(img, 8, 11)),
+        np.asarray(img.resize((11, 11), Image.BILINEAR))[2:10, 2:10],
+    )
+
+
+def test_ssgrl_crop_settings_in_the_pipeline():
+    from mlgraph.data.pipeline import EvalTransform
+    from mlgraph.errors import ConfigError
+
+    element = _element()
+    aug = _aug(0.0, False)
+    aug.flip = False
+    aug.crop_resize, aug.crop_sides = 40, (40, 36, 32)
+    out = TrainTransform(36, 3, aug, IMAGENET_MEAN, IMAGENET_STD).random_map(
+        element, np.random.default_rng(0)
+    )
+    assert out["image"].shape == (36, 36, 3)
+    ev = EvalTransform(36, 3, IMAGENET_MEAN, IMAGENET_STD, center_crop_from=40).map(element)
+    want = A.center_crop(Image.fromarray(element["image"]), 36, 40)
+    mean, std = np.asarray(IMAGENET_MEAN), np.asarray(IMAGENET_STD)
+    np.testing.assert_allclose(ev["image"], (np.asarray(want) / 255.0 - mean) / std, atol=1e-5)
+    aug.crop_sides = ()
+    with pytest.raises(ConfigError) as e:
+        TrainTransform(36, 3, aug, IMAGENET_MEAN, IMAGENET_STD)
+    assert str(e.value) == (
+        "config.data.augment.crop_resize and crop_sides go together (SSGRL: 640 and "
+        "(640, 576, 512, 384, 320)); got 40 and ()"
+    )
+    aug.crop_sides = (48,)
+    with pytest.raises(ConfigError, match=r"crop_sides=\(48,\): larger than crop_resize=40"):
+        TrainTransform(36, 3, aug, IMAGENET_MEAN, IMAGENET_STD)
+    aug.crop_sides, aug.multiscale_crop = (40,), (1.0, 0.5)
+    with pytest.raises(ConfigError, match="multiscale_crop and crop_sides are alternatives"):
+        TrainTransform(36, 3, aug, IMAGENET_MEAN, IMAGENET_STD)
+    with pytest.raises(ConfigError, match="eval_center_crop_from=30: smaller than image_size=36"):
+        EvalTransform(36, 3, IMAGENET_MEAN, IMAGENET_STD, center_crop_from=30)

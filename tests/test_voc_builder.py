@@ -263,3 +263,36 @@ def test_difficult_pairs_left_out_of_metrics(voc2007):
     unmasked = train.eval_metrics({"scores": [scores], "labels": labels}, prefixes=("",))
     assert unmasked["OP"] == pytest.approx(100.0 * 4 / 5)
     assert metrics.mean_average_precision(scores, labels > 0.5, label_mask) == pytest.approx(100)
+
+
+def test_train_difficult_negative_drops_difficult_only_classes(voc2007):
+    """SSGRL's training labels (data.train_difficult='negative'); the default keeps them."""
+    import ml_collections
+
+    from mlgraph import config_lib
+    from mlgraph.data import pipeline
+    from mlgraph.errors import ConfigError
+
+    _, _, builder = voc2007
+    source = builder.as_data_source(split="train")
+    element = next(source[i] for i in range(len(source)) if source[i]["image_id"] == b"000005")
+    aug = config_lib.base_config().data.augment
+    mean, std = config_lib.IMAGENET_MEAN, config_lib.IMAGENET_STD
+    for drop, want in ((False, ["chair", "person"]), (True, ["chair"])):
+        t = pipeline.TrainTransform(32, len(NAMES), aug, mean, std, drop_difficult=drop)
+        labels = t.random_map(element, np.random.default_rng(0))["labels"]
+        assert named(labels) == want
+
+    config = ml_collections.ConfigDict(config_lib.base_config().to_dict())
+    config.data.train_difficult = "negative"
+    coco_like = [{"image": np.zeros((8, 8, 3), np.uint8), "labels": np.zeros(3, np.uint8)}]
+    config.data.name = "coco2014"
+    with pytest.raises(ConfigError) as e:
+        pipeline.train_dataset(coco_like, config, 3, process=(0, 1))
+    assert str(e.value) == (
+        "config.data.train_difficult='negative': data set 'coco2014' has no 'difficult' "
+        "feature (voc2007 and voc2012 have)"
+    )
+    config.data.train_difficult = "drop"
+    with pytest.raises(ConfigError, match="expected 'positive' or 'negative'"):
+        pipeline.train_dataset(coco_like, config, 3, process=(0, 1))

@@ -6,7 +6,9 @@ Two augmentations of the SALGL/ASL training chain (spec salgl.md §3.4) live her
 * `cutout`: ASL's `CutoutPIL`, one large square of a random colour.
 * `rand_augment`: the `RandAugment()` class of the PyPI package `randaugment==1.0.2`.
 
-and ML-GCN's `MultiScaleCrop` (ssgrl_mlgcn.md §3.1): `multiscale_crop`.
+and the methods' crops: ML-GCN's `MultiScaleCrop` (ssgrl_mlgcn.md §3.1, `multiscale_crop`) and
+SSGRL's resize -> random crop of a chosen side -> resize (§1.7, `random_side_crop`), with its
+test-time resize -> centre crop (`center_crop`).
 
 Reference for `rand_augment`: the source of the wheel `randaugment-1.0.2-py3-none-any.whl`
 (module `randaugment/randaugment.py`, read via `pip download randaugment==1.0.2 --no-deps`; its
@@ -260,3 +262,31 @@ def multiscale_crop(
     crop of the original image, resized bilinearly to output_size x output_size."""
     x, y, w, h = multiscale_crop_box(*img.size, output_size, scales, max_distort, rng)
     return img.crop((x, y, x + w, y + h)).resize((output_size, output_size), Image.BILINEAR)
+
+
+def random_side_crop(
+    img: Image.Image,
+    output_size: int,
+    resize_to: int,
+    sides: tuple[int, ...],
+    rng: np.random.Generator,
+) -> Image.Image:
+    """SSGRL's train crop: resize to resize_to x resize_to (bilinear), `RandomCrop` a square of
+    a side drawn uniformly from `sides` at a uniform position (end points included, as
+    torchvision's `randint(0, S - side)`), then resize to output_size (bilinear)."""
+    side = int(sides[int(rng.integers(len(sides)))])
+    if not 0 < side <= resize_to:
+        raise ValueError(f"crop side {side} does not fit the {resize_to} px resize")
+    img = img.resize((resize_to, resize_to), Image.BILINEAR)
+    top = int(rng.integers(resize_to - side + 1))
+    left = int(rng.integers(resize_to - side + 1))
+    img = img.crop((left, top, left + side, top + side))
+    return img.resize((output_size, output_size), Image.BILINEAR)
+
+
+def center_crop(img: Image.Image, output_size: int, resize_to: int) -> Image.Image:
+    """SSGRL's test transform: resize to resize_to x resize_to (bilinear), then torchvision's
+    `CenterCrop(output_size)` (offsets rounded: int(round((S - size) / 2)))."""
+    img = img.resize((resize_to, resize_to), Image.BILINEAR)
+    offset = int(round((resize_to - output_size) / 2.0))
+    return img.crop((offset, offset, offset + output_size, offset + output_size))

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from mlgraph.data import augment
+from mlgraph.errors import ConfigError
 
 
 def _normalize(img: Image.Image, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
@@ -38,18 +39,42 @@ class TrainTransform(grain.transforms.RandomMap):
     """SALGL's training chain (spec salgl.md §3.4): square bilinear resize (or ML-GCN's
     multi-scale crop when `aug.multiscale_crop` lists scales), horizontal flip (p=0.5),
     CutoutPIL when `aug.cutout > 0`, RandAugment when `aug.randaugment`, then scaling to [0, 1]
-    and normalisation. All randomness comes from grain's per-example generator."""
+    and normalisation. All randomness comes from grain's per-example generator.
+    `drop_difficult`: classes present only as VOC difficult objects become negatives."""
 
     def __init__(
-        self, image_size: int, num_classes: int, aug: ml_collections.ConfigDict, mean, std
+        self,
+        image_size: int,
+        num_classes: int,
+        aug: ml_collections.ConfigDict,
+        mean,
+        std,
+        drop_difficult: bool = False,
     ):
         self.image_size = image_size
         self.num_classes = num_classes
         self.flip = bool(aug.flip)
         self.multiscale_crop = tuple(float(x) for x in aug.multiscale_crop)
         self.max_distort = int(aug.max_distort)
+        self.crop_resize = int(aug.crop_resize)
+        self.crop_sides = tuple(int(x) for x in aug.crop_sides)
+        if bool(self.crop_resize) != bool(self.crop_sides):
+            raise ConfigError(
+                "config.data.augment.crop_resize and crop_sides go together (SSGRL: 640 and "
+                f"(640, 576, 512, 384, 320)); got {self.crop_resize} and {self.crop_sides}"
+            )
+        if self.crop_sides and max(self.crop_sides) > self.crop_resize:
+            raise ConfigError(
+                f"config.data.augment.crop_sides={self.crop_sides}: larger than "
+                f"crop_resize={self.crop_resize}"
+            )
+        if self.crop_sides and self.multiscale_crop:
+            raise ConfigError(
+                "config.data.augment: multiscale_crop and crop_sides are alternatives; set one"
+            )
         self.cutout = float(aug.cutout)
         self.randaugment = bool(aug.randaugment)
+        self.drop_difficult = drop_difficult
         self.mean = np.asarray(mean, np.float32)
         self.std = np.asarray(std, np.float32)
 
@@ -60,6 +85,10 @@ class TrainTransform(grain.transforms.RandomMap):
             img = augment.multiscale_crop(
                 img, self.image_size, self.multiscale_crop, self.max_distort, rng
             )
+        elif self.crop_sides:
+            img = augment.random_side_crop(
+                img, self.image_size, self.crop_resize, self.crop_sides, rng
+            )
         else:
             img = img.resize((self.image_size, self.image_size), Image.BILINEAR)
         if self.flip and rng.random() < 0.5:
@@ -68,25 +97,35 @@ class TrainTransform(grain.transforms.RandomMap):
             img = augment.cutout(img, self.cutout, rng)
         if self.randaugment:
             img = augment.rand_augment(img, rng)
-        return {
-            "image": _normalize(img, self.mean, self.std),
-            "labels": _labels(element, self.num_classes),
-        }
+        labels = _labels(element, self.num_classes)
+        if self.drop_difficult:
+            # SSGRL's VOC training labels: a class seen only as difficult objects is negative.
+            labels = labels * (1.0 - np.asarray(element["difficult"], np.float32))
+        return {"image": _normalize(img, self.mean, self.std), "labels": labels}
 
 
 class EvalTransform(grain.transforms.Map):
-    """Resize to a square and normalise (the papers' test transform: no crop, no TTA)."""
+    """Resize to a square and normalise (the papers' test transform: no TTA), or SSGRL's resize
+    then centre crop when `center_crop_from` is set."""
 
-    def __init__(self, image_size: int, num_classes: int, mean, std):
+    def __init__(self, image_size: int, num_classes: int, mean, std, center_crop_from: int = 0):
+        if center_crop_from and center_crop_from < image_size:
+            raise ConfigError(
+                f"config.data.eval_center_crop_from={center_crop_from}: smaller than "
+                f"image_size={image_size}"
+            )
         self.image_size = image_size
         self.num_classes = num_classes
+        self.center_crop_from = int(center_crop_from)
         self.mean = np.asarray(mean, np.float32)
         self.std = np.asarray(std, np.float32)
 
     def map(self, element: dict) -> dict:
-        img = Image.fromarray(element["image"]).resize(
-            (self.image_size, self.image_size), Image.BILINEAR
-        )
+        img = Image.fromarray(element["image"])
+        if self.center_crop_from:
+            img = augment.center_crop(img, self.image_size, self.center_crop_from)
+        else:
+            img = img.resize((self.image_size, self.image_size), Image.BILINEAR)
         # VOC marks classes present only as difficult: those (image, class) pairs are left out
         # of every metric, as the VOC devkit and the papers do.
         difficult = element.get("difficult")
@@ -121,8 +160,21 @@ def train_dataset(
     ds = grain.MapDataset.source(source).seed(config.seed).shuffle().repeat()
     # Augment before sharding: each example's random draws depend on its position in the
     # global stream, so any number of processes sees exactly the global batches one would.
+    if data.train_difficult not in ("positive", "negative"):
+        raise ConfigError(
+            f"config.data.train_difficult='{data.train_difficult}': expected 'positive' or "
+            "'negative'"
+        )
+    drop_difficult = data.train_difficult == "negative"
+    if drop_difficult and len(source) and "difficult" not in source[0]:
+        raise ConfigError(
+            f"config.data.train_difficult='negative': data set '{data.name}' has no 'difficult' "
+            "feature (voc2007 and voc2012 have)"
+        )
     ds = ds.random_map(
-        TrainTransform(config.image_size, num_classes, data.augment, data.mean, data.std)
+        TrainTransform(
+            config.image_size, num_classes, data.augment, data.mean, data.std, drop_difficult
+        )
     )
     ds = ds[pi::pc]
     ds = ds.batch(config.batch_size // pc, drop_remainder=True)
@@ -143,7 +195,13 @@ def eval_batches(
     pc, pi = jax.process_count(), jax.process_index()
     local_bs = local_batch_size(config.eval_batch_size)
     steps = math.ceil(math.ceil(len(source) / pc) / local_bs)
-    transform = EvalTransform(config.image_size, num_classes, config.data.mean, config.data.std)
+    transform = EvalTransform(
+        config.image_size,
+        num_classes,
+        config.data.mean,
+        config.data.std,
+        center_crop_from=config.data.eval_center_crop_from,
+    )
     ds = grain.MapDataset.source(source)[pi::pc].map(transform).batch(local_bs)
     it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)))
     shape = (config.image_size, config.image_size, 3)

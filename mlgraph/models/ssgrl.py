@@ -82,6 +82,9 @@ def official_config(
     c.data.eval_split = eval_split
     c.data.worker_count = 8
     c.data.augment.flip = False
+    c.data.augment.crop_resize = 640
+    c.data.augment.crop_sides = (640, 576, 512, 384, 320)
+    c.data.eval_center_crop_from = 640
     c.image_size = 576
     c.batch_size = 4
     c.eval_batch_size = 16

@@ -129,3 +129,17 @@ def test_build_cli_skips_corrupt_and_strict_stops(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: {bad}: cannot decode image (not a known image format) (--strict)"
     )
+
+
+@pytest.mark.parametrize("name", ["coco2014", "voc2007", "voc2012", "nuswide", "custom"])
+def test_making_a_builder_leaves_no_temporary_folder(name, tmp_path, monkeypatch):
+    """TFDS's `initialize_from_bucket` used to leave an empty /tmp/tmp*tfds per builder."""
+    import tempfile
+
+    from mlgraph.data import datasets
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    datasets.builder_class(name)(data_dir=str(tmp_path / "data"))
+    assert list(scratch.iterdir()) == []

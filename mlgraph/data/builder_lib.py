@@ -11,6 +11,19 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 
+class LocalDatasetInfo(tfds.core.DatasetInfo):
+    """`DatasetInfo` that never looks for pre-computed metadata in TFDS's GCS bucket.
+
+    TFDS calls `initialize_from_bucket` whenever a builder is made for a data set that is not
+    built yet; with GCS disabled (the default) it finds nothing, but first makes an empty
+    `tempfile.mkdtemp("tfds")` folder that it never removes, so every such call left one more
+    empty folder in /tmp. Our data sets are the user's own files, so there is nothing to fetch.
+    """
+
+    def initialize_from_bucket(self) -> None:
+        """Nothing to initialise: these data sets have no published metadata."""
+
+
 class MultiLabelBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Base of the data-set builders; subclasses set the class attributes below."""
 
@@ -37,7 +50,7 @@ class MultiLabelBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
                 for name in self.EXTRA_MULTIHOT
             },
         }
-        return tfds.core.DatasetInfo(
+        return LocalDatasetInfo(
             builder=self,
             description=self.DESCRIPTION,
             features=tfds.features.FeaturesDict(features),

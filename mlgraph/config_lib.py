@@ -176,6 +176,15 @@ def salgl_paper_config(
     return c
 
 
+def model_field(cfg, name: str, defaults: dict):
+    """`cfg[name]` of a `config.model`-style mapping, else `defaults[name]`; a ConfigDict value
+    comes back as a plain dict (e.g. `backbone_kwargs`)."""
+    value = cfg.get(name, defaults[name])
+    if isinstance(value, ml_collections.ConfigDict):
+        return value.to_dict()
+    return value
+
+
 def model_fields(method: str, defaults: dict, overrides: dict) -> ml_collections.ConfigDict:
     """A method's `config.model`: its `defaults` with `overrides` applied.
 

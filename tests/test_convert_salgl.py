@@ -12,12 +12,17 @@ converted, the inferred settings are checked, and the eval-mode outputs are comp
 from __future__ import annotations
 
 import json
-import math
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from torch_reference import (
+    TorchEncoderLayer,
+    TorchResNetTrunk,
+    randomize_batch_norms,
+    torch_sine_table,
+)
 
 from mlgraph.convert import core
 from mlgraph.convert import salgl as convert_salgl
@@ -32,74 +37,11 @@ C, K, E, IMAGE = 6, 3, 10, 96
 
 
 # ----------------------------------------------------------------------------- torch reference
-class TorchBottleneck(nn.Module):
-    """torchvision's v1.5 bottleneck (stride on the 3x3 conv)."""
-
-    def __init__(self, inp: int, width: int, stride: int):
-        super().__init__()
-        out = 4 * width
-        self.conv1 = nn.Conv2d(inp, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = nn.Conv2d(width, out, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(out)
-        self.downsample = None
-        if stride != 1 or inp != out:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(inp, out, 1, stride, bias=False), nn.BatchNorm2d(out)
-            )
+class TorchResNet(TorchResNetTrunk):
+    """The trunk, returning layer4 as tokens [B, H*W, C] (row-major)."""
 
     def forward(self, x):
-        y = F.relu(self.bn1(self.conv1(x)))
-        y = F.relu(self.bn2(self.conv2(y)))
-        y = self.bn3(self.conv3(y))
-        return F.relu(y + (x if self.downsample is None else self.downsample(x)))
-
-
-class TorchResNet(nn.Module):
-    """Stem + 4 bottleneck stages; returns layer4 as tokens [B, H*W, C] (row-major)."""
-
-    def __init__(self, layers, width: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        inp = width
-        for i, blocks in enumerate(layers):
-            w = width * 2**i
-            stage = []
-            for b in range(blocks):
-                stage.append(TorchBottleneck(inp, w, (1 if i == 0 else 2) if b == 0 else 1))
-                inp = 4 * w
-            setattr(self, f"layer{i + 1}", nn.Sequential(*stage))
-        self.num_features = inp
-
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
-        for i in range(1, 5):
-            x = getattr(self, f"layer{i}")(x)
-        return x.flatten(2).transpose(1, 2)
-
-
-class TorchEncoderLayer(nn.Module):
-    """DETR post-norm encoder layer (salgl.md §1.3)."""
-
-    def __init__(self, d: int, heads: int, ffn: int, dropout: float = 0.1):
-        super().__init__()
-        self.self_attn = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
-        self.linear1 = nn.Linear(d, ffn)
-        self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(ffn, d)
-        self.norm1 = nn.LayerNorm(d)
-        self.norm2 = nn.LayerNorm(d)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-
-    def forward(self, x, pos=None):
-        qk = x if pos is None else x + pos
-        x = self.norm1(x + self.dropout1(self.self_attn(qk, qk, x)[0]))
-        y = self.linear2(self.dropout(F.relu(self.linear1(x))))
-        return self.norm2(x + self.dropout2(y))
+        return self.layer4_map(x).flatten(2).transpose(1, 2)
 
 
 class TorchEncoder(nn.Module):
@@ -113,21 +55,6 @@ class TorchEncoder(nn.Module):
         for layer in self.layers:
             x = layer(x, pos)
         return x
-
-
-def torch_sine_table(d: int, grid: int) -> torch.Tensor:
-    """salgl.md §1.2 in torch float32: [1, D, grid, grid]."""
-    f = d // 2
-    ones = torch.ones(1, grid, grid)
-    y = ones.cumsum(1) / (grid + 1e-6) * 2 * math.pi
-    x = ones.cumsum(2) / (grid + 1e-6) * 2 * math.pi
-    dim_t = 10000 ** (2 * (torch.arange(f, dtype=torch.float32) // 2) / f)
-
-    def feats(coord):
-        arg = coord[..., None] / dim_t
-        return torch.stack((arg[..., 0::2].sin(), arg[..., 1::2].cos()), dim=4).flatten(3)
-
-    return torch.cat((feats(y), feats(x)), dim=3).permute(0, 3, 1, 2)
 
 
 class TorchPositionEmbedding(nn.Module):
@@ -247,13 +174,10 @@ class TorchSALGL(nn.Module):
 def _randomize_buffers(model: nn.Module, seed: int) -> None:
     """Random BN affine/statistics and scene counts (as an EMA of counts: not integers)."""
     g = torch.Generator().manual_seed(seed)
+    randomize_batch_norms(model, g)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.normal_(0, 0.2, generator=g)
-                m.running_mean.normal_(0, 0.2, generator=g)
-                m.running_var.uniform_(0.5, 2.0, generator=g)
                 m.num_batches_tracked.fill_(17)
         for k in range(K):
             y = (torch.rand(30, C, generator=g) < 0.4).float()

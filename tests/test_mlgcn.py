@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from test_ssgrl import TorchBottleneck
+from torch_reference import TorchBottleneck, randomize_batch_norms
 
 from mlgraph.convert import core, io
 from mlgraph.convert import mlgcn as convert_mlgcn
@@ -90,14 +90,7 @@ def _setup(seed: int, tmp_path):
     np.save(tmp_path / "words.npy", words)
     torch.manual_seed(seed)
     model = TorchMLGCN(a, words)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.normal_(0, 0.2, generator=g)
-                m.running_mean.normal_(0, 0.2, generator=g)
-                m.running_var.uniform_(0.5, 2.0, generator=g)
+    randomize_batch_norms(model, torch.Generator().manual_seed(seed))
     return model.eval(), counts
 
 

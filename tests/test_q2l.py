@@ -4,8 +4,9 @@ The torch model follows ssgrl_mlgcn.md §4.1 with the official names (§4.2): `b
 Sequential of the ResNet wrapper (`.body`, FrozenBatchNorm2d) and the position module (buffer
 `pe`, DETR's normalised sine table), `input_proj` (Identity or a 1x1 conv),
 `transformer.encoder.layers` / `transformer.decoder.layers` (DETR post-norm layers on
-sequence-first `nn.MultiheadAttention`, decoder self-attention removable per layer),
-`transformer.decoder.norm`, `query_embed` (nn.Embedding) and `fc` (GroupWiseLinear `W`, `b`).
+`nn.MultiheadAttention`, decoder self-attention removable per layer),
+`transformer.decoder.norm`, `query_embed` (nn.Embedding) and `fc` (GroupWiseLinear `W`, `b`);
+batch-first where the official code is sequence-first (the same computation).
 The checkpoint is written as the released `checkpoint.pkl` container with its `module.` prefix,
 and the architecture is read from a `config_new.json`.
 """
@@ -19,7 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from test_ssgrl import TorchResNet
+from torch_reference import (
+    TorchEncoderLayer,
+    TorchResNetTrunk,
+    randomize_batch_norms,
+    torch_sine_table,
+)
 
 from mlgraph import checkpointing, config_lib, train
 from mlgraph.convert import core
@@ -59,14 +65,8 @@ def freeze_batch_norms(module: nn.Module) -> None:
             freeze_batch_norms(child)
 
 
-class Body(TorchResNet):
+class Body(TorchResNetTrunk):
     """torchvision conv1..layer4 (the IntermediateLayerGetter's `body`), returning layer4."""
-
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
-        for i in range(1, 5):
-            x = getattr(self, f"layer{i}")(x)
-        return x
 
 
 class BackboneBase(nn.Module):
@@ -77,44 +77,21 @@ class BackboneBase(nn.Module):
 
 
 class PositionEmbeddingSine(nn.Module):
-    """The sine table for an (h, w) map, normalised, stored as buffer `pe` (1, D, h, w)."""
+    """The sine table for a grid x grid map, stored as buffer `pe` (1, D, grid, grid)."""
 
-    def __init__(self, num_pos_feats: int, h: int, w: int, temperature: float = 10000.0):
+    def __init__(self, d: int, grid: int):
         super().__init__()
-        y = torch.arange(1, h + 1, dtype=torch.float32)[:, None].expand(h, w)
-        x = torch.arange(1, w + 1, dtype=torch.float32)[None, :].expand(h, w)
-        eps, scale = 1e-6, 2 * math.pi
-        y = y / (y[-1:, :] + eps) * scale
-        x = x / (x[:, -1:] + eps) * scale
-        dim_t = torch.arange(num_pos_feats, dtype=torch.float32)
-        dim_t = temperature ** (2 * (dim_t // 2) / num_pos_feats)
-        pos_x, pos_y = x[:, :, None] / dim_t, y[:, :, None] / dim_t
-        pos_x = torch.stack((pos_x[:, :, 0::2].sin(), pos_x[:, :, 1::2].cos()), dim=3).flatten(2)
-        pos_y = torch.stack((pos_y[:, :, 0::2].sin(), pos_y[:, :, 1::2].cos()), dim=3).flatten(2)
-        self.register_buffer("pe", torch.cat((pos_y, pos_x), dim=2).permute(2, 0, 1)[None])
-
-
-class EncoderLayer(nn.Module):
-    def __init__(self, d, heads, ffn):
-        super().__init__()
-        self.self_attn = nn.MultiheadAttention(d, heads, dropout=0.1)
-        self.linear1, self.linear2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
-        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
-
-    def forward(self, src, pos):
-        q = k = src + pos
-        src = self.norm1(src + self.self_attn(q, k, value=src)[0])
-        return self.norm2(src + self.linear2(F.relu(self.linear1(src))))
+        self.register_buffer("pe", torch_sine_table(d, grid))
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, d, heads, ffn, self_attn: bool):
         super().__init__()
         if self_attn:
-            self.self_attn = nn.MultiheadAttention(d, heads, dropout=0.1)
+            self.self_attn = nn.MultiheadAttention(d, heads, dropout=0.1, batch_first=True)
             self.norm1 = nn.LayerNorm(d)
         self.omit_selfattn = not self_attn
-        self.multihead_attn = nn.MultiheadAttention(d, heads, dropout=0.1)
+        self.multihead_attn = nn.MultiheadAttention(d, heads, dropout=0.1, batch_first=True)
         self.linear1, self.linear2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
         self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d)
 
@@ -138,24 +115,24 @@ class Stack(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, d, heads, ffn, enc, dec, keep_first, keep_other):
         super().__init__()
-        self.encoder = Stack([EncoderLayer(d, heads, ffn) for _ in range(enc)])
+        self.encoder = Stack([TorchEncoderLayer(d, heads, ffn) for _ in range(enc)])
         self.decoder = Stack(
             [DecoderLayer(d, heads, ffn, keep_first if i == 0 else keep_other) for i in range(dec)],
             nn.LayerNorm(d),
         )
 
     def forward(self, src, query_embed, pos):
-        b, c, h, w = src.shape
-        src = src.flatten(2).permute(2, 0, 1)
-        pos = pos.flatten(2).permute(2, 0, 1).expand(-1, b, -1)
-        query = query_embed.unsqueeze(1).repeat(1, b, 1)
-        memory = src
+        # Batch-first throughout (the official code is sequence-first; the same computation).
+        b = src.shape[0]
+        memory = src.flatten(2).transpose(1, 2)  # B, HW, D
+        pos = pos.flatten(2).transpose(1, 2)  # 1, HW, D
+        query = query_embed.unsqueeze(0).repeat(b, 1, 1)  # B, K, D
         for layer in self.encoder.layers:
             memory = layer(memory, pos)
         tgt = torch.zeros_like(query)
         for layer in self.decoder.layers:
             tgt = layer(tgt, memory, pos, query)
-        return self.decoder.norm(tgt).transpose(0, 1)  # B, K, D
+        return self.decoder.norm(tgt)  # B, K, D
 
 
 class GroupWiseLinear(nn.Module):
@@ -174,7 +151,7 @@ class TorchQ2L(nn.Module):
         super().__init__()
         base = BackboneBase()
         grid = IMAGE // 32
-        self.backbone = nn.Sequential(base, PositionEmbeddingSine(d // 2, grid, grid))
+        self.backbone = nn.Sequential(base, PositionEmbeddingSine(d, grid))
         self.input_proj = (
             nn.Conv2d(base.num_channels, d, kernel_size=1) if keep_input_proj else nn.Identity()
         )
@@ -203,14 +180,10 @@ def _torch_model(v: dict, seed: int) -> TorchQ2L:
         v["d"], v["heads"], v["ffn"], v["enc"], v["dec"], v["proj"], v["first"], v["other"]
     )
     g = torch.Generator().manual_seed(seed)
+    randomize_batch_norms(model, g)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.normal_(0, 0.2, generator=g)
-                m.running_mean.normal_(0, 0.2, generator=g)
-                m.running_var.uniform_(0.5, 2.0, generator=g)
-            elif isinstance(m, nn.MultiheadAttention):
+            if isinstance(m, nn.MultiheadAttention):
                 # torch starts these biases at zero; random ones check the q/k/v row split.
                 m.in_proj_bias.normal_(0, 0.1, generator=g)
                 m.out_proj.bias.normal_(0, 0.1, generator=g)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from torch_reference import TorchResNetTrunk, randomize_batch_norms
 from train_helpers import tiny_coco
 
 from mlgraph.convert import core, io
@@ -31,54 +32,15 @@ RTOL = 1e-4
 C, E, A, IMAGE = 5, 12, 16, 128
 
 
-class TorchBottleneck(nn.Module):
-    """torchvision's v1.5 bottleneck (stride on the 3x3 conv)."""
-
-    def __init__(self, inp: int, width: int, stride: int):
-        super().__init__()
-        out = 4 * width
-        self.conv1 = nn.Conv2d(inp, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = nn.Conv2d(width, out, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(out)
-        self.downsample = None
-        if stride != 1 or inp != out:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(inp, out, 1, stride, bias=False), nn.BatchNorm2d(out)
-            )
-
-    def forward(self, x):
-        y = F.relu(self.bn1(self.conv1(x)))
-        y = F.relu(self.bn2(self.conv2(y)))
-        y = self.bn3(self.conv3(y))
-        return F.relu(y + (x if self.downsample is None else self.downsample(x)))
-
-
-class TorchResNet(nn.Module):
+class TorchResNet(TorchResNetTrunk):
     """The official backbone: conv1..layer4 then `avgpool1` (2x2/s2); no fc."""
 
     def __init__(self, layers, width: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        inp = width
-        for i, blocks in enumerate(layers):
-            w = width * 2**i
-            stage = []
-            for b in range(blocks):
-                stage.append(TorchBottleneck(inp, w, (1 if i == 0 else 2) if b == 0 else 1))
-                inp = 4 * w
-            setattr(self, f"layer{i + 1}", nn.Sequential(*stage))
+        super().__init__(layers, width)
         self.avgpool1 = nn.AvgPool2d(2, 2)
-        self.num_features = inp
 
     def forward(self, x):
-        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
-        for i in range(1, 5):
-            x = getattr(self, f"layer{i}")(x)
-        return self.avgpool1(x)
+        return self.avgpool1(self.layer4_map(x))
 
 
 class TorchSemantic(nn.Module):
@@ -167,14 +129,7 @@ def _torch_model(seed: int, tmp_path, *, paper: bool = False):
     graph = cooccurrence.conditional_probability(cooccurrence.counts_from_labels(y))
     torch.manual_seed(seed)
     model = TorchSSGRL(words, graph, paper=paper)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.normal_(0, 0.2, generator=g)
-                m.running_mean.normal_(0, 0.2, generator=g)
-                m.running_var.uniform_(0.5, 2.0, generator=g)
+    randomize_batch_norms(model, torch.Generator().manual_seed(seed))
     np.save(tmp_path / "vectors.npy", words)
     np.save(tmp_path / "prob_train.npy", graph)
     return model.eval()

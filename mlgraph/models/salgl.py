@@ -92,10 +92,7 @@ def model_config(**overrides: Any) -> ml_collections.ConfigDict:
 
 
 def _field(cfg: Mapping[str, Any] | ml_collections.ConfigDict, name: str) -> Any:
-    value = cfg.get(name, DEFAULTS[name])
-    if isinstance(value, ml_collections.ConfigDict):
-        return value.to_dict()
-    return value
+    return config_lib.model_field(cfg, name, DEFAULTS)
 
 
 class SALGL(nnx.Module):

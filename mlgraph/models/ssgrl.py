@@ -104,10 +104,7 @@ def official_config(
 
 
 def _field(cfg: Mapping[str, Any] | ml_collections.ConfigDict, name: str) -> Any:
-    value = cfg.get(name, DEFAULTS[name])
-    if isinstance(value, ml_collections.ConfigDict):
-        return value.to_dict()
-    return value
+    return config_lib.model_field(cfg, name, DEFAULTS)
 
 
 def load_graph(path: str, num_classes: int, diagonal: str = "one") -> np.ndarray:

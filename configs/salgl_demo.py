@@ -24,20 +24,8 @@ from mlgraph.models import salgl
 def get_config(arg=None):
     """The config; `arg` accepts `runlocal=True` for a few-step smoke run."""
     args = config_lib.parse_arg(arg, runlocal=False)
-    c = config_lib.base_config()
-    c.data.demo = "demo"
-    c.data.name = "coco2014"
-    c.data.builder_config = "nonempty"
-    c.image_size = 128
-    c.batch_size = 32
-    c.eval_batch_size = 100
-    c.num_epochs = 3.0
-    c.eval_every_steps = 100
-    c.log_every_steps = 25
-    c.init_from = "offline:mobilenet_v2"
+    c = config_lib.demo_head_config(args.runlocal)
     c.optimizer.lr = 3e-4
-    c.optimizer.frozen = ("backbone/.*",)
-    c.ema.decay = 0.99
     c.model = salgl.model_config(
         backbone="mobilenet_v2",
         num_scenes=4,
@@ -47,8 +35,4 @@ def get_config(arg=None):
         ffn_dim=512,
         frozen_bn=True,
     )
-    if args.runlocal:
-        c.total_steps = 4
-        c.eval_every_steps = 4
-        c.log_every_steps = 2
     return c

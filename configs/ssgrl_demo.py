@@ -17,24 +17,12 @@ from mlgraph.models import ssgrl
 def get_config(arg=None):
     """The config; `arg` accepts `runlocal=True` for a few-step smoke run."""
     args = config_lib.parse_arg(arg, runlocal=False)
-    c = config_lib.base_config()
-    c.data.demo = "demo"
-    c.data.name = "coco2014"
-    c.data.builder_config = "nonempty"
+    c = config_lib.demo_head_config(args.runlocal)
     c.data.augment.flip = False  # SSGRL's chain has no flip
-    c.image_size = 128
-    c.batch_size = 32
-    c.eval_batch_size = 100
-    c.num_epochs = 3.0
-    c.eval_every_steps = 100
-    c.log_every_steps = 25
-    c.init_from = "offline:mobilenet_v2"
     c.optimizer.name = "adam"
     c.optimizer.schedule = "constant"
     c.optimizer.lr = 1e-4
     c.optimizer.weight_decay = 0.0
-    c.optimizer.frozen = ("backbone/.*",)
-    c.ema.decay = 0.99
     c.model = ssgrl.model_config(
         backbone="mobilenet_v2",
         extra_pool=False,
@@ -43,8 +31,4 @@ def get_config(arg=None):
         att_dim=256,
         bn_train="none",
     )
-    if args.runlocal:
-        c.total_steps = 4
-        c.eval_every_steps = 4
-        c.log_every_steps = 2
     return c

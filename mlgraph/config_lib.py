@@ -113,6 +113,31 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def demo_head_config(runlocal: bool = False) -> ml_collections.ConfigDict:
+    """What the methods' demo configs share: the embedded demo set at 128 px, 3 epochs of
+    batch 32, the offline ImageNet MobileNetV2 frozen (`init_from`, `optimizer.frozen`), EMA
+    0.99; `runlocal` shortens it to a 4-step smoke run. Each config adds its head, loss and
+    optimizer settings."""
+    c = base_config()
+    c.data.demo = "demo"
+    c.data.name = "coco2014"
+    c.data.builder_config = "nonempty"
+    c.image_size = 128
+    c.batch_size = 32
+    c.eval_batch_size = 100
+    c.num_epochs = 3.0
+    c.eval_every_steps = 100
+    c.log_every_steps = 25
+    c.init_from = "offline:mobilenet_v2"
+    c.optimizer.frozen = ("backbone/.*",)
+    c.ema.decay = 0.99
+    if runlocal:
+        c.total_steps = 4
+        c.eval_every_steps = 4
+        c.log_every_steps = 2
+    return c
+
+
 def total_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
     """`config.total_steps` if set, else `num_epochs` epochs of the global batch (rounded up)."""
     if config.total_steps:

@@ -75,6 +75,28 @@ def strip_prefix(state_dict: Mapping[str, np.ndarray], prefix: str) -> dict[str,
     return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
 
 
+def build_abstract(build: Callable[..., nnx.Module], settings: Mapping, source: str) -> nnx.Module:
+    """`build(settings["model"], ...)` under `nnx.eval_shape`: shapes only, no random init,
+    since every variable is then set from the checkpoint.
+
+    Raises:
+      ConversionError: the settings do not describe a buildable model (prefixed by `source`).
+    """
+    from mlgraph.errors import ConfigError
+
+    try:
+        return nnx.eval_shape(
+            lambda: build(
+                settings["model"],
+                num_classes=settings["num_classes"],
+                image_size=settings["image_size"],
+                rngs=nnx.Rngs(0),
+            )
+        )
+    except (ValueError, ConfigError) as e:
+        raise ConversionError(f"{source}: {e}") from e
+
+
 def load_into(
     module: nnx.Module,
     state_dict: Mapping[str, np.ndarray],

@@ -108,11 +108,7 @@ def convert(
         words = load_embeddings(opts["embed_path"], c, settings["model"]["embed_dim"])
     except ConfigError as e:
         raise core.ConversionError(f"ML-GCN: {e}") from e
-    module = nnx.eval_shape(
-        lambda: mlgcn.build(
-            settings["model"], num_classes=c, image_size=settings["image_size"], rngs=nnx.Rngs(0)
-        )
-    )
+    module = core.build_abstract(mlgcn.build, settings, "ML-GCN")
     core.load_into(
         module,
         state_dict,

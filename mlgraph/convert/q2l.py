@@ -35,7 +35,6 @@ from flax import nnx
 
 from mlgraph.convert import core, torch_transformer, torchvision_resnet
 from mlgraph.convert.torchvision_resnet import check_options, select_prefix
-from mlgraph.errors import ConfigError
 from mlgraph.models import q2l
 
 OPTIONS = {"config": "", "num_heads": 0, "image_size": 0, "prefix": "module."}
@@ -247,16 +246,6 @@ def convert(
         torch_transformer.check_position_table(
             pe, model["hidden_dim"], 32 * pe.shape[-1], POSITION_TABLE
         )
-    try:
-        module = nnx.eval_shape(
-            lambda: q2l.build(
-                model,
-                num_classes=settings["num_classes"],
-                image_size=settings["image_size"],
-                rngs=nnx.Rngs(0),
-            )
-        )
-    except (ValueError, ConfigError) as e:
-        raise core.ConversionError(f"Query2Label: {e}") from e
+    module = core.build_abstract(q2l.build, settings, "Query2Label")
     core.load_into(module, state_dict, table(module), ignored=IGNORED, source="Query2Label")
     return module, settings

@@ -34,7 +34,6 @@ from flax import nnx
 
 from mlgraph.convert import core, timm_vit, torch_transformer, torchvision_resnet
 from mlgraph.convert.torchvision_resnet import check_options
-from mlgraph.errors import ConfigError
 from mlgraph.models import salgl
 
 OPTIONS = {"num_steps": -1, "config_yaml": "", "image_size": 0, "num_heads": 0, "prefix": "module."}
@@ -363,17 +362,6 @@ def convert(
             settings["image_size"],
             "position_embedding.pe",
         )
-    try:
-        # Built abstractly (no random init): every variable is then set from the checkpoint.
-        module = nnx.eval_shape(
-            lambda: salgl.build(
-                model,
-                num_classes=settings["num_classes"],
-                image_size=settings["image_size"],
-                rngs=nnx.Rngs(0),
-            )
-        )
-    except (ValueError, ConfigError) as e:
-        raise core.ConversionError(f"SALGL: {e}") from e
+    module = core.build_abstract(salgl.build, settings, "SALGL")
     core.load_into(module, state_dict, table(module), ignored=IGNORED, source="SALGL")
     return module, settings

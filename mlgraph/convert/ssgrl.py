@@ -153,11 +153,7 @@ def convert(
         graph = ssgrl.load_graph(opts["graph_path"], c, settings["model"]["graph_diagonal"])
     except ConfigError as e:
         raise core.ConversionError(f"SSGRL: {e}") from e
-    module = nnx.eval_shape(
-        lambda: ssgrl.build(
-            settings["model"], num_classes=c, image_size=settings["image_size"], rngs=nnx.Rngs(0)
-        )
-    )
+    module = core.build_abstract(ssgrl.build, settings, "SSGRL")
     core.load_into(
         module,
         state_dict,

@@ -1,15 +1,21 @@
-"""Small pieces shared by the models: the buffer variable type and the loaders of the
-fixed inputs the graph methods read (label word vectors, label graphs)."""
+"""Small pieces shared by the models: the buffer variable type, the loaders of the fixed inputs
+the graph methods read (label word vectors, label graphs), the CNN backbone of a
+`config.model`, and `create` from a whole config."""
 
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Callable
+from typing import Any
 
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 
 from mlgraph.data import cooccurrence
 from mlgraph.errors import ConfigError
+from mlgraph.models import backbones
 
 
 class Buffer(nnx.Variable):
@@ -73,3 +79,37 @@ def check_graph_resolved(graph_path: str) -> None:
             "config.model.graph_path='train_labels' must be resolved to a file first "
             "(mlgraph.data.cooccurrence.resolve)"
         )
+
+
+def cnn_backbone(
+    name: str, backbone_kwargs: dict, method: str, *, image_size: int, dtype: Any, rngs: nnx.Rngs
+) -> nnx.Module:
+    """The registered backbone `name`, which must be a CNN (have a `feature_map`).
+
+    Raises:
+      ConfigError: a backbone without a feature map (e.g. a ViT).
+    """
+    backbone = backbones.build(
+        name, image_size=image_size, dtype=dtype, rngs=rngs, **backbone_kwargs
+    )
+    if not hasattr(backbone, "feature_map"):
+        raise ConfigError(
+            f"config.model.backbone={name!r}: {method} needs a CNN backbone "
+            "(one with a feature map)"
+        )
+    return backbone
+
+
+def create_from_config(
+    build: Callable[..., nnx.Module],
+    config: ml_collections.ConfigDict,
+    *,
+    num_classes: int,
+    rngs: nnx.Rngs,
+) -> nnx.Module:
+    """`build(config.model, ...)` for `config.image_size` images in `config.dtype`: the body of
+    every method's `create`."""
+    dtype = jnp.dtype(config.get("dtype") or "float32")
+    return build(
+        config.model, num_classes=num_classes, image_size=config.image_size, dtype=dtype, rngs=rngs
+    )

@@ -29,7 +29,6 @@ from flax import nnx
 
 from mlgraph import config_lib, losses
 from mlgraph.errors import ConfigError
-from mlgraph.models import backbones
 from mlgraph.models.attention import (
     TransformerDecoderLayer,
     TransformerEncoderLayer,
@@ -37,6 +36,7 @@ from mlgraph.models.attention import (
     torch_linear,
     uniform_init,
 )
+from mlgraph.models.common import cnn_backbone, create_from_config
 from mlgraph.models.graph import ElementWiseLinear
 
 DEFAULTS: dict[str, Any] = {
@@ -251,25 +251,21 @@ def build(
       ConfigError: a backbone without a feature map, or hidden_dim != the backbone's channels
         without keep_input_proj.
     """
-    name = _field(model_cfg, "backbone")
-    backbone = backbones.build(
-        name, image_size=image_size, dtype=dtype, rngs=rngs, **_field(model_cfg, "backbone_kwargs")
+    backbone = cnn_backbone(
+        _field(model_cfg, "backbone"),
+        _field(model_cfg, "backbone_kwargs"),
+        "Query2Label",
+        image_size=image_size,
+        dtype=dtype,
+        rngs=rngs,
     )
-    if not hasattr(backbone, "feature_map"):
-        raise ConfigError(
-            f"config.model.backbone={name!r}: Query2Label needs a CNN backbone (one with a "
-            "feature map)"
-        )
     fields = {k: _field(model_cfg, k) for k in DEFAULTS if k not in _NOT_ARCHITECTURE}
     return Query2Label(backbone, num_classes=int(num_classes), dtype=dtype, rngs=rngs, **fields)
 
 
 def create(config: ml_collections.ConfigDict, *, num_classes: int, rngs: nnx.Rngs) -> Query2Label:
     """Build the Query2Label that `config.model` describes, for `config.image_size` images."""
-    dtype = jnp.dtype(config.get("dtype") or "float32")
-    return build(
-        config.model, num_classes=num_classes, image_size=config.image_size, dtype=dtype, rngs=rngs
-    )
+    return create_from_config(build, config, num_classes=num_classes, rngs=rngs)
 
 
 def loss_fn(outputs: dict, labels: jax.Array, config) -> tuple[jax.Array, dict[str, jax.Array]]:

@@ -33,7 +33,11 @@ from mlgraph.models.attention import (
     sine_position_encoding,
     torch_linear,
 )
-from mlgraph.models.common import Buffer, load_embeddings  # noqa: F401 (re-exported)
+from mlgraph.models.common import (  # noqa: F401 (Buffer, load_embeddings re-exported)
+    Buffer,
+    create_from_config,
+    load_embeddings,
+)
 from mlgraph.models.graph import (
     ElementWiseLinear,
     GatedGNN,
@@ -312,10 +316,7 @@ def create(config: ml_collections.ConfigDict, *, num_classes: int, rngs: nnx.Rng
     Label embeddings come from `config.model.embed_path` (embed_type='file'), are drawn at
     random ('random'), or are zeros to be filled from a checkpoint ('checkpoint').
     """
-    dtype = jnp.dtype(config.get("dtype") or "float32")
-    return build(
-        config.model, num_classes=num_classes, image_size=config.image_size, dtype=dtype, rngs=rngs
-    )
+    return create_from_config(build, config, num_classes=num_classes, rngs=rngs)
 
 
 def ema_live_paths(config: ml_collections.ConfigDict) -> tuple[str, ...]:

@@ -28,9 +28,14 @@ from flax import nnx
 from mlgraph import config_lib, losses
 from mlgraph.data import cooccurrence
 from mlgraph.errors import ConfigError
-from mlgraph.models import backbones
 from mlgraph.models.attention import LowRankBilinearAttention, torch_linear
-from mlgraph.models.common import Buffer, check_graph_resolved, word_vectors
+from mlgraph.models.common import (
+    Buffer,
+    check_graph_resolved,
+    cnn_backbone,
+    create_from_config,
+    word_vectors,
+)
 from mlgraph.models.graph import ElementWiseLinear, GatedGNN
 
 BN_MODES = ("layer4", "all", "none")
@@ -254,18 +259,14 @@ def build(
         graph = load_graph(graph_path, c, _field(model_cfg, "graph_diagonal"))
     else:
         graph = np.zeros((c, c), np.float32)
-    backbone = backbones.build(
+    backbone = cnn_backbone(
         _field(model_cfg, "backbone"),
+        _field(model_cfg, "backbone_kwargs"),
+        "SSGRL",
         image_size=image_size,
         dtype=dtype,
         rngs=rngs,
-        **_field(model_cfg, "backbone_kwargs"),
     )
-    if not hasattr(backbone, "feature_map"):
-        raise ConfigError(
-            f"config.model.backbone={_field(model_cfg, 'backbone')!r}: SSGRL needs a CNN "
-            "backbone (one with a feature map)"
-        )
     return SSGRL(
         backbone,
         num_classes=c,
@@ -283,10 +284,7 @@ def build(
 
 def create(config: ml_collections.ConfigDict, *, num_classes: int, rngs: nnx.Rngs) -> SSGRL:
     """Build the SSGRL that `config.model` describes, for `config.image_size` images."""
-    dtype = jnp.dtype(config.get("dtype") or "float32")
-    return build(
-        config.model, num_classes=num_classes, image_size=config.image_size, dtype=dtype, rngs=rngs
-    )
+    return create_from_config(build, config, num_classes=num_classes, rngs=rngs)
 
 
 def loss_fn(outputs: dict, labels: jax.Array, config) -> tuple[jax.Array, dict[str, jax.Array]]:

@@ -1,0 +1,165 @@
+"""The method protocol: what a method module under `mlgraph/models/` defines.
+
+A method is one module `mlgraph/models/<name>.py`, found by `config.model.name`. The training
+loop (`mlgraph.train`), `evaluate`, `bench`, the converters and the tests reach it only through
+the names below.
+
+Must define:
+
+* `Model`: the `nnx.Module` class, built as
+  `Model(num_classes=C, image_size=S, dtype=D, rngs=R, **fields)` with `fields` = `config.model`
+  without `name`. The constructor's keyword arguments after those four *are* the method's
+  `config.model` fields and their defaults are the defaults (`field_defaults`); a misspelt field
+  is a `ConfigError` listing the valid ones (`build`). A constructor that also takes
+  `num_train_examples` receives the size of the training split, for per-example state such as
+  ROLE's label matrix. `Model.__call__(images, *, labels=None, train=False, rngs=None)` returns
+  a dict with at least `'logits'` [B, C] float32.
+* `loss_fn(outputs, batch, config) -> (loss, {name: scalar})`: the training objective from the
+  model's outputs and the batch (`image`, `labels`, and `index`, the example's position in the
+  training split); loss settings live in `config.loss`, never in `config.model`.
+
+May define:
+
+* `ema_live_paths(config) -> tuple[str, ...]`: state paths (regexes over `params/...`,
+  `rest/...`) the EMA model takes live instead of averaging (SALGL's counts with comat_ema off).
+* `make_optimizer(config, total_steps, params)`: an object with `init(params)` for the
+  optimizer state `state["opt"]` (default: `mlgraph.optim.make_optimizer`, one optax chain).
+* `make_train_step(ctx: mlgraph.train.StepContext)`: its own `(state, batch) -> (state,
+  metrics)` step, jitted by the loop (several optimizer updates, parameter groups that skip a
+  step); default `mlgraph.train.default_train_step`.
+* `init_extra(config, num_train_examples, num_classes)`: a pytree of arrays kept as
+  `state["extra"]`, checkpointed and restored with the rest of the state (per-example label
+  matrices `[N_train, C]` indexed by `batch["index"]`, prototype banks).
+* `epoch_end(ctx: mlgraph.train.HookContext, state, epoch) -> state`: a host hook run after
+  each finished training epoch (pseudo-labels, prototype banks), before the checkpoint of that
+  step, so a resumed run sees exactly what an uninterrupted one does.
+
+Models never import config helpers (`mlgraph.config_lib`, `mlgraph.recipes`): recipes import
+models, not the reverse.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import types
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from mlgraph.errors import ConfigError
+
+# Constructor arguments the builder supplies; every other keyword argument is a config field.
+BUILDER_ARGS = ("num_classes", "image_size", "dtype", "param_dtype", "rngs", "num_train_examples")
+REQUIRED = ("Model", "loss_fn")
+OPTIONAL = ("ema_live_paths", "make_optimizer", "make_train_step", "init_extra", "epoch_end")
+
+
+def method_module(name: str) -> types.ModuleType:
+    """The method module `mlgraph.models.<name>`, checked against the protocol.
+
+    Raises:
+      ConfigError: no such module, or one without `Model` and `loss_fn`.
+    """
+    try:
+        mod = importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as e:
+        if e.name == f"{__name__}.{name}":
+            raise ConfigError(
+                f"config.model.name={name!r}: no module mlgraph/models/{name}.py"
+            ) from None
+        raise
+    missing = [attr for attr in REQUIRED if not hasattr(mod, attr)]
+    if missing:
+        raise ConfigError(
+            f"config.model.name={name!r}: mlgraph/models/{name}.py is not a method module "
+            f"(it lacks {', '.join(missing)}; see the protocol in mlgraph/models/__init__.py)"
+        )
+    return mod
+
+
+def _parameters(model_cls: type) -> dict[str, inspect.Parameter]:
+    params = inspect.signature(model_cls.__init__).parameters
+    return {
+        n: p
+        for n, p in params.items()
+        if n != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    }
+
+
+def field_defaults(name: str) -> dict[str, Any]:
+    """The `config.model` fields of method `name` with their defaults (its `Model`'s keyword
+    arguments other than the builder's), plus `name`."""
+    fields: dict[str, Any] = {"name": name}
+    for arg, p in _parameters(method_module(name).Model).items():
+        if arg in BUILDER_ARGS:
+            continue
+        if p.default is inspect.Parameter.empty:
+            raise TypeError(f"mlgraph.models.{name}.Model: config field {arg!r} has no default")
+        fields[arg] = p.default
+    return fields
+
+
+def _plain(value: Any) -> Any:
+    """ConfigDict values as plain Python (dicts; lists as tuples) for a constructor."""
+    if isinstance(value, ml_collections.ConfigDict):
+        return value.to_dict()
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def build(
+    model_cfg: Mapping[str, Any] | ml_collections.ConfigDict,
+    *,
+    num_classes: int,
+    image_size: int,
+    dtype: Any = "float32",
+    rngs: nnx.Rngs,
+    num_train_examples: int | None = None,
+) -> nnx.Module:
+    """`Model(num_classes=..., image_size=..., dtype=..., rngs=..., **fields)` of the method
+    `model_cfg['name']`; fields not given take the constructor's defaults.
+
+    Raises:
+      ConfigError: unknown method, or fields the method does not have (valid ones listed).
+    """
+    fields = {k: _plain(v) for k, v in dict(model_cfg).items()}
+    name = fields.pop("name", None)
+    if not name:
+        raise ConfigError("config.model.name: missing; it names a module in mlgraph/models/")
+    mod = method_module(name)
+    params = _parameters(mod.Model)
+    valid = sorted(n for n in params if n not in BUILDER_ARGS)
+    unknown = sorted(set(fields) - set(valid))
+    if unknown:
+        raise ConfigError(
+            f"config.model: unknown {name} field(s) {', '.join(unknown)}; "
+            f"valid fields: {', '.join(valid)}"
+        )
+    kwargs = dict(num_classes=int(num_classes), image_size=int(image_size), rngs=rngs)
+    kwargs["dtype"] = jnp.dtype(dtype or "float32")
+    if "num_train_examples" in params:
+        kwargs["num_train_examples"] = num_train_examples
+    return mod.Model(**kwargs, **fields)
+
+
+def create(
+    config: ml_collections.ConfigDict,
+    *,
+    num_classes: int,
+    rngs: nnx.Rngs,
+    num_train_examples: int | None = None,
+) -> nnx.Module:
+    """The model `config.model` describes, for `config.image_size` images in `config.dtype`."""
+    return build(
+        config.model,
+        num_classes=num_classes,
+        image_size=config.image_size,
+        dtype=config.get("dtype") or "float32",
+        rngs=rngs,
+        num_train_examples=num_train_examples,
+    )

@@ -19,11 +19,10 @@ Expected: 83.0 mAP (README), ML-GCN's non-interpolated AP: compare `eval/mAP_non
 `mAP_ni` column of mlgraph.evaluate), which runs slightly below the interpolated `eval/mAP`.
 """
 
-from mlgraph import config_lib
-from mlgraph.models import mlgcn
+from mlgraph import config_lib, recipes
 
 
 def get_config(arg=None):
     """The config (no arguments)."""
     config_lib.parse_arg(arg)
-    return mlgcn.official_config(data="coco2014", builder_config="nonempty")
+    return recipes.mlgcn(dataset="coco2014")

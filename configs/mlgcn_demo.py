@@ -9,17 +9,21 @@ in the paper; AdamW one-cycle on the GCN, BCE.
     python -m mlgraph.main --config configs/mlgcn_demo.py --workdir /tmp/mlgcn_demo
 """
 
-from mlgraph import config_lib
-from mlgraph.models import mlgcn
+from mlgraph import config_lib, recipes
 
 
 def get_config(arg=None):
     """The config; `arg` accepts `runlocal=True` for a few-step smoke run."""
     args = config_lib.parse_arg(arg, runlocal=False)
-    c = config_lib.demo_head_config(args.runlocal)
+    c = recipes.demo_config(args.runlocal)
     c.optimizer.lr = 1e-3
     c.optimizer.weight_decay = 1e-4
-    c.model = mlgcn.model_config(
-        backbone="mobilenet_v2", embed_path="minilm", graph_path="train_labels", frozen_bn=True
+    c.loss = recipes.loss_config("bce")
+    c.model = recipes.model_config(
+        "mlgcn",
+        backbone="mobilenet_v2",
+        embed_path="minilm",
+        graph_path="train_labels",
+        frozen_bn=True,
     )
     return c

@@ -12,11 +12,10 @@ ML-GCN's VOC loader does.
 Expected: 94.0 mAP (README), non-interpolated: compare `eval/mAP_noninterp`.
 """
 
-from mlgraph import config_lib
-from mlgraph.models import mlgcn
+from mlgraph import config_lib, recipes
 
 
 def get_config(arg=None):
     """The config (no arguments)."""
     config_lib.parse_arg(arg)
-    return mlgcn.official_config(data="voc2007", eval_split="test", train_split="trainval")
+    return recipes.mlgcn(dataset="voc2007")

@@ -21,11 +21,11 @@ checkpoint.pkl --option config=config_new.json --output Q2L` then `python -m mlg
 Expected: 84.9 mAP (paper Table 1, R101 at 448).
 """
 
-from mlgraph import config_lib
-from mlgraph.models import q2l
+from mlgraph import config_lib, recipes
 
 
 def get_config(arg=None):
-    """The config (no arguments)."""
-    config_lib.parse_arg(arg)
-    return q2l.official_config(data="coco2014", image_size=448, builder_config="all")
+    """The config; `arg` accepts `size=448|576` (`configs/q2l_coco.py:size=576` is
+    `q2l_coco576.py`)."""
+    args = config_lib.parse_arg(arg, size=448)
+    return recipes.q2l(dataset="coco2014", image_size=args.size, builder_config="all")

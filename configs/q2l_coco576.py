@@ -21,11 +21,10 @@ checkpoint.pkl --option config=config_new.json --output Q2L` then `python -m mlg
 Expected: 86.5 mAP (paper Table 1, R101 at 576).
 """
 
-from mlgraph import config_lib
-from mlgraph.models import q2l
+from mlgraph import config_lib, recipes
 
 
 def get_config(arg=None):
     """The config (no arguments)."""
     config_lib.parse_arg(arg)
-    return q2l.official_config(data="coco2014", image_size=576, builder_config="all")
+    return recipes.q2l(dataset="coco2014", image_size=576, builder_config="all")

@@ -11,16 +11,17 @@ beta1 cycled, EMA.
     python -m mlgraph.main --config configs/q2l_demo.py --workdir /tmp/q2l_demo
 """
 
-from mlgraph import config_lib
-from mlgraph.models import q2l
+from mlgraph import config_lib, recipes
 
 
 def get_config(arg=None):
     """The config; `arg` accepts `runlocal=True` for a few-step smoke run."""
     args = config_lib.parse_arg(arg, runlocal=False)
-    c = config_lib.demo_head_config(args.runlocal)
+    c = recipes.demo_config(args.runlocal)
     c.optimizer.lr = 3e-4
-    c.model = q2l.model_config(
+    c.loss = recipes.loss_config("asl")
+    c.model = recipes.model_config(
+        "q2l",
         backbone="mobilenet_v2",
         hidden_dim=256,
         num_heads=4,

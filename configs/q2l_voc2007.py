@@ -10,13 +10,10 @@ metrics leave the difficult-only pairs out.
 Expected: the Q2L paper reports VOC 2007; the figure was not verified here (spec §5.2).
 """
 
-from mlgraph import config_lib
-from mlgraph.models import q2l
+from mlgraph import config_lib, recipes
 
 
 def get_config(arg=None):
     """The config (no arguments)."""
     config_lib.parse_arg(arg)
-    return q2l.official_config(
-        data="voc2007", image_size=448, eval_split="test", train_split="trainval"
-    )
+    return recipes.q2l(dataset="voc2007", image_size=448)

@@ -17,16 +17,17 @@ embedding the class names and converting the MobileNetV2 file): test mAP 98.79 (
 CF1 93.57, OF1 93.36, 7 min 46 s wall.
 """
 
-from mlgraph import config_lib
-from mlgraph.models import salgl
+from mlgraph import config_lib, recipes
 
 
 def get_config(arg=None):
     """The config; `arg` accepts `runlocal=True` for a few-step smoke run."""
     args = config_lib.parse_arg(arg, runlocal=False)
-    c = config_lib.demo_head_config(args.runlocal)
+    c = recipes.demo_config(args.runlocal)
     c.optimizer.lr = 3e-4
-    c.model = salgl.model_config(
+    c.loss = recipes.loss_config("asl")
+    c.model = recipes.model_config(
+        "salgl",
         backbone="mobilenet_v2",
         num_scenes=4,
         embed_type="file",

@@ -1,6 +1,6 @@
 """SALGL (Zhu et al., ICCV 2023) on nuswide: resnet101 at 448px, K=2 scenes.
 
-Recipe of spec salgl.md §3 (config_lib.salgl_paper_config). Build the data set once, convert the
+Recipe of spec salgl.md §3 (mlgraph.recipes.salgl). Build the data set once, convert the
 ImageNet backbone, then train (resumes from the workdir):
 
     python -m mlgraph.data.build nuswide --manual_dir RAW --data_dir DATA
@@ -12,19 +12,12 @@ ImageNet backbone, then train (resumes from the workdir):
 Expected: 66.34 mAP (author's value; unofficial reproduction 66.24).
 """
 
-from mlgraph import config_lib
+from mlgraph import config_lib, recipes
 
 
 def get_config(arg=None):
     """The config; `arg` accepts `mode=full|part|layer4`."""
     args = config_lib.parse_arg(arg, mode="full")
-    return config_lib.salgl_paper_config(
-        data="nuswide",
-        image_size=448,
-        backbone="resnet101",
-        num_scenes=2,
-        mode=args.mode,
-        builder_config="",
-        eval_split="test",
-        train_split="train",
+    return recipes.salgl(
+        dataset="nuswide", image_size=448, backbone="resnet101", num_scenes=2, mode=args.mode
     )

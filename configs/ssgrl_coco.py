@@ -21,13 +21,10 @@ data.eval_center_crop_from).
 Expected: 83.8 mAP (README; the official code reproduces ~83.2, issue #16).
 """
 
-from mlgraph import config_lib
-from mlgraph.models import ssgrl
+from mlgraph import config_lib, recipes
 
 
 def get_config(arg=None):
     """The config (no arguments)."""
     config_lib.parse_arg(arg)
-    return ssgrl.official_config(
-        data="coco2014", builder_config="all", eval_split="val", train_split="train"
-    )
+    return recipes.ssgrl(dataset="coco2014", builder_config="all")

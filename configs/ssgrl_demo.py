@@ -10,20 +10,21 @@ fc_output and the classifiers are SSGRL's. Adam on the head, BCE.
     python -m mlgraph.main --config configs/ssgrl_demo.py --workdir /tmp/ssgrl_demo
 """
 
-from mlgraph import config_lib
-from mlgraph.models import ssgrl
+from mlgraph import config_lib, recipes
 
 
 def get_config(arg=None):
     """The config; `arg` accepts `runlocal=True` for a few-step smoke run."""
     args = config_lib.parse_arg(arg, runlocal=False)
-    c = config_lib.demo_head_config(args.runlocal)
+    c = recipes.demo_config(args.runlocal)
     c.data.augment.flip = False  # SSGRL's chain has no flip
     c.optimizer.name = "adam"
     c.optimizer.schedule = "constant"
     c.optimizer.lr = 1e-4
     c.optimizer.weight_decay = 0.0
-    c.model = ssgrl.model_config(
+    c.loss = recipes.loss_config("bce")
+    c.model = recipes.model_config(
+        "ssgrl",
         backbone="mobilenet_v2",
         extra_pool=False,
         embed_path="minilm",

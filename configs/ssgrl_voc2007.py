@@ -11,15 +11,12 @@ trainval, ML-GCN's and SALGL's convention); test leaves those pairs out.
 Expected: 93.4 mAP (README; 95.0 with COCO pre-training).
 """
 
-from mlgraph import config_lib
-from mlgraph.models import ssgrl
+from mlgraph import config_lib, recipes
 
 
 def get_config(arg=None):
     """The config (no arguments)."""
     config_lib.parse_arg(arg)
-    c = ssgrl.official_config(
-        data="voc2007", builder_config="", eval_split="test", train_split="trainval"
-    )
+    c = recipes.ssgrl(dataset="voc2007")
     c.data.train_difficult = "negative"
     return c

@@ -65,15 +65,17 @@ def bench_train(config, steps: int, num_classes: int, peak_tflops: float) -> dic
     config, num_classes = resolve_assets(config, num_classes)
     mesh = sharding.make_mesh()
     repl, data_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    mod, graphdef, tx, state = train.init_train_state(config, num_classes, 1000)
+    b, s = config.batch_size, config.image_size
+    # The synthetic batch is the whole "training set" (per-example state has b rows).
+    mod, graphdef, tx, state = train.init_train_state(config, num_classes, 1000, b)
     state = jax.device_put(state, repl)
     state_sh = jax.tree.map(lambda _: repl, state)
-    b, s = config.batch_size, config.image_size
     rng = np.random.default_rng(0)
     batch = jax.device_put(
         {
             "image": rng.standard_normal((b, s, s, 3), np.float32),
             "labels": (rng.random((b, num_classes)) < 0.05).astype(np.float32),
+            "index": np.arange(b, dtype=np.int32),
         },
         data_sh,
     )

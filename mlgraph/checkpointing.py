@@ -65,7 +65,7 @@ BEST_METRIC = "ema_mAP"
 class TrainCheckpoints:
     """The checkpoints of a training workdir: train state and data iterator, saved together.
 
-    Keeps the latest step (the resume point) and the step with the best `ema_mAP`.
+    Keeps the latest step (the resume point) and the evaluated step with the best `ema_mAP`.
     """
 
     def __init__(self, directory: str | pathlib.Path):
@@ -77,7 +77,13 @@ class TrainCheckpoints:
                 preservation_policy=policies.AnyPreservationPolicy(
                     [
                         policies.LatestN(n=1),
-                        policies.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=False, n=1),
+                        # Steps saved between evaluations have no metrics: only LatestN keeps them.
+                        policies.BestN(
+                            get_metric_fn=lambda m: m[BEST_METRIC],
+                            reverse=False,
+                            n=1,
+                            keep_checkpoints_without_metrics=False,
+                        ),
                     ]
                 ),
                 best_fn=lambda m: m[BEST_METRIC],
@@ -98,8 +104,11 @@ class TrainCheckpoints:
         """Every step still on disk."""
         return list(self.manager.all_steps())
 
-    def save(self, step: int, state: Any, data_iterator, metrics: Mapping[str, float]) -> None:
-        """Save `state` and the grain iterator at `step`; `metrics` must hold `ema_mAP`."""
+    def save(
+        self, step: int, state: Any, data_iterator, metrics: Mapping[str, float] | None = None
+    ) -> None:
+        """Save `state` and the data iterator (anything with grain's `get_state`/`set_state`)
+        at `step`; `metrics` holds `ema_mAP` at evaluation steps and is None between them."""
         import grain
 
         self.manager.save(
@@ -108,7 +117,7 @@ class TrainCheckpoints:
                 state=ocp.args.StandardSave(state),
                 data=grain.checkpoint.CheckpointSave(data_iterator),
             ),
-            metrics=dict(metrics),
+            metrics=None if metrics is None else dict(metrics),
         )
         self.manager.wait_until_finished()
 

@@ -51,6 +51,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.total_steps = 0
     c.stop_at_step = 0  # stop (checkpointed) after this step, as a preemption would; 0 = never
     c.eval_every_steps = 500
+    # A checkpoint every this many steps (and at each evaluation); 0 = only at evaluations.
+    c.checkpoint_every_steps = 0
     c.log_every_steps = 50
     c.dtype = "float32"  # compute dtype; bfloat16 on accelerators
     c.init_from = ""  # a weights checkpoint written by `python -m mlgraph.convert`
@@ -108,33 +110,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.ema.decay = 0.9997
     c.ema.live = ()  # regexes of state paths the EMA model takes live (not averaged)
 
+    # The training objective's settings (each method's `loss_fn` reads the ones it uses).
+    c.loss = ml_collections.ConfigDict()
+    c.loss.name = "bce"  # 'bce' or 'asl'
+    c.loss.gamma_pos = 0.0  # ASL focusing of positives
+    c.loss.gamma_neg = 2.0  # ASL focusing of negatives
+    c.loss.clip = 0.0  # ASL probability margin of negatives; 0 = off
+    c.loss.eps = 1e-5  # ASL log clamp
+    c.loss.lamda = 1.0  # SALGL: weight of the scene entropy terms
+
+    # config.model holds the method's constructor arguments (mlgraph.models, recipes.model_config).
     c.model = ml_collections.ConfigDict()
     c.model.name = "baseline"
-    return c
-
-
-def demo_head_config(runlocal: bool = False) -> ml_collections.ConfigDict:
-    """What the methods' demo configs share: the embedded demo set at 128 px, 3 epochs of
-    batch 32, the offline ImageNet MobileNetV2 frozen (`init_from`, `optimizer.frozen`), EMA
-    0.99; `runlocal` shortens it to a 4-step smoke run. Each config adds its head, loss and
-    optimizer settings."""
-    c = base_config()
-    c.data.demo = "demo"
-    c.data.name = "coco2014"
-    c.data.builder_config = "nonempty"
-    c.image_size = 128
-    c.batch_size = 32
-    c.eval_batch_size = 100
-    c.num_epochs = 3.0
-    c.eval_every_steps = 100
-    c.log_every_steps = 25
-    c.init_from = "offline:mobilenet_v2"
-    c.optimizer.frozen = ("backbone/.*",)
-    c.ema.decay = 0.99
-    if runlocal:
-        c.total_steps = 4
-        c.eval_every_steps = 4
-        c.log_every_steps = 2
     return c
 
 
@@ -143,88 +130,3 @@ def total_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> i
     if config.total_steps:
         return int(config.total_steps)
     return max(1, math.ceil(config.num_epochs * num_train_examples / config.batch_size))
-
-
-def apply_mode(c: ml_collections.ConfigDict, mode: str) -> None:
-    """SALGL's `--mode`: 'full' trains everything; 'part' gives the backbone 0.1x the learning
-    rate; 'layer4' trains only ResNet layer4 and the head."""
-    if mode == "full":
-        return
-    if mode == "part":
-        c.optimizer.lr_mults = (("backbone/.*", 0.1),)
-    elif mode == "layer4":
-        c.optimizer.frozen = ("backbone/(?!layer4/).*",)
-    else:
-        raise ValueError(f"mode '{mode}': expected full, part or layer4")
-
-
-def salgl_paper_config(
-    *,
-    data: str,
-    image_size: int,
-    backbone: str,
-    num_scenes: int,
-    mode: str = "full",
-    builder_config: str = "",
-    eval_split: str = "val",
-    train_split: str = "train",
-) -> ml_collections.ConfigDict:
-    """The recipe that reproduced SALGL's COCO numbers (spec salgl.md §3): AdamW 1e-4, wd 1e-2,
-    one-cycle (pct 0.2, beta1 cycled) over 80 epochs of batch 128, EMA 0.9997 selecting the best
-    checkpoint, ASL (gamma- 2), resize + flip + Cutout 0.5 + RandAugment, hard scenes, outmess,
-    normalize. Label embeddings default to the offline MiniLM ('minilm'); the paper's BERT
-    vectors are a file: --config.model.embed_path=bert.npy."""
-    from mlgraph.models import salgl
-
-    c = base_config()
-    c.data.name = data
-    c.data.builder_config = builder_config
-    c.data.train_split = train_split
-    c.data.eval_split = eval_split
-    c.data.worker_count = 8
-    c.data.augment.cutout = 0.5
-    c.data.augment.randaugment = True
-    c.image_size = image_size
-    c.batch_size = 128
-    c.eval_batch_size = 128
-    c.num_epochs = 80.0
-    c.eval_every_steps = 1000
-    c.log_every_steps = 50
-    c.dtype = "bfloat16"
-    c.optimizer.lr = 1e-4
-    c.optimizer.weight_decay = 1e-2
-    c.ema.decay = 0.9997
-    c.model = salgl.model_config(
-        backbone=backbone, num_scenes=num_scenes, embed_type="file", embed_path="minilm"
-    )
-    apply_mode(c, mode)
-    return c
-
-
-def model_field(cfg, name: str, defaults: dict):
-    """`cfg[name]` of a `config.model`-style mapping, else `defaults[name]`; a ConfigDict value
-    comes back as a plain dict (e.g. `backbone_kwargs`)."""
-    value = cfg.get(name, defaults[name])
-    if isinstance(value, ml_collections.ConfigDict):
-        return value.to_dict()
-    return value
-
-
-def model_fields(method: str, defaults: dict, overrides: dict) -> ml_collections.ConfigDict:
-    """A method's `config.model`: its `defaults` with `overrides` applied.
-
-    Raises:
-      ConfigError: for a field the method does not have (the valid ones are listed).
-    """
-    from mlgraph.errors import ConfigError
-
-    unknown = sorted(set(overrides) - set(defaults))
-    if unknown:
-        raise ConfigError(
-            f"config.model: unknown {method} field(s) {', '.join(unknown)}; "
-            f"valid fields: {', '.join(sorted(defaults))}"
-        )
-    fields = dict(defaults) | dict(overrides)
-    if "backbone_kwargs" in fields:
-        fields["backbone_kwargs"] = dict(fields["backbone_kwargs"] or {})
-    return ml_collections.ConfigDict(fields)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mlgraph.errors import ConfigError
+
 
 def bce(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """Binary cross-entropy with logits, averaged over every (image, class) entry.
@@ -49,6 +51,30 @@ def asl(
         loss = loss * jax.lax.stop_gradient(jnp.power(base, exponent))
     b, c = logits.shape
     return -loss.sum() / b / c * 1000.0
+
+
+LOSSES = ("asl", "bce")
+
+
+def classification(logits: jax.Array, targets: jax.Array, loss_cfg) -> jax.Array:
+    """The classification loss `loss_cfg.name` ('bce' or 'asl' with `loss_cfg`'s gammas, clip
+    and eps) of logits [B, C] against 0/1 targets.
+
+    Raises:
+      ConfigError: for another name.
+    """
+    if loss_cfg.name == "bce":
+        return bce(logits, targets)
+    if loss_cfg.name == "asl":
+        return asl(
+            logits,
+            targets,
+            gamma_pos=loss_cfg.gamma_pos,
+            gamma_neg=loss_cfg.gamma_neg,
+            clip=loss_cfg.clip,
+            eps=loss_cfg.eps,
+        )
+    raise ConfigError(f"config.loss.name={loss_cfg.name!r}: expected one of {', '.join(LOSSES)}")
 
 
 def entropy(p: jax.Array, axis: int = -1) -> jax.Array:

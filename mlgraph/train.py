@@ -11,7 +11,7 @@ statistics and buffers, updated by the forward pass in training mode.
 
 from __future__ import annotations
 
-import importlib
+import dataclasses
 import json
 import pathlib
 import re
@@ -22,10 +22,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import logging
 from flax import nnx
 
-from mlgraph import assets, checkpointing, config_lib, metrics, optim, sharding
+from mlgraph import assets, checkpointing, config_lib, metrics, models, optim, sharding
 from mlgraph.data import datasets, pipeline
 from mlgraph.errors import ConfigError, WorkdirError
 from mlgraph.metric_writer import MetricWriter, read_metrics
@@ -74,29 +75,24 @@ def prepare_workdir(workdir: str | pathlib.Path, config: ml_collections.ConfigDi
 # ---------------------------------------------------------------------------------------------
 # Model and state
 # ---------------------------------------------------------------------------------------------
-def model_module(config: ml_collections.ConfigDict):
-    """The module `mlgraph.models.<config.model.name>`."""
-    try:
-        return importlib.import_module(f"mlgraph.models.{config.model.name}")
-    except ModuleNotFoundError as e:
-        if e.name == f"mlgraph.models.{config.model.name}":
-            raise ConfigError(
-                f"config.model.name='{config.model.name}': no module mlgraph/models/"
-                f"{config.model.name}.py"
-            ) from None
-        raise
-
-
-def create_model(config: ml_collections.ConfigDict, num_classes: int):
-    """(the model's module, graphdef, params, rest) for `config`, from `config.init_from` if set.
+def create_model(
+    config: ml_collections.ConfigDict, num_classes: int, num_train_examples: int | None = None
+):
+    """(the method's module, graphdef, params, rest) for `config`, from `config.init_from` if
+    set.
 
     Initialisation runs under one `jax.jit`: eagerly, every new weight shape is its own
     compilation, which takes minutes for a ResNet-101 on a CPU host.
     """
-    mod = model_module(config)
+    mod = models.method_module(config.model.name)
 
     def create():
-        return mod.create(config, num_classes=num_classes, rngs=nnx.Rngs(config.seed))
+        return models.create(
+            config,
+            num_classes=num_classes,
+            rngs=nnx.Rngs(config.seed),
+            num_train_examples=num_train_examples,
+        )
 
     graphdef, _, _ = nnx.split(nnx.eval_shape(create), nnx.Param, ...)
     params, rest = jax.jit(lambda: nnx.split(create(), nnx.Param, ...)[1:])()
@@ -107,14 +103,26 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int):
     return mod, graphdef, params, rest
 
 
-def init_train_state(config: ml_collections.ConfigDict, num_classes: int, total: int):
-    """(model module, graphdef, optax transformation, train state) for a fresh run.
+def init_train_state(
+    config: ml_collections.ConfigDict,
+    num_classes: int,
+    total: int,
+    num_train_examples: int | None = None,
+):
+    """(method module, graphdef, optimizer, train state) for a fresh run.
 
-    The state is a dict: `params` (nnx.Param), `rest` (batch statistics, buffers), `opt`, `ema`
-    (params and rest of the EMA model) and `step`.
+    The state is a dict: `params` (nnx.Param), `rest` (batch statistics, buffers), `opt` (the
+    optimizer's state), `ema` (params and rest of the EMA model), `step`, and `extra` (the
+    method's own arrays from `init_extra`, e.g. per-example label matrices; {} if none).
     """
-    mod, graphdef, params, rest = create_model(config, num_classes)
-    tx = optim.make_optimizer(config.optimizer, total, params)
+    mod, graphdef, params, rest = create_model(config, num_classes, num_train_examples)
+    if hasattr(mod, "make_optimizer"):
+        tx = mod.make_optimizer(config, total, params)
+    else:
+        tx = optim.make_optimizer(config.optimizer, total, params)
+    extra = {}
+    if hasattr(mod, "init_extra"):
+        extra = mod.init_extra(config, num_train_examples, num_classes)
     state = {
         "params": params,
         "rest": rest,
@@ -122,31 +130,17 @@ def init_train_state(config: ml_collections.ConfigDict, num_classes: int, total:
         # A copy: the EMA must not share buffers with the live weights, which are donated.
         "ema": jax.tree.map(jnp.copy, {"params": params, "rest": rest}),
         "step": jnp.zeros((), jnp.int32),
+        "extra": jax.tree.map(jnp.asarray, extra),
     }
     return mod, graphdef, tx, state
 
 
-# `config.model` fields a converted whole-model checkpoint need not agree on: where the fixed
-# inputs come from (the checkpoint holds them as buffers) and training-only settings.
-NOT_IN_WEIGHTS = frozenset(
-    {"embed_type", "embed_path", "embed_dim", "graph_path", "graph_diagonal", "tau", "p"}
-    | {"dropout", "loss", "gamma_pos", "gamma_neg", "clip", "eps", "lamda", "comat_ema"}
-    | {"frozen_bn", "bn_train"}
-)
-
-
-def _plain(value: Any) -> Any:
-    """A config value as plain JSON data (ConfigDicts and tuples become dicts and lists)."""
-    if isinstance(value, ml_collections.ConfigDict):
-        value = value.to_dict()
-    return json.loads(json.dumps(value))
-
-
 def check_weights_settings(settings: dict, model_cfg: ml_collections.ConfigDict, path: str) -> None:
     """A whole-model weights checkpoint must have been converted for the model `config.model`
-    describes: same method, and the same value of every architecture field the conversion read
-    from the weights or the official config (fields it only assumed are not compared), since
-    some (attention heads, GGNN steps, the extra pool) change the outputs but no shape.
+    describes: same method, and the same value of every field in its settings' `model` (the
+    converters record there exactly the fields the weights or the official config fix; fields
+    they only assumed are listed under `assumed` and not compared), since some (attention
+    heads, GGNN steps, the extra pool) change the outputs but no shape.
 
     Raises:
       ConfigError: naming each differing field with both values.
@@ -159,17 +153,22 @@ def check_weights_settings(settings: dict, model_cfg: ml_collections.ConfigDict,
         )
     assumed = set(settings.get("assumed", ()))
     diffs = [
-        f"{field} (checkpoint {_plain(value)!r}, config {_plain(model_cfg[field])!r})"
+        f"{field} (checkpoint {_plain(value)!r}, config {_plain(model_cfg.get(field))!r})"
         for field, value in saved.items()
-        if field not in NOT_IN_WEIGHTS | assumed | {"name"}
-        and field in model_cfg
-        and _plain(model_cfg[field]) != _plain(value)
+        if field not in assumed | {"name"} and _plain(model_cfg.get(field)) != _plain(value)
     ]
     if diffs:
         raise ConfigError(
             f"config.init_from={path}: the checkpoint's model differs from config.model in "
             f"{'; '.join(diffs)}; set these config.model fields as in its settings.json"
         )
+
+
+def _plain(value: Any) -> Any:
+    """A config value as plain JSON data (ConfigDicts and tuples become dicts and lists)."""
+    if isinstance(value, ml_collections.ConfigDict):
+        value = value.to_dict()
+    return json.loads(json.dumps(value))
 
 
 def init_from_weights(
@@ -209,49 +208,99 @@ def ema_update(ema: Any, live: Any, decay: float, live_paths: tuple[str, ...]) -
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation
+# Train step
 # ---------------------------------------------------------------------------------------------
-def make_train_step(mod, graphdef: nnx.GraphDef, tx, config: ml_collections.ConfigDict, total: int):
-    """The (un-jitted) step: (state, batch) -> (new state, scalar metrics).
+@dataclasses.dataclass(frozen=True)
+class StepContext:
+    """What a train step is made from (the argument of a method's `make_train_step`).
 
-    Forward in training mode (batch statistics and method buffers such as SALGL's co-occurrence
-    counts update over the global batch), gradient of the method's loss with respect to the
-    `nnx.Param`s, optax update, EMA of every state entry.
+    Attributes:
+      mod: the method module (its `loss_fn`).
+      graphdef: the model's graph definition (`nnx.merge(graphdef, params, rest)`).
+      tx: the optimizer (`optim.make_optimizer`, or the method's `make_optimizer`).
+      config: the run's config.
+      total_steps: the length of the run.
+      ema_live: state paths the EMA takes live (the config's and the method's).
     """
-    dropout_key = jax.random.key(config.seed + 1)
-    lr_fn = optim.learning_rate_fn(config.optimizer, total)
-    # State the EMA model takes live instead of averaging: the config's, plus the method's own
-    # (e.g. SALGL's co-occurrence counts when comat_ema is off).
-    method_live = getattr(mod, "ema_live_paths", lambda config: ())(config)
-    live = tuple(config.ema.live) + tuple(method_live)
 
-    def train_step(state, batch):
+    mod: Any
+    graphdef: nnx.GraphDef
+    tx: Any
+    config: ml_collections.ConfigDict
+    total_steps: int
+    ema_live: tuple[str, ...]
+
+    def loss_and_grads(self, params: Any, rest: Any, batch: dict, step: jax.Array):
+        """The method's loss on `batch` and its gradient with respect to `params`.
+
+        Forward in training mode (batch statistics and method buffers such as SALGL's
+        co-occurrence counts update over the global batch), dropout keyed by `step`.
+
+        Returns:
+          (loss, aux metrics, the updated non-parameter state `rest`, grads).
+        """
+        dropout_key = jax.random.fold_in(jax.random.key(self.config.seed + 1), step)
+
         def loss_of(params, rest):
             # `rest` is copied so that the forward's buffer updates belong to this trace.
-            model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, rest))
-            rngs = nnx.Rngs(dropout=jax.random.fold_in(dropout_key, state["step"]))
+            model = nnx.merge(self.graphdef, params, jax.tree.map(lambda x: x, rest))
+            rngs = nnx.Rngs(dropout=dropout_key)
             out = model(batch["image"], labels=batch["labels"], train=True, rngs=rngs)
-            loss, aux = mod.loss_fn(out, batch["labels"], config)
+            loss, aux = self.mod.loss_fn(out, batch, self.config)
             return loss, (aux, nnx.state(model, nnx.Not(nnx.Param)))
 
-        (loss, (aux, rest)), grads = jax.value_and_grad(loss_of, has_aux=True)(
-            state["params"], state["rest"]
+        (loss, (aux, rest)), grads = jax.value_and_grad(loss_of, has_aux=True)(params, rest)
+        return loss, aux, rest, grads
+
+    def finish(self, state: dict, params: Any, rest: Any, opt: Any, **changes) -> dict:
+        """The next state: new params, rest and optimizer state, the EMA updated from them,
+        the step counted; `changes` replace other entries (e.g. `extra`)."""
+        ema = ema_update(
+            state["ema"], {"params": params, "rest": rest}, self.config.ema.decay, self.ema_live
         )
-        updates, opt = tx.update(grads, state["opt"], state["params"])
-        params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
-        ema = ema_update(state["ema"], {"params": params, "rest": rest}, config.ema.decay, live)
-        new_state = {
-            "params": params,
-            "rest": rest,
-            "opt": opt,
-            "ema": ema,
-            "step": state["step"] + 1,
+        new = dict(state, params=params, rest=rest, opt=opt, ema=ema, step=state["step"] + 1)
+        return new | changes
+
+
+def default_train_step(ctx: StepContext):
+    """The (un-jitted) step: (state, batch) -> (new state, scalar metrics): the method's loss
+    and its gradient, one optax update, the EMA of every state entry."""
+    lr_fn = optim.learning_rate_fn(ctx.config.optimizer, ctx.total_steps)
+
+    def train_step(state, batch):
+        loss, aux, rest, grads = ctx.loss_and_grads(
+            state["params"], state["rest"], batch, state["step"]
+        )
+        updates, opt = ctx.tx.update(grads, state["opt"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        return ctx.finish(state, params, rest, opt), {
+            "loss": loss,
+            "lr": lr_fn(state["step"]),
+            **aux,
         }
-        return new_state, {"loss": loss, "lr": lr_fn(state["step"]), **aux}
 
     return train_step
 
 
+def make_train_step(mod, graphdef: nnx.GraphDef, tx, config: ml_collections.ConfigDict, total: int):
+    """The method's train step (`make_train_step` of its module) or `default_train_step`."""
+    # State the EMA model takes live instead of averaging: the config's, plus the method's own
+    # (e.g. SALGL's co-occurrence counts when comat_ema is off).
+    method_live = getattr(mod, "ema_live_paths", lambda config: ())(config)
+    ctx = StepContext(
+        mod=mod,
+        graphdef=graphdef,
+        tx=tx,
+        config=config,
+        total_steps=total,
+        ema_live=tuple(config.ema.live) + tuple(method_live),
+    )
+    return getattr(mod, "make_train_step", default_train_step)(ctx)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
 def make_predict(graphdef: nnx.GraphDef, pairs_of) -> Any:
     """A function (state, images) -> tuple of sigmoid scores, one per (params, rest) pair that
     `pairs_of(state)` picks from the state (e.g. the model and its EMA)."""
@@ -302,6 +351,107 @@ def eval_metrics(result: dict, prefixes=("eval/", "eval/ema_")) -> dict[str, flo
 
 
 # ---------------------------------------------------------------------------------------------
+# Epoch hooks
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class HookContext:
+    """What a method's `epoch_end(ctx, state, epoch)` host hook can use.
+
+    Attributes:
+      config: the run's config.
+      mesh: the device mesh (`sharding.global_batch(mesh, ...)` for device inputs).
+      train_source: the training split (random access; position = `batch["index"]`).
+      num_classes: C.
+      graphdef: the model's graph definition.
+    """
+
+    config: ml_collections.ConfigDict
+    mesh: Any
+    train_source: Any
+    num_classes: int
+    graphdef: nnx.GraphDef
+    predict: Any  # jitted (state, images) -> (live model scores,)
+
+    def score(self, state: dict, source: Any = None) -> np.ndarray:
+        """Sigmoid scores [N, C] of the live model on every example of `source` (default: the
+        training split) through the evaluation transform, in the source's order."""
+        source = self.train_source if source is None else source
+        result = evaluate_scores(
+            self.predict, state, source, self.config, self.num_classes, self.mesh
+        )
+        return result["scores"][0]
+
+
+def epochs_done(step: int, batch_size: int, num_examples: int) -> int:
+    """How many passes over `num_examples` the first `step` batches of `batch_size` finish."""
+    return step * batch_size // num_examples
+
+
+# ---------------------------------------------------------------------------------------------
+# Input
+# ---------------------------------------------------------------------------------------------
+class DeviceBatches:
+    """Global device batches from a host iterator, the next one put on the devices while the
+    current step runs (`prefetch`).
+
+    `get_state`/`set_state` (what the checkpoint saves, as grain's JSON bytes) give the
+    position after the batches already *returned*, not after the one fetched ahead, so a resumed
+    run sees the same batches.
+    """
+
+    def __init__(self, host_iter, mesh):
+        self._it = host_iter
+        self._mesh = mesh
+        self._ahead = None
+        self._state = None
+
+    def _fetch(self):
+        batch = sharding.global_batch(self._mesh, next(self._it))
+        return batch, self._it.get_state()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        ahead, self._ahead = self._ahead, None
+        batch, self._state = ahead if ahead is not None else self._fetch()
+        return batch
+
+    def prefetch(self) -> None:
+        """Fetch the next batch now (call it after dispatching a step)."""
+        if self._ahead is None:
+            self._ahead = self._fetch()
+
+    def get_state(self) -> bytes:
+        """The host iterator's position after the batches returned so far."""
+        state = self._it.get_state() if self._state is None else self._state
+        return json.dumps(state).encode()
+
+    def set_state(self, state: bytes) -> None:
+        """Move to `state` (from `get_state`), dropping a batch fetched ahead."""
+        self._it.set_state(json.loads(state))
+        self._ahead, self._state = None, None
+
+    def start_prefetch(self) -> None:
+        """Start the host iterator's background reading (grain calls it after a restore)."""
+        start = getattr(self._it, "start_prefetch", None)
+        if start is not None:
+            start()
+
+    def close(self) -> None:
+        """Stop the host iterator's workers, if it has any."""
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
+
+
+def log(message: str) -> None:
+    """Print `message` on process 0 only (every process runs the same loop)."""
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
 # Run
 # ---------------------------------------------------------------------------------------------
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
@@ -320,13 +470,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     dataset = datasets.open_dataset(config.data)
     train_source = dataset.sources[config.data.train_split]
     eval_source = dataset.sources[config.data.eval_split]
-    num_classes = dataset.num_classes
-    total = config_lib.total_steps(config, len(train_source))
+    num_classes, num_train = dataset.num_classes, len(train_source)
+    total = config_lib.total_steps(config, num_train)
     config = assets.resolve(config, dataset.class_names, dataset.directory)
-    train_iter = iter(pipeline.train_dataset(train_source, config, num_classes))
+    batches = DeviceBatches(iter(pipeline.train_dataset(train_source, config, num_classes)), mesh)
 
     # --- model, optimizer, EMA -----------------------------------------------------------
-    mod, graphdef, tx, state = init_train_state(config, num_classes, total)
+    mod, graphdef, tx, state = init_train_state(config, num_classes, total, num_train)
     state = jax.device_put(state, repl)
     state_sh = jax.tree.map(lambda _: repl, state)
     num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
@@ -338,27 +488,24 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), state
         )
-        state = ckpts.restore(start, abstract, train_iter)
+        state = ckpts.restore(start, abstract, batches)
         logging.info("resumed %s at step %d", workdir, start)
     step = int(start or 0)
     if step >= total:
         history = [r for r in read_metrics(workdir) if "eval/ema_mAP" in r]
         last = history[-1] if history else {}
-        print(
+        log(
             f"{workdir}: training already finished at step {step}/{total} "
             f"(eval/mAP {last.get('eval/mAP', float('nan')):.2f}, "
-            f"eval/ema_mAP {last.get('eval/ema_mAP', float('nan')):.2f}); nothing to do",
-            flush=True,
+            f"eval/ema_mAP {last.get('eval/ema_mAP', float('nan')):.2f}); nothing to do"
         )
         ckpts.close()
         writer.close()
         return {k: v for k, v in last.items() if k != "step"}
 
     # --- steps ---------------------------------------------------------------------------
-    train_step = make_train_step(mod, graphdef, tx, config, total)
-
     p_train = jax.jit(
-        train_step,
+        make_train_step(mod, graphdef, tx, config, total),
         in_shardings=(state_sh, data_sh),
         out_shardings=(state_sh, repl),
         donate_argnums=0,
@@ -368,22 +515,30 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
         in_shardings=(state_sh, data_sh),
         out_shardings=(data_sh, data_sh),
     )
+    epoch_end = getattr(mod, "epoch_end", None)
+    hooks = None
+    if epoch_end is not None:
+        p_live = jax.jit(
+            make_predict(graphdef, lambda st: ((st["params"], st["rest"]),)),
+            in_shardings=(state_sh, data_sh),
+            out_shardings=(data_sh,),
+        )
+        hooks = HookContext(config, mesh, train_source, num_classes, graphdef, p_live)
 
     # --- loop ----------------------------------------------------------------------------
     stop = min(total, config.stop_at_step) if config.stop_at_step else total
-    print(
+    log(
         f"training {config.model.name} ({num_params:,} parameters) on {dataset.name} "
-        f"({len(train_source)} train, {len(eval_source)} eval images, {num_classes} classes) "
+        f"({num_train} train, {len(eval_source)} eval images, {num_classes} classes) "
         f"for {total} steps of {config.batch_size} on {jax.device_count()} device(s); "
-        f"starting at step {step}",
-        flush=True,
+        f"starting at step {step}"
     )
     last_eval: dict[str, float] = {}
     t0, step0 = time.time(), step
     try:
         while step < stop:
-            batch = sharding.global_batch(mesh, next(train_iter))
-            state, train_metrics = p_train(state, batch)
+            state, train_metrics = p_train(state, next(batches))
+            batches.prefetch()  # host input for the next step while this one runs
             step += 1
             if step % config.log_every_steps == 0 or step == stop:
                 train_metrics = {k: float(v) for k, v in jax.device_get(train_metrics).items()}
@@ -392,31 +547,34 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
                 rate = (step - step0) * config.batch_size / (time.time() - t0)
                 left = (total - step) * config.batch_size / max(rate, 1e-9)
                 writer.write(step, {f"train/{k}": v for k, v in train_metrics.items()})
-                print(
+                log(
                     f"step {step}/{total} loss {train_metrics['loss']:.4f} "
                     f"lr {train_metrics['lr']:.2e} | {rate:.1f} img/s | "
-                    f"{left / 60:.1f} min left",
-                    flush=True,
+                    f"{left / 60:.1f} min left"
                 )
+            epoch = epochs_done(step, config.batch_size, num_train)
+            if hooks is not None and epoch > epochs_done(step - 1, config.batch_size, num_train):
+                state = epoch_end(hooks, state, epoch)
+            best_by = None  # the metric a checkpoint is ranked by; None: not an evaluation step
             if step % config.eval_every_steps == 0 or step == stop:
                 result = evaluate_scores(p_predict, state, eval_source, config, num_classes, mesh)
                 last_eval = eval_metrics(result)
                 writer.write(step, last_eval)
-                print(
+                log(
                     f"eval step {step}: mAP {last_eval['eval/mAP']:.2f} "
                     f"EMA mAP {last_eval['eval/ema_mAP']:.2f} "
-                    f"(CF1 {last_eval['eval/CF1']:.2f} OF1 {last_eval['eval/OF1']:.2f})",
-                    flush=True,
+                    f"(CF1 {last_eval['eval/CF1']:.2f} OF1 {last_eval['eval/OF1']:.2f})"
                 )
-                ckpts.save(step, state, train_iter, {"ema_mAP": last_eval["eval/ema_mAP"]})
+                best_by = {"ema_mAP": last_eval["eval/ema_mAP"]}
+            every = config.checkpoint_every_steps
+            if best_by is not None or (every and step % every == 0):
+                ckpts.save(step, state, batches, best_by)
     finally:
         ckpts.close()
         writer.close()
-        close = getattr(train_iter, "close", None)
-        if close is not None:
-            close()
+        batches.close()
     if step >= total:
-        print(f"finished: {workdir} (best EMA step {ckpts.best_step()})", flush=True)
+        log(f"finished: {workdir} (best EMA step {ckpts.best_step()})")
     else:
-        print(f"stopped at step {step}/{total}; run the same command to resume", flush=True)
+        log(f"stopped at step {step}/{total}; run the same command to resume")
     return last_eval

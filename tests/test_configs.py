@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 from train_helpers import REPO, load_config
 
-from mlgraph import assets, optim, train
+from mlgraph import assets, models, optim
 from mlgraph.data import cooccurrence
 
 NUM_CLASSES = {"coco2014": 80, "voc2007": 20, "voc2012": 20, "nuswide": 81}
@@ -41,8 +41,7 @@ def test_config_builds(name, tmp_path: pathlib.Path):
         cooccurrence.save_counts(tmp_path / "g.npz", cooccurrence.counts_from_labels(labels))
         c.model.graph_path = str(tmp_path / "g.npz")
     c.init_from = ""
-    mod = train.model_module(c)
-    model = nnx.eval_shape(lambda: mod.create(c, num_classes=num_classes, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: models.create(c, num_classes=num_classes, rngs=nnx.Rngs(0)))
     params = nnx.state(model, nnx.Param)
     tx = optim.make_optimizer(c.optimizer, 1000, params)
     jax.eval_shape(tx.init, params)

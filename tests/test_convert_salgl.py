@@ -24,9 +24,9 @@ from torch_reference import (
     torch_sine_table,
 )
 
+from mlgraph import models, recipes
 from mlgraph.convert import core
 from mlgraph.convert import salgl as convert_salgl
-from mlgraph.models import salgl
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -306,8 +306,8 @@ def test_convert_outmess_pos_hard_matches_torch(tmp_path, capsys):
 
     # Round trip: the settings rebuild the same tree (paths, shapes, variable types).
     rebuilt = nnx.eval_shape(
-        lambda: salgl.build(
-            salgl.model_config(**settings["model"]),
+        lambda: models.build(
+            recipes.model_config("salgl", **settings["model"]),
             num_classes=settings["num_classes"],
             image_size=settings["image_size"],
             rngs=nnx.Rngs(0),

@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 from torch_reference import TorchBottleneck, randomize_batch_norms
 
+from mlgraph import models, recipes
 from mlgraph.convert import core, io
 from mlgraph.convert import mlgcn as convert_mlgcn
 from mlgraph.data import cooccurrence
@@ -117,8 +118,11 @@ def test_official_checkpoint_converts_and_matches_torch(tmp_path, capsys):
     with capsys.disabled():
         print(f"\nML-GCN conversion: max relative logit diff {rel:.2e}")
     rebuilt = nnx.eval_shape(
-        lambda: mlgcn.build(
-            mlgcn.model_config(**model), num_classes=C, image_size=IMAGE, rngs=nnx.Rngs(0)
+        lambda: models.build(
+            recipes.model_config("mlgcn", **model),
+            num_classes=C,
+            image_size=IMAGE,
+            rngs=nnx.Rngs(0),
         )
     )
     spec = lambda m: {p: tuple(v.shape) for p, v in core.variable_paths(m).items()}  # noqa: E731
@@ -151,14 +155,15 @@ def test_correlation_matches_gen_a_and_gen_adj(tmp_path):
     np.testing.assert_array_equal(
         cooccurrence.load_counts(tmp_path / "coco_adj.pkl", C, "graph"), counts
     )
-    cfg = mlgcn.model_config(
+    cfg = recipes.model_config(
+        "mlgcn",
         backbone="resnet50",
         backbone_kwargs={"layers": (1, 1, 1, 1), "width": 4},
         embed_path=str(tmp_path / "words.npy"),
         graph_path=str(tmp_path / "coco_adj.pkl"),
         hidden_dim=8,
     )
-    built = mlgcn.build(cfg, num_classes=C, image_size=64, rngs=nnx.Rngs(0))
+    built = models.build(cfg, num_classes=C, image_size=64, rngs=nnx.Rngs(0))
     np.testing.assert_allclose(built.A[...], gen_a(adj.copy(), nums, 0.4), rtol=1e-6)
 
 

@@ -5,7 +5,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mlgraph import config_lib, optim
+from mlgraph import config_lib, optim, recipes
 
 torch = pytest.importorskip("torch")
 
@@ -110,7 +110,7 @@ def test_salgl_modes_select_parameters():
     for mode in ("full", "part", "layer4"):
         c = config_lib.base_config()
         c.optimizer.schedule, c.optimizer.weight_decay = "constant", 0.0
-        config_lib.apply_mode(c, mode)
+        recipes.apply_mode(c, mode)
         tx = optim.make_optimizer(c.optimizer, 10, params)
         updates, _ = tx.update(grads, tx.init(params), params)
         u = nnx.to_pure_dict(updates)
@@ -123,7 +123,7 @@ def test_salgl_modes_select_parameters():
     assert moved["part"] == pytest.approx({"layer3": 1e-5, "layer4": 1e-5, "head": 1e-4})
     assert moved["layer4"] == pytest.approx({"layer3": 0.0, "layer4": 1e-4, "head": 1e-4})
     with pytest.raises(ValueError, match="mode 'all': expected full, part or layer4"):
-        config_lib.apply_mode(config_lib.base_config(), "all")
+        recipes.apply_mode(config_lib.base_config(), "all")
 
 
 @pytest.mark.parametrize("schedule", ["constant", "onecycle"])

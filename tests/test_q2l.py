@@ -27,12 +27,11 @@ from torch_reference import (
     torch_sine_table,
 )
 
-from mlgraph import checkpointing, config_lib, train
+from mlgraph import checkpointing, config_lib, models, recipes, train
 from mlgraph.convert import core
 from mlgraph.convert import q2l as convert_q2l
 from mlgraph.convert.__main__ import convert_file
 from mlgraph.errors import ConfigError
-from mlgraph.models import mlgcn, q2l
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -262,8 +261,8 @@ def test_release_converts_and_matches_torch(variant, tmp_path, capsys):
 
     tree, saved = checkpointing.load_weights(out)
     module = nnx.eval_shape(
-        lambda: q2l.build(
-            q2l.model_config(**model), num_classes=K, image_size=IMAGE, rngs=nnx.Rngs(0)
+        lambda: models.build(
+            recipes.model_config("q2l", **model), num_classes=K, image_size=IMAGE, rngs=nnx.Rngs(0)
         )
     )
     graphdef, state = nnx.split(module)
@@ -343,14 +342,15 @@ def test_conversion_errors(tmp_path):
 
 
 def test_initialisation_follows_the_official_code():
-    cfg = q2l.model_config(
+    cfg = recipes.model_config(
+        "q2l",
         backbone="resnet50",
         backbone_kwargs={"layers": (1, 1, 1, 1), "width": 4},
         hidden_dim=128,
         ffn_dim=512,
         dec_layers=1,
     )
-    m = q2l.build(cfg, num_classes=40, image_size=64, rngs=nnx.Rngs(0))
+    m = models.build(cfg, num_classes=40, image_size=64, rngs=nnx.Rngs(0))
     # Transformer matrices: xavier-uniform over torch's shapes (the fused in-projection 3D x D).
     for kernel, bound in (
         (m.decoder[0].linear1.kernel, math.sqrt(6 / (128 + 512))),
@@ -366,19 +366,20 @@ def test_initialisation_follows_the_official_code():
 
 
 def test_runs_at_any_resolution_and_rejects_a_mismatched_width():
-    cfg = q2l.model_config(
+    cfg = recipes.model_config(
+        "q2l",
         backbone="resnet50",
         backbone_kwargs={"layers": (1, 1, 1, 1), "width": 4},
         hidden_dim=128,
         ffn_dim=64,
     )
-    m = q2l.build(cfg, num_classes=3, image_size=64, rngs=nnx.Rngs(0))
+    m = models.build(cfg, num_classes=3, image_size=64, rngs=nnx.Rngs(0))
     for size in (64, 160):
         out = m(jnp.ones((1, size, size, 3)))
         assert out["logits"].shape == (1, 3) and out["label_feats"].shape == (1, 3, 128)
     cfg.hidden_dim = 96
     with pytest.raises(ConfigError) as e:
-        q2l.build(cfg, num_classes=3, image_size=64, rngs=nnx.Rngs(0))
+        models.build(cfg, num_classes=3, image_size=64, rngs=nnx.Rngs(0))
     assert str(e.value) == (
         "config.model.hidden_dim=96 differs from the backbone's 128 channels: set "
         "config.model.keep_input_proj=True (a 1x1 projection) or hidden_dim=128"
@@ -392,7 +393,8 @@ def test_training_from_a_converted_checkpoint_checks_the_architecture(tmp_path):
     c = config_lib.base_config()
     c.image_size = IMAGE
     c.init_from = str(tmp_path / "w")
-    c.model = q2l.model_config(
+    c.model = recipes.model_config(
+        "q2l",
         backbone="resnet50",
         backbone_kwargs={"layers": (1, 1, 1, 1), "width": WIDTH},
         hidden_dim=v["d"],
@@ -412,7 +414,7 @@ def test_training_from_a_converted_checkpoint_checks_the_architecture(tmp_path):
         f"config.init_from={tmp_path / 'w'}: the checkpoint's model differs from config.model in "
         "num_heads (checkpoint 4, config 8); set these config.model fields as in its settings.json"
     )
-    c.model = mlgcn.model_config(embed_dim=4)
+    c.model = recipes.model_config("mlgcn", embed_dim=4)
     with pytest.raises(ConfigError) as e:
         train.create_model(c, K)
     assert str(e.value) == (

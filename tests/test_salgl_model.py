@@ -14,7 +14,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mlgraph import losses, sharding
+from mlgraph import losses, models, recipes, sharding
 from mlgraph.errors import ConfigError
 from mlgraph.models import graph, salgl
 
@@ -24,7 +24,7 @@ B = 16  # one batch size for every jitted call, so compilations are shared
 
 def _config(embed_path: str, image_size: int = IMAGE, **model) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict({"image_size": image_size, "dtype": "float32"})
-    c.model = salgl.model_config(embed_path=embed_path, **model)
+    c.model = recipes.model_config("salgl", embed_path=embed_path, **model)
     return c
 
 
@@ -70,7 +70,7 @@ def tiny(embed_file):
         att_dim=8,
         ffn_dim=12,
     )
-    model = nnx.eval_shape(lambda: salgl.create(config, num_classes=C, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: models.create(config, num_classes=C, rngs=nnx.Rngs(0)))
     _random_fill(model, 0)
     model.embeddings.set_value(jnp.asarray(np.load(embed_file), jnp.float32))
     model.comatrix.set_value(jnp.zeros((K, C, C), jnp.float32))
@@ -98,7 +98,7 @@ def test_parameter_count_of_the_coco_setting(tmp_path):
     """R101, K = 6, C = 80, E = 768, outmess: 117,948,561 (salgl.md §1.14), part by part."""
     np.save(tmp_path / "bert.npy", np.zeros((80, 768)))
     config = _config(str(tmp_path / "bert.npy"), image_size=448)
-    model = nnx.eval_shape(lambda: salgl.create(config, num_classes=80, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: models.create(config, num_classes=80, rngs=nnx.Rngs(0)))
     assert _num_params(model) == 117_948_561
     parts = {
         "backbone": 42_500_160,
@@ -115,7 +115,7 @@ def test_parameter_count_of_the_coco_setting(tmp_path):
 
     # Without outmess: 105,189,441 + 2048 K + 2049 C.
     config.model.outmess = False
-    model = nnx.eval_shape(lambda: salgl.create(config, num_classes=80, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: models.create(config, num_classes=80, rngs=nnx.Rngs(0)))
     assert _num_params(model) == 105_189_441 + 2048 * 6 + 2049 * 80
 
 
@@ -123,7 +123,7 @@ def test_parameter_count_of_vit_large_at_448():
     """ViT-L/16 at 448: 326,730,753 + 1024 K + 1025 C (salgl.md §1.14)."""
     config = _config("", image_size=448, backbone="vit_l16", embed_type="checkpoint")
     config.model.embed_dim = 768
-    model = nnx.eval_shape(lambda: salgl.create(config, num_classes=20, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: models.create(config, num_classes=20, rngs=nnx.Rngs(0)))
     assert _num_params(model) == 326_730_753 + 1024 * 6 + 1025 * 20
     assert _num_params(model.backbone) == 303_903_744
 
@@ -230,7 +230,7 @@ def test_bfloat16_compute_keeps_counts_and_outputs_in_float32(tiny):
     config.dtype = "bfloat16"
 
     def run():
-        model = salgl.create(config, num_classes=C, rngs=nnx.Rngs(0))
+        model = models.create(config, num_classes=C, rngs=nnx.Rngs(0))
         out = model(
             _images(B), labels=_labels(B), train=True, rngs=nnx.Rngs(dropout=jax.random.key(0))
         )
@@ -248,14 +248,16 @@ def test_loss_fn_combines_classification_and_scene_terms():
     logits = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
     y = jnp.asarray([[1, 0, 0, 1], [0, 1, 0, 0], [1, 1, 1, 0]], jnp.float32)
     outputs = {"logits": logits, "sample_en": jnp.float32(1.25), "batch_en": jnp.float32(0.5)}
-    config = ml_collections.ConfigDict({"model": salgl.model_config(lamda=2.0, gamma_neg=3.0)})
-    total, aux = salgl.loss_fn(outputs, y, config)
+    config = ml_collections.ConfigDict(
+        {"loss": recipes.loss_config("asl", lamda=2.0, gamma_neg=3.0)}
+    )
+    total, aux = salgl.loss_fn(outputs, {"labels": y}, config)
     cls = float(losses.asl(logits, y, gamma_neg=3.0))
     assert set(aux) == {"asl", "sample_en", "batch_en"}
     assert float(aux["asl"]) == pytest.approx(cls, rel=1e-6)
     assert float(total) == pytest.approx(cls + 2.0 * (1.25 + 0.5), rel=1e-6)
-    config.model.loss = "bce"
-    total, aux = salgl.loss_fn(outputs, y, config)
+    config.loss.name = "bce"
+    total, aux = salgl.loss_fn(outputs, {"labels": y}, config)
     assert float(total) == pytest.approx(float(losses.bce(logits, y)) + 2.0 * 1.75, rel=1e-6)
     assert set(aux) == {"bce", "sample_en", "batch_en"}
 
@@ -263,7 +265,7 @@ def test_loss_fn_combines_classification_and_scene_terms():
 # --------------------------------------------------------------------------------------- errors
 def test_config_errors(tmp_path, embed_file):
     with pytest.raises(ConfigError, match=r"unknown SALGL field\(s\) num_scene;"):
-        salgl.model_config(num_scene=4)
+        recipes.model_config("salgl", num_scene=4)
     bad = tmp_path / "bad.npy"
     np.save(bad, np.zeros((7, 6)))
     with pytest.raises(ConfigError, match=r"bad.npy: holds an array of shape \(7, 6\); expected"):
@@ -277,14 +279,16 @@ def test_config_errors(tmp_path, embed_file):
 
     def build(**model):
         config = _config(embed_file, image_size=64, **model)
-        nnx.eval_shape(lambda: salgl.create(config, num_classes=C, rngs=nnx.Rngs(0)))
+        nnx.eval_shape(lambda: models.create(config, num_classes=C, rngs=nnx.Rngs(0)))
 
     with pytest.raises(ConfigError, match="pos=True does not work with backbone 'vit_b16'"):
         build(backbone="vit_b16", pos=True)
     with pytest.raises(ConfigError, match="embed_type='glove': expected one of file, random"):
         build(embed_type="glove")
-    with pytest.raises(ConfigError, match="loss='focal': expected one of asl, bce"):
-        build(loss="focal")
+    with pytest.raises(ConfigError, match="loss.name='focal': expected one of asl, bce"):
+        outputs = {"logits": jnp.zeros((1, C)), "sample_en": 0.0, "batch_en": 0.0}
+        config = ml_collections.ConfigDict({"loss": recipes.loss_config("focal")})
+        salgl.loss_fn(outputs, {"labels": jnp.zeros((1, C))}, config)
     with pytest.raises(ConfigError, match="image_size=80: position codes need a multiple of 32"):
         config = _config(embed_file, image_size=80, pos=True)
-        salgl.create(config, num_classes=C, rngs=nnx.Rngs(0))
+        models.create(config, num_classes=C, rngs=nnx.Rngs(0))

@@ -18,6 +18,7 @@ from flax import nnx
 from torch_reference import TorchResNetTrunk, randomize_batch_norms
 from train_helpers import tiny_coco
 
+from mlgraph import models, recipes
 from mlgraph.convert import core, io
 from mlgraph.convert import ssgrl as convert_ssgrl
 from mlgraph.data import cooccurrence
@@ -191,8 +192,11 @@ def test_official_checkpoint_converts_and_matches_torch(tmp_path, capsys, paper)
 
     # The settings rebuild the same tree.
     rebuilt = nnx.eval_shape(
-        lambda: ssgrl.build(
-            ssgrl.model_config(**model), num_classes=C, image_size=IMAGE, rngs=nnx.Rngs(0)
+        lambda: models.build(
+            recipes.model_config("ssgrl", **model),
+            num_classes=C,
+            image_size=IMAGE,
+            rngs=nnx.Rngs(0),
         )
     )
     spec = lambda m: {p: tuple(v.shape) for p, v in core.variable_paths(m).items()}  # noqa: E731
@@ -275,7 +279,7 @@ def test_train_labels_resolution_and_graph_files(tmp_path):
     cfg = ml_collections.ConfigDict(
         {
             "data": {"train_split": "train"},
-            "model": ssgrl.model_config(graph_path="train_labels", embed_dim=3),
+            "model": recipes.model_config("ssgrl", graph_path="train_labels", embed_dim=3),
         }
     )
     built = datasets.make_builder("coco2014", data_dir, "").data_dir
@@ -292,4 +296,4 @@ def test_train_labels_resolution_and_graph_files(tmp_path):
     with pytest.raises(ConfigError, match=r"config.model.graph_path=.*: counts of shape \(4, 4\)"):
         ssgrl.load_graph(path, 3)
     with pytest.raises(ConfigError, match="must be resolved to a file first"):
-        ssgrl.build(cfg.model, num_classes=4, image_size=64, rngs=nnx.Rngs(0))
+        models.build(cfg.model, num_classes=4, image_size=64, rngs=nnx.Rngs(0))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from train_helpers import REPO, tiny_coco, tiny_config
 
-from mlgraph import checkpointing, train
+from mlgraph import checkpointing, recipes, train
 from mlgraph.data import datasets, demo
 from mlgraph.metric_writer import read_metrics
 
@@ -152,11 +152,11 @@ def test_ema_update_averages_or_copies_live():
     ema = {"params": {"w": jnp.zeros(2)}, "rest": {"comatrix": {"value": jnp.zeros(3)}}}
     live = {"params": {"w": jnp.ones(2)}, "rest": {"comatrix": {"value": jnp.full(3, 5.0)}}}
     config = tiny_config("/unused")
-    config.model = salgl.model_config(comat_ema=True)
+    config.model = recipes.model_config("salgl", comat_ema=True)
     averaged = train.ema_update(ema, live, 0.9, salgl.ema_live_paths(config))
     np.testing.assert_allclose(averaged["rest"]["comatrix"]["value"], 0.5)
     np.testing.assert_allclose(averaged["params"]["w"], 0.1, rtol=1e-6)
-    config.model = salgl.model_config(comat_ema=False)
+    config.model = recipes.model_config("salgl", comat_ema=False)
     copied = train.ema_update(ema, live, 0.9, salgl.ema_live_paths(config))
     np.testing.assert_allclose(copied["rest"]["comatrix"]["value"], 5.0)
     np.testing.assert_allclose(copied["params"]["w"], 0.1, rtol=1e-6)

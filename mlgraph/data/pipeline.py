@@ -35,6 +35,10 @@ def _labels(element: dict, num_classes: int) -> np.ndarray:
     return labels
 
 
+def _with_index(index: int, element: dict) -> dict:
+    return {**element, "index": np.int32(index)}
+
+
 class TrainTransform(grain.transforms.RandomMap):
     """SALGL's training chain (spec salgl.md §3.4): square bilinear resize (or ML-GCN's
     multi-scale crop when `aug.multiscale_crop` lists scales), horizontal flip (p=0.5),
@@ -79,7 +83,8 @@ class TrainTransform(grain.transforms.RandomMap):
         self.std = np.asarray(std, np.float32)
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
-        """Augment one decoded example; returns float32 `image` [S, S, 3] and `labels`."""
+        """Augment one decoded example; returns float32 `image` [S, S, 3], `labels` and the
+        example's `index` in the split."""
         img = Image.fromarray(element["image"])
         if self.multiscale_crop:
             img = augment.multiscale_crop(
@@ -101,7 +106,11 @@ class TrainTransform(grain.transforms.RandomMap):
         if self.drop_difficult:
             # SSGRL's VOC training labels: a class seen only as difficult objects is negative.
             labels = labels * (1.0 - np.asarray(element["difficult"], np.float32))
-        return {"image": _normalize(img, self.mean, self.std), "labels": labels}
+        return {
+            "image": _normalize(img, self.mean, self.std),
+            "labels": labels,
+            "index": element["index"],
+        }
 
 
 class EvalTransform(grain.transforms.Map):
@@ -151,13 +160,16 @@ def train_dataset(
     num_classes: int,
     process: tuple[int, int] | None = None,
 ) -> grain.IterDataset:
-    """Infinite, shuffled (reshuffled every epoch), augmented batches of this process's shard.
+    """Infinite, shuffled (reshuffled every epoch), augmented batches of this process's shard:
+    `image`, `labels` and `index` (each example's position in `source`).
 
     `process` = (index, count) defaults to this JAX process's.
     """
     data = config.data
     pi, pc = process or (jax.process_index(), jax.process_count())
-    ds = grain.MapDataset.source(source).seed(config.seed).shuffle().repeat()
+    # `index`: the example's position in the split, for per-example state (label matrices).
+    ds = grain.MapDataset.source(source).map_with_index(_with_index)
+    ds = ds.seed(config.seed).shuffle().repeat()
     # Augment before sharding: each example's random draws depend on its position in the
     # global stream, so any number of processes sees exactly the global batches one would.
     if data.train_difficult not in ("positive", "negative"):

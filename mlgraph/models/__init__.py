@@ -1,6 +1,7 @@
 """The method protocol: what a method module under `mlgraph/models/` defines.
 
-A method is one module `mlgraph/models/<name>.py`, found by `config.model.name`. The training
+A method is one module `mlgraph/models/<name>.py`, found by `config.model.name` (a name with a
+dot is imported as it is: a method kept outside the package, such as the tests' toy). The training
 loop (`mlgraph.train`), `evaluate`, `bench`, the converters and the tests reach it only through
 the names below.
 
@@ -64,13 +65,13 @@ def method_module(name: str) -> types.ModuleType:
     Raises:
       ConfigError: no such module, or one without `Model` and `loss_fn`.
     """
+    module = name if "." in name else f"{__name__}.{name}"
     try:
-        mod = importlib.import_module(f"{__name__}.{name}")
+        mod = importlib.import_module(module)
     except ModuleNotFoundError as e:
-        if e.name == f"{__name__}.{name}":
-            raise ConfigError(
-                f"config.model.name={name!r}: no module mlgraph/models/{name}.py"
-            ) from None
+        if e.name == module:
+            where = module if "." in name else f"mlgraph/models/{name}.py"
+            raise ConfigError(f"config.model.name={name!r}: no module {where}") from None
         raise
     missing = [attr for attr in REQUIRED if not hasattr(mod, attr)]
     if missing:
@@ -99,7 +100,8 @@ def field_defaults(name: str) -> dict[str, Any]:
             continue
         if p.default is inspect.Parameter.empty:
             raise TypeError(f"mlgraph.models.{name}.Model: config field {arg!r} has no default")
-        fields[arg] = p.default
+        # Mapping defaults (an immutable empty `backbone_kwargs`) become plain dicts.
+        fields[arg] = dict(p.default) if isinstance(p.default, Mapping) else p.default
     return fields
 
 

@@ -1,21 +1,23 @@
 """Small pieces shared by the models: the buffer variable type, the loaders of the fixed inputs
-the graph methods read (label word vectors, label graphs), the CNN backbone of a
-`config.model`, and `create` from a whole config."""
+the graph methods read (label word vectors, label graphs), and the CNN backbone of a
+`config.model`."""
 
 from __future__ import annotations
 
 import pathlib
-from collections.abc import Callable
+import types
+from collections.abc import Mapping
 from typing import Any
 
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
 from mlgraph.data import cooccurrence
 from mlgraph.errors import ConfigError
 from mlgraph.models import backbones
+
+# The default of a `backbone_kwargs` field: an empty mapping that no call can mutate.
+NO_KWARGS: Mapping[str, Any] = types.MappingProxyType({})
 
 
 class Buffer(nnx.Variable):
@@ -82,7 +84,13 @@ def check_graph_resolved(graph_path: str) -> None:
 
 
 def cnn_backbone(
-    name: str, backbone_kwargs: dict, method: str, *, image_size: int, dtype: Any, rngs: nnx.Rngs
+    name: str,
+    backbone_kwargs: Mapping[str, Any],
+    method: str,
+    *,
+    image_size: int,
+    dtype: Any,
+    rngs: nnx.Rngs,
 ) -> nnx.Module:
     """The registered backbone `name`, which must be a CNN (have a `feature_map`).
 
@@ -98,18 +106,3 @@ def cnn_backbone(
             "(one with a feature map)"
         )
     return backbone
-
-
-def create_from_config(
-    build: Callable[..., nnx.Module],
-    config: ml_collections.ConfigDict,
-    *,
-    num_classes: int,
-    rngs: nnx.Rngs,
-) -> nnx.Module:
-    """`build(config.model, ...)` for `config.image_size` images in `config.dtype`: the body of
-    every method's `create`."""
-    dtype = jnp.dtype(config.get("dtype") or "float32")
-    return build(
-        config.model, num_classes=num_classes, image_size=config.image_size, dtype=dtype, rngs=rngs
-    )

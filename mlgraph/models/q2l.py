@@ -24,10 +24,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 
-from mlgraph import config_lib, losses
+from mlgraph import losses
 from mlgraph.errors import ConfigError
 from mlgraph.models.attention import (
     TransformerDecoderLayer,
@@ -36,95 +35,8 @@ from mlgraph.models.attention import (
     torch_linear,
     uniform_init,
 )
-from mlgraph.models.common import cnn_backbone, create_from_config
+from mlgraph.models.common import NO_KWARGS, cnn_backbone
 from mlgraph.models.graph import ElementWiseLinear
-
-DEFAULTS: dict[str, Any] = {
-    "name": "q2l",
-    "backbone": "resnet101",
-    "backbone_kwargs": {},
-    "hidden_dim": 2048,  # d_model; equals ResNet's 2048 channels, so no input projection
-    "num_heads": 4,
-    "ffn_dim": 8192,
-    "enc_layers": 1,
-    "dec_layers": 2,
-    "dropout": 0.1,
-    # The official switches (their argparse names): a 1x1 conv from the backbone channels to
-    # hidden_dim (needed when they differ), and decoder self-attention (removed by default).
-    "keep_input_proj": False,
-    "keep_first_self_attn_dec": False,
-    "keep_other_self_attn_dec": False,
-    # True: the backbone's batch norm always uses running statistics (FrozenBatchNorm2d).
-    "frozen_bn": True,
-    # ASL (`AsymmetricLossOptimized`, focal weights without gradient).
-    "gamma_pos": 0.0,
-    "gamma_neg": 2.0,
-    "clip": 0.0,
-    "eps": 1e-5,
-}
-
-# Backbone parameters the official recipe never trains: the stem and layer1 (its
-# `requires_grad_(False)` on names without layer2/3/4), and every batch-norm affine (they are
-# buffers in FrozenBatchNorm2d).
-FROZEN_BACKBONE = (
-    "backbone/(conv1|bn1|layer1)/.*",
-    "backbone/.*/(bn[0-9]+|downsample_bn)/.*",
-)
-
-
-# `config.model` fields that are not arguments of `Query2Label`.
-_NOT_ARCHITECTURE = ("name", "backbone", "backbone_kwargs", "gamma_pos", "gamma_neg", "clip", "eps")
-
-
-def model_config(**overrides: Any) -> ml_collections.ConfigDict:
-    """The `config.model` fields of Query2Label (`DEFAULTS`), with `overrides` applied.
-
-    Raises:
-      ConfigError: for a field Query2Label does not have.
-    """
-    return config_lib.model_fields("Query2Label", DEFAULTS, overrides)
-
-
-def official_config(
-    *,
-    data: str,
-    image_size: int,
-    builder_config: str = "",
-    eval_split: str = "val",
-    train_split: str = "train",
-) -> ml_collections.ConfigDict:
-    """The official R101 recipe (ssgrl_mlgcn.md §4.1) on `data`, for the configs/ files.
-
-    AdamW (wd 1e-2) under one-cycle to 1e-4 (pct 0.2, beta1 cycled 0.85-0.95), batch 128,
-    80 epochs, EMA 0.9997 (the best of model and EMA is kept), resize + Cutout 0.5 +
-    RandAugment (no flip), ASL gamma- 2; conv1 and layer1 and every batch norm frozen.
-    """
-    c = config_lib.base_config()
-    c.data.name = data
-    c.data.builder_config = builder_config
-    c.data.train_split = train_split
-    c.data.eval_split = eval_split
-    c.data.worker_count = 8
-    c.data.augment.flip = False
-    c.data.augment.cutout = 0.5
-    c.data.augment.randaugment = True
-    c.image_size = image_size
-    c.batch_size = 128
-    c.eval_batch_size = 128
-    c.num_epochs = 80.0
-    c.eval_every_steps = 1000
-    c.log_every_steps = 50
-    c.dtype = "bfloat16"
-    c.optimizer.lr = 1e-4
-    c.optimizer.weight_decay = 1e-2
-    c.optimizer.frozen = FROZEN_BACKBONE
-    c.ema.decay = 0.9997
-    c.model = model_config(backbone="resnet101")
-    return c
-
-
-def _field(cfg: Mapping[str, Any] | ml_collections.ConfigDict, name: str) -> Any:
-    return config_lib.model_field(cfg, name, DEFAULTS)
 
 
 def _xavier_(linear: nnx.Linear, rngs: nnx.Rngs) -> None:
@@ -136,7 +48,7 @@ def _xavier_(linear: nnx.Linear, rngs: nnx.Rngs) -> None:
 
 
 class Query2Label(nnx.Module):
-    """The Query2Label network (module docstring); build it with `create` or `build`.
+    """The Query2Label network (module docstring); `config.model` holds its arguments.
 
     Attributes:
       backbone: CNN backbone with `feature_map` (`backbone.0.body` in torch).
@@ -149,9 +61,14 @@ class Query2Label(nnx.Module):
 
     def __init__(
         self,
-        backbone: nnx.Module,
         *,
         num_classes: int,
+        image_size: int,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+        backbone: str = "resnet101",
+        backbone_kwargs: Mapping[str, Any] = NO_KWARGS,
         hidden_dim: int = 2048,
         num_heads: int = 4,
         ffn_dim: int = 8192,
@@ -162,11 +79,32 @@ class Query2Label(nnx.Module):
         keep_first_self_attn_dec: bool = False,
         keep_other_self_attn_dec: bool = False,
         frozen_bn: bool = True,
-        dtype: Any = jnp.float32,
-        param_dtype: Any = jnp.float32,
-        rngs: nnx.Rngs,
     ):
-        """Args are the architecture fields of `config.model` (see `DEFAULTS`)."""
+        """The keyword arguments after `rngs` are Query2Label's `config.model` fields.
+
+        Args:
+          backbone, backbone_kwargs: a registered CNN backbone and extra arguments for it.
+          hidden_dim: d_model; equals ResNet's 2048 channels, so no input projection.
+          num_heads, ffn_dim, enc_layers, dec_layers, dropout: the transformer's.
+          keep_input_proj, keep_first_self_attn_dec, keep_other_self_attn_dec: the official
+            switches (their argparse names): a 1x1 conv from the backbone channels to
+            hidden_dim (needed when they differ), and decoder self-attention (removed by
+            default).
+          frozen_bn: the backbone's batch norm always uses running statistics
+            (FrozenBatchNorm2d).
+
+        Raises:
+          ConfigError: a backbone without a feature map, hidden_dim != the backbone's channels
+            without keep_input_proj, or no decoder layer.
+        """
+        backbone = cnn_backbone(
+            backbone,
+            backbone_kwargs,
+            "Query2Label",
+            image_size=image_size,
+            dtype=dtype,
+            rngs=rngs,
+        )
         channels = int(backbone.num_features)
         d = int(hidden_dim)
         if not keep_input_proj and channels != d:
@@ -237,47 +175,10 @@ class Query2Label(nnx.Module):
         return {"logits": self.fc(t).astype(jnp.float32), "label_feats": t}
 
 
-def build(
-    model_cfg: Mapping[str, Any] | ml_collections.ConfigDict,
-    *,
-    num_classes: int,
-    image_size: int,
-    dtype: Any = jnp.float32,
-    rngs: nnx.Rngs,
-) -> Query2Label:
-    """Build Query2Label from `config.model`-style fields (missing ones take `DEFAULTS`).
-
-    Raises:
-      ConfigError: a backbone without a feature map, or hidden_dim != the backbone's channels
-        without keep_input_proj.
-    """
-    backbone = cnn_backbone(
-        _field(model_cfg, "backbone"),
-        _field(model_cfg, "backbone_kwargs"),
-        "Query2Label",
-        image_size=image_size,
-        dtype=dtype,
-        rngs=rngs,
-    )
-    fields = {k: _field(model_cfg, k) for k in DEFAULTS if k not in _NOT_ARCHITECTURE}
-    return Query2Label(backbone, num_classes=int(num_classes), dtype=dtype, rngs=rngs, **fields)
+def loss_fn(outputs: dict, batch: dict, config) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`config.loss` (the official: ASL with its gammas, clip and eps, ssgrl_mlgcn.md §4.1)."""
+    loss = losses.classification(outputs["logits"], batch["labels"], config.loss)
+    return loss, {config.loss.name: loss}
 
 
-def create(config: ml_collections.ConfigDict, *, num_classes: int, rngs: nnx.Rngs) -> Query2Label:
-    """Build the Query2Label that `config.model` describes, for `config.image_size` images."""
-    return create_from_config(build, config, num_classes=num_classes, rngs=rngs)
-
-
-def loss_fn(outputs: dict, labels: jax.Array, config) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """ASL with the config's gammas, clip and eps (ssgrl_mlgcn.md §4.1)."""
-    m = config.model
-    get = lambda k: float(m.get(k, DEFAULTS[k]))  # noqa: E731
-    loss = losses.asl(
-        outputs["logits"],
-        labels,
-        gamma_pos=get("gamma_pos"),
-        gamma_neg=get("gamma_neg"),
-        clip=get("clip"),
-        eps=get("eps"),
-    )
-    return loss, {"asl": loss}
+Model = Query2Label

@@ -21,10 +21,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import nnx
 
-from mlgraph import config_lib, losses
+from mlgraph import losses
 from mlgraph.errors import ConfigError
 from mlgraph.models import backbones
 from mlgraph.models.attention import (
@@ -33,9 +32,9 @@ from mlgraph.models.attention import (
     sine_position_encoding,
     torch_linear,
 )
-from mlgraph.models.common import (  # noqa: F401 (Buffer, load_embeddings re-exported)
+from mlgraph.models.common import (  # noqa: F401 (Buffer re-exported)
+    NO_KWARGS,
     Buffer,
-    create_from_config,
     load_embeddings,
 )
 from mlgraph.models.graph import (
@@ -47,60 +46,10 @@ from mlgraph.models.graph import (
 )
 
 EMBED_TYPES = ("file", "random", "checkpoint")
-LOSSES = ("asl", "bce")
-
-# The default `config.model` fields. Those marked (†) follow the unofficial reproduction's
-# COCO config (the official configs are not released); the rest are `get_args` defaults.
-DEFAULTS: dict[str, Any] = {
-    "name": "salgl",
-    "backbone": "resnet101",
-    # Extra keyword arguments for the backbone's `create` (e.g. a reduced ResNet in tests).
-    "backbone_kwargs": {},
-    "num_scenes": 6,  # (†) K; get_args default 4
-    "num_steps": 3,  # GGNN steps T
-    "outmess": True,  # (†) GGNN also propagates along A^T
-    "normalize": True,  # (†) row-normalise the transition matrices
-    "ignore_self": False,
-    "soft": False,  # soft (probability-weighted) scene assignment
-    "pos": False,  # sine position codes in the encoder (ResNet backbones only)
-    # 'file': fixed embeddings from `embed_path` (.npy [C, E]); 'random': trainable N(0, 1)
-    # [C, D]; 'checkpoint': a zero [C, embed_dim] buffer filled from a weights checkpoint.
-    "embed_type": "file",
-    "embed_path": "",
-    "embed_dim": 0,  # E; 0 = from the file. Required for 'checkpoint'.
-    "att_dim": 1024,  # A of the bilinear attention
-    "ffn_dim": 2048,  # encoder FFN width (fixed at 2048 in the original, even for D = 1024)
-    "heads": 8,
-    "dropout": 0.1,  # encoder dropout (attention probabilities and residual branches)
-    "loss": "asl",  # 'asl' or 'bce'
-    "gamma_pos": 0.0,
-    "gamma_neg": 2.0,
-    "clip": 0.0,
-    "lamda": 1.0,  # weight of (sample_en + batch_en)
-    # True: the EMA model averages the counts like every other entry. False: the EMA model
-    # uses the live counts (the training loop copies `comatrix` instead of averaging it).
-    "comat_ema": True,
-    # True: the backbone's batch norm always uses its running statistics (a frozen, pretrained
-    # backbone); False: batch statistics in training, as the official code (SyncBN).
-    "frozen_bn": False,
-}
-
-
-def model_config(**overrides: Any) -> ml_collections.ConfigDict:
-    """The `config.model` fields of SALGL (`DEFAULTS`), with `overrides` applied.
-
-    Raises:
-      ConfigError: for a field SALGL does not have.
-    """
-    return config_lib.model_fields("SALGL", DEFAULTS, overrides)
-
-
-def _field(cfg: Mapping[str, Any] | ml_collections.ConfigDict, name: str) -> Any:
-    return config_lib.model_field(cfg, name, DEFAULTS)
 
 
 class SALGL(nnx.Module):
-    """The SALGL network (see the module docstring); build it with `create` or `build`.
+    """The SALGL network (see the module docstring); `config.model` holds its arguments.
 
     Attributes:
       backbone: token backbone ([B, H, W, 3] -> [B, N, D]).
@@ -116,36 +65,89 @@ class SALGL(nnx.Module):
 
     def __init__(
         self,
-        backbone: nnx.Module,
         *,
         num_classes: int,
-        num_scenes: int,
+        image_size: int,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+        backbone: str = "resnet101",
+        backbone_kwargs: Mapping[str, Any] = NO_KWARGS,
+        num_scenes: int = 6,
         num_steps: int = 3,
         outmess: bool = True,
         normalize: bool = True,
         ignore_self: bool = False,
         soft: bool = False,
-        pos_grid: int | None = None,
+        pos: bool = False,
         embed_type: str = "file",
-        embeddings: np.ndarray | None = None,
+        embed_path: str = "",
         embed_dim: int = 0,
         att_dim: int = 1024,
         ffn_dim: int = 2048,
         heads: int = 8,
         dropout: float = 0.1,
+        comat_ema: bool = True,
         frozen_bn: bool = False,
-        dtype: Any = jnp.float32,
-        param_dtype: Any = jnp.float32,
-        rngs: nnx.Rngs,
     ):
-        """Args are the `config.model` fields; `pos_grid` is the token grid side when
-        position codes are used (None: no position codes), `embeddings` the file table for
-        embed_type='file'."""
+        """The keyword arguments after `rngs` are SALGL's `config.model` fields. Defaults
+        marked (†) follow the unofficial reproduction's COCO config (the official configs are
+        not released); the rest are the official `get_args` defaults.
+
+        Args:
+          backbone, backbone_kwargs: a registered backbone and extra arguments for it.
+          num_scenes: K (†; get_args default 4). num_steps: GGNN steps T.
+          outmess: (†) the GGNN also propagates along A^T. normalize: (†) row-normalise the
+            transition matrices. ignore_self: zero their diagonal. soft: probability-weighted
+            scene assignment instead of the arg-max scene.
+          pos: sine position codes in the encoder (ResNet backbones; image_size % 32 == 0).
+          embed_type: 'file' (fixed embeddings from `embed_path`, a .npy [C, E]), 'random'
+            (trainable N(0, 1) [C, D]) or 'checkpoint' (a zero [C, embed_dim] buffer filled
+            from a weights checkpoint). embed_dim: E; 0 = from the file.
+          att_dim: A of the bilinear attention. ffn_dim: encoder FFN width (2048 in the original
+            even for D = 1024). heads: encoder heads. dropout: encoder dropout.
+          comat_ema: the EMA model averages the co-occurrence counts like every other entry;
+            False: it takes the live counts (`ema_live_paths`).
+          frozen_bn: the backbone's batch norm always uses running statistics (a frozen,
+            pretrained backbone); False: batch statistics in training (SyncBN, as the official).
+
+        Raises:
+          ConfigError: unknown embed_type, `pos` with a ViT backbone, an image size the
+            position grid does not divide, or unusable embeddings.
+        """
+        if embed_type not in EMBED_TYPES:
+            raise ConfigError(
+                f"config.model.embed_type={embed_type!r}: expected one of {', '.join(EMBED_TYPES)}"
+            )
+        pos_grid = None
+        if pos:
+            if "vit" in backbone:
+                raise ConfigError(
+                    f"config.model.pos=True does not work with backbone {backbone!r}: the sine "
+                    "table has no row for the class token (use pos=False, as SALGL's ViT runs)"
+                )
+            if image_size % 32:
+                raise ConfigError(
+                    f"config.image_size={image_size}: position codes need a multiple of 32"
+                )
+            pos_grid = image_size // 32
+        embeddings = None
+        if embed_type == "file":
+            embeddings = load_embeddings(embed_path, num_classes, embed_dim)
+        backbone = backbones.build(
+            backbone, image_size=image_size, dtype=dtype, rngs=rngs, **backbone_kwargs
+        )
+        if embed_type == "random" and embed_dim not in (0, backbone.num_features):
+            raise ConfigError(
+                f"config.model.embed_dim={embed_dim}: random embeddings have the backbone's "
+                f"width {backbone.num_features} (set 0)"
+            )
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         d = int(backbone.num_features)
         c, k = int(num_classes), int(num_scenes)
         self.backbone = backbone
         self.frozen_bn = bool(frozen_bn)
+        self.comat_ema = bool(comat_ema)
         self.dtype = dtype
         self.num_classes, self.num_scenes, self.num_steps = c, k, int(num_steps)
         self.normalize, self.ignore_self, self.soft = bool(normalize), bool(ignore_self), bool(soft)
@@ -155,8 +157,6 @@ class SALGL(nnx.Module):
         if embed_type == "random":
             self.embeddings = nnx.Param(jax.random.normal(rngs.params(), (c, d), param_dtype))
         elif embed_type == "file":
-            if embeddings is None or embeddings.shape[0] != c:
-                raise ValueError(f"SALGL: embed_type='file' needs embeddings of shape [{c}, E]")
             self.embeddings = Buffer(jnp.asarray(embeddings, jnp.float32))
         elif embed_type == "checkpoint":
             if embed_dim <= 0:
@@ -164,10 +164,6 @@ class SALGL(nnx.Module):
                     "config.model.embed_dim: embed_type='checkpoint' needs the embedding width"
                 )
             self.embeddings = Buffer(jnp.zeros((c, embed_dim), jnp.float32))
-        else:
-            raise ConfigError(
-                f"config.model.embed_type={embed_type!r}: expected one of {', '.join(EMBED_TYPES)}"
-            )
         e = int(self.embeddings.shape[1])
         self.scene_linear = torch_linear(d, k, use_bias=False, **kw)
         self.ggnn = GatedGNN(d, num_steps, outmess, **kw)
@@ -234,110 +230,24 @@ class SALGL(nnx.Module):
         }
 
 
-def build(
-    model_cfg: Mapping[str, Any] | ml_collections.ConfigDict,
-    *,
-    num_classes: int,
-    image_size: int,
-    dtype: Any = jnp.float32,
-    rngs: nnx.Rngs,
-    embeddings: np.ndarray | None = None,
-) -> SALGL:
-    """Build SALGL from `config.model`-style fields (missing ones take `DEFAULTS`).
-
-    `embeddings` replaces reading `embed_path` for embed_type='file' (already loaded table).
-
-    Raises:
-      ConfigError: unknown embed_type or loss, `pos` with a ViT backbone, an image size the
-        position grid does not divide, or unusable embeddings.
-    """
-    backbone_name = _field(model_cfg, "backbone")
-    embed_type = _field(model_cfg, "embed_type")
-    loss = _field(model_cfg, "loss")
-    if embed_type not in EMBED_TYPES:
-        raise ConfigError(
-            f"config.model.embed_type={embed_type!r}: expected one of {', '.join(EMBED_TYPES)}"
-        )
-    if loss not in LOSSES:
-        raise ConfigError(f"config.model.loss={loss!r}: expected one of {', '.join(LOSSES)}")
-    pos_grid = None
-    if _field(model_cfg, "pos"):
-        if "vit" in backbone_name:
-            raise ConfigError(
-                f"config.model.pos=True does not work with backbone {backbone_name!r}: the "
-                "sine table has no row for the class token (use pos=False, as SALGL's ViT runs)"
-            )
-        if image_size % 32:
-            raise ConfigError(
-                f"config.image_size={image_size}: position codes need a multiple of 32"
-            )
-        pos_grid = image_size // 32
-    embed_dim = int(_field(model_cfg, "embed_dim"))
-    if embed_type == "file" and embeddings is None:
-        embeddings = load_embeddings(_field(model_cfg, "embed_path"), num_classes, embed_dim)
-    backbone = backbones.build(
-        backbone_name,
-        image_size=image_size,
-        dtype=dtype,
-        rngs=rngs,
-        **_field(model_cfg, "backbone_kwargs"),
-    )
-    if embed_type == "random" and embed_dim not in (0, backbone.num_features):
-        raise ConfigError(
-            f"config.model.embed_dim={embed_dim}: random embeddings have the backbone's width "
-            f"{backbone.num_features} (set 0)"
-        )
-    return SALGL(
-        backbone,
-        num_classes=num_classes,
-        num_scenes=int(_field(model_cfg, "num_scenes")),
-        num_steps=int(_field(model_cfg, "num_steps")),
-        outmess=bool(_field(model_cfg, "outmess")),
-        normalize=bool(_field(model_cfg, "normalize")),
-        ignore_self=bool(_field(model_cfg, "ignore_self")),
-        soft=bool(_field(model_cfg, "soft")),
-        pos_grid=pos_grid,
-        embed_type=embed_type,
-        embeddings=embeddings,
-        embed_dim=embed_dim,
-        att_dim=int(_field(model_cfg, "att_dim")),
-        ffn_dim=int(_field(model_cfg, "ffn_dim")),
-        heads=int(_field(model_cfg, "heads")),
-        dropout=float(_field(model_cfg, "dropout")),
-        frozen_bn=bool(_field(model_cfg, "frozen_bn")),
-        dtype=dtype,
-        rngs=rngs,
-    )
-
-
-def create(config: ml_collections.ConfigDict, *, num_classes: int, rngs: nnx.Rngs) -> SALGL:
-    """Build the SALGL that `config.model` describes, for `config.image_size` images.
-
-    Label embeddings come from `config.model.embed_path` (embed_type='file'), are drawn at
-    random ('random'), or are zeros to be filled from a checkpoint ('checkpoint').
-    """
-    return create_from_config(build, config, num_classes=num_classes, rngs=rngs)
-
-
 def ema_live_paths(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     """With `comat_ema` off the EMA model uses the live co-occurrence counts (spec §3.1)."""
-    return () if _field(config.model, "comat_ema") else (r"rest/comatrix(/.*)?",)
+    return () if config.model.get("comat_ema", True) else (r"rest/comatrix(/.*)?",)
 
 
-def loss_fn(outputs: dict, labels: jax.Array, config) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """cls + lamda * (sample_en + batch_en), cls the ASL or BCE of the logits.
+def loss_fn(outputs: dict, batch: dict, config) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """cls + lamda * (sample_en + batch_en), cls the ASL or BCE of the logits (`config.loss`).
 
     Returns:
       (total, {'<loss name>': cls, 'sample_en': ..., 'batch_en': ...}).
     """
-    m = config.model
-    if m.loss == "asl":
-        cls = losses.asl(
-            outputs["logits"], labels, gamma_pos=m.gamma_pos, gamma_neg=m.gamma_neg, clip=m.clip
-        )
-    elif m.loss == "bce":
-        cls = losses.bce(outputs["logits"], labels)
-    else:
-        raise ConfigError(f"config.model.loss={m.loss!r}: expected one of {', '.join(LOSSES)}")
-    total = cls + m.lamda * (outputs["sample_en"] + outputs["batch_en"])
-    return total, {m.loss: cls, "sample_en": outputs["sample_en"], "batch_en": outputs["batch_en"]}
+    cls = losses.classification(outputs["logits"], batch["labels"], config.loss)
+    total = cls + config.loss.lamda * (outputs["sample_en"] + outputs["batch_en"])
+    return total, {
+        config.loss.name: cls,
+        "sample_en": outputs["sample_en"],
+        "batch_en": outputs["batch_en"],
+    }
+
+
+Model = SALGL

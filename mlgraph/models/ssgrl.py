@@ -21,99 +21,27 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
-from mlgraph import config_lib, losses
+from mlgraph import losses
 from mlgraph.data import cooccurrence
 from mlgraph.errors import ConfigError
 from mlgraph.models.attention import LowRankBilinearAttention, torch_linear
 from mlgraph.models.common import (
+    NO_KWARGS,
     Buffer,
     check_graph_resolved,
     cnn_backbone,
-    create_from_config,
     word_vectors,
 )
 from mlgraph.models.graph import ElementWiseLinear, GatedGNN
 
 BN_MODES = ("layer4", "all", "none")
 
-DEFAULTS: dict[str, Any] = {
-    "name": "ssgrl",
-    "backbone": "resnet101",
-    "backbone_kwargs": {},
-    # The official AvgPool2d(2, 2) after layer4 (576 px -> 9x9 locations).
-    "extra_pool": True,
-    # Word vectors: a .npy [C, E] file, "minilm" (assets), or "" = zeros [C, embed_dim] to be
-    # filled from a converted checkpoint.
-    "embed_path": "",
-    "embed_dim": 0,
-    # The graph M: a .npy [C, C] used as is (official prob_train.npy), a counts file (.npz from
-    # mlgraph.data.cooccurrence, ML-GCN .pkl) turned into P(j | i), "train_labels", or "" =
-    # zeros to be filled from a converted checkpoint.
-    "graph_path": "",
-    "graph_diagonal": "one",  # diagonal of P(j | i) built from counts: 'one' or 'zero'
-    "att_dim": 1024,  # d1 = d2 of the semantic decoupling
-    "num_steps": 3,  # GGNN steps T
-    # Official code: the reset gate reuses the update gate's U (fc_eq3_u); False = the paper.
-    "reset_uses_update_u": True,
-    # Which backbone batch norms use batch statistics in training: 'layer4' (official: conv1..
-    # layer3 stay in eval mode), 'all', or 'none' (a frozen backbone).
-    "bn_train": "layer4",
-}
-
-
-def model_config(**overrides: Any) -> ml_collections.ConfigDict:
-    """The `config.model` fields of SSGRL (`DEFAULTS`), with `overrides` applied.
-
-    Raises:
-      ConfigError: for a field SSGRL does not have.
-    """
-    return config_lib.model_fields("SSGRL", DEFAULTS, overrides)
-
-
-def official_config(
-    *, data: str, builder_config: str, eval_split: str, train_split: str
-) -> ml_collections.ConfigDict:
-    """The official code's recipe (ssgrl_mlgcn.md §1.7) on `data`, for the configs/ files."""
-    from mlgraph import config_lib
-
-    c = config_lib.base_config()
-    c.data.name = data
-    c.data.builder_config = builder_config
-    c.data.train_split = train_split
-    c.data.eval_split = eval_split
-    c.data.worker_count = 8
-    c.data.augment.flip = False
-    c.data.augment.crop_resize = 640
-    c.data.augment.crop_sides = (640, 576, 512, 384, 320)
-    c.data.eval_center_crop_from = 640
-    c.image_size = 576
-    c.batch_size = 4
-    c.eval_batch_size = 16
-    c.num_epochs = 200.0
-    c.eval_every_steps = 20000
-    c.log_every_steps = 100
-    c.optimizer.name = "adam"
-    c.optimizer.schedule = "constant"
-    c.optimizer.lr = 1e-5
-    c.optimizer.weight_decay = 0.0
-    c.optimizer.frozen = ("backbone/(conv1|bn1|layer1|layer2|layer3)/.*",)
-    c.ema.decay = 0.0  # no EMA in the official code (ema_mAP then equals mAP)
-    c.model = model_config(
-        backbone="resnet101", embed_path="minilm", graph_path="train_labels", bn_train="layer4"
-    )
-    return c
-
-
-def _field(cfg: Mapping[str, Any] | ml_collections.ConfigDict, name: str) -> Any:
-    return config_lib.model_field(cfg, name, DEFAULTS)
-
 
 def load_graph(path: str, num_classes: int, diagonal: str = "one") -> np.ndarray:
-    """The SSGRL graph M [C, C] float32 from `path` (see `DEFAULTS['graph_path']`).
+    """The SSGRL graph M [C, C] float32 from `path` (see `SSGRL`'s `graph_path`).
 
     Raises:
       ConfigError: a missing or unreadable file, or a shape other than [C, C].
@@ -138,7 +66,7 @@ def load_graph(path: str, num_classes: int, diagonal: str = "one") -> np.ndarray
 
 
 class SSGRL(nnx.Module):
-    """The SSGRL network (module docstring); build it with `create` or `build`.
+    """The SSGRL network (module docstring); `config.model` holds its arguments.
 
     Attributes:
       backbone: CNN backbone with `feature_map`.
@@ -152,30 +80,59 @@ class SSGRL(nnx.Module):
 
     def __init__(
         self,
-        backbone: nnx.Module,
         *,
         num_classes: int,
-        word_features: np.ndarray,
-        graph: np.ndarray,
+        image_size: int,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+        backbone: str = "resnet101",
+        backbone_kwargs: Mapping[str, Any] = NO_KWARGS,
         extra_pool: bool = True,
+        embed_path: str = "",
+        embed_dim: int = 0,
+        graph_path: str = "",
+        graph_diagonal: str = "one",
         att_dim: int = 1024,
         num_steps: int = 3,
         reset_uses_update_u: bool = True,
         bn_train: str = "layer4",
-        dtype: Any = jnp.float32,
-        param_dtype: Any = jnp.float32,
-        rngs: nnx.Rngs,
     ):
-        """Args are the `config.model` fields; `word_features` [C, E], `graph` [C, C]."""
+        """The keyword arguments after `rngs` are SSGRL's `config.model` fields.
+
+        Args:
+          backbone, backbone_kwargs: a registered CNN backbone and extra arguments for it.
+          extra_pool: the official AvgPool2d(2, 2) after layer4 (576 px -> 9x9 locations).
+          embed_path: word vectors, a .npy [C, E] file, "minilm" (assets), or "" = zeros
+            [C, embed_dim] to be filled from a converted checkpoint.
+          graph_path: the graph M: a .npy [C, C] used as is (official prob_train.npy), a counts
+            file (.npz from mlgraph.data.cooccurrence, ML-GCN .pkl) turned into P(j | i),
+            "train_labels", or "" = zeros to be filled from a converted checkpoint.
+          graph_diagonal: diagonal of P(j | i) built from counts: 'one' or 'zero'.
+          att_dim: d1 = d2 of the semantic decoupling. num_steps: GGNN steps T.
+          reset_uses_update_u: the official reset gate reuses the update gate's U (fc_eq3_u);
+            False = the paper's gate.
+          bn_train: which backbone batch norms use batch statistics in training: 'layer4'
+            (official: conv1..layer3 stay in eval mode), 'all', or 'none' (a frozen backbone).
+
+        Raises:
+          ConfigError: unusable word-vector or graph files, an empty path without `embed_dim`,
+            or an unknown bn_train.
+        """
         if bn_train not in BN_MODES:
             raise ConfigError(
                 f"config.model.bn_train={bn_train!r}: expected one of {', '.join(BN_MODES)}"
             )
         c = int(num_classes)
-        if word_features.ndim != 2 or word_features.shape[0] != c:
-            raise ValueError(f"SSGRL: word_features must be [{c}, E], got {word_features.shape}")
-        if graph.shape != (c, c):
-            raise ValueError(f"SSGRL: graph must be [{c}, {c}], got {graph.shape}")
+        word_features = word_vectors(embed_path, int(embed_dim), c, "SSGRL")
+        check_graph_resolved(graph_path)
+        if graph_path:
+            graph = load_graph(graph_path, c, graph_diagonal)
+        else:
+            graph = np.zeros((c, c), np.float32)
+        backbone = cnn_backbone(
+            backbone, backbone_kwargs, "SSGRL", image_size=image_size, dtype=dtype, rngs=rngs
+        )
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         d = int(backbone.num_features)
         self.backbone = backbone
@@ -236,59 +193,10 @@ class SSGRL(nnx.Module):
         }
 
 
-def build(
-    model_cfg: Mapping[str, Any] | ml_collections.ConfigDict,
-    *,
-    num_classes: int,
-    image_size: int,
-    dtype: Any = jnp.float32,
-    rngs: nnx.Rngs,
-) -> SSGRL:
-    """Build SSGRL from `config.model`-style fields (missing ones take `DEFAULTS`).
-
-    Raises:
-      ConfigError: unusable word-vector or graph files, or an empty path without `embed_dim`.
-    """
-    c = int(num_classes)
-    words = word_vectors(
-        _field(model_cfg, "embed_path"), int(_field(model_cfg, "embed_dim")), c, "SSGRL"
-    )
-    graph_path = _field(model_cfg, "graph_path")
-    check_graph_resolved(graph_path)
-    if graph_path:
-        graph = load_graph(graph_path, c, _field(model_cfg, "graph_diagonal"))
-    else:
-        graph = np.zeros((c, c), np.float32)
-    backbone = cnn_backbone(
-        _field(model_cfg, "backbone"),
-        _field(model_cfg, "backbone_kwargs"),
-        "SSGRL",
-        image_size=image_size,
-        dtype=dtype,
-        rngs=rngs,
-    )
-    return SSGRL(
-        backbone,
-        num_classes=c,
-        word_features=words,
-        graph=graph,
-        extra_pool=bool(_field(model_cfg, "extra_pool")),
-        att_dim=int(_field(model_cfg, "att_dim")),
-        num_steps=int(_field(model_cfg, "num_steps")),
-        reset_uses_update_u=bool(_field(model_cfg, "reset_uses_update_u")),
-        bn_train=_field(model_cfg, "bn_train"),
-        dtype=dtype,
-        rngs=rngs,
-    )
+def loss_fn(outputs: dict, batch: dict, config) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`config.loss` (the official: mean BCE over every (image, class) entry)."""
+    loss = losses.classification(outputs["logits"], batch["labels"], config.loss)
+    return loss, {config.loss.name: loss}
 
 
-def create(config: ml_collections.ConfigDict, *, num_classes: int, rngs: nnx.Rngs) -> SSGRL:
-    """Build the SSGRL that `config.model` describes, for `config.image_size` images."""
-    return create_from_config(build, config, num_classes=num_classes, rngs=rngs)
-
-
-def loss_fn(outputs: dict, labels: jax.Array, config) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Mean binary cross-entropy over every (image, class) entry (`BCEWithLogitsLoss`)."""
-    del config
-    loss = losses.bce(outputs["logits"], labels)
-    return loss, {"bce": loss}
+Model = SSGRL

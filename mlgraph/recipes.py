@@ -1,0 +1,260 @@
+"""The recipes the configs in `configs/` are made of: the data sets' table, a method's
+`config.model` and `config.loss`, the demo settings, and the papers' training recipes.
+
+Configs import this module; models never do (the method protocol in `mlgraph.models`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import ml_collections
+
+from mlgraph import config_lib, models
+from mlgraph.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSet:
+    """A built data set as configs use it: the builder, its default builder config, the splits
+    the papers train and test on, and the number of classes."""
+
+    name: str
+    builder_config: str
+    train_split: str
+    eval_split: str
+    num_classes: int
+
+
+DATASETS: dict[str, DataSet] = {
+    "coco2014": DataSet("coco2014", "nonempty", "train", "val", 80),
+    "voc2007": DataSet("voc2007", "", "trainval", "test", 20),
+    "voc2012": DataSet("voc2012", "", "train", "val", 20),
+    "nuswide": DataSet("nuswide", "", "train", "test", 81),
+    # The embedded demo set (mlgraph.data.demo), written in the COCO-2014 layout.
+    "demo": DataSet("coco2014", "nonempty", "train", "val", 13),
+}
+
+
+def set_data(c: ml_collections.ConfigDict, dataset: str, builder_config: str | None = None) -> None:
+    """Point `c.data` at `dataset` (a key of `DATASETS`); `builder_config` overrides its
+    default (e.g. COCO's 'all' for the recipes that keep unlabelled images)."""
+    if dataset not in DATASETS:
+        raise ConfigError(f"data set {dataset!r}: unknown; known: {', '.join(sorted(DATASETS))}")
+    d = DATASETS[dataset]
+    c.data.name = d.name
+    c.data.builder_config = d.builder_config if builder_config is None else builder_config
+    c.data.train_split = d.train_split
+    c.data.eval_split = d.eval_split
+    c.data.demo = "demo" if dataset == "demo" else ""
+
+
+def model_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
+    """`config.model` of method `name`: every field of its `Model` with its default, and
+    `overrides` applied (so every field can be overridden on the command line).
+
+    Raises:
+      ConfigError: for a field the method does not have (the valid ones are listed).
+    """
+    mod = models.method_module(name)
+    defaults = models.field_defaults(name)
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise ConfigError(
+            f"config.model: unknown {mod.Model.__name__} field(s) {', '.join(unknown)}; "
+            f"valid fields: {', '.join(sorted(k for k in defaults if k != 'name'))}"
+        )
+    return ml_collections.ConfigDict(defaults | overrides)
+
+
+def loss_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
+    """`config.loss` named `name` ('bce', 'asl', ...), the base fields with `overrides`.
+
+    Raises:
+      ConfigError: for a field `config.loss` does not have.
+    """
+    c = config_lib.base_config().loss
+    unknown = sorted(set(overrides) - set(c))
+    if unknown:
+        raise ConfigError(
+            f"config.loss: unknown field(s) {', '.join(unknown)}; valid: {', '.join(sorted(c))}"
+        )
+    c.name = name
+    c.update(overrides)
+    return c
+
+
+def demo_config(runlocal: bool = False) -> ml_collections.ConfigDict:
+    """What the methods' demo configs share: the embedded demo set at 128 px, 3 epochs of
+    batch 32, the offline ImageNet MobileNetV2 frozen (`init_from`, `optimizer.frozen`), EMA
+    0.99; `runlocal` shortens it to a 4-step smoke run. Each config adds its head, loss and
+    optimizer settings."""
+    c = config_lib.base_config()
+    set_data(c, "demo")
+    c.image_size = 128
+    c.batch_size = 32
+    c.eval_batch_size = 100
+    c.num_epochs = 3.0
+    c.eval_every_steps = 100
+    c.log_every_steps = 25
+    c.init_from = "offline:mobilenet_v2"
+    c.optimizer.frozen = ("backbone/.*",)
+    c.ema.decay = 0.99
+    if runlocal:
+        shorten(c)
+    return c
+
+
+def shorten(c: ml_collections.ConfigDict) -> None:
+    """`runlocal`: a 4-step smoke run that evaluates and checkpoints at its end."""
+    c.total_steps = 4
+    c.eval_every_steps = 4
+    c.log_every_steps = 2
+
+
+def apply_mode(c: ml_collections.ConfigDict, mode: str) -> None:
+    """SALGL's `--mode`: 'full' trains everything; 'part' gives the backbone 0.1x the learning
+    rate; 'layer4' trains only ResNet layer4 and the head."""
+    if mode == "full":
+        return
+    if mode == "part":
+        c.optimizer.lr_mults = (("backbone/.*", 0.1),)
+    elif mode == "layer4":
+        c.optimizer.frozen = ("backbone/(?!layer4/).*",)
+    else:
+        raise ValueError(f"mode '{mode}': expected full, part or layer4")
+
+
+def _paper_base(dataset: str, builder_config: str | None, image_size: int):
+    c = config_lib.base_config()
+    set_data(c, dataset, builder_config)
+    c.data.worker_count = 8
+    c.image_size = image_size
+    return c
+
+
+def salgl(
+    *, dataset: str, image_size: int, backbone: str, num_scenes: int, mode: str = "full"
+) -> ml_collections.ConfigDict:
+    """The recipe that reproduced SALGL's COCO numbers (spec salgl.md §3): AdamW 1e-4, wd 1e-2,
+    one-cycle (pct 0.2, beta1 cycled) over 80 epochs of batch 128, EMA 0.9997 selecting the best
+    checkpoint, ASL (gamma- 2), resize + flip + Cutout 0.5 + RandAugment, hard scenes, outmess,
+    normalize. Label embeddings default to the offline MiniLM ('minilm'); the paper's BERT
+    vectors are a file: --config.model.embed_path=bert.npy."""
+    c = _paper_base(dataset, None, image_size)
+    c.data.augment.cutout = 0.5
+    c.data.augment.randaugment = True
+    c.batch_size = 128
+    c.eval_batch_size = 128
+    c.num_epochs = 80.0
+    c.eval_every_steps = 1000
+    c.log_every_steps = 50
+    c.dtype = "bfloat16"
+    c.optimizer.lr = 1e-4
+    c.optimizer.weight_decay = 1e-2
+    c.ema.decay = 0.9997
+    c.loss = loss_config("asl")
+    c.model = model_config(
+        "salgl", backbone=backbone, num_scenes=num_scenes, embed_type="file", embed_path="minilm"
+    )
+    apply_mode(c, mode)
+    return c
+
+
+def ssgrl(*, dataset: str, builder_config: str | None = None) -> ml_collections.ConfigDict:
+    """The official SSGRL recipe (ssgrl_mlgcn.md §1.7): ResNet-101 at 576 px (resize 640,
+    random side crop from {640, 576, 512, 384, 320}, no flip; test: centre crop from 640), Adam
+    1e-5 at a constant rate on layer4 and the head, batch 4, 200 epochs, BCE, no EMA."""
+    c = _paper_base(dataset, builder_config, 576)
+    c.data.augment.flip = False
+    c.data.augment.crop_resize = 640
+    c.data.augment.crop_sides = (640, 576, 512, 384, 320)
+    c.data.eval_center_crop_from = 640
+    c.batch_size = 4
+    c.eval_batch_size = 16
+    c.num_epochs = 200.0
+    c.eval_every_steps = 20000
+    # Evaluations are 20,000 steps apart; a preemption must not lose that much.
+    c.checkpoint_every_steps = 2000
+    c.log_every_steps = 100
+    c.optimizer.name = "adam"
+    c.optimizer.schedule = "constant"
+    c.optimizer.lr = 1e-5
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.frozen = ("backbone/(conv1|bn1|layer1|layer2|layer3)/.*",)
+    c.ema.decay = 0.0  # no EMA in the official code (ema_mAP then equals mAP)
+    c.loss = loss_config("bce")
+    c.model = model_config(
+        "ssgrl",
+        backbone="resnet101",
+        embed_path="minilm",
+        graph_path="train_labels",
+        bn_train="layer4",
+    )
+    return c
+
+
+def mlgcn(*, dataset: str) -> ml_collections.ConfigDict:
+    """ML-GCN's official recipe (ssgrl_mlgcn.md §3.1): ResNet-101 at 448 px, the GCN over
+    gen_A of the training labels, BCE; train images through MultiScaleCrop (scales 1 to 0.5 of
+    the shorter side, max_distort 2) and flip; SGD (momentum 0.9, L2 1e-4) at lr 0.1 for the GCN
+    and 0.01 (lrp 0.1) for the backbone, gradients clipped to norm 10, batch 32, 20 epochs at a
+    constant rate (the official x0.1 step is at epoch 30, after the end)."""
+    c = _paper_base(dataset, None, 448)
+    c.data.augment.multiscale_crop = (1.0, 0.875, 0.75, 0.66, 0.5)
+    c.data.augment.max_distort = 2
+    c.batch_size = 32
+    c.eval_batch_size = 64
+    c.num_epochs = 20.0
+    c.eval_every_steps = 2000
+    c.log_every_steps = 50
+    c.dtype = "bfloat16"
+    c.optimizer.name = "sgd"
+    c.optimizer.schedule = "constant"
+    c.optimizer.lr = 0.1
+    c.optimizer.momentum = 0.9
+    c.optimizer.weight_decay = 1e-4
+    c.optimizer.clip_grad_norm = 10.0
+    c.optimizer.lr_mults = (("backbone/.*", 0.1),)
+    c.ema.decay = 0.0
+    c.loss = loss_config("bce")
+    c.model = model_config(
+        "mlgcn", backbone="resnet101", embed_path="minilm", graph_path="train_labels"
+    )
+    return c
+
+
+# Backbone parameters the official Query2Label recipe never trains: the stem and layer1 (its
+# `requires_grad_(False)` on names without layer2/3/4), and every batch-norm affine (they are
+# buffers in FrozenBatchNorm2d).
+Q2L_FROZEN_BACKBONE = (
+    "backbone/(conv1|bn1|layer1)/.*",
+    "backbone/.*/(bn[0-9]+|downsample_bn)/.*",
+)
+
+
+def q2l(
+    *, dataset: str, image_size: int, builder_config: str | None = None
+) -> ml_collections.ConfigDict:
+    """The official Query2Label R101 recipe (ssgrl_mlgcn.md §4.1): AdamW (wd 1e-2) under
+    one-cycle to 1e-4 (pct 0.2, beta1 cycled 0.85-0.95), batch 128, 80 epochs, EMA 0.9997 (the
+    best of model and EMA is kept), resize + Cutout 0.5 + RandAugment (no flip), ASL gamma- 2;
+    conv1 and layer1 and every batch norm frozen."""
+    c = _paper_base(dataset, builder_config, image_size)
+    c.data.augment.flip = False
+    c.data.augment.cutout = 0.5
+    c.data.augment.randaugment = True
+    c.batch_size = 128
+    c.eval_batch_size = 128
+    c.num_epochs = 80.0
+    c.eval_every_steps = 1000
+    c.log_every_steps = 50
+    c.dtype = "bfloat16"
+    c.optimizer.lr = 1e-4
+    c.optimizer.weight_decay = 1e-2
+    c.optimizer.frozen = Q2L_FROZEN_BACKBONE
+    c.ema.decay = 0.9997
+    c.loss = loss_config("asl")
+    c.model = model_config("q2l", backbone="resnet101")
+    return c

@@ -1,0 +1,1 @@
+"""Methods kept outside the package, for the method-protocol tests."""

@@ -26,7 +26,6 @@ from flax import nnx
 
 from mlgraph import config_lib, losses
 from mlgraph.data import cooccurrence
-from mlgraph.models.attention import uniform_init
 from mlgraph.models.common import (
     Buffer,
     check_graph_resolved,
@@ -34,6 +33,7 @@ from mlgraph.models.common import (
     create_from_config,
     word_vectors,
 )
+from mlgraph.models.layers import uniform_init
 
 DEFAULTS: dict[str, Any] = {
     "name": "mlgcn",

@@ -31,7 +31,6 @@ from mlgraph.models.attention import (
     LowRankBilinearAttention,
     TransformerEncoderLayer,
     sine_position_encoding,
-    torch_linear,
 )
 from mlgraph.models.common import (  # noqa: F401 (Buffer, load_embeddings re-exported)
     Buffer,
@@ -39,12 +38,12 @@ from mlgraph.models.common import (  # noqa: F401 (Buffer, load_embeddings re-ex
     load_embeddings,
 )
 from mlgraph.models.graph import (
-    ElementWiseLinear,
     GatedGNN,
     comatrix_to_prob,
     cooccurrence_update,
     sample_adjacency,
 )
+from mlgraph.models.layers import ElementWiseLinear, torch_linear
 
 EMBED_TYPES = ("file", "random", "checkpoint")
 LOSSES = ("asl", "bce")

@@ -28,7 +28,7 @@ from flax import nnx
 from mlgraph import config_lib, losses
 from mlgraph.data import cooccurrence
 from mlgraph.errors import ConfigError
-from mlgraph.models.attention import LowRankBilinearAttention, torch_linear
+from mlgraph.models.attention import LowRankBilinearAttention
 from mlgraph.models.common import (
     Buffer,
     check_graph_resolved,
@@ -36,7 +36,8 @@ from mlgraph.models.common import (
     create_from_config,
     word_vectors,
 )
-from mlgraph.models.graph import ElementWiseLinear, GatedGNN
+from mlgraph.models.graph import GatedGNN
+from mlgraph.models.layers import ElementWiseLinear, torch_linear
 
 BN_MODES = ("layer4", "all", "none")
 

@@ -119,7 +119,10 @@ def test_unknown_field_and_module_are_config_errors():
     )
     with pytest.raises(ConfigError, match=r"config.model.name='nope': no module mlgraph/models/"):
         models.method_module("nope")
-    with pytest.raises(ConfigError, match=r"'graph': mlgraph/models/graph.py is not a method module \(it lacks Model"):
+    with pytest.raises(
+        ConfigError,
+        match=r"'graph': mlgraph/models/graph.py is not a method module \(it lacks Model",
+    ):
         models.method_module("graph")
     with pytest.raises(ConfigError, match="config.loss: unknown field"):
         recipes.loss_config("asl", gama_neg=1.0)
@@ -213,4 +216,3 @@ def test_pipeline_yields_each_examples_index(data_dir):
     batch = next(iter(pipeline.train_dataset(source, config, dataset.num_classes)))
     for i, labels in zip(batch["index"], batch["labels"], strict=True):
         np.testing.assert_array_equal(labels, np.asarray(source[int(i)]["labels"], np.float32))
-

@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mlgraph import losses, sharding
-from mlgraph.models import attention, graph
+from mlgraph.models import attention, graph, layers
 
 RNG = np.random.default_rng(0)
 
@@ -196,7 +196,7 @@ def test_gated_gnn_matches_numpy(outmess):
 
 
 def test_element_wise_linear():
-    layer = graph.ElementWiseLinear(4, 3, rngs=nnx.Rngs(0))
+    layer = layers.ElementWiseLinear(4, 3, rngs=nnx.Rngs(0))
     w, b = np.asarray(layer.weight[...]), np.asarray(layer.bias[...])
     assert w.shape == (4, 3) and b.shape == (4,)
     assert np.abs(w).max() <= 1 / math.sqrt(3) and np.abs(b).max() > 0

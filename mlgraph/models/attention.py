@@ -1,6 +1,7 @@
-"""Attention parts shared by the graph methods: PyTorch-initialised Linear, multi-head attention,
-DETR-style post-norm transformer encoder and decoder layers, the 2-D sine position table, and
-low-rank bilinear (label-to-region) attention.
+"""Attention modules of the graph methods: torch's multi-head attention, DETR-style post-norm
+transformer encoder and decoder layers, the 2-D sine position table, and low-rank bilinear
+(label-to-region) attention. The attention core and the torch initializers they share with the
+backbones are in `mlgraph.models.layers`.
 
 Everything follows PyTorch's semantics and parameter layout so that checkpoints convert by a
 plain renaming (see salgl.md §1.2, §1.3, §1.6 and ssgrl_mlgcn.md §1.2):
@@ -26,41 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-
-def uniform_init(bound: float) -> nnx.Initializer:
-    """Initializer drawing from U(-bound, bound), PyTorch's `uniform_(-bound, bound)`."""
-
-    def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
-
-
-def torch_linear(
-    in_features: int,
-    out_features: int,
-    *,
-    use_bias: bool = True,
-    zero_bias: bool = False,
-    dtype: Any = jnp.float32,
-    param_dtype: Any = jnp.float32,
-    rngs: nnx.Rngs,
-) -> nnx.Linear:
-    """An `nnx.Linear` initialised like `torch.nn.Linear`: weight and bias U(±1/sqrt(fan_in)).
-
-    `zero_bias=True` starts the bias at 0 instead (torch's MultiheadAttention `out_proj`).
-    """
-    bound = 1.0 / math.sqrt(in_features)
-    return nnx.Linear(
-        in_features,
-        out_features,
-        use_bias=use_bias,
-        kernel_init=uniform_init(bound),
-        bias_init=nnx.initializers.zeros if zero_bias else uniform_init(bound),
-        dtype=dtype,
-        param_dtype=param_dtype,
-        rngs=rngs,
-    )
+from mlgraph.models.layers import dot_product_attention, torch_linear, xavier_uniform
 
 
 class MultiheadAttention(nnx.Module):
@@ -70,7 +37,8 @@ class MultiheadAttention(nnx.Module):
     by 1/sqrt(head_dim), and dropout acts on the attention probabilities (training only).
     Initialisation follows torch: the fused in-projection is xavier-uniform over its [3D, D]
     shape (so each of q/k/v draws from U(±sqrt(6 / 4D))) with zero bias; `out_proj` has torch's
-    Linear weight init and a zero bias.
+    Linear weight init (or `kernel_init`, where the model re-initialises its matrices) and a
+    zero bias.
     """
 
     def __init__(
@@ -79,6 +47,7 @@ class MultiheadAttention(nnx.Module):
         num_heads: int,
         *,
         dropout: float = 0.0,
+        kernel_init: nnx.Initializer | None = None,
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
@@ -87,12 +56,12 @@ class MultiheadAttention(nnx.Module):
             raise ValueError(f"MultiheadAttention: dim {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
         self.dtype = dtype
-        xavier = uniform_init(math.sqrt(6.0 / (dim + 3 * dim)))
+        xavier = xavier_uniform((dim, 3 * dim))
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_proj = nnx.Linear(dim, dim, kernel_init=xavier, **kw)
         self.k_proj = nnx.Linear(dim, dim, kernel_init=xavier, **kw)
         self.v_proj = nnx.Linear(dim, dim, kernel_init=xavier, **kw)
-        self.out_proj = torch_linear(dim, dim, zero_bias=True, **kw)
+        self.out_proj = torch_linear(dim, dim, zero_bias=True, kernel_init=kernel_init, **kw)
         self.attn_drop = nnx.Dropout(dropout)
 
     def __call__(
@@ -111,19 +80,10 @@ class MultiheadAttention(nnx.Module):
         attend (True), as the inverse of torch's boolean `attn_mask`.
         """
         q, k, v = self.q_proj(query), self.k_proj(key), self.v_proj(value)
-        b, lq, d = q.shape
-        h = self.num_heads
-        hd = d // h
-        q = q.reshape(b, lq, h, hd)
-        k = k.reshape(b, k.shape[1], h, hd)
-        v = v.reshape(b, v.shape[1], h, hd)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(hd)
-        if mask is not None:
-            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1)
-        probs = self.attn_drop(probs, deterministic=not train, rngs=rngs).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, lq, d)
-        return self.out_proj(out)
+        drop = functools.partial(self.attn_drop, deterministic=not train, rngs=rngs)
+        return self.out_proj(
+            dot_product_attention(q, k, v, self.num_heads, mask=mask, dropout=drop)
+        )
 
 
 class TransformerEncoderLayer(nnx.Module):
@@ -134,7 +94,8 @@ class TransformerEncoderLayer(nnx.Module):
         x = norm2(x + dropout2(linear2(dropout(relu(linear1(x))))))
 
     LayerNorms use torch's eps 1e-5. Attribute names are torch's, so a checkpoint's
-    `layers.0.linear1.weight` maps to `linear1/kernel`.
+    `layers.0.linear1.weight` maps to `linear1/kernel`. `kernel_init` (default: torch's Linear
+    init) draws the `out_proj`, `linear1` and `linear2` kernels.
     """
 
     def __init__(
@@ -144,15 +105,17 @@ class TransformerEncoderLayer(nnx.Module):
         ffn_dim: int = 2048,
         dropout: float = 0.1,
         *,
+        kernel_init: nnx.Initializer | None = None,
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.self_attn = MultiheadAttention(dim, num_heads, dropout=dropout, **kw)
-        self.linear1 = torch_linear(dim, ffn_dim, **kw)
+        init = dict(kernel_init=kernel_init, **kw)
+        self.self_attn = MultiheadAttention(dim, num_heads, dropout=dropout, **init)
+        self.linear1 = torch_linear(dim, ffn_dim, **init)
         self.dropout = nnx.Dropout(dropout)
-        self.linear2 = torch_linear(ffn_dim, dim, **kw)
+        self.linear2 = torch_linear(ffn_dim, dim, **init)
         # The two-pass variance: the one-pass E[x^2] - E[x]^2 loses digits on residual streams
         # with large means, which shows in parity with torch.
         ln = dict(epsilon=1e-5, use_fast_variance=False, **kw)
@@ -188,7 +151,8 @@ class TransformerDecoderLayer(nnx.Module):
 
     Query2Label removes the self-attention of its decoder layers by default (ssgrl_mlgcn.md
     §4.1); `self_attn=False` builds the layer without `self_attn`/`norm1`, as the official
-    checkpoints have no such keys. Attribute names are torch's.
+    checkpoints have no such keys. Attribute names are torch's. `kernel_init` (default: torch's
+    Linear init) draws the `out_proj`, `linear1` and `linear2` kernels.
     """
 
     def __init__(
@@ -199,22 +163,24 @@ class TransformerDecoderLayer(nnx.Module):
         dropout: float = 0.1,
         *,
         self_attn: bool = True,
+        kernel_init: nnx.Initializer | None = None,
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        init = dict(kernel_init=kernel_init, **kw)
         ln = dict(epsilon=1e-5, use_fast_variance=False, **kw)
         if self_attn:
-            self.self_attn = MultiheadAttention(dim, num_heads, dropout=dropout, **kw)
+            self.self_attn = MultiheadAttention(dim, num_heads, dropout=dropout, **init)
             self.norm1 = nnx.LayerNorm(dim, **ln)
         else:
             self.self_attn = None
             self.norm1 = None
-        self.multihead_attn = MultiheadAttention(dim, num_heads, dropout=dropout, **kw)
+        self.multihead_attn = MultiheadAttention(dim, num_heads, dropout=dropout, **init)
         self.norm2 = nnx.LayerNorm(dim, **ln)
-        self.linear1 = torch_linear(dim, ffn_dim, **kw)
-        self.linear2 = torch_linear(ffn_dim, dim, **kw)
+        self.linear1 = torch_linear(dim, ffn_dim, **init)
+        self.linear2 = torch_linear(ffn_dim, dim, **init)
         self.norm3 = nnx.LayerNorm(dim, **ln)
         self.dropout = nnx.Dropout(dropout)
         self.dropout1 = nnx.Dropout(dropout)

@@ -1,19 +1,18 @@
-"""Label-graph parts: scene-conditional co-occurrence statistics, adjacency sampling, the gated
-graph neural network and the per-class linear classifier (salgl.md §1.7-§1.11).
+"""Label-graph parts: scene-conditional co-occurrence statistics, adjacency sampling and the gated
+graph neural network (salgl.md §1.7-§1.10).
 
 Shapes: B batch, K scenes, C classes, D feature width.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mlgraph.models.attention import torch_linear, uniform_init
+from mlgraph.models.layers import torch_linear
 
 
 def cooccurrence_update(scene_probs: jax.Array, labels: jax.Array, soft: bool) -> jax.Array:
@@ -133,30 +132,3 @@ class GatedGNN(nnx.Module):
         for _ in range(self.num_steps):
             h = self.step(h, adjacency)
         return h
-
-
-class ElementWiseLinear(nnx.Module):
-    """One linear classifier per class: logit[b, c] = <x[b, c], weight[c]> + bias[c].
-
-    The torch `Element_Wise_Layer(C, D)`: weight [C, D], bias [C], both U(±1/sqrt(D)).
-    """
-
-    def __init__(
-        self,
-        num_classes: int,
-        dim: int,
-        *,
-        dtype: Any = jnp.float32,
-        param_dtype: Any = jnp.float32,
-        rngs: nnx.Rngs,
-    ):
-        init = uniform_init(1.0 / math.sqrt(dim))
-        self.dtype = dtype
-        self.weight = nnx.Param(init(rngs.params(), (num_classes, dim), param_dtype))
-        self.bias = nnx.Param(init(rngs.params(), (num_classes,), param_dtype))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Per-class features [B, C, D] -> logits [B, C]."""
-        x = x.astype(self.dtype)
-        w, b = self.weight[...].astype(self.dtype), self.bias[...].astype(self.dtype)
-        return jnp.einsum("bcd,cd->bc", x, w) + b

@@ -25,7 +25,6 @@ from flax import nnx
 
 from mlgraph import losses
 from mlgraph.data import cooccurrence
-from mlgraph.models.attention import uniform_init
 from mlgraph.models.common import (
     NO_KWARGS,
     Buffer,
@@ -33,6 +32,7 @@ from mlgraph.models.common import (
     cnn_backbone,
     word_vectors,
 )
+from mlgraph.models.layers import uniform_init
 
 
 def normalized_adjacency(a: jax.Array) -> jax.Array:

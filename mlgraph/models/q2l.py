@@ -18,7 +18,6 @@ the rest.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,19 +31,9 @@ from mlgraph.models.attention import (
     TransformerDecoderLayer,
     TransformerEncoderLayer,
     sine_position_encoding,
-    torch_linear,
-    uniform_init,
 )
 from mlgraph.models.common import NO_KWARGS, cnn_backbone
-from mlgraph.models.graph import ElementWiseLinear
-
-
-def _xavier_(linear: nnx.Linear, rngs: nnx.Rngs) -> None:
-    """Re-draw a Linear kernel from xavier-uniform, as the official `_reset_parameters` does for
-    every matrix of the transformer (the fused q/k/v projection is already drawn that way)."""
-    fan_in, fan_out = linear.kernel.shape
-    init = uniform_init(math.sqrt(6.0 / (fan_in + fan_out)))
-    linear.kernel.set_value(init(rngs.params(), linear.kernel.shape, linear.kernel.dtype))
+from mlgraph.models.layers import ElementWiseLinear, torch_linear, xavier_uniform
 
 
 class Query2Label(nnx.Module):
@@ -116,7 +105,15 @@ class Query2Label(nnx.Module):
         if dec_layers < 1:
             raise ConfigError(f"config.model.dec_layers={dec_layers}: need at least 1")
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        layer_kw = dict(num_heads=num_heads, ffn_dim=ffn_dim, dropout=dropout, **kw)
+        # The official `_reset_parameters` draws every transformer matrix xavier-uniform (the
+        # fused q/k/v projection already is); biases keep torch's defaults.
+        layer_kw = dict(
+            num_heads=num_heads,
+            ffn_dim=ffn_dim,
+            dropout=dropout,
+            kernel_init=xavier_uniform(),
+            **kw,
+        )
         self.backbone = backbone
         self.frozen_bn = bool(frozen_bn)
         self.dtype = dtype
@@ -136,12 +133,6 @@ class Query2Label(nnx.Module):
             ]
         )
         self.decoder_norm = nnx.LayerNorm(d, epsilon=1e-5, use_fast_variance=False, **kw)
-        for layer in [*self.encoder, *self.decoder]:
-            for attn in (layer.self_attn, getattr(layer, "multihead_attn", None)):
-                if attn is not None:
-                    _xavier_(attn.out_proj, rngs)
-            _xavier_(layer.linear1, rngs)
-            _xavier_(layer.linear2, rngs)
         # nn.Embedding's N(0, 1).
         self.query_embed = nnx.Param(
             jax.random.normal(rngs.params(), (int(num_classes), d), param_dtype)

@@ -30,7 +30,6 @@ from mlgraph.models.attention import (
     LowRankBilinearAttention,
     TransformerEncoderLayer,
     sine_position_encoding,
-    torch_linear,
 )
 from mlgraph.models.common import (  # noqa: F401 (Buffer re-exported)
     NO_KWARGS,
@@ -38,12 +37,12 @@ from mlgraph.models.common import (  # noqa: F401 (Buffer re-exported)
     load_embeddings,
 )
 from mlgraph.models.graph import (
-    ElementWiseLinear,
     GatedGNN,
     comatrix_to_prob,
     cooccurrence_update,
     sample_adjacency,
 )
+from mlgraph.models.layers import ElementWiseLinear, torch_linear
 
 EMBED_TYPES = ("file", "random", "checkpoint")
 

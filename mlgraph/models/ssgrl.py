@@ -27,7 +27,7 @@ from flax import nnx
 from mlgraph import losses
 from mlgraph.data import cooccurrence
 from mlgraph.errors import ConfigError
-from mlgraph.models.attention import LowRankBilinearAttention, torch_linear
+from mlgraph.models.attention import LowRankBilinearAttention
 from mlgraph.models.common import (
     NO_KWARGS,
     Buffer,
@@ -35,7 +35,8 @@ from mlgraph.models.common import (
     cnn_backbone,
     word_vectors,
 )
-from mlgraph.models.graph import ElementWiseLinear, GatedGNN
+from mlgraph.models.graph import GatedGNN
+from mlgraph.models.layers import ElementWiseLinear, torch_linear
 
 BN_MODES = ("layer4", "all", "none")
 

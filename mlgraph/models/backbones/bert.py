@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mlgraph.models.backbones.vit import dot_product_attention
+from mlgraph.models.layers import dot_product_attention
 
 # The sizes of the two supported checkpoints (hidden, layers, heads, intermediate).
 VARIANTS: dict[str, dict[str, int]] = {

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mlgraph.models.backbones.vit import dot_product_attention
+from mlgraph.models.layers import dot_product_attention
 
 # name -> image-tower sizes (width, depth, heads, patch, embed_dim) at OpenAI's defaults.
 VARIANTS: dict[str, dict[str, int]] = {

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mlgraph.models.layers import dot_product_attention
+
 # Standard sizes: width, depth, heads, patch.
 VARIANTS: dict[str, dict[str, int]] = {
     "Ti/16": {"width": 192, "depth": 12, "num_heads": 3, "patch_size": 16},
@@ -37,40 +39,6 @@ VARIANTS: dict[str, dict[str, int]] = {
 
 # timm's init: truncated normal (std 0.02) for Linear weights and the position table.
 _dense_init = nnx.initializers.truncated_normal(0.02)
-
-
-def dot_product_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    num_heads: int,
-    *,
-    mask: jax.Array | None = None,
-) -> jax.Array:
-    """Multi-head scaled dot-product attention on already projected features.
-
-    Args:
-      q, k, v: [B, L, D] (keys/values may have another length); heads are the consecutive
-        D/num_heads slices of the feature axis, as in torch's MultiheadAttention and timm.
-      num_heads: number of heads.
-      mask: optional boolean, broadcastable to [B, num_heads, Lq, Lk]; False entries are not
-        attended to.
-
-    Returns:
-      [B, Lq, D] (before the output projection).
-    """
-    b, lq, d = q.shape
-    hd = d // num_heads
-    q = q.reshape(b, lq, num_heads, hd)
-    k = k.reshape(b, k.shape[1], num_heads, hd)
-    v = v.reshape(b, v.shape[1], num_heads, hd)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hd)
-    # The softmax runs in float32 even under bfloat16 compute, for the usual stability reasons.
-    logits = logits.astype(jnp.float32)
-    if mask is not None:
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, lq, d)
 
 
 def _linear(cin, cout, *, dtype, param_dtype, rngs) -> nnx.Linear:

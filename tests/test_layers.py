@@ -1,0 +1,60 @@
+"""The shared model parts of `mlgraph.models.layers`: the attention core against a numpy
+reference (boolean and additive masks, a fully masked row) and the xavier-uniform kernel_init
+as the transformer layers receive it."""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mlgraph.models import attention, layers
+
+RNG = np.random.default_rng(0)
+
+
+def _numpy_attention(q, k, v, heads, allowed):
+    b, lq, d = q.shape
+    hd = d // heads
+    split = lambda x: x.reshape(b, x.shape[1], heads, hd)  # noqa: E731
+    s = np.einsum("bqhd,bkhd->bhqk", split(q), split(k)) / math.sqrt(hd)
+    s = np.where(allowed, s, -np.inf)
+    e = np.exp(s - s.max(-1, keepdims=True))
+    return np.einsum("bhqk,bkhd->bqhd", e / e.sum(-1, keepdims=True), split(v)).reshape(b, lq, d)
+
+
+def test_attention_core_matches_numpy_with_boolean_and_additive_masks():
+    q, k, v = (RNG.normal(size=(2, n, 12)).astype(np.float32) for n in (3, 5, 5))
+    allowed = RNG.random((2, 1, 3, 5)) < 0.7
+    allowed[..., 0] = True
+    want = _numpy_attention(q, k, v, 3, allowed)
+    args = (jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), 3)
+    got = layers.dot_product_attention(*args, mask=jnp.asarray(allowed))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+    additive = jnp.where(jnp.asarray(allowed), 0.0, -1e9)
+    got = layers.dot_product_attention(*args, mask=additive)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+    # A row with no key allowed averages the values instead of giving NaN.
+    none = layers.dot_product_attention(*args, mask=jnp.zeros((1, 1, 1, 5), bool))
+    uniform = np.broadcast_to(v.mean(1, keepdims=True), q.shape)
+    np.testing.assert_allclose(np.asarray(none), uniform, rtol=1e-5, atol=1e-6)
+
+
+def test_kernel_init_reaches_every_transformer_matrix_but_the_in_projection():
+    d, ffn = 32, 96
+    layer = attention.TransformerDecoderLayer(
+        d, 4, ffn, kernel_init=layers.xavier_uniform(), rngs=nnx.Rngs(0)
+    )
+    for kernel, bound in (
+        (layer.self_attn.out_proj.kernel, math.sqrt(6 / (2 * d))),
+        (layer.multihead_attn.out_proj.kernel, math.sqrt(6 / (2 * d))),
+        (layer.linear1.kernel, math.sqrt(6 / (d + ffn))),
+        (layer.linear2.kernel, math.sqrt(6 / (d + ffn))),
+        (layer.multihead_attn.q_proj.kernel, math.sqrt(6 / (4 * d))),  # torch's fused [3D, D]
+    ):
+        w = np.abs(np.asarray(kernel[...]))
+        assert bound * 0.9 < w.max() <= bound
+    # The biases keep torch's Linear init, U(±1/sqrt(fan_in)).
+    assert np.abs(np.asarray(layer.linear2.bias[...])).max() <= 1 / math.sqrt(ffn)

@@ -35,8 +35,15 @@ def _labels(element: dict, num_classes: int) -> np.ndarray:
     return labels
 
 
-def _with_index(index: int, element: dict) -> dict:
-    return {**element, "index": np.int32(index)}
+class _WithIndex:
+    """Adds `index`, the example's position in the split (grain passes the position in the
+    repeated stream, hence the modulo)."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, index: int, element: dict) -> dict:
+        return {**element, "index": np.int32(index % self.size)}
 
 
 class TrainTransform(grain.transforms.RandomMap):
@@ -168,7 +175,7 @@ def train_dataset(
     data = config.data
     pi, pc = process or (jax.process_index(), jax.process_count())
     # `index`: the example's position in the split, for per-example state (label matrices).
-    ds = grain.MapDataset.source(source).map_with_index(_with_index)
+    ds = grain.MapDataset.source(source).map_with_index(_WithIndex(len(source)))
     ds = ds.seed(config.seed).shuffle().repeat()
     # Augment before sharding: each example's random draws depend on its position in the
     # global stream, so any number of processes sees exactly the global batches one would.

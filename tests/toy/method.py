@@ -104,7 +104,8 @@ def make_train_step(ctx):
     def update(group, params, rest, opt, batch, step):
         loss, aux, rest, grads = ctx.loss_and_grads(params, rest, batch, step)
         updates, opt_g = ctx.tx.txs[group].update(grads[group], opt[group], params[group])
-        params = nnx.State(dict(params) | {group: optax.apply_updates(params[group], updates)})
+        new = optax.apply_updates(params[group], updates)
+        params = nnx.State(dict(params.raw_mapping) | {group: new.raw_mapping})
         return params, rest, dict(opt) | {group: opt_g}, loss, aux
 
     def train_step(state, batch):

@@ -28,9 +28,8 @@ from torch_reference import (
 )
 
 from mlgraph import checkpointing, config_lib, train
-from mlgraph.convert import core
+from mlgraph.convert import convert_file, core
 from mlgraph.convert import q2l as convert_q2l
-from mlgraph.convert.__main__ import convert_file
 from mlgraph.errors import ConfigError
 from mlgraph.models import mlgcn, q2l
 

@@ -32,7 +32,6 @@ import numpy as np
 from flax import nnx
 
 from mlgraph.convert import core, torchvision_resnet
-from mlgraph.convert.torchvision_resnet import check_options
 from mlgraph.errors import ConfigError
 from mlgraph.models import ssgrl
 from mlgraph.models.common import load_embeddings
@@ -97,23 +96,12 @@ def infer_settings(
     Returns {"kind": "model", "model": {config.model fields}, "num_classes": C,
     "image_size": S}. The model's embed/graph paths are "" (the values live in the weights).
     """
-    missing = [k for k in REQUIRED if k not in state_dict]
-    if missing:
-        raise core.ConversionError(
-            f"not an SSGRL state dict: missing {', '.join(missing)} "
-            f"(first keys: {', '.join(list(state_dict)[:5])})"
-        )
+    core.require_keys(state_dict, REQUIRED, "an SSGRL")
     c, d = state_dict["classifiers.weight"].shape
     att, e = state_dict["word_semantic.fc_2.weight"].shape
-    backbone_sd = {k[len(BACKBONE) :]: v for k, v in state_dict.items() if k.startswith(BACKBONE)}
-    rs = torchvision_resnet.infer_settings(backbone_sd, include_head=False)
-    kwargs: dict[str, Any] = {}
-    if "layers" in rs:
-        kwargs["layers"] = list(rs["layers"])
-    if rs["width"] != 64:
-        kwargs["width"] = rs["width"]
+    backbone, kwargs = torchvision_resnet.trunk_settings(core.select_prefix(state_dict, BACKBONE))
     model = dict(ssgrl.DEFAULTS) | {
-        "backbone": rs["backbone"],
+        "backbone": backbone,
         "backbone_kwargs": kwargs,
         "embed_path": "",
         "embed_dim": int(e),
@@ -133,9 +121,8 @@ def convert(
     state_dict: Mapping[str, np.ndarray], options: Mapping[str, Any]
 ) -> tuple[nnx.Module, dict]:
     """Build the SSGRL that `state_dict` describes and fill it; returns (module, settings)."""
-    opts = check_options(options, OPTIONS)
-    if opts["prefix"]:
-        state_dict = core.strip_prefix(state_dict, opts["prefix"])
+    opts = core.check_options(options, OPTIONS)
+    state_dict = core.strip_prefix(state_dict, opts["prefix"])
     for name in ("embed_path", "graph_path"):
         if not opts[name]:
             raise core.ConversionError(

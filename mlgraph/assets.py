@@ -49,7 +49,7 @@ def offline_weights(name: str) -> pathlib.Path:
         )
     out = demo.default_cache_dir() / f"weights-{name}"
     if not out.exists():
-        from mlgraph.convert.__main__ import convert_file
+        from mlgraph.convert import convert_file
         from mlgraph.convert.pretrained import mobilenet_v2_imagenet_path
 
         out.parent.mkdir(parents=True, exist_ok=True)

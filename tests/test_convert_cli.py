@@ -13,8 +13,8 @@ import pytest
 from flax import nnx
 
 from mlgraph import checkpointing
-from mlgraph.convert import torchvision_mobilenet_v2, torchvision_resnet
-from mlgraph.convert.__main__ import convert_file, main, parse_option
+from mlgraph.convert import convert_file, torchvision_mobilenet_v2, torchvision_resnet
+from mlgraph.convert.__main__ import main, parse_option
 from mlgraph.convert.core import ConversionError
 from mlgraph.convert.io import read_state_dict
 from mlgraph.convert.pretrained import mobilenet_v2_imagenet_path
@@ -312,7 +312,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         f"error: {tmp_path / 'bad.npz'}: torchvision ResNet: missing keys (1): layer1.0.bn1.bias\n"
     )
     assert not (tmp_path / "o").exists()
-    with pytest.raises(SystemExit):  # argparse rejects an unknown source with its usage text
+    with pytest.raises(SystemExit):  # an unknown source is a usage error (exit status 2)
         main(["--source", "salgl_v9", "--input", "a", "--output", "b"])
     assert "invalid choice: 'salgl_v9'" in capsys.readouterr().err
 

@@ -24,7 +24,7 @@ from torch_reference import (
     torch_sine_table,
 )
 
-from mlgraph import models, recipes
+from mlgraph import models
 from mlgraph.convert import core
 from mlgraph.convert import salgl as convert_salgl
 
@@ -279,20 +279,18 @@ def test_convert_outmess_pos_hard_matches_torch(tmp_path, capsys):
             "ignore_self": False,
             "soft": False,
             "pos": True,
-            "embed_type": "checkpoint",
-            "embed_path": "",
-            "embed_dim": E,
             "att_dim": 16,
             "ffn_dim": 32,
             "heads": 8,
+        },
+        "build": {
+            "embed_type": "checkpoint",
+            "embed_path": "",
+            "embed_dim": E,
             "dropout": 0.1,
-            "loss": "asl",
-            "gamma_pos": 0.0,
-            "gamma_neg": 2.0,
-            "clip": 0.0,
-            "lamda": 0.5,
             "comat_ema": False,
         },
+        "loss": {"name": "asl", "gamma_pos": 0.0, "gamma_neg": 2.0, "clip": 0.0, "lamda": 0.5},
         "num_classes": C,
         "image_size": IMAGE,
         "assumed": [],
@@ -307,7 +305,7 @@ def test_convert_outmess_pos_hard_matches_torch(tmp_path, capsys):
     # Round trip: the settings rebuild the same tree (paths, shapes, variable types).
     rebuilt = nnx.eval_shape(
         lambda: models.build(
-            recipes.model_config("salgl", **settings["model"]),
+            core.build_fields(settings),
             num_classes=settings["num_classes"],
             image_size=settings["image_size"],
             rngs=nnx.Rngs(0),
@@ -325,7 +323,7 @@ def test_convert_outmess_pos_hard_matches_torch(tmp_path, capsys):
         + ["loss", "gamma_pos", "gamma_neg", "clip", "lamda", "comat_ema"]
     )
     assert guessed["image_size"] == IMAGE  # from the position table
-    assert guessed["model"]["num_steps"] == 3 and guessed["model"]["lamda"] == 1.0
+    assert guessed["model"]["num_steps"] == 3 and guessed["loss"]["lamda"] == 1.0
 
 
 def test_convert_plain_soft_random_embeddings_matches_torch(tmp_path, capsys):
@@ -342,7 +340,7 @@ def test_convert_plain_soft_random_embeddings_matches_torch(tmp_path, capsys):
     )
     yaml = _yaml(tmp_path, "embed_type: random\nnormalize: False\nignore_self: True\nsoft: True\n")
     module, settings = convert_salgl.convert(_checkpoint(tm), {"config_yaml": yaml})
-    model = settings["model"]
+    model = core.build_fields(settings)
     assert (model["num_steps"], model["outmess"], model["pos"]) == (0, False, False)
     assert (model["embed_type"], model["embed_dim"]) == ("random", 128)
     assert settings["assumed"] == sorted(

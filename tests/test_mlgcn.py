@@ -105,7 +105,7 @@ def test_official_checkpoint_converts_and_matches_torch(tmp_path, capsys):
     module, settings = convert_mlgcn.convert(
         sd, {"embed_path": str(tmp_path / "words.npy"), "image_size": IMAGE}
     )
-    model = settings["model"]
+    model = core.build_fields(settings)
     assert settings["num_classes"] == C
     assert (model["embed_dim"], model["hidden_dim"]) == (E, HIDDEN)
     assert model["backbone_kwargs"] == {"layers": [1, 1, 1, 1], "width": 4}
@@ -119,7 +119,7 @@ def test_official_checkpoint_converts_and_matches_torch(tmp_path, capsys):
         print(f"\nML-GCN conversion: max relative logit diff {rel:.2e}")
     rebuilt = nnx.eval_shape(
         lambda: models.build(
-            recipes.model_config("mlgcn", **model),
+            model,
             num_classes=C,
             image_size=IMAGE,
             rngs=nnx.Rngs(0),

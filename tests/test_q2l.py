@@ -28,9 +28,8 @@ from torch_reference import (
 )
 
 from mlgraph import checkpointing, config_lib, models, recipes, train
-from mlgraph.convert import core
+from mlgraph.convert import convert_file, core
 from mlgraph.convert import q2l as convert_q2l
-from mlgraph.convert.__main__ import convert_file
 from mlgraph.errors import ConfigError
 
 torch = pytest.importorskip("torch")
@@ -242,7 +241,7 @@ def test_release_converts_and_matches_torch(variant, tmp_path, capsys):
     out = tmp_path / "converted"
     summary = convert_file("q2l", ckpt, out, {"config": str(cfg)})
     settings = summary["settings"]
-    model = settings["model"]
+    model = core.build_fields(settings)
     assert settings["assumed"] == []
     assert (settings["num_classes"], settings["image_size"]) == (K, IMAGE)
     assert (model["hidden_dim"], model["num_heads"], model["ffn_dim"]) == (
@@ -257,13 +256,11 @@ def test_release_converts_and_matches_torch(variant, tmp_path, capsys):
         v["other"],
     )
     assert model["backbone_kwargs"] == {"layers": [1, 1, 1, 1], "width": WIDTH}
-    assert model["gamma_neg"] == 4.0  # the loss fields come from the json too
+    assert settings["loss"]["gamma_neg"] == 4.0  # the loss fields come from the json too
 
     tree, saved = checkpointing.load_weights(out)
     module = nnx.eval_shape(
-        lambda: models.build(
-            recipes.model_config("q2l", **model), num_classes=K, image_size=IMAGE, rngs=nnx.Rngs(0)
-        )
+        lambda: models.build(model, num_classes=K, image_size=IMAGE, rngs=nnx.Rngs(0))
     )
     graphdef, state = nnx.split(module)
     state.replace_by_pure_dict(tree)

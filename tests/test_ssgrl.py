@@ -173,7 +173,7 @@ def test_official_checkpoint_converts_and_matches_torch(tmp_path, capsys, paper)
     assert not any("word_features" in k or "matrix" in k for k in sd)
     module, settings = convert_ssgrl.convert(sd, _options(tmp_path, reset_uses_update_u=not paper))
     assert settings["num_classes"] == C and settings["image_size"] == IMAGE
-    model = settings["model"]
+    model = core.build_fields(settings)
     assert model["backbone"] == "resnet50"
     assert model["backbone_kwargs"] == {"layers": [1, 1, 1, 1], "width": 4}
     assert (model["embed_dim"], model["att_dim"]) == (E, A)
@@ -193,7 +193,7 @@ def test_official_checkpoint_converts_and_matches_torch(tmp_path, capsys, paper)
     # The settings rebuild the same tree.
     rebuilt = nnx.eval_shape(
         lambda: models.build(
-            recipes.model_config("ssgrl", **model),
+            model,
             num_classes=C,
             image_size=IMAGE,
             rngs=nnx.Rngs(0),

@@ -1,0 +1,84 @@
+"""PyTorch checkpoints -> mlgraph weights checkpoints (an Orbax tree + settings.json).
+
+`convert_file(source, input, output, options)` is the library entry (the command line
+`python -m mlgraph.convert` and `mlgraph.assets` both call it). Sources (`SOURCES`) name a table
+module under `mlgraph.convert`; each defines `convert(state_dict, options) -> (module, settings)`.
+Nothing heavy is imported here, so that importing one table module stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+SOURCES: dict[str, str] = {
+    "torchvision_resnet": "mlgraph.convert.torchvision_resnet",
+    "torchvision_mobilenet_v2": "mlgraph.convert.torchvision_mobilenet_v2",
+    "timm_vit": "mlgraph.convert.timm_vit",
+    "openai_clip": "mlgraph.convert.openai_clip",
+    "bert": "mlgraph.convert.bert",
+    "salgl": "mlgraph.convert.salgl",
+    "ssgrl": "mlgraph.convert.ssgrl",
+    "mlgcn": "mlgraph.convert.mlgcn",
+    "q2l": "mlgraph.convert.q2l",
+}
+
+
+def convert_file(
+    source: str,
+    input: str | pathlib.Path,
+    output: str | pathlib.Path,
+    options: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Read `input`, convert it with the `source` table, write a weights checkpoint to `output`.
+
+    Returns a summary: {"source", "input", "output", "params" (number of trainable values),
+    "settings" (as written to settings.json)}.
+
+    Raises:
+      ConversionError: unknown source or options, or weights that do not fit the model.
+      FileNotFoundError: `input` (or the parent of `output`) does not exist.
+      FileExistsError: `output` exists already.
+    """
+    from mlgraph.convert.core import ConversionError
+
+    if source not in SOURCES:
+        raise ConversionError(
+            f"unknown source {source!r}; valid sources: {', '.join(sorted(SOURCES))}"
+        )
+    input_path, output_path = pathlib.Path(input), pathlib.Path(output)
+    # Checked before the (possibly slow) conversion so that a re-run fails at once.
+    if output_path.exists():
+        raise FileExistsError(f"{output_path}: already exists; choose a new output path")
+    try:
+        table_module = importlib.import_module(SOURCES[source])
+    except ModuleNotFoundError as e:
+        if e.name != SOURCES[source]:
+            raise
+        raise ConversionError(
+            f"source {source!r}: its module {SOURCES[source]} is not available"
+        ) from e
+
+    import jax
+    from flax import nnx
+
+    from mlgraph import checkpointing
+    from mlgraph.convert.io import read_state_dict
+
+    state_dict = read_state_dict(input_path)
+    try:
+        module, settings = table_module.convert(state_dict, dict(options or {}))
+    except ConversionError as e:
+        raise ConversionError(f"{input_path}: {e}") from e
+    params = sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+    settings = dict(settings) | {"source": source, "input": str(input_path)}
+    checkpointing.save_weights(output_path, nnx.to_pure_dict(nnx.state(module)), settings)
+    return {
+        "source": source,
+        "input": str(input_path),
+        "output": str(output_path),
+        "params": int(params),
+        "settings": settings,
+    }

@@ -3,33 +3,42 @@
     python -m mlgraph.convert --source torchvision_resnet --input resnet101-63fe2227.pth \\
         --output weights/resnet101 [--option include_head=false ...]
 
-Sources (`SOURCES`) name a table module under `mlgraph.convert`; each defines
-`convert(state_dict, options) -> (module, settings)`. Option values are parsed as JSON where they
-can be (`true`, `3`, `"x"`, `[1, 2]`), otherwise kept as strings. The output folder must not exist.
+The command line of `mlgraph.convert.convert_file`. Option values are parsed as JSON where they
+can be (`true`, `3`, `"x"`, `[1, 2]`), otherwise kept as strings. The output folder must not
+exist. A usage error is one line `error: ...` on stderr and exit status 2; a conversion error is
+one such line and exit status 1.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import json
 import logging
-import pathlib
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-SOURCES: dict[str, str] = {
-    "torchvision_resnet": "mlgraph.convert.torchvision_resnet",
-    "torchvision_mobilenet_v2": "mlgraph.convert.torchvision_mobilenet_v2",
-    "timm_vit": "mlgraph.convert.timm_vit",
-    "openai_clip": "mlgraph.convert.openai_clip",
-    "bert": "mlgraph.convert.bert",
-    "salgl": "mlgraph.convert.salgl",
-    "ssgrl": "mlgraph.convert.ssgrl",
-    "mlgcn": "mlgraph.convert.mlgcn",
-    "q2l": "mlgraph.convert.q2l",
-}
+from absl import flags
+
+from mlgraph.convert import SOURCES, convert_file
+
+# A FlagValues of its own rather than absl's global FLAGS: `main` is called in-process (tests,
+# notebooks) next to modules that define global flags of the same names (`mlgraph.evaluate`
+# has --output), which absl would reject as duplicates.
+_FLAGS = flags.FlagValues()
+_SOURCE = flags.DEFINE_string(
+    "source", None, f"Source table: {', '.join(sorted(SOURCES))}.", flag_values=_FLAGS
+)
+_INPUT = flags.DEFINE_string(
+    "input", None, ".pth/.pt/.bin, .safetensors or .npz file.", flag_values=_FLAGS
+)
+_OUTPUT = flags.DEFINE_string("output", None, "Output folder (must not exist).", flag_values=_FLAGS)
+_OPTION = flags.DEFINE_multi_string(
+    "option",
+    [],
+    "Source-specific KEY=VALUE, repeatable (e.g. include_head=false)",
+    flag_values=_FLAGS,
+)
+_HELP = flags.DEFINE_bool("help", False, "Show this help.", flag_values=_FLAGS, short_name="h")
 
 
 def parse_option(item: str) -> tuple[str, Any]:
@@ -46,81 +55,48 @@ def parse_option(item: str) -> tuple[str, Any]:
         return key, text
 
 
-def convert_file(
-    source: str,
-    input: str | pathlib.Path,
-    output: str | pathlib.Path,
-    options: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Read `input`, convert it with the `source` table, write a weights checkpoint to `output`.
+def _error(message: str) -> None:
+    # One line, whatever the message (torch's unpickling errors span several lines).
+    line = " ".join(x.strip() for x in message.splitlines() if x.strip())
+    print(f"error: {line}", file=sys.stderr)
 
-    Returns a summary: {"source", "input", "output", "params" (number of trainable values),
-    "settings" (as written to settings.json)}.
 
-    Raises:
-      ConversionError: unknown source or options, or weights that do not fit the model.
-      FileNotFoundError: `input` (or the parent of `output`) does not exist.
-      FileExistsError: `output` exists already.
-    """
-    from mlgraph.convert.core import ConversionError
-
-    if source not in SOURCES:
-        raise ConversionError(
-            f"unknown source {source!r}; valid sources: {', '.join(sorted(SOURCES))}"
-        )
-    input_path, output_path = pathlib.Path(input), pathlib.Path(output)
-    # Checked before the (possibly slow) conversion so that a re-run fails at once.
-    if output_path.exists():
-        raise FileExistsError(f"{output_path}: already exists; choose a new output path")
+def usage_problem(args: Sequence[str]) -> str | None:
+    """Parse `args` (without the program name) into the flags; what is wrong with them, or None."""
+    # Reset first: `main` may run several times in one process, and absl keeps values (and
+    # appends to --option) across parses.
+    _FLAGS.unparse_flags()
     try:
-        table_module = importlib.import_module(SOURCES[source])
-    except ModuleNotFoundError as e:
-        if e.name != SOURCES[source]:
-            raise
-        raise ConversionError(
-            f"source {source!r}: its module {SOURCES[source]} is not available"
-        ) from e
-
-    import jax
-    from flax import nnx
-
-    from mlgraph import checkpointing
-    from mlgraph.convert.io import read_state_dict
-
-    state_dict = read_state_dict(input_path)
-    try:
-        module, settings = table_module.convert(state_dict, dict(options or {}))
-    except ConversionError as e:
-        raise ConversionError(f"{input_path}: {e}") from e
-    params = sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
-    settings = dict(settings) | {"source": source, "input": str(input_path)}
-    checkpointing.save_weights(output_path, nnx.to_pure_dict(nnx.state(module)), settings)
-    return {
-        "source": source,
-        "input": str(input_path),
-        "output": str(output_path),
-        "params": int(params),
-        "settings": settings,
-    }
+        rest = _FLAGS(["python -m mlgraph.convert", *args])[1:]
+    except flags.Error as e:
+        return str(e)
+    if _HELP.value:
+        return None
+    # Checked here rather than by absl's required-flag validators so that --help needs none.
+    missing = [f"--{f.name}" for f in (_SOURCE, _INPUT, _OUTPUT) if f.value is None]
+    if rest:
+        return f"unexpected arguments: {' '.join(rest)}"
+    if missing:
+        return f"required flags missing: {', '.join(missing)}"
+    if _SOURCE.value not in SOURCES:
+        choices = ", ".join(sorted(SOURCES))
+        return f"--source: invalid choice: {_SOURCE.value!r} (choose from {choices})"
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status."""
-    parser = argparse.ArgumentParser(
-        prog="python -m mlgraph.convert",
-        description="Convert a PyTorch checkpoint into a mlgraph weights checkpoint.",
-    )
-    parser.add_argument("--source", required=True, choices=sorted(SOURCES))
-    parser.add_argument("--input", required=True, help=".pth/.pt/.bin, .safetensors or .npz")
-    parser.add_argument("--output", required=True, help="output folder (must not exist)")
-    parser.add_argument(
-        "--option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="source-specific option, repeatable (e.g. include_head=false)",
-    )
-    args = parser.parse_args(argv)
+    """Command-line entry point: `argv` without the program name (default: sys.argv[1:]).
+
+    Returns the exit status (0, or 1 after a conversion error); raises SystemExit(2) on a
+    usage error.
+    """
+    problem = usage_problem(sys.argv[1:] if argv is None else argv)
+    if problem:
+        _error(problem)
+        raise SystemExit(2)
+    if _HELP.value:
+        print(f"{__doc__}\n{_FLAGS.module_help(sys.modules[__name__])}")
+        return 0
     # Our own notes (e.g. which container of a checkpoint was used) at INFO, others' at WARNING.
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("mlgraph").setLevel(logging.INFO)
@@ -128,12 +104,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mlgraph.convert.core import ConversionError
 
     try:
-        options = dict(parse_option(item) for item in args.option)
-        summary = convert_file(args.source, args.input, args.output, options)
+        options = dict(parse_option(item) for item in _OPTION.value)
+        summary = convert_file(_SOURCE.value, _INPUT.value, _OUTPUT.value, options)
     except (ConversionError, ValueError, OSError, ImportError) as e:
-        # One line, whatever the exception text (torch's unpickling errors span several lines).
-        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-        print(f"error: {message}", file=sys.stderr)
+        _error(str(e))
         return 1
     settings = {k: v for k, v in summary["settings"].items() if k not in ("source", "input")}
     print(

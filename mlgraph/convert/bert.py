@@ -27,7 +27,6 @@ import numpy as np
 from flax import nnx
 
 from mlgraph.convert import core
-from mlgraph.convert.torchvision_resnet import check_options
 from mlgraph.models.backbones import bert
 
 OPTIONS = {"num_heads": 0, "prefix": "auto"}
@@ -65,11 +64,9 @@ def table(module: bert.BertEncoder) -> dict[str, tuple[str, Any]]:
 def normalize_keys(state_dict: Mapping[str, np.ndarray], prefix: str = "auto") -> dict:
     """Strip the `bert.` (or given) prefix and rename `LayerNorm.gamma/beta` to weight/bias."""
     if prefix == "auto":
-        prefix = "bert." if any(k.startswith("bert.") for k in state_dict) else ""
+        prefix = core.detect_prefix(state_dict, ["bert."])
     out = {}
-    for key, value in state_dict.items():
-        if prefix and key.startswith(prefix):
-            key = key[len(prefix) :]
+    for key, value in core.strip_prefix(state_dict, prefix).items():
         key = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", key)
         key = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", key)
         out[key] = value
@@ -128,7 +125,7 @@ def convert(
     state_dict: Mapping[str, np.ndarray], options: Mapping[str, Any]
 ) -> tuple[nnx.Module, dict]:
     """Build the BERT that `state_dict` describes and fill it; returns (module, settings)."""
-    opts = check_options(options, OPTIONS)
+    opts = core.check_options(options, OPTIONS)
     state_dict = normalize_keys(state_dict, opts["prefix"])
     settings = infer_settings(state_dict, num_heads=opts["num_heads"])
     # Built abstractly (no random init): every variable is then set from the checkpoint.

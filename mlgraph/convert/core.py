@@ -5,12 +5,19 @@ A mapping table is a dict from an NNX variable path ("layer1/0/conv1/kernel") to
 both sides: torch keys neither mapped nor ignored, table entries whose torch key is absent,
 NNX variables the table leaves unset, and shape mismatches are all collected into one
 `ConversionError` that lists them.
+
+Also here, once for every source: option checking (`check_options`), key prefixes
+(`strip_prefix`, `select_prefix`, `detect_prefix`), required keys (`require_keys`), batch-norm
+table rows (`bn_entries`) and the settings resolver of the method converters
+(`SettingsResolver`).
 """
 
 from __future__ import annotations
 
+import pathlib
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from flax import nnx
@@ -70,24 +77,183 @@ def to_numpy_state_dict(state_dict: Mapping) -> dict[str, np.ndarray]:
     return out
 
 
+def check_options(options: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge `options` over `defaults`, rejecting unknown names and wrongly typed values."""
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise ConversionError(
+            f"unknown options {', '.join(unknown)}; valid options: {', '.join(sorted(defaults))}"
+        )
+    merged = dict(defaults) | dict(options)
+    for name, value in merged.items():
+        want = type(defaults[name])
+        if not isinstance(value, want):
+            raise ConversionError(
+                f"option {name}={value!r}: expected a {want.__name__}, got {type(value).__name__}"
+            )
+    return merged
+
+
 def strip_prefix(state_dict: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
-    """Drop `prefix` from every key that has it (e.g. 'module.' from DDP/EMA checkpoints)."""
+    """Drop `prefix` from every key that has it (e.g. 'module.' from DDP/EMA checkpoints); the
+    other keys are kept as they are."""
+    if not prefix:
+        return dict(state_dict)
     return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
 
 
-def build_abstract(build: Callable[..., nnx.Module], settings: Mapping, source: str) -> nnx.Module:
-    """`build(settings["model"], ...)` under `nnx.eval_shape`: shapes only, no random init,
-    since every variable is then set from the checkpoint.
+def select_prefix(
+    state_dict: Mapping[str, np.ndarray], prefix: str, *, required: bool = True
+) -> dict[str, np.ndarray]:
+    """The entries under `prefix`, with the prefix removed (all entries if `prefix` is empty),
+    e.g. a backbone's keys inside a method checkpoint.
+
+    Raises:
+      ConversionError: no key starts with `prefix` (only when `required`).
+    """
+    if not prefix:
+        return dict(state_dict)
+    out = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if required and not out:
+        raise ConversionError(f"no keys start with the prefix {prefix!r}")
+    return out
+
+
+def detect_prefix(state_dict: Mapping[str, np.ndarray], candidates: Sequence[str]) -> str:
+    """The first of `candidates` that some key starts with, else "" (e.g. HF's 'bert.')."""
+    return next((p for p in candidates if any(k.startswith(p) for k in state_dict)), "")
+
+
+def require_keys(state_dict: Mapping[str, np.ndarray], keys: Iterable[str], what: str) -> None:
+    """Fail early, with the file's first keys, when `state_dict` is not `what` ("a SALGL").
+
+    Raises:
+      ConversionError: 'not a SALGL state dict: missing ... (first keys: ...)'.
+    """
+    missing = [k for k in keys if k not in state_dict]
+    if missing:
+        raise ConversionError(
+            f"not {what} state dict: missing {', '.join(missing)} "
+            f"(first keys: {', '.join(list(state_dict)[:5])})"
+        )
+
+
+def bn_entries(path: str, key: str) -> dict[str, tuple[str, Transform]]:
+    """Table rows of one BatchNorm: NNX scale/bias/mean/var <- torch weight/bias/running_*."""
+    return {
+        f"{path}/scale": (f"{key}.weight", identity),
+        f"{path}/bias": (f"{key}.bias", identity),
+        f"{path}/mean": (f"{key}.running_mean", identity),
+        f"{path}/var": (f"{key}.running_var", identity),
+    }
+
+
+class SettingsResolver:
+    """The settings of a method checkpoint, each resolved in one order: an explicit option, else
+    the official config file (SALGL's `config.yaml`, Query2Label's `config_new.json`), else a
+    default, whose field is then listed in `assumed`; and the check that the config file agrees
+    with what the weights imply.
+
+    Args:
+      path: the config file, "" for none (then every setting is an option or a default).
+      read: reads `path` into a flat {key: value} dict.
+      defaults: field -> the value taken when neither an option nor the file gives one.
+    """
+
+    def __init__(
+        self,
+        path: str | pathlib.Path,
+        read: Callable[[str], Mapping[str, Any]],
+        *,
+        defaults: Mapping[str, Any],
+    ):
+        self.path = str(path)
+        self.config = dict(read(self.path)) if self.path else {}
+        self.defaults = defaults
+        self._assumed: set[str] = set()
+
+    @property
+    def assumed(self) -> list[str]:
+        """The fields set from a default so far, sorted."""
+        return sorted(self._assumed)
+
+    def get(self, key: str, kind: type) -> Any:
+        """The file's `key` as `kind` (bool, int, float, str); None when absent or null.
+
+        Raises:
+          ConversionError: a value that is not a `kind` (0/1 count as bools, whole floats as
+            ints, ints as floats).
+        """
+        value = self.config.get(key)
+        if value is None:
+            return None
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if value in (0, 1):
+                return bool(value)
+        elif kind is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+        elif kind is float:
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                return float(value)
+        elif kind is str:
+            return str(value)
+        raise ConversionError(f"{self.path}: {key}: {value!r} is not a {kind.__name__}")
+
+    def first(self, field: str, *values: Any, default: Any = None) -> Any:
+        """The first of `values` that is not None (the caller lists them by precedence: option,
+        file, what the weights imply); else `default` (`defaults[field]` unless given), and
+        `field` is recorded as assumed."""
+        for value in values:
+            if value is not None:
+                return value
+        self._assumed.add(field)
+        return self.defaults[field] if default is None else default
+
+    def from_file(self, key: str, kind: type, field: str | None = None, *, option=None) -> Any:
+        """`option` unless None, else the file's `key` as `kind`, else the default of `field`
+        (`key` when not given), recorded as assumed."""
+        return self.first(field or key, option, self.get(key, kind))
+
+    def check(self, key: str, kind: type, implied: Any) -> None:
+        """Fail when the file has `key` and it differs from what the weights imply.
+
+        Raises:
+          ConversionError: '{path}: {key}: {value}, but the weights imply {implied}'.
+        """
+        value = self.get(key, kind)
+        if value is not None and value != implied:
+            raise ConversionError(
+                f"{self.path}: {key}: {value!r}, but the weights imply {implied!r}"
+            )
+
+
+def build_fields(settings: Mapping) -> dict[str, Any]:
+    """The `config.model` fields that rebuild a converted model: `settings["model"]` (the
+    fields the weights or the official config fix, which a config using the checkpoint must
+    match) with `settings["build"]` (fields that only say how to build the target, such as
+    embeddings held as buffers instead of read from a file)."""
+    return dict(settings["model"]) | dict(settings.get("build", {}))
+
+
+def build_abstract(settings: Mapping, source: str) -> nnx.Module:
+    """The model `build_fields(settings)` describes under `nnx.eval_shape`: shapes only, no
+    random init, since every variable is then set from the checkpoint.
 
     Raises:
       ConversionError: the settings do not describe a buildable model (prefixed by `source`).
     """
+    from mlgraph import models
     from mlgraph.errors import ConfigError
 
     try:
         return nnx.eval_shape(
-            lambda: build(
-                settings["model"],
+            lambda: models.build(
+                build_fields(settings),
                 num_classes=settings["num_classes"],
                 image_size=settings["image_size"],
                 rngs=nnx.Rngs(0),

@@ -21,7 +21,6 @@ import numpy as np
 from flax import nnx
 
 from mlgraph.convert import core, torchvision_resnet
-from mlgraph.convert.torchvision_resnet import check_options
 from mlgraph.errors import ConfigError
 from mlgraph.models import mlgcn
 from mlgraph.models.common import load_embeddings
@@ -56,12 +55,7 @@ def table(module: mlgcn.MLGCN, prefix: str = "") -> dict[str, tuple[str, core.Tr
 
 def infer_settings(state_dict: Mapping[str, np.ndarray], *, image_size: int) -> dict[str, Any]:
     """The weights-checkpoint settings of an official ML-GCN state dict (no prefix)."""
-    missing = [k for k in REQUIRED if k not in state_dict]
-    if missing:
-        raise core.ConversionError(
-            f"not an ML-GCN state dict: missing {', '.join(missing)} "
-            f"(first keys: {', '.join(list(state_dict)[:5])})"
-        )
+    core.require_keys(state_dict, REQUIRED, "an ML-GCN")
     backbone_sd = {}
     for key, value in state_dict.items():
         m = re.match(r"features\.(\d+)\.(.*)", key)
@@ -71,32 +65,28 @@ def infer_settings(state_dict: Mapping[str, np.ndarray], *, image_size: int) -> 
         name = {0: "conv1", 1: "bn1"}.get(index, f"layer{index - 3}" if 4 <= index <= 7 else "")
         if name:
             backbone_sd[f"{name}.{rest}"] = value
-    rs = torchvision_resnet.infer_settings(backbone_sd, include_head=False)
-    kwargs: dict[str, Any] = {}
-    if "layers" in rs:
-        kwargs["layers"] = list(rs["layers"])
-    if rs["width"] != 64:
-        kwargs["width"] = rs["width"]
+    backbone, kwargs = torchvision_resnet.trunk_settings(backbone_sd)
     e, hidden = state_dict["gc1.weight"].shape
     c = state_dict["A"].shape[0]
-    model = dict(mlgcn.DEFAULTS) | {
-        "backbone": rs["backbone"],
-        "backbone_kwargs": kwargs,
-        "embed_path": "",
-        "embed_dim": int(e),
-        "graph_path": "",
-        "hidden_dim": int(hidden),
+    model = {"name": "mlgcn", "backbone": backbone, "backbone_kwargs": kwargs}
+    model["hidden_dim"] = int(hidden)
+    # The word vectors and A are buffers filled from the converter's file and the checkpoint.
+    build = {"embed_path": "", "embed_dim": int(e), "graph_path": ""}
+    return {
+        "kind": "model",
+        "model": model,
+        "build": build,
+        "num_classes": int(c),
+        "image_size": int(image_size),
     }
-    return {"kind": "model", "model": model, "num_classes": int(c), "image_size": int(image_size)}
 
 
 def convert(
     state_dict: Mapping[str, np.ndarray], options: Mapping[str, Any]
 ) -> tuple[nnx.Module, dict]:
     """Build the ML-GCN that `state_dict` describes and fill it; returns (module, settings)."""
-    opts = check_options(options, OPTIONS)
-    if opts["prefix"]:
-        state_dict = core.strip_prefix(state_dict, opts["prefix"])
+    opts = core.check_options(options, OPTIONS)
+    state_dict = core.strip_prefix(state_dict, opts["prefix"])
     if not opts["embed_path"]:
         raise core.ConversionError(
             "option embed_path is required: official ML-GCN checkpoints do not hold the word "
@@ -105,10 +95,10 @@ def convert(
     settings = infer_settings(state_dict, image_size=opts["image_size"])
     c = settings["num_classes"]
     try:
-        words = load_embeddings(opts["embed_path"], c, settings["model"]["embed_dim"])
+        words = load_embeddings(opts["embed_path"], c, settings["build"]["embed_dim"])
     except ConfigError as e:
         raise core.ConversionError(f"ML-GCN: {e}") from e
-    module = core.build_abstract(mlgcn.build, settings, "ML-GCN")
+    module = core.build_abstract(settings, "ML-GCN")
     core.load_into(
         module,
         state_dict,

@@ -33,7 +33,6 @@ import numpy as np
 from flax import nnx
 
 from mlgraph.convert import core
-from mlgraph.convert.torchvision_resnet import check_options
 from mlgraph.models.backbones import clip, vit
 
 OPTIONS = {"tower": "visual", "image_size": 0, "num_heads": 0, "prefix": ""}
@@ -204,7 +203,7 @@ def convert(
     state_dict: Mapping[str, np.ndarray], options: Mapping[str, Any]
 ) -> tuple[nnx.Module, dict]:
     """Build the requested CLIP tower from `state_dict` and fill it; returns (module, settings)."""
-    opts = check_options(options, OPTIONS)
+    opts = core.check_options(options, OPTIONS)
     if opts["tower"] not in TOWERS:
         raise core.ConversionError(f"option tower={opts['tower']!r}: expected one of {TOWERS}")
     p = opts["prefix"]

@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from mlgraph import models
 from mlgraph.convert import core, torch_transformer, torchvision_resnet
-from mlgraph.convert.torchvision_resnet import check_options, select_prefix
 from mlgraph.models import q2l
 
 OPTIONS = {"config": "", "num_heads": 0, "image_size": 0, "prefix": "module."}
@@ -42,7 +42,6 @@ IGNORED = [r".*num_batches_tracked", r"backbone\.1\.pe"]
 BACKBONE = "backbone.0.body."
 POSITION_TABLE = "backbone.1.pe"
 DEFAULT_IMAGE_SIZE = 448
-DEFAULT_NUM_HEADS = 4
 REQUIRED = ("query_embed.weight", "fc.W", "fc.b", "transformer.decoder.norm.weight")
 
 
@@ -91,12 +90,7 @@ def infer_settings(
       ConversionError: missing keys, a non-ResNet backbone, inconsistent shapes, or a json
         that contradicts the weights or asks for what is not implemented (pre_norm).
     """
-    missing = [k for k in REQUIRED if k not in state_dict]
-    if missing:
-        raise core.ConversionError(
-            f"not a Query2Label state dict: missing {', '.join(missing)} "
-            f"(first keys: {', '.join(list(state_dict)[:5])})"
-        )
+    core.require_keys(state_dict, REQUIRED, "a Query2Label")
     if f"{BACKBONE}conv1.weight" not in state_dict:
         found = sorted({".".join(k.split(".")[:4]) for k in state_dict if k.startswith("backbone")})
         raise core.ConversionError(
@@ -124,57 +118,46 @@ def infer_settings(
     keep_first = has_self[0]
     keep_other = bool(has_self[1]) if len(dec) > 1 else False
     keep_input_proj = "input_proj.weight" in shape
-    rs = torchvision_resnet.infer_settings(select_prefix(state_dict, BACKBONE), include_head=False)
-    backbone_kwargs: dict[str, Any] = {}
-    if "layers" in rs:
-        backbone_kwargs["layers"] = list(rs["layers"])
-    if rs["width"] != 64:
-        backbone_kwargs["width"] = rs["width"]
+    backbone, backbone_kwargs = torchvision_resnet.trunk_settings(
+        core.select_prefix(state_dict, BACKBONE)
+    )
 
-    cfg = read_config_json(config) if config else {}
-    assumed: list[str] = []
-
-    def check(key: str, implied: Any) -> None:
-        if key in cfg and cfg[key] != implied:
-            raise core.ConversionError(
-                f"{config}: {key}: {cfg[key]!r}, but the weights imply {implied!r}"
-            )
-
-    check("num_class", k)
-    check("hidden_dim", d)
-    check("dim_feedforward", ffn)
-    check("enc_layers", len(enc))
-    check("dec_layers", len(dec))
-    check("keep_input_proj", keep_input_proj)
-    check("keep_first_self_attn_dec", keep_first)
+    # Settings the weights and the json leave open: Query2Label's field defaults.
+    r = core.SettingsResolver(config, read_config_json, defaults=models.field_defaults("q2l"))
+    r.check("num_class", int, k)
+    r.check("hidden_dim", int, d)
+    r.check("dim_feedforward", int, ffn)
+    r.check("enc_layers", int, len(enc))
+    r.check("dec_layers", int, len(dec))
+    r.check("keep_input_proj", bool, keep_input_proj)
+    r.check("keep_first_self_attn_dec", bool, keep_first)
     if len(dec) > 1:
-        check("keep_other_self_attn_dec", keep_other)
-    if cfg.get("pre_norm"):
+        r.check("keep_other_self_attn_dec", bool, keep_other)
+    if r.get("pre_norm", bool):
         raise core.ConversionError(
             f"{config}: pre_norm: true is not supported (only the post-norm layers of the "
             "released models are ported)"
         )
-    if cfg.get("position_embedding", "sine") != "sine":
+    position_embedding = r.get("position_embedding", str)
+    if position_embedding not in (None, "sine"):
         raise core.ConversionError(
-            f"{config}: position_embedding: {cfg['position_embedding']!r}; only 'sine' is ported"
+            f"{config}: position_embedding: {position_embedding!r}; only 'sine' is ported"
         )
 
-    heads = num_heads or cfg.get("nheads")
-    if not heads:
-        heads = DEFAULT_NUM_HEADS
-        assumed.append("num_heads")
-    if not isinstance(heads, int) or d % heads:
+    heads = r.from_file("nheads", int, "num_heads", option=num_heads or None)
+    if heads <= 0 or d % heads:
         raise core.ConversionError(f"num_heads {heads!r} does not divide hidden_dim {d}")
+    size = r.first(
+        "image_size",
+        image_size or None,
+        r.get("img_size", int) or None,
+        32 * shape[POSITION_TABLE][-1] if POSITION_TABLE in shape else None,
+        default=DEFAULT_IMAGE_SIZE,
+    )
 
-    size = image_size or cfg.get("img_size") or 0
-    if not size and POSITION_TABLE in shape:
-        size = 32 * shape[POSITION_TABLE][-1]
-    if not size:
-        size = DEFAULT_IMAGE_SIZE
-        assumed.append("image_size")
-
-    model = dict(q2l.DEFAULTS) | {
-        "backbone": rs["backbone"],
+    model = {
+        "name": "q2l",
+        "backbone": backbone,
         "backbone_kwargs": backbone_kwargs,
         "hidden_dim": int(d),
         "num_heads": int(heads),
@@ -185,19 +168,24 @@ def infer_settings(
         "keep_first_self_attn_dec": keep_first,
         "keep_other_self_attn_dec": keep_other,
     }
-    for field, key in (
-        ("dropout", "dropout"),
-        ("gamma_neg", "gamma_neg"),
-        ("gamma_pos", "gamma_pos"),
-    ):
-        if isinstance(cfg.get(key), int | float) and not isinstance(cfg.get(key), bool):
-            model[field] = float(cfg[key])
+    # The training run's regularisation and loss, where the json has them; not listed as
+    # assumed otherwise, since they do not change what the weights compute.
+    build, loss = {}, {}
+    dropout = r.get("dropout", float)
+    if dropout is not None:
+        build["dropout"] = dropout
+    for key in ("gamma_neg", "gamma_pos"):
+        value = r.get(key, float)
+        if value is not None:
+            loss[key] = value
     return {
         "kind": "model",
         "model": model,
+        "build": build,
+        "loss": loss,
         "num_classes": int(k),
         "image_size": int(size),
-        "assumed": sorted(assumed),
+        "assumed": r.assumed,
     }
 
 
@@ -229,9 +217,8 @@ def convert(
     state_dict: Mapping[str, np.ndarray], options: Mapping[str, Any]
 ) -> tuple[nnx.Module, dict]:
     """Build the Query2Label that `state_dict` describes and fill it; returns (module, settings)."""
-    opts = check_options(options, OPTIONS)
-    if opts["prefix"]:
-        state_dict = core.strip_prefix(state_dict, opts["prefix"])
+    opts = core.check_options(options, OPTIONS)
+    state_dict = core.strip_prefix(state_dict, opts["prefix"])
     settings = infer_settings(
         state_dict,
         config=opts["config"],
@@ -246,6 +233,6 @@ def convert(
         torch_transformer.check_position_table(
             pe, model["hidden_dim"], 32 * pe.shape[-1], POSITION_TABLE
         )
-    module = core.build_abstract(q2l.build, settings, "Query2Label")
+    module = core.build_abstract(settings, "Query2Label")
     core.load_into(module, state_dict, table(module), ignored=IGNORED, source="Query2Label")
     return module, settings

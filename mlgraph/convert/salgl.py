@@ -24,22 +24,22 @@ Options:
 
 from __future__ import annotations
 
+import ast
 import pathlib
-import re
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import yaml
 from flax import nnx
 
+from mlgraph import models, recipes
 from mlgraph.convert import core, timm_vit, torch_transformer, torchvision_resnet
-from mlgraph.convert.torchvision_resnet import check_options
 from mlgraph.models import salgl
 
 OPTIONS = {"num_steps": -1, "config_yaml": "", "image_size": 0, "num_heads": 0, "prefix": "module."}
 IGNORED = [r".*num_batches_tracked", r"position_embedding\.pe"]
 DEFAULT_IMAGE_SIZE = 448
-DEFAULT_NUM_STEPS = 3
 # Official backbone names (config.yaml `backbone`) -> registry names.
 OFFICIAL_BACKBONES = {
     "resnet50": "resnet50",
@@ -67,80 +67,69 @@ REQUIRED = (
 # ---------------------------------------------------------------------------------------------
 # config.yaml
 # ---------------------------------------------------------------------------------------------
-def _scalar(text: str) -> Any:
-    """A config.yaml value as Python: None, bool, int, float, or the string itself.
+def _official_value(text: str, node: yaml.Node) -> Any:
+    """A config.yaml value as Python, from its YAML node and its text.
 
-    The official code writes `key: str(value)` lines, so None is the string 'None' and numbers
-    such as 5e-05 are not YAML floats; both are recognised here.
+    The official code wrote every line as `f"{key}: {str(value)}"`, so a value is the Python
+    literal of what was saved whenever it reads as one (`None`, `5e-05`, `(1, 2)`), where YAML
+    would give the strings 'None' and '5e-05'; any other value is what YAML reads.
     """
-    text = text.strip()
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
-        return text[1:-1]
-    lowered = text.lower()
-    if lowered in ("none", "null", "~", ""):
-        return None
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if re.fullmatch(r"[-+]?\d+", text):
-        return int(text)
-    try:
-        return float(text)
-    except ValueError:
-        return text
+    source = text[node.start_mark.index : node.end_mark.index]
+    if not (isinstance(node, yaml.ScalarNode) and node.style):  # quoted scalars stay strings
+        try:
+            return ast.literal_eval(source)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            pass
+    return yaml.safe_load(source)
 
 
 def read_config_yaml(path: str | pathlib.Path) -> dict[str, Any]:
-    """Parse an official experiment `config.yaml` (one `key: value` a line) into a dict.
+    """Parse an official experiment `config.yaml` (one top-level `key: value` a line) into a dict.
 
     Raises:
-      ConversionError: the file is missing or has a line that is not `key: value`.
+      ConversionError: the file is missing, is not YAML, or has a line that is not a top-level
+        `key: value` (an indented continuation, a nested block).
     """
     path = pathlib.Path(path)
     if not path.is_file():
         raise core.ConversionError(f"option config_yaml={path}: no such file")
+    text = path.read_text()
+    lines = text.splitlines()
+
+    def not_flat(line: int) -> core.ConversionError:
+        got = lines[line] if line < len(lines) else ""
+        return core.ConversionError(
+            f"{path}:{line + 1}: expected a top-level 'key: value' line, got {got!r}"
+        )
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.context_mark or e.problem_mark
+        raise not_flat(mark.line if mark else 0) from e
+    if root is None:
+        return {}
+    if not isinstance(root, yaml.MappingNode):
+        raise not_flat(root.start_mark.line)
     out: dict[str, Any] = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        key, sep, value = line.partition(":")
-        if not sep or not key.strip() or key != key.strip():
-            raise core.ConversionError(
-                f"{path}:{number}: expected a top-level 'key: value' line, got {line!r}"
-            )
-        out[key.strip()] = _scalar(value)
+    for key_node, value_node in root.value:
+        line = key_node.start_mark.line
+        if not isinstance(key_node, yaml.ScalarNode) or key_node.start_mark.column:
+            raise not_flat(line)
+        # A value must end on its key's line: str(value) never spans lines, so anything more is
+        # an indented continuation or a nested block.
+        if value_node.end_mark.line > line:
+            extra = max(value_node.start_mark.line, line + 1)
+            while extra < len(lines) and not lines[extra].strip():
+                extra += 1
+            raise not_flat(extra)
+        out[key_node.value] = _official_value(text, value_node)
     return out
-
-
-def _typed(cfg: Mapping[str, Any], key: str, kind: type, path: str) -> Any:
-    """cfg[key] converted to `kind` (bool, int, float, str); None when absent or 'None'."""
-    value = cfg.get(key)
-    if value is None:
-        return None
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if value in (0, 1):
-            return bool(value)
-    elif kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif kind is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-    elif kind is str:
-        return str(value)
-    raise core.ConversionError(f"{path}: {key}: {value!r} is not a {kind.__name__}")
 
 
 # ---------------------------------------------------------------------------------------------
 # Settings
 # ---------------------------------------------------------------------------------------------
-def _sub(state_dict: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
-    return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-
-
 def infer_backbone(
     state_dict: Mapping[str, np.ndarray], *, num_heads: int = 0
 ) -> tuple[str, dict[str, Any], int | None]:
@@ -150,15 +139,9 @@ def infer_backbone(
     override (and `width` when the stem is not 64 wide); a ViT of non-standard size as
     'vit_b16' with explicit sizes.
     """
-    sub = _sub(state_dict, "backbone.")
+    sub = core.select_prefix(state_dict, "backbone.", required=False)
     if "conv1.weight" in sub:
-        rs = torchvision_resnet.infer_settings(sub, include_head=False)
-        kwargs: dict[str, Any] = {}
-        if "layers" in rs:
-            kwargs["layers"] = list(rs["layers"])
-        if rs["width"] != 64:
-            kwargs["width"] = rs["width"]
-        return rs["backbone"], kwargs, None
+        return *torchvision_resnet.trunk_settings(sub), None
     if "patch_embed.proj.weight" in sub:
         vs = timm_vit.infer_settings(sub, include_head=False, num_heads=num_heads)
         if vs["backbone"] is not None:
@@ -183,19 +166,15 @@ def infer_settings(
 ) -> dict[str, Any]:
     """The weights checkpoint settings of a SALGL state dict (keys without `module.`).
 
-    Returns {"kind": "model", "model": {config.model fields}, "num_classes": C,
-    "image_size": S, "assumed": [fields set from defaults, not from the file or the yaml]}.
+    Returns {"kind": "model", "model": {the config.model fields the weights and yaml fix},
+    "build": {fields that only build the target}, "loss": {config.loss fields}, "num_classes":
+    C, "image_size": S, "assumed": [fields set from defaults, not from the file or the yaml]}.
 
     Raises:
       ConversionError: missing head keys, inconsistent shapes, or a config.yaml that
         contradicts the weights.
     """
-    missing = [k for k in REQUIRED if k not in state_dict]
-    if missing:
-        raise core.ConversionError(
-            f"not a SALGL state dict: missing {', '.join(missing)} "
-            f"(first keys: {', '.join(list(state_dict)[:5])})"
-        )
+    core.require_keys(state_dict, REQUIRED, "a SALGL")
     shape = {k: tuple(v.shape) for k, v in state_dict.items()}
     c, d = shape["classifier.weight"]
     k = shape["comatrix"][0]
@@ -213,32 +192,17 @@ def infer_settings(
     if pos and "vit" in backbone:
         raise core.ConversionError("position_embedding.pe with a ViT backbone is not supported")
 
-    yaml_path = config_yaml
-    cfg = read_config_yaml(config_yaml) if config_yaml else {}
-    assumed: list[str] = []
-
-    def from_yaml(key: str, kind: type, field: str) -> Any:
-        value = _typed(cfg, key, kind, yaml_path)
-        if value is None:
-            assumed.append(field)
-            return salgl.DEFAULTS[field]
-        return value
-
-    def check(key: str, kind: type, implied: Any) -> None:
-        value = _typed(cfg, key, kind, yaml_path)
-        if value is not None and value != implied:
-            raise core.ConversionError(
-                f"{yaml_path}: {key}: {value!r}, but the weights imply {implied!r}"
-            )
-
-    check("num_scenes", int, k)
-    check("num_classes", int, c)
-    check("outmess", bool, outmess)
-    check("pos", bool, pos)
-    official = _typed(cfg, "backbone", str, yaml_path)
+    # Settings the weights and the yaml leave open: SALGL's field defaults and SALGL's loss.
+    defaults = models.field_defaults("salgl") | {"loss": "asl"} | dict(recipes.loss_config("asl"))
+    r = core.SettingsResolver(config_yaml, read_config_yaml, defaults=defaults)
+    r.check("num_scenes", int, k)
+    r.check("num_classes", int, c)
+    r.check("outmess", bool, outmess)
+    r.check("pos", bool, pos)
+    official = r.get("backbone", str)
     if official is not None and OFFICIAL_BACKBONES.get(official, backbone) != backbone:
         raise core.ConversionError(
-            f"{yaml_path}: backbone: {official!r}, but the weights are a {backbone}"
+            f"{config_yaml}: backbone: {official!r}, but the weights are a {backbone}"
         )
 
     if not has_steps:
@@ -248,31 +212,24 @@ def infer_settings(
                 f"option num_steps={num_steps}, but fc.0.weight {shape['fc.0.weight']} has no "
                 "GGNN half (the checkpoint was trained with num_steps=0)"
             )
-    elif num_steps > 0:
-        steps = num_steps
     else:
-        steps = _typed(cfg, "num_steps", int, yaml_path)
-        if steps is None:
-            steps = DEFAULT_NUM_STEPS
-            assumed.append("num_steps")
-        elif steps <= 0:
+        steps = r.from_file("num_steps", int, option=num_steps if num_steps > 0 else None)
+        if steps <= 0:
             raise core.ConversionError(
-                f"{yaml_path}: num_steps: {steps}, but fc.0.weight {shape['fc.0.weight']} has a "
-                "GGNN half (num_steps > 0)"
+                f"{config_yaml}: num_steps: {steps}, but fc.0.weight {shape['fc.0.weight']} has "
+                "a GGNN half (num_steps > 0)"
             )
 
-    size = image_size or _typed(cfg, "img_size", int, yaml_path)
-    if not size and pos:
-        size = 32 * shape["position_embedding.pe"][-1]
-    if not size:
-        size = weights_size
-    if not size:
-        size = DEFAULT_IMAGE_SIZE
-        assumed.append("image_size")
-
-    embed_type = _typed(cfg, "embed_type", str, yaml_path)
-    if embed_type is None:
-        assumed.append("embed_type")
+    size = r.first(
+        "image_size",
+        image_size or None,
+        r.get("img_size", int) or None,
+        32 * shape["position_embedding.pe"][-1] if pos else None,
+        weights_size,
+        default=DEFAULT_IMAGE_SIZE,
+    )
+    # Only 'random' matters (a trainable [C, D] table); without a yaml, get_args' 'bert'.
+    embed_type = r.first("embed_type", r.get("embed_type", str), default="bert")
     model = {
         "name": "salgl",
         "backbone": backbone,
@@ -280,31 +237,38 @@ def infer_settings(
         "num_scenes": k,
         "num_steps": steps,
         "outmess": outmess,
-        "normalize": from_yaml("normalize", bool, "normalize"),
-        "ignore_self": from_yaml("ignore_self", bool, "ignore_self"),
-        "soft": from_yaml("soft", bool, "soft"),
+        "normalize": r.from_file("normalize", bool),
+        "ignore_self": r.from_file("ignore_self", bool),
+        "soft": r.from_file("soft", bool),
         "pos": pos,
+        "att_dim": shape["attention.linear1.weight"][0],
+        "ffn_dim": shape["tb.layers.0.linear1.weight"][0],
+        "heads": r.defaults["heads"],
+    }
+    build = {
         # A checkpoint carries its own embeddings, so file tables become 'checkpoint' buffers.
         "embed_type": "random" if embed_type == "random" else "checkpoint",
         "embed_path": "",
         "embed_dim": e,
-        "att_dim": shape["attention.linear1.weight"][0],
-        "ffn_dim": shape["tb.layers.0.linear1.weight"][0],
-        "heads": salgl.DEFAULTS["heads"],
-        "dropout": salgl.DEFAULTS["dropout"],
-        "loss": from_yaml("loss", str, "loss"),
-        "gamma_pos": from_yaml("gamma_pos", float, "gamma_pos"),
-        "gamma_neg": from_yaml("gamma_neg", float, "gamma_neg"),
-        "clip": from_yaml("clip", float, "clip"),
-        "lamda": from_yaml("lamda", float, "lamda"),
-        "comat_ema": from_yaml("comat_ema", bool, "comat_ema"),
+        # Training-only settings of the run, for the record (they change no output).
+        "dropout": r.defaults["dropout"],
+        "comat_ema": r.from_file("comat_ema", bool),
+    }
+    loss = {
+        "name": r.from_file("loss", str),
+        "gamma_pos": r.from_file("gamma_pos", float),
+        "gamma_neg": r.from_file("gamma_neg", float),
+        "clip": r.from_file("clip", float),
+        "lamda": r.from_file("lamda", float),
     }
     return {
         "kind": "model",
         "model": model,
+        "build": build,
+        "loss": loss,
         "num_classes": c,
         "image_size": int(size),
-        "assumed": sorted(assumed),
+        "assumed": r.assumed,
     }
 
 
@@ -343,9 +307,8 @@ def convert(
     state_dict: Mapping[str, np.ndarray], options: Mapping[str, Any]
 ) -> tuple[nnx.Module, dict]:
     """Build the SALGL that `state_dict` describes and fill it; returns (module, settings)."""
-    opts = check_options(options, OPTIONS)
-    if opts["prefix"]:
-        state_dict = core.strip_prefix(state_dict, opts["prefix"])
+    opts = core.check_options(options, OPTIONS)
+    state_dict = core.strip_prefix(state_dict, opts["prefix"])
     settings = infer_settings(
         state_dict,
         num_steps=opts["num_steps"],
@@ -362,6 +325,6 @@ def convert(
             settings["image_size"],
             "position_embedding.pe",
         )
-    module = core.build_abstract(salgl.build, settings, "SALGL")
+    module = core.build_abstract(settings, "SALGL")
     core.load_into(module, state_dict, table(module), ignored=IGNORED, source="SALGL")
     return module, settings

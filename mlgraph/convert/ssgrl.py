@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from mlgraph import models
 from mlgraph.convert import core, torchvision_resnet
-from mlgraph.convert.torchvision_resnet import check_options
 from mlgraph.errors import ConfigError
 from mlgraph.models import ssgrl
 from mlgraph.models.common import load_embeddings
@@ -94,48 +94,44 @@ def infer_settings(
 ) -> dict[str, Any]:
     """The weights-checkpoint settings of an official SSGRL state dict (no prefix).
 
-    Returns {"kind": "model", "model": {config.model fields}, "num_classes": C,
-    "image_size": S}. The model's embed/graph paths are "" (the values live in the weights).
+    Returns {"kind": "model", "model": {the config.model fields the weights fix}, "build":
+    {embed/graph paths "" (the values live in the weights)}, "num_classes": C, "image_size": S}.
     """
-    missing = [k for k in REQUIRED if k not in state_dict]
-    if missing:
-        raise core.ConversionError(
-            f"not an SSGRL state dict: missing {', '.join(missing)} "
-            f"(first keys: {', '.join(list(state_dict)[:5])})"
-        )
+    core.require_keys(state_dict, REQUIRED, "an SSGRL")
     c, d = state_dict["classifiers.weight"].shape
     att, e = state_dict["word_semantic.fc_2.weight"].shape
-    backbone_sd = {k[len(BACKBONE) :]: v for k, v in state_dict.items() if k.startswith(BACKBONE)}
-    rs = torchvision_resnet.infer_settings(backbone_sd, include_head=False)
-    kwargs: dict[str, Any] = {}
-    if "layers" in rs:
-        kwargs["layers"] = list(rs["layers"])
-    if rs["width"] != 64:
-        kwargs["width"] = rs["width"]
-    model = dict(ssgrl.DEFAULTS) | {
-        "backbone": rs["backbone"],
+    backbone, kwargs = torchvision_resnet.trunk_settings(core.select_prefix(state_dict, BACKBONE))
+    model = {
+        "name": "ssgrl",
+        "backbone": backbone,
         "backbone_kwargs": kwargs,
-        "embed_path": "",
-        "embed_dim": int(e),
-        "graph_path": "",
+        "extra_pool": models.field_defaults("ssgrl")["extra_pool"],
         "att_dim": int(att),
+        "num_steps": models.field_defaults("ssgrl")["num_steps"],
         "reset_uses_update_u": bool(reset_uses_update_u),
     }
+    # The word vectors and the graph are buffers filled from the files given to the converter.
+    build = {"embed_path": "", "embed_dim": int(e), "graph_path": ""}
     if state_dict["fc_output.weight"].shape != (d, 2 * d):
         raise core.ConversionError(
             f"fc_output.weight has shape {state_dict['fc_output.weight'].shape}; expected "
             f"({d}, {2 * d})"
         )
-    return {"kind": "model", "model": model, "num_classes": int(c), "image_size": int(image_size)}
+    return {
+        "kind": "model",
+        "model": model,
+        "build": build,
+        "num_classes": int(c),
+        "image_size": int(image_size),
+    }
 
 
 def convert(
     state_dict: Mapping[str, np.ndarray], options: Mapping[str, Any]
 ) -> tuple[nnx.Module, dict]:
     """Build the SSGRL that `state_dict` describes and fill it; returns (module, settings)."""
-    opts = check_options(options, OPTIONS)
-    if opts["prefix"]:
-        state_dict = core.strip_prefix(state_dict, opts["prefix"])
+    opts = core.check_options(options, OPTIONS)
+    state_dict = core.strip_prefix(state_dict, opts["prefix"])
     for name in ("embed_path", "graph_path"):
         if not opts[name]:
             raise core.ConversionError(
@@ -149,11 +145,13 @@ def convert(
     )
     c = settings["num_classes"]
     try:
-        words = load_embeddings(opts["embed_path"], c, settings["model"]["embed_dim"])
-        graph = ssgrl.load_graph(opts["graph_path"], c, settings["model"]["graph_diagonal"])
+        words = load_embeddings(opts["embed_path"], c, settings["build"]["embed_dim"])
+        graph = ssgrl.load_graph(
+            opts["graph_path"], c, models.field_defaults("ssgrl")["graph_diagonal"]
+        )
     except ConfigError as e:
         raise core.ConversionError(f"SSGRL: {e}") from e
-    module = core.build_abstract(ssgrl.build, settings, "SSGRL")
+    module = core.build_abstract(settings, "SSGRL")
     core.load_into(
         module,
         state_dict,

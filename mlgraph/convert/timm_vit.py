@@ -30,7 +30,6 @@ import numpy as np
 from flax import nnx
 
 from mlgraph.convert import core
-from mlgraph.convert.torchvision_resnet import check_options, select_prefix
 from mlgraph.models.backbones import vit
 
 OPTIONS = {"include_head": True, "image_size": 0, "num_heads": 0, "prefix": ""}
@@ -140,8 +139,8 @@ def convert(
     state_dict: Mapping[str, np.ndarray], options: Mapping[str, Any]
 ) -> tuple[nnx.Module, dict]:
     """Build the ViT that `state_dict` describes and fill it; returns (module, settings)."""
-    opts = check_options(options, OPTIONS)
-    state_dict = select_prefix(state_dict, opts["prefix"])
+    opts = core.check_options(options, OPTIONS)
+    state_dict = core.select_prefix(state_dict, opts["prefix"])
     settings = infer_settings(
         state_dict,
         include_head=opts["include_head"],

@@ -17,7 +17,6 @@ import numpy as np
 from flax import nnx
 
 from mlgraph.convert import core
-from mlgraph.convert.torchvision_resnet import bn_entries, check_options, select_prefix
 from mlgraph.models.backbones import mobilenet_v2
 
 OPTIONS = {"include_head": True, "prefix": ""}
@@ -25,7 +24,7 @@ IGNORED = [r".*num_batches_tracked"]
 
 
 def _conv_bn(path: str, conv_key: str, bn_key: str) -> dict[str, tuple[str, core.Transform]]:
-    return {f"{path}/conv/kernel": (f"{conv_key}.weight", core.conv_kernel)} | bn_entries(
+    return {f"{path}/conv/kernel": (f"{conv_key}.weight", core.conv_kernel)} | core.bn_entries(
         f"{path}/bn", bn_key
     )
 
@@ -85,8 +84,8 @@ def convert(
     state_dict: Mapping[str, np.ndarray], options: Mapping[str, Any]
 ) -> tuple[nnx.Module, dict]:
     """Build the MobileNetV2 that `state_dict` describes and fill it; returns (module, settings)."""
-    opts = check_options(options, OPTIONS)
-    state_dict = select_prefix(state_dict, opts["prefix"])
+    opts = core.check_options(options, OPTIONS)
+    state_dict = core.select_prefix(state_dict, opts["prefix"])
     settings = infer_settings(state_dict, include_head=opts["include_head"])
     # Abstract build: every variable is overwritten by `load_into`, so random init is wasted work.
     module = nnx.eval_shape(

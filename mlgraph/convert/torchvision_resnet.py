@@ -26,62 +26,25 @@ OPTIONS = {"include_head": True, "prefix": ""}
 IGNORED = [r".*num_batches_tracked"]
 
 
-def check_options(options: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
-    """Merge `options` over `defaults`, rejecting unknown names and wrongly typed values."""
-    unknown = sorted(set(options) - set(defaults))
-    if unknown:
-        raise core.ConversionError(
-            f"unknown options {', '.join(unknown)}; valid options: {', '.join(sorted(defaults))}"
-        )
-    merged = dict(defaults) | dict(options)
-    for name, value in merged.items():
-        want = type(defaults[name])
-        if not isinstance(value, want):
-            raise core.ConversionError(
-                f"option {name}={value!r}: expected a {want.__name__}, got {type(value).__name__}"
-            )
-    return merged
-
-
-def select_prefix(state_dict: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
-    """The entries under `prefix`, with the prefix removed (all entries if `prefix` is empty)."""
-    if not prefix:
-        return dict(state_dict)
-    out = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    if not out:
-        raise core.ConversionError(f"no keys start with the prefix {prefix!r}")
-    return out
-
-
-def bn_entries(path: str, key: str) -> dict[str, tuple[str, core.Transform]]:
-    """Table rows of one BatchNorm: NNX scale/bias/mean/var <- torch weight/bias/running_*."""
-    return {
-        f"{path}/scale": (f"{key}.weight", core.identity),
-        f"{path}/bias": (f"{key}.bias", core.identity),
-        f"{path}/mean": (f"{key}.running_mean", core.identity),
-        f"{path}/var": (f"{key}.running_var", core.identity),
-    }
-
-
 def table(module: resnet.ResNet, prefix: str = "") -> dict[str, tuple[str, core.Transform]]:
     """NNX path -> (torch key, transform) for every variable of `module`.
 
     `prefix` is prepended to every torch key (e.g. "backbone." inside a method checkpoint).
     """
     t = {"conv1/kernel": (f"{prefix}conv1.weight", core.conv_kernel)}
-    t |= bn_entries("bn1", f"{prefix}bn1")
+    t |= core.bn_entries("bn1", f"{prefix}bn1")
     for stage in range(1, 5):
         for b, block in enumerate(getattr(module, f"layer{stage}")):
             path, key = f"layer{stage}/{b}", f"{prefix}layer{stage}.{b}"
             for i in (1, 2, 3):
                 t[f"{path}/conv{i}/kernel"] = (f"{key}.conv{i}.weight", core.conv_kernel)
-                t |= bn_entries(f"{path}/bn{i}", f"{key}.bn{i}")
+                t |= core.bn_entries(f"{path}/bn{i}", f"{key}.bn{i}")
             if block.downsample_conv is not None:
                 t[f"{path}/downsample_conv/kernel"] = (
                     f"{key}.downsample.0.weight",
                     core.conv_kernel,
                 )
-                t |= bn_entries(f"{path}/downsample_bn", f"{key}.downsample.1")
+                t |= core.bn_entries(f"{path}/downsample_bn", f"{key}.downsample.1")
     if module.fc is not None:
         t["fc/kernel"] = (f"{prefix}fc.weight", core.linear_kernel)
         t["fc/bias"] = (f"{prefix}fc.bias", core.identity)
@@ -137,12 +100,26 @@ def infer_settings(
     return settings
 
 
+def trunk_settings(state_dict: Mapping[str, np.ndarray]) -> tuple[str, dict[str, Any]]:
+    """(registry name, backbone_kwargs) of the ResNet trunk inside a method checkpoint (keys
+    without the trunk's prefix): `layers` when the block layout is not ResNet-50/101/152's,
+    `width` when the stem is not 64 wide, so that `backbone_kwargs` stays empty for the
+    standard nets."""
+    rs = infer_settings(state_dict, include_head=False)
+    kwargs: dict[str, Any] = {}
+    if "layers" in rs:
+        kwargs["layers"] = list(rs["layers"])
+    if rs["width"] != 64:
+        kwargs["width"] = rs["width"]
+    return rs["backbone"], kwargs
+
+
 def convert(
     state_dict: Mapping[str, np.ndarray], options: Mapping[str, Any]
 ) -> tuple[nnx.Module, dict]:
     """Build the ResNet that `state_dict` describes and fill it; returns (module, settings)."""
-    opts = check_options(options, OPTIONS)
-    state_dict = select_prefix(state_dict, opts["prefix"])
+    opts = core.check_options(options, OPTIONS)
+    state_dict = core.select_prefix(state_dict, opts["prefix"])
     settings = infer_settings(state_dict, include_head=opts["include_head"])
     layers = block_layout(state_dict)
     # Abstract build: every variable is overwritten by `load_into`, so random init is wasted work.

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from train_helpers import REPO, tiny_coco, tiny_config
+from train_helpers import REPO, tiny_config
 
 from mlgraph import train
 from mlgraph.errors import DataError, WorkdirError
@@ -59,9 +59,8 @@ def test_dataset_not_built(tmp_path):
     )
 
 
-def test_other_config_in_workdir_keeps_files(tmp_path):
-    data_dir = tiny_coco(tmp_path / "data", num_train=16, num_val=8)
-    config = tiny_config(data_dir, total_steps=2)
+def test_other_config_in_workdir_keeps_files(tmp_path, tiny_coco_dir):
+    config = tiny_config(tiny_coco_dir, total_steps=2)
     config.eval_every_steps = 2
     train.run(config, tmp_path / "w")
     before = {p: p.read_bytes() for p in (tmp_path / "w").rglob("*") if p.is_file()}

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import portpicker
 import pytest
-from train_helpers import REPO, tiny_coco
+from train_helpers import REPO
 
 from mlgraph.metric_writer import read_metrics
 
@@ -15,8 +15,7 @@ HERE = os.path.dirname(__file__)
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one(tmp_path):
-    data_dir = tiny_coco(tmp_path / "data", num_train=48, num_val=13)  # 13: uneven eval shards
+def test_two_processes_equal_one(tmp_path, tiny_coco_dir):
     port = portpicker.pick_unused_port()
     env = dict(os.environ)
     env.pop("JAX_NUM_CPU_DEVICES", None)
@@ -27,7 +26,7 @@ def test_two_processes_equal_one(tmp_path):
                 os.path.join(HERE, "multihost_worker.py"),
                 str(port),
                 str(i),
-                str(data_dir),
+                str(tiny_coco_dir),
                 str(tmp_path / "multi"),
             ],
             env=env,
@@ -48,7 +47,7 @@ def test_two_processes_equal_one(tmp_path):
         "import sys; sys.path.insert(0, {!r})\n"
         "from train_helpers import tiny_config\nfrom mlgraph import train\n"
         "c = tiny_config({!r}, total_steps=4); c.eval_every_steps = 4\n"
-        "train.run(c, {!r})\n".format(HERE, str(data_dir), str(tmp_path / "single"))
+        "train.run(c, {!r})\n".format(HERE, str(tiny_coco_dir), str(tmp_path / "single"))
     )
     single = subprocess.run(
         [sys.executable, "-c", code],

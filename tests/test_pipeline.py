@@ -2,15 +2,14 @@
 
 import numpy as np
 import pytest
-from train_helpers import tiny_coco, tiny_config
+from train_helpers import tiny_config
 
 from mlgraph.data import datasets, pipeline
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    data_dir = tiny_coco(tmp_path_factory.mktemp("coco"), num_train=32, num_val=4)
-    return datasets.make_builder("coco2014", data_dir).as_data_source(split="train")
+def source(tiny_coco_dir):
+    return datasets.make_builder("coco2014", tiny_coco_dir).as_data_source(split="train")
 
 
 def first_epoch_ids(source, config, process):

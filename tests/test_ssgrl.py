@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from torch_reference import TorchResNetTrunk, randomize_batch_norms
-from train_helpers import tiny_coco
+from train_helpers import TINY_COCO_TRAIN
 
 from mlgraph import models, recipes
 from mlgraph.convert import core, io
@@ -270,8 +270,7 @@ def test_cooccurrence_statistics_match_the_formulas():
         cooccurrence.conditional_probability(counts, "two")
 
 
-def test_train_labels_resolution_and_graph_files(tmp_path):
-    data_dir = tiny_coco(tmp_path, num_train=12, num_val=4)
+def test_train_labels_resolution_and_graph_files(tiny_coco_dir):
     import ml_collections
 
     from mlgraph.data import datasets
@@ -282,13 +281,13 @@ def test_train_labels_resolution_and_graph_files(tmp_path):
             "model": recipes.model_config("ssgrl", graph_path="train_labels", embed_dim=3),
         }
     )
-    built = datasets.make_builder("coco2014", data_dir, "").data_dir
+    built = datasets.make_builder("coco2014", tiny_coco_dir, "").data_dir
     resolved = cooccurrence.resolve(cfg, built)
     assert cfg.model.graph_path == "train_labels"  # the input is not modified
     path = resolved.model.graph_path
     assert path.endswith("cooccurrence_train.npz")
     labels = cooccurrence.split_labels(built, "train")
-    assert labels.shape == (12, 4)
+    assert labels.shape == (TINY_COCO_TRAIN, 4)
     counts = cooccurrence.load_counts(path, 4, "graph")
     np.testing.assert_array_equal(counts, labels.T @ labels)
     graph = ssgrl.load_graph(path, 4)

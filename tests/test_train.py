@@ -8,7 +8,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from train_helpers import REPO, tiny_coco, tiny_config
+from train_helpers import REPO, tiny_config
 
 from mlgraph import checkpointing, recipes, train
 from mlgraph.data import datasets, demo
@@ -16,8 +16,8 @@ from mlgraph.metric_writer import read_metrics
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return tiny_coco(tmp_path_factory.mktemp("coco"))
+def data_dir(tiny_coco_dir):
+    return tiny_coco_dir
 
 
 def final_state(workdir):

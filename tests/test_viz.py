@@ -297,11 +297,11 @@ def test_cli_errors(salgl_workdir, tmp_path, capsys):
     )
 
 
-def test_cli_class_names_from_config(tmp_path, capsys):
+def test_cli_class_names_from_config(tmp_path, capsys, tiny_coco_dir):
     """Without --classes_file the names come from the data set of the workdir's config.json."""
-    from train_helpers import tiny_coco, tiny_config
+    from train_helpers import tiny_config
 
-    config = tiny_config(tiny_coco(tmp_path / "data", num_train=4, num_val=2))
+    config = tiny_config(tiny_coco_dir)
     # Classes in category-id order: person, motorcycle, train, cat.
     comatrix = np.zeros((2, 4, 4), np.float32)
     comatrix[0] = np.diag([3, 0, 0, 5])

@@ -21,13 +21,22 @@ def load_config(name: str, arg: str | None = None):
     return module.get_config(arg)
 
 
-def tiny_coco(root: pathlib.Path, num_train: int = 48, num_val: int = 16) -> pathlib.Path:
-    """Write and build a small COCO-layout set; returns the data_dir of the built set."""
+# The sizes of the one tiny set a test session builds (conftest's `tiny_coco_dir`), chosen for
+# every user: test_pipeline reads the 32 training images as 2 processes x 4 batches of 4, and
+# test_multihost splits the 13 validation images unevenly (7 + 6) over 2 hosts.
+TINY_COCO_TRAIN, TINY_COCO_VAL = 32, 13
+
+
+def tiny_coco(root: pathlib.Path) -> pathlib.Path:
+    """Write and build the tiny COCO-layout set under `root`; returns the built set's data_dir.
+
+    Tests take it from the session fixture `tiny_coco_dir` instead of building their own.
+    """
     rng = random.Random(0)
     cats = [1, 4, 7, 17]
     labels = {
-        "train": [rng.sample(cats, rng.randint(1, 3)) for _ in range(num_train)],
-        "val": [rng.sample(cats, rng.randint(1, 3)) for _ in range(num_val)],
+        "train": [rng.sample(cats, rng.randint(1, 3)) for _ in range(TINY_COCO_TRAIN)],
+        "val": [rng.sample(cats, rng.randint(1, 3)) for _ in range(TINY_COCO_VAL)],
     }
     write_coco(root / "raw", labels)
     datasets.build("coco2014", root / "raw", root / "built")

@@ -1,4 +1,5 @@
-"""What every mlgraph TFDS builder shares: the `strict` switch and the feature set.
+"""What every mlgraph TFDS builder shares: the `strict` switch, the feature set and the check
+of the raw download folder.
 
 Features: `image` (JPEG bytes, decoded on read), `labels` (multi-hot uint8 [C]), `image_id`
 (int or text), and any extra multi-hot masks a data set has (VOC's `difficult`). Class names go
@@ -7,8 +8,38 @@ to `info.metadata['class_names']`, skipped files to `info.metadata['skipped'][sp
 
 from __future__ import annotations
 
+import pathlib
+from collections.abc import Sequence
+
 import numpy as np
 import tensorflow_datasets as tfds
+
+from mlgraph.errors import DataError
+
+
+def check_manual_dir(
+    root: str | pathlib.Path, name: str, required: Sequence[str], layout: str
+) -> pathlib.Path:
+    """`root` as a path, once it is a folder holding every entry of `required`.
+
+    Args:
+      root: the raw download folder (`manual_dir`).
+      name: the data set as the messages name it, e.g. "COCO-2014".
+      required: files and folders, relative to `root`, that the builder reads.
+      layout: the expected layout, quoted in the error.
+
+    Raises:
+      DataError: `root` is not a folder, or (one error naming all of them) entries are missing.
+    """
+    root = pathlib.Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: {name} manual_dir does not exist")
+    missing = [entry for entry in required if not (root / entry).exists()]
+    if missing:
+        raise DataError(
+            f"{root}: not a {name} folder, missing {', '.join(missing)} (expected {layout})"
+        )
+    return root
 
 
 class LocalDatasetInfo(tfds.core.DatasetInfo):

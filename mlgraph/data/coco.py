@@ -21,8 +21,7 @@ import pathlib
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mlgraph.data import images
-from mlgraph.data.builder_lib import MultiLabelBuilder
+from mlgraph.data import builder_lib, images
 from mlgraph.errors import DataError
 
 SPLITS = {"train": "train2014", "val": "val2014"}
@@ -35,25 +34,19 @@ class CocoConfig(tfds.core.BuilderConfig):
     keep_empty: bool = False
 
 
-def required_paths(root: pathlib.Path) -> list[pathlib.Path]:
-    """The files and folders a COCO-2014 manual_dir must hold."""
-    return [root / "annotations" / f"instances_{folder}.json" for folder in SPLITS.values()] + [
-        root / folder for folder in SPLITS.values()
-    ]
+REQUIRED = [f"annotations/instances_{folder}.json" for folder in SPLITS.values()] + list(
+    SPLITS.values()
+)
 
 
 def check_manual_dir(root: str | pathlib.Path) -> pathlib.Path:
-    """Raise a DataError naming every expected COCO file or folder that is missing."""
-    root = pathlib.Path(root)
-    if not root.is_dir():
-        raise DataError(f"{root}: COCO manual_dir does not exist")
-    missing = [str(p.relative_to(root)) for p in required_paths(root) if not p.exists()]
-    if missing:
-        raise DataError(
-            f"{root}: not a COCO-2014 folder, missing {', '.join(missing)} "
-            "(expected annotations/instances_{train,val}2014.json, train2014/, val2014/)"
-        )
-    return root
+    """`root` as a path; a DataError names every COCO-2014 file or folder it lacks."""
+    return builder_lib.check_manual_dir(
+        root,
+        "COCO-2014",
+        REQUIRED,
+        "annotations/instances_{train,val}2014.json, train2014/, val2014/",
+    )
 
 
 def read_instances(json_path: pathlib.Path) -> tuple[list[dict], list[dict], list[dict]]:
@@ -87,7 +80,7 @@ def image_labels(
     return labels
 
 
-class Coco2014(MultiLabelBuilder):
+class Coco2014(builder_lib.MultiLabelBuilder):
     """MS-COCO 2014 multi-label classification (train2014 -> 'train', val2014 -> 'val')."""
 
     VERSION = tfds.core.Version("1.0.0")

@@ -24,8 +24,7 @@ import pathlib
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mlgraph.data import images
-from mlgraph.data.builder_lib import MultiLabelBuilder
+from mlgraph.data import builder_lib, images
 from mlgraph.errors import DataError
 
 SPLITS = ("train", "test")
@@ -36,23 +35,14 @@ class LineError(Exception):
     """A split-file line cannot be used."""
 
 
-def required_paths(root: pathlib.Path) -> list[pathlib.Path]:
-    """The files a custom manual_dir must hold."""
-    return [root / CLASSES_FILE] + [root / f"{split}.txt" for split in SPLITS]
-
-
 def check_manual_dir(root: str | pathlib.Path) -> pathlib.Path:
-    """Raise a DataError naming every expected file that is missing."""
-    root = pathlib.Path(root)
-    if not root.is_dir():
-        raise DataError(f"{root}: custom data set manual_dir does not exist")
-    missing = [str(p.relative_to(root)) for p in required_paths(root) if not p.exists()]
-    if missing:
-        raise DataError(
-            f"{root}: not a custom data set folder, missing {', '.join(missing)} (expected "
-            "classes.txt, train.txt and test.txt of <path><TAB><label>,<label>,... lines)"
-        )
-    return root
+    """`root` as a path; a DataError names every expected file it lacks."""
+    return builder_lib.check_manual_dir(
+        root,
+        "custom data set",
+        [CLASSES_FILE] + [f"{split}.txt" for split in SPLITS],
+        "classes.txt, train.txt and test.txt of <path><TAB><label>,<label>,... lines",
+    )
 
 
 def read_classes(path: pathlib.Path) -> list[str]:
@@ -88,7 +78,7 @@ def parse_line(line: str, where: str, class_index: dict[str, int]) -> tuple[str,
     return path, y
 
 
-class Custom(MultiLabelBuilder):
+class Custom(builder_lib.MultiLabelBuilder):
     """A folder of images with train.txt / test.txt label lists and classes.txt."""
 
     VERSION = tfds.core.Version("1.0.0")

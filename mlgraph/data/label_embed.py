@@ -31,7 +31,6 @@ Class lists are a text file (one name per line) or a comma-separated list.
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import html
 import os
@@ -41,6 +40,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from absl import app, flags
+
+from mlgraph import cli
 
 ENCODERS = ("minilm", "bert", "clip", "glove")
 DEFAULT_TEMPLATES = {
@@ -395,41 +397,70 @@ def embed_labels(
     return np.asarray(out, np.float32)
 
 
+_FLAGS = flags.FlagValues()  # not absl's global FLAGS: see mlgraph.cli
+_CLASSES = flags.DEFINE_string(
+    "classes", None, "file (one name a line) or a,b,c", flag_values=_FLAGS
+)
+_DATASET = flags.DEFINE_string(
+    "dataset", None, "a data set built by mlgraph.data.build", flag_values=_FLAGS
+)
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", "", "with --dataset: where it was built", flag_values=_FLAGS
+)
+_BUILDER_CONFIG = flags.DEFINE_string(
+    "builder_config", "", "with --dataset, e.g. 'all'", flag_values=_FLAGS
+)
+_OUTPUT = flags.DEFINE_string("output", None, "output .npy file", flag_values=_FLAGS)
+_ENCODER = flags.DEFINE_enum("encoder", "minilm", ENCODERS, "the text encoder", flag_values=_FLAGS)
+_WEIGHTS = flags.DEFINE_string(
+    "weights", None, "bert/clip: folder of the converted encoder", flag_values=_FLAGS
+)
+_VOCAB = flags.DEFINE_string(
+    "vocab",
+    None,
+    "bert: vocab.txt; clip: bpe_simple_vocab_16e6.txt.gz; glove: vectors .txt",
+    flag_values=_FLAGS,
+)
+_TEMPLATE = flags.DEFINE_string(
+    "template", None, 'prompt with "{}" for the name', flag_values=_FLAGS
+)
+flags.mark_flags_as_mutual_exclusive(["classes", "dataset"], required=True, flag_values=_FLAGS)
+flags.mark_flag_as_required("output", flag_values=_FLAGS)
+USAGE = """usage: python -m mlgraph.data.label_embed (--classes CLASSES | --dataset DATASET)
+    --output OUTPUT [--encoder {minilm,bert,clip,glove}] [...]
+
+Write label embeddings [C, E] (float32 .npy) for a class list.
+"""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (2 on a user error)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m mlgraph.data.label_embed",
-        description="Write label embeddings [C, E] (float32 .npy) for a class list.",
-    )
-    names_from = parser.add_mutually_exclusive_group(required=True)
-    names_from.add_argument("--classes", help="file (one name a line) or a,b,c")
-    names_from.add_argument("--dataset", help="a data set built by mlgraph.data.build")
-    parser.add_argument("--data_dir", default="", help="with --dataset: where it was built")
-    parser.add_argument("--builder_config", default="", help="with --dataset, e.g. 'all'")
-    parser.add_argument("--output", required=True, help="output .npy file")
-    parser.add_argument("--encoder", default="minilm", choices=ENCODERS)
-    parser.add_argument("--weights", help="bert/clip: folder of the converted encoder")
-    parser.add_argument(
-        "--vocab", help="bert: vocab.txt; clip: bpe_simple_vocab_16e6.txt.gz; glove: vectors .txt"
-    )
-    parser.add_argument("--template", help='prompt with "{}" for the name')
-    args = parser.parse_args(argv)
-    output = pathlib.Path(args.output)
+    """Command-line entry point; returns the exit status (2 on a user error).
+
+    `argv` holds the arguments after the program name (None: `sys.argv[1:]`).
+    """
     try:
+        extra = cli.parse(_FLAGS, argv, USAGE)
+        if extra:
+            raise app.UsageError(f"unexpected arguments: {' '.join(extra)}")
+        output = pathlib.Path(_OUTPUT.value)
         if not output.parent.is_dir():
             raise LabelEmbedError(f"{output.parent}: output folder does not exist")
-        if args.dataset:
-            names = dataset_class_names(args.dataset, args.data_dir, args.builder_config)
+        if _DATASET.value:
+            names = dataset_class_names(_DATASET.value, _DATA_DIR.value, _BUILDER_CONFIG.value)
         else:
-            names = read_class_names(args.classes)
+            names = read_class_names(_CLASSES.value)
         emb = embed_labels(
-            names, args.encoder, weights=args.weights, vocab=args.vocab, template=args.template
+            names,
+            _ENCODER.value,
+            weights=_WEIGHTS.value,
+            vocab=_VOCAB.value,
+            template=_TEMPLATE.value,
         )
-    except LabelEmbedError as e:
+    except (app.UsageError, LabelEmbedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     np.save(output, emb)
-    print(f"{output}: {emb.shape[0]} classes x {emb.shape[1]} ({args.encoder})")
+    print(f"{output}: {emb.shape[0]} classes x {emb.shape[1]} ({_ENCODER.value})")
     return 0
 
 

@@ -32,37 +32,31 @@ import pathlib
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mlgraph.data import images
-from mlgraph.data.builder_lib import MultiLabelBuilder
+from mlgraph.data import builder_lib, images
 from mlgraph.errors import DataError
 
 SPLIT_LISTS = {"train": "TrainImagelist.txt", "test": "TestImagelist.txt"}
 
 
-def required_paths(root: pathlib.Path) -> list[pathlib.Path]:
-    """The files and folders a NUS-WIDE manual_dir must hold (label files come after)."""
-    return [
-        root / "Flickr",
-        root / "Concepts81.txt",
-        root / "ImageList" / "Imagelist.txt",
-        *(root / "ImageList" / name for name in SPLIT_LISTS.values()),
-        root / "Groundtruth" / "AllLabels",
-    ]
+# The label files under Groundtruth/AllLabels are checked later, once the concepts are read.
+REQUIRED = [
+    "Flickr",
+    "Concepts81.txt",
+    "ImageList/Imagelist.txt",
+    *(f"ImageList/{name}" for name in SPLIT_LISTS.values()),
+    "Groundtruth/AllLabels",
+]
 
 
 def check_manual_dir(root: str | pathlib.Path) -> pathlib.Path:
-    """Raise a DataError naming every expected NUS-WIDE file or folder that is missing."""
-    root = pathlib.Path(root)
-    if not root.is_dir():
-        raise DataError(f"{root}: NUS-WIDE manual_dir does not exist")
-    missing = [str(p.relative_to(root)) for p in required_paths(root) if not p.exists()]
-    if missing:
-        raise DataError(
-            f"{root}: not a NUS-WIDE folder, missing {', '.join(missing)} (expected Flickr/, "
-            "Concepts81.txt, ImageList/{Imagelist,TrainImagelist,TestImagelist}.txt, "
-            "Groundtruth/AllLabels/)"
-        )
-    return root
+    """`root` as a path; a DataError names every NUS-WIDE file or folder it lacks."""
+    return builder_lib.check_manual_dir(
+        root,
+        "NUS-WIDE",
+        REQUIRED,
+        "Flickr/, Concepts81.txt, ImageList/{Imagelist,TrainImagelist,TestImagelist}.txt, "
+        "Groundtruth/AllLabels/",
+    )
 
 
 def normalize_entry(line: str) -> str:
@@ -137,7 +131,7 @@ def assign_splits(root: pathlib.Path, entries: list[str]) -> np.ndarray:
     return where
 
 
-class NusWide(MultiLabelBuilder):
+class NusWide(builder_lib.MultiLabelBuilder):
     """NUS-WIDE 81-concept multi-label classification ('train', 'test'; official lists)."""
 
     VERSION = tfds.core.Version("1.0.0")

@@ -44,8 +44,7 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mlgraph.data import images
-from mlgraph.data.builder_lib import MultiLabelBuilder
+from mlgraph.data import builder_lib, images
 from mlgraph.errors import DataError
 
 CLASSES = (
@@ -118,7 +117,7 @@ def read_split_ids(list_path: pathlib.Path) -> list[str]:
     return [line.split()[0] for line in list_path.read_text().splitlines() if line.strip()]
 
 
-class VocBase(MultiLabelBuilder, skip_registration=True):
+class VocBase(builder_lib.MultiLabelBuilder, skip_registration=True):
     """Shared reader of one VOC year; subclasses set YEAR and SPLITS."""
 
     YEAR = ""
@@ -134,27 +133,16 @@ class VocBase(MultiLabelBuilder, skip_registration=True):
         return root / "VOCdevkit" / f"VOC{cls.YEAR}"
 
     @classmethod
-    def required_paths(cls, root: pathlib.Path) -> list[pathlib.Path]:
-        """The files and folders a VOC manual_dir must hold."""
-        base = cls.devkit(root)
-        return [base / "Annotations", base / "JPEGImages"] + [
-            base / "ImageSets" / "Main" / f"{split}.txt" for split in cls.SPLITS
-        ]
-
-    @classmethod
     def check_manual_dir(cls, root: str | pathlib.Path) -> pathlib.Path:
-        """Raise a DataError naming every expected VOC file or folder that is missing."""
-        root = pathlib.Path(root)
-        if not root.is_dir():
-            raise DataError(f"{root}: VOC{cls.YEAR} manual_dir does not exist")
-        missing = [str(p.relative_to(root)) for p in cls.required_paths(root) if not p.exists()]
-        if missing:
-            raise DataError(
-                f"{root}: not a VOC{cls.YEAR} folder, missing {', '.join(missing)} (expected "
-                f"VOCdevkit/VOC{cls.YEAR}/Annotations/, JPEGImages/, "
-                f"ImageSets/Main/{{{','.join(cls.SPLITS)}}}.txt)"
-            )
-        return root
+        """`root` as a path; a DataError names every VOC file or folder it lacks."""
+        base = f"VOCdevkit/VOC{cls.YEAR}"
+        return builder_lib.check_manual_dir(
+            root,
+            f"VOC{cls.YEAR}",
+            [f"{base}/Annotations", f"{base}/JPEGImages"]
+            + [f"{base}/ImageSets/Main/{split}.txt" for split in cls.SPLITS],
+            f"{base}/Annotations/, JPEGImages/, ImageSets/Main/{{{','.join(cls.SPLITS)}}}.txt",
+        )
 
     def _split_generators(self, dl_manager):
         root = self.check_manual_dir(pathlib.Path(dl_manager.manual_dir))

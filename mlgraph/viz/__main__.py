@@ -13,91 +13,139 @@ exit with status 2.
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 from collections.abc import Sequence
 
-from mlgraph import viz
+from absl import app, flags
+
+from mlgraph import cli, viz
 from mlgraph.errors import MlgraphError
 
+COMMANDS = {
+    "heatmap": "scene-conditional label co-occurrence probabilities",
+    "labelcloud": "word clouds of the labels each scene collected",
+}
+HEATMAP_ONLY = ("classes", "top")
 
-def parser() -> argparse.ArgumentParser:
-    """The command-line parser (subcommands `heatmap` and `labelcloud`)."""
-    p = argparse.ArgumentParser(
-        prog="python -m mlgraph.viz", description="Draw SALGL's learned scenes, one PNG per scene."
-    )
-    sub = p.add_subparsers(dest="command", required=True)
-    commands = {
-        "heatmap": "scene-conditional label co-occurrence probabilities",
-        "labelcloud": "word clouds of the labels each scene collected",
-    }
-    for name, help_text in commands.items():
-        s = sub.add_parser(name, help=help_text, description=help_text)
-        s.add_argument("--workdir", required=True, help="a SALGL training workdir")
-        s.add_argument("--step", type=int, default=None, help="checkpoint step (default: best)")
-        s.add_argument(
-            "--ema",
-            action=argparse.BooleanOptionalAction,
-            default=True,
-            help="use the EMA model's counts (default) or, with --no-ema, the model's",
-        )
-        s.add_argument("--output", default=None, help="output folder (default: WORKDIR/viz)")
-        s.add_argument(
-            "--classes_file",
-            default=None,
-            help="class names, one per line (instead of opening the workdir's data set)",
-        )
-        if name == "heatmap":
-            pick = s.add_mutually_exclusive_group()
-            pick.add_argument(
-                "--classes", default=None, help="comma-separated class names to draw, in order"
-            )
-            pick.add_argument(
-                "--top",
-                type=int,
-                default=None,
-                help="draw the N most frequent classes (default: all if at most 20, else 20)",
-            )
-    return p
+_FLAGS = flags.FlagValues()  # not absl's global FLAGS: see mlgraph.cli
+_WORKDIR = flags.DEFINE_string("workdir", None, "a SALGL training workdir", flag_values=_FLAGS)
+_STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: best)", flag_values=_FLAGS)
+_EMA = flags.DEFINE_bool(
+    "ema",
+    True,
+    "use the EMA model's counts (default) or, with --no-ema, the model's",
+    flag_values=_FLAGS,
+)
+_OUTPUT = flags.DEFINE_string(
+    "output", None, "output folder (default: WORKDIR/viz)", flag_values=_FLAGS
+)
+_CLASSES_FILE = flags.DEFINE_string(
+    "classes_file",
+    None,
+    "class names, one per line (instead of opening the workdir's data set)",
+    flag_values=_FLAGS,
+)
+_CLASSES = flags.DEFINE_string(
+    "classes", None, "comma-separated class names to draw, in order", flag_values=_FLAGS
+)
+_TOP = flags.DEFINE_integer(
+    "top",
+    None,
+    "draw the N most frequent classes (default: all if at most 20, else 20)",
+    flag_values=_FLAGS,
+)
+flags.mark_flag_as_required("workdir", flag_values=_FLAGS)
+flags.mark_flags_as_mutual_exclusive(list(HEATMAP_ONLY), flag_values=_FLAGS)
+USAGE = "\n".join(
+    [
+        "usage: python -m mlgraph.viz {heatmap,labelcloud} --workdir DIR [...]",
+        "",
+        *(f"  {name}: {text}" for name, text in COMMANDS.items()),
+        "",
+        f"{', '.join('--' + name for name in HEATMAP_ONLY)}: heatmap only",
+    ]
+)
 
 
-def run(args: argparse.Namespace) -> list[pathlib.Path]:
-    """Run a parsed command; returns the written paths (and prints a summary)."""
-    purpose = "heatmaps" if args.command == "heatmap" else "label clouds"
-    comatrix, step = viz.read_comatrix(args.workdir, args.step, args.ema, purpose)
-    names, config = viz.read_class_names(args.workdir, args.classes_file)
-    source = f"--classes_file {args.classes_file}" if args.classes_file else "the data set"
+def run(
+    command: str,
+    workdir: str,
+    step: int | None = None,
+    ema: bool = True,
+    output: str | None = None,
+    classes_file: str | None = None,
+    classes: str | None = None,
+    top: int | None = None,
+) -> list[pathlib.Path]:
+    """Run `command` (a key of COMMANDS) with the flags' values; returns the written paths (and
+    prints a summary)."""
+    purpose = "heatmaps" if command == "heatmap" else "label clouds"
+    comatrix, step = viz.read_comatrix(workdir, step, ema, purpose)
+    names, config = viz.read_class_names(workdir, classes_file)
+    source = f"--classes_file {classes_file}" if classes_file else "the data set"
     viz.check_class_count(names, comatrix, source)
     notes = viz.demo_scene_notes(config, comatrix, names)
-    out_dir = pathlib.Path(args.output) if args.output else pathlib.Path(args.workdir) / "viz"
-    if args.command == "heatmap":
-        classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
-        paths = viz.heatmaps(
-            comatrix, names, out_dir, classes=classes, top=args.top, scene_notes=notes
-        )
+    out_dir = pathlib.Path(output) if output else pathlib.Path(workdir) / "viz"
+    if command == "heatmap":
+        picked = [c.strip() for c in classes.split(",")] if classes else None
+        paths = viz.heatmaps(comatrix, names, out_dir, classes=picked, top=top, scene_notes=notes)
     else:
         paths = viz.label_clouds(comatrix, names, out_dir, scene_notes=notes)
-    which = "EMA model" if args.ema else "model"
-    print(f"{args.workdir}: step {step}, {which} counts, {comatrix.shape[0]} learned scenes")
+    which = "EMA model" if ema else "model"
+    print(f"{workdir}: step {step}, {which} counts, {comatrix.shape[0]} learned scenes")
     shares = viz.scene_shares(comatrix)
     counts = viz.label_counts(comatrix)
     for k, path in enumerate(paths):
-        top = [names[i] for i in counts[k].argsort()[::-1][:3] if counts[k, i] > 0]
-        most = ", ".join(top) or "none"
-        line = f"scene {k}: {shares[k]:.1%} of counted labels, most counted: {most}"
+        most_counted = [names[i] for i in counts[k].argsort()[::-1][:3] if counts[k, i] > 0]
+        line = f"scene {k}: {shares[k]:.1%} of counted labels, most counted: "
+        line += ", ".join(most_counted) or "none"
         if notes and notes[k]:
             line += f"; {notes[k]}"
         print(f"{line} -> {path}")
     return paths
 
 
+def parse_command(argv: Sequence[str] | None) -> str:
+    """Parse the flags; returns the command, the first positional argument.
+
+    Raises:
+      app.UsageError: no command or an unknown one, extra arguments, or a heatmap-only flag
+        given to labelcloud.
+    """
+    args = cli.parse(_FLAGS, argv, USAGE)
+    valid = ", ".join(COMMANDS)
+    if not args:
+        raise app.UsageError(f"no command given; valid: {valid}")
+    command, extra = args[0], args[1:]
+    if command not in COMMANDS:
+        raise app.UsageError(f"unknown command {command!r}; valid: {valid}")
+    if extra:
+        raise app.UsageError(f"unexpected arguments: {' '.join(extra)}")
+    misplaced = [f"--{name}" for name in HEATMAP_ONLY if _FLAGS[name].present]
+    if command != "heatmap" and misplaced:
+        raise app.UsageError(f"{', '.join(misplaced)}: only for heatmap")
+    return command
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (2 for a user error)."""
-    args = parser().parse_args(argv)
+    """Command-line entry point; returns the exit status (2 for a user error).
+
+    `argv` holds the arguments after the program name (None: `sys.argv[1:]`).
+    """
     try:
-        run(args)
-    except (MlgraphError, FileNotFoundError) as e:
+        command = parse_command(argv)
+        run(
+            command,
+            _WORKDIR.value,
+            step=_STEP.value,
+            ema=_EMA.value,
+            output=_OUTPUT.value,
+            classes_file=_CLASSES_FILE.value,
+            classes=_CLASSES.value,
+            top=_TOP.value,
+        )
+    except (app.UsageError, MlgraphError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
-from train_helpers import load_config, tiny_coco, tiny_config
+from train_helpers import TINY_COCO_TRAIN, load_config, tiny_config
 
 import mlgraph.models
 from mlgraph import assets, checkpointing, models, recipes, train
@@ -129,9 +129,10 @@ def test_unknown_field_and_module_are_config_errors():
 
 
 # ------------------------------------------------------------------------------- toy method
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return tiny_coco(tmp_path_factory.mktemp("coco"))  # 48 train images: 3 steps an epoch
+@pytest.fixture
+def data_dir(tiny_coco_dir):
+    assert TINY_COCO_TRAIN == 32  # 2 steps of 16 an epoch
+    return tiny_coco_dir
 
 
 def _toy_config(data_dir, **changes):
@@ -156,7 +157,7 @@ def _final(workdir: pathlib.Path):
 def test_toy_method_stops_and_resumes_bit_identically(data_dir, tmp_path):
     config = _toy_config(data_dir)
     train.run(config, tmp_path / "once")
-    # Stopped after step 5 (past the first epoch's hook at step 3, before the second's at 6),
+    # Stopped after step 5 (past the epoch hooks at steps 2 and 4, before the one at 6),
     # then resumed: the hook state, the per-example counts and the two optimizers come back.
     train.run(_toy_config(data_dir, stop_at_step=5), tmp_path / "twice")
     train.run(config, tmp_path / "twice")
@@ -167,10 +168,10 @@ def test_toy_method_stops_and_resumes_bit_identically(data_dir, tmp_path):
     assert last(once_lines) == last(twice_lines)
 
     extra = once["extra"]
-    assert int(extra["epochs"]) == 8 * 16 // 48 == 2
-    # Every draw of an example was counted at its index: 8 steps of 16 over 48 examples.
-    assert extra["seen"].sum() == 8 * 16 and extra["seen"].max() <= 3
-    assert extra["pseudo"].shape == (48, 4) and 0 < extra["pseudo"].min()
+    assert int(extra["epochs"]) == 8 * 16 // 32 == 4
+    # Every draw of an example was counted at its index: 8 steps of 16 = 4 epochs of 32.
+    np.testing.assert_array_equal(extra["seen"], np.full((32, 1), 4))
+    assert extra["pseudo"].shape == (32, 4) and 0 < extra["pseudo"].min()
     # Each group's Adam counted its own updates: one per step.
     assert int(once["opt"]["head"][0].count) == int(once["opt"]["backbone"][0].count) == 8
 
@@ -211,9 +212,9 @@ def test_pipeline_yields_each_examples_index(data_dir):
     dataset = datasets.open_dataset(config.data)
     source = dataset.sources["train"]
     it = iter(pipeline.train_dataset(source, config, dataset.num_classes))
-    for _ in range(2):  # each epoch (3 batches) holds every position once
-        indices = np.concatenate([next(it)["index"] for _ in range(3)])
-        assert sorted(indices.tolist()) == list(range(48))
+    for _ in range(2):  # each epoch (2 batches) holds every position once
+        indices = np.concatenate([next(it)["index"] for _ in range(2)])
+        assert sorted(indices.tolist()) == list(range(32))
     batch = next(iter(pipeline.train_dataset(source, config, dataset.num_classes)))
     for i, labels in zip(batch["index"], batch["labels"], strict=True):
         np.testing.assert_array_equal(labels, np.asarray(source[int(i)]["labels"], np.float32))

@@ -17,8 +17,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from absl import flags
+from absl import app, flags
 
+from mlgraph import cli
 from mlgraph.convert import SOURCES, convert_file
 
 # A FlagValues of its own rather than absl's global FLAGS: `main` is called in-process (tests,
@@ -38,7 +39,6 @@ _OPTION = flags.DEFINE_multi_string(
     "Source-specific KEY=VALUE, repeatable (e.g. include_head=false)",
     flag_values=_FLAGS,
 )
-_HELP = flags.DEFINE_bool("help", False, "Show this help.", flag_values=_FLAGS, short_name="h")
 
 
 def parse_option(item: str) -> tuple[str, Any]:
@@ -62,16 +62,14 @@ def _error(message: str) -> None:
 
 
 def usage_problem(args: Sequence[str]) -> str | None:
-    """Parse `args` (without the program name) into the flags; what is wrong with them, or None."""
-    # Reset first: `main` may run several times in one process, and absl keeps values (and
-    # appends to --option) across parses.
-    _FLAGS.unparse_flags()
+    """Parse `args` (without the program name) into the flags; what is wrong with them, or None.
+
+    -h/--help prints the help and exits 0 (`mlgraph.cli.parse`).
+    """
     try:
-        rest = _FLAGS(["python -m mlgraph.convert", *args])[1:]
-    except flags.Error as e:
+        rest = cli.parse(_FLAGS, args, __doc__)
+    except app.UsageError as e:
         return str(e)
-    if _HELP.value:
-        return None
     # Checked here rather than by absl's required-flag validators so that --help needs none.
     missing = [f"--{f.name}" for f in (_SOURCE, _INPUT, _OUTPUT) if f.value is None]
     if rest:
@@ -94,9 +92,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problem:
         _error(problem)
         raise SystemExit(2)
-    if _HELP.value:
-        print(f"{__doc__}\n{_FLAGS.module_help(sys.modules[__name__])}")
-        return 0
     # Our own notes (e.g. which container of a checkpoint was used) at INFO, others' at WARNING.
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("mlgraph").setLevel(logging.INFO)

@@ -134,15 +134,11 @@ def _paper_base(dataset: str, builder_config: str | None, image_size: int):
     return c
 
 
-def salgl(
-    *, dataset: str, image_size: int, backbone: str, num_scenes: int, mode: str = "full"
-) -> ml_collections.ConfigDict:
-    """The recipe that reproduced SALGL's COCO numbers (spec salgl.md §3): AdamW 1e-4, wd 1e-2,
-    one-cycle (pct 0.2, beta1 cycled) over 80 epochs of batch 128, EMA 0.9997 selecting the best
-    checkpoint, ASL (gamma- 2), resize + flip + Cutout 0.5 + RandAugment, hard scenes, outmess,
-    normalize. Label embeddings default to the offline MiniLM ('minilm'); the paper's BERT
-    vectors are a file: --config.model.embed_path=bert.npy."""
-    c = _paper_base(dataset, None, image_size)
+def _asl_one_cycle(dataset: str, builder_config: str | None, image_size: int):
+    """What the SALGL and Query2Label recipes share (both follow ASL's training code): batch
+    128 for 80 epochs, AdamW (wd 1e-2) one-cycle to 1e-4, EMA 0.9997, Cutout 0.5 + RandAugment,
+    ASL, bfloat16 compute."""
+    c = _paper_base(dataset, builder_config, image_size)
     c.data.augment.cutout = 0.5
     c.data.augment.randaugment = True
     c.batch_size = 128
@@ -155,6 +151,18 @@ def salgl(
     c.optimizer.weight_decay = 1e-2
     c.ema.decay = 0.9997
     c.loss = loss_config("asl")
+    return c
+
+
+def salgl(
+    *, dataset: str, image_size: int, backbone: str, num_scenes: int, mode: str = "full"
+) -> ml_collections.ConfigDict:
+    """The recipe that reproduced SALGL's COCO numbers (spec salgl.md §3): AdamW 1e-4, wd 1e-2,
+    one-cycle (pct 0.2, beta1 cycled) over 80 epochs of batch 128, EMA 0.9997 selecting the best
+    checkpoint, ASL (gamma- 2), resize + flip + Cutout 0.5 + RandAugment, hard scenes, outmess,
+    normalize. Label embeddings default to the offline MiniLM ('minilm'); the paper's BERT
+    vectors are a file: --config.model.embed_path=bert.npy."""
+    c = _asl_one_cycle(dataset, None, image_size)
     c.model = model_config(
         "salgl", backbone=backbone, num_scenes=num_scenes, embed_type="file", embed_path="minilm"
     )
@@ -241,20 +249,8 @@ def q2l(
     one-cycle to 1e-4 (pct 0.2, beta1 cycled 0.85-0.95), batch 128, 80 epochs, EMA 0.9997 (the
     best of model and EMA is kept), resize + Cutout 0.5 + RandAugment (no flip), ASL gamma- 2;
     conv1 and layer1 and every batch norm frozen."""
-    c = _paper_base(dataset, builder_config, image_size)
+    c = _asl_one_cycle(dataset, builder_config, image_size)
     c.data.augment.flip = False
-    c.data.augment.cutout = 0.5
-    c.data.augment.randaugment = True
-    c.batch_size = 128
-    c.eval_batch_size = 128
-    c.num_epochs = 80.0
-    c.eval_every_steps = 1000
-    c.log_every_steps = 50
-    c.dtype = "bfloat16"
-    c.optimizer.lr = 1e-4
-    c.optimizer.weight_decay = 1e-2
     c.optimizer.frozen = Q2L_FROZEN_BACKBONE
-    c.ema.decay = 0.9997
-    c.loss = loss_config("asl")
     c.model = model_config("q2l", backbone="resnet101")
     return c

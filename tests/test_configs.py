@@ -14,10 +14,9 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from train_helpers import REPO, load_config
+from train_helpers import REPO, fake_assets, load_config
 
-from mlgraph import assets, models, optim
-from mlgraph.data import cooccurrence
+from mlgraph import models, optim
 
 NUM_CLASSES = {"coco2014": 80, "voc2007": 20, "voc2012": 20, "nuswide": 81}
 CONFIGS = sorted(p.stem for p in (REPO / "configs").glob("*.py"))
@@ -33,14 +32,7 @@ def test_the_issue_configs_exist():
 def test_config_builds(name, tmp_path: pathlib.Path):
     c = load_config(name)
     num_classes = 13 if c.data.demo == "demo" else NUM_CLASSES[c.data.name]
-    if c.model.get("embed_path") == assets.MINILM:
-        np.save(tmp_path / "e.npy", np.zeros((num_classes, 384), np.float32))
-        c.model.embed_path = str(tmp_path / "e.npy")
-    if c.model.get("graph_path") == cooccurrence.TRAIN_LABELS:
-        labels = np.eye(num_classes, dtype=np.float32)
-        cooccurrence.save_counts(tmp_path / "g.npz", cooccurrence.counts_from_labels(labels))
-        c.model.graph_path = str(tmp_path / "g.npz")
-    c.init_from = ""
+    fake_assets(c, num_classes, tmp_path)
     model = nnx.eval_shape(lambda: models.create(c, num_classes=num_classes, rngs=nnx.Rngs(0)))
     params = nnx.state(model, nnx.Param)
     tx = optim.make_optimizer(c.optimizer, 1000, params)

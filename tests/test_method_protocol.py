@@ -15,11 +15,10 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
-from train_helpers import TINY_COCO_TRAIN, load_config, tiny_config
+from train_helpers import TINY_COCO_TRAIN, fake_assets, load_config, tiny_config
 
 import mlgraph.models
-from mlgraph import assets, checkpointing, models, recipes, train
-from mlgraph.data import cooccurrence
+from mlgraph import checkpointing, models, recipes, train
 from mlgraph.errors import ConfigError
 
 # Modules of mlgraph/models that hold shared parts, not methods.
@@ -67,18 +66,6 @@ def test_method_module_follows_the_protocol(name):
     assert "config_lib" not in source and "recipes" not in source
 
 
-def _resolve_assets(c, num_classes: int, tmp_path: pathlib.Path):
-    """Asset names ('minilm', 'train_labels', 'offline:') replaced by files of the right shape."""
-    if c.model.get("embed_path") == assets.MINILM:
-        np.save(tmp_path / "e.npy", np.zeros((num_classes, 384), np.float32))
-        c.model.embed_path = str(tmp_path / "e.npy")
-    if c.model.get("graph_path") == cooccurrence.TRAIN_LABELS:
-        labels = np.eye(num_classes, dtype=np.float32)
-        cooccurrence.save_counts(tmp_path / "g.npz", cooccurrence.counts_from_labels(labels))
-        c.model.graph_path = str(tmp_path / "g.npz")
-    c.init_from = ""
-
-
 @pytest.mark.parametrize(
     "method,config_name", [(m, c) for m in METHODS for c in CONFIGS[m]], ids=lambda x: x
 )
@@ -86,7 +73,7 @@ def test_method_builds_from_its_configs_and_its_loss_runs(method, config_name, t
     c = load_config(config_name)
     assert c.model.name == method
     num_classes = recipes.DATASETS["demo" if c.data.demo else c.data.name].num_classes
-    _resolve_assets(c, num_classes, tmp_path)
+    fake_assets(c, num_classes, tmp_path)
     model = nnx.eval_shape(lambda: models.create(c, num_classes=num_classes, rngs=nnx.Rngs(0)))
     images = jax.ShapeDtypeStruct((2, c.image_size, c.image_size, 3), np.float32)
     out = nnx.eval_shape(lambda m, x: m(x), model, images)

@@ -56,3 +56,21 @@ def tiny_config(data_dir: pathlib.Path, total_steps: int = 6):
     c.log_every_steps = 1
     c.model.backbone_kwargs.widths = (8, 16)
     return c
+
+
+def fake_assets(c, num_classes: int, tmp_path: pathlib.Path) -> None:
+    """Replace `c`'s asset names ('minilm' label vectors, 'train_labels' graphs, offline
+    weights) by files of the right shape, since resolving them needs the built data set."""
+    import numpy as np
+
+    from mlgraph import assets
+    from mlgraph.data import cooccurrence
+
+    if c.model.get("embed_path") == assets.MINILM:
+        np.save(tmp_path / "e.npy", np.zeros((num_classes, 384), np.float32))
+        c.model.embed_path = str(tmp_path / "e.npy")
+    if c.model.get("graph_path") == cooccurrence.TRAIN_LABELS:
+        labels = np.eye(num_classes, dtype=np.float32)
+        cooccurrence.save_counts(tmp_path / "g.npz", cooccurrence.counts_from_labels(labels))
+        c.model.graph_path = str(tmp_path / "g.npz")
+    c.init_from = ""

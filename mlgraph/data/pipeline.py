@@ -91,7 +91,7 @@ class TrainTransform(grain.transforms.RandomMap):
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
         """Augment one decoded example; returns float32 `image` [S, S, 3], `labels` and the
-        example's `index` in the split."""
+        example's `index` in the split when it has one."""
         img = Image.fromarray(element["image"])
         if self.multiscale_crop:
             img = augment.multiscale_crop(
@@ -113,11 +113,10 @@ class TrainTransform(grain.transforms.RandomMap):
         if self.drop_difficult:
             # SSGRL's VOC training labels: a class seen only as difficult objects is negative.
             labels = labels * (1.0 - np.asarray(element["difficult"], np.float32))
-        return {
-            "image": _normalize(img, self.mean, self.std),
-            "labels": labels,
-            "index": element["index"],
-        }
+        out = {"image": _normalize(img, self.mean, self.std), "labels": labels}
+        if "index" in element:  # added by `train_dataset`; absent for a bare example
+            out["index"] = element["index"]
+        return out
 
 
 class EvalTransform(grain.transforms.Map):

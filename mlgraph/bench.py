@@ -66,8 +66,11 @@ def bench_train(config, steps: int, num_classes: int, peak_tflops: float) -> dic
     mesh = sharding.make_mesh()
     repl, data_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     b, s = config.batch_size, config.image_size
-    # The synthetic batch is the whole "training set" (per-example state has b rows).
-    mod, graphdef, tx, state = train.init_train_state(config, num_classes, 1000, b)
+    # The synthetic batch is the whole "training set" (per-example state has b rows), each
+    # image with one observed positive.
+    observed = np.eye(num_classes, dtype=np.float32)[np.arange(b) % num_classes]
+    training = datasets.TrainingSplit(range(b), num_classes, observed)
+    mod, graphdef, tx, state = train.init_train_state(config, num_classes, 1000, training)
     state = jax.device_put(state, repl)
     state_sh = jax.tree.map(lambda _: repl, state)
     rng = np.random.default_rng(0)

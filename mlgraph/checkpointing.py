@@ -59,13 +59,19 @@ def load_weights(path: str | pathlib.Path) -> tuple[Any, dict[str, Any]]:
     return jax.tree.map(np.asarray, tree), settings
 
 
-BEST_METRIC = "ema_mAP"
+BEST_METRIC = "best"  # the saved metric checkpoints are ranked by (config.best_metric's value)
+
+
+def _best(metrics: Mapping[str, float]) -> float:
+    # Workdirs written before `best` existed ranked by their EMA mAP under this key.
+    return metrics[BEST_METRIC] if BEST_METRIC in metrics else metrics["ema_mAP"]
 
 
 class TrainCheckpoints:
     """The checkpoints of a training workdir: train state and data iterator, saved together.
 
-    Keeps the latest step (the resume point) and the evaluated step with the best `ema_mAP`.
+    Keeps the latest step (the resume point) and the evaluated step with the best metric
+    (`config.best_metric`, saved as `best`).
     """
 
     def __init__(self, directory: str | pathlib.Path):
@@ -79,14 +85,14 @@ class TrainCheckpoints:
                         policies.LatestN(n=1),
                         # Steps saved between evaluations have no metrics: only LatestN keeps them.
                         policies.BestN(
-                            get_metric_fn=lambda m: m[BEST_METRIC],
+                            get_metric_fn=_best,
                             reverse=False,
                             n=1,
                             keep_checkpoints_without_metrics=False,
                         ),
                     ]
                 ),
-                best_fn=lambda m: m[BEST_METRIC],
+                best_fn=_best,
                 best_mode="max",
                 enable_async_checkpointing=False,
             ),
@@ -97,7 +103,7 @@ class TrainCheckpoints:
         return self.manager.latest_step()
 
     def best_step(self) -> int | None:
-        """The saved step with the highest EMA mAP."""
+        """The saved step with the best metric (`config.best_metric`; by default the EMA mAP)."""
         return self.manager.best_step()
 
     def all_steps(self) -> list[int]:
@@ -108,7 +114,7 @@ class TrainCheckpoints:
         self, step: int, state: Any, data_iterator, metrics: Mapping[str, float] | None = None
     ) -> None:
         """Save `state` and the data iterator (anything with grain's `get_state`/`set_state`)
-        at `step`; `metrics` holds `ema_mAP` at evaluation steps and is None between them."""
+        at `step`; `metrics` holds `best` at evaluation steps and is None between them."""
         import grain
 
         self.manager.save(

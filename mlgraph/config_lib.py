@@ -51,8 +51,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.total_steps = 0
     c.stop_at_step = 0  # stop (checkpointed) after this step, as a preemption would; 0 = never
     c.eval_every_steps = 500
+    c.eval_every_epochs = 0.0  # > 0: evaluate every this many epochs instead
     # A checkpoint every this many steps (and at each evaluation); 0 = only at evaluations.
     c.checkpoint_every_steps = 0
+    # The logged metric the kept best checkpoint is chosen by: 'eval/...' on the evaluation
+    # split, 'val/...' on the held-out part of the training split (data.val_fraction > 0).
+    c.best_metric = "eval/ema_mAP"
+    # Stop at the first evaluation whose best_metric does not improve (Zhou et al.'s SPML
+    # protocol, evaluating once an epoch).
+    c.early_stop = False
     c.log_every_steps = 50
     c.dtype = "float32"  # compute dtype; bfloat16 on accelerators
     c.init_from = ""  # a weights checkpoint written by `python -m mlgraph.convert`
@@ -84,6 +91,12 @@ def base_config() -> ml_collections.ConfigDict:
     # VOC training labels of classes present only as difficult objects: 'positive' (SALGL,
     # ML-GCN) or 'negative' (SSGRL). Evaluation always leaves such pairs out.
     c.data.train_difficult = "positive"
+    # Training labels: '' = the data set's full labels; 'cole' or 'scob' = one observed positive
+    # per image (single-positive protocols, mlgraph.data.observed), the rest unknown.
+    c.data.observed = ""
+    # A part of the training split held out (with its full labels) for model selection, logged
+    # as 'val/...' (Cole et al.: 0.2, cut with RandomState(1200)); 0 = none.
+    c.data.val_fraction = 0.0
     c.data.mean = IMAGENET_MEAN
     c.data.std = IMAGENET_STD
 

@@ -72,12 +72,12 @@ def evaluate_workdir(workdir: str | pathlib.Path, step: int | None = None) -> di
     elif step not in steps:
         raise WorkdirError(f"--step {step}: not saved in {workdir}; saved steps: {steps}")
     dataset = datasets.open_dataset(config.data)
-    num_train = len(dataset.sources[config.data.train_split])
-    total = config_lib.total_steps(config, num_train)
+    training = datasets.training_split(dataset, config.data)
+    total = config_lib.total_steps(config, training.num_examples)
     mesh = sharding.make_mesh()
     repl, data_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     config = assets.resolve(config, dataset.class_names, dataset.directory)
-    _, graphdef, _, state = train.init_train_state(config, dataset.num_classes, total, num_train)
+    _, graphdef, _, state = train.init_train_state(config, dataset.num_classes, total, training)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), state)
     state = ckpts.restore(step, abstract)
     ckpts.close()
@@ -109,8 +109,8 @@ def evaluate_checkpoint(path: str, config: ml_collections.ConfigDict) -> dict:
     mesh = sharding.make_mesh()
     repl, data_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     config = assets.resolve(config, dataset.class_names, dataset.directory)
-    _, graphdef, _, state = train.init_train_state(config, dataset.num_classes, 1)
-    state = jax.device_put({"params": state["params"], "rest": state["rest"]}, repl)
+    _, graphdef, params, rest = train.create_model(config, dataset.num_classes)
+    state = jax.device_put({"params": params, "rest": rest}, repl)
     predict = jax.jit(
         train.make_predict(graphdef, lambda s: ((s["params"], s["rest"]),)),
         in_shardings=(jax.tree.map(lambda _: repl, state), data_sh),

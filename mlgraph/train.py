@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 import re
 import time
@@ -107,22 +108,26 @@ def init_train_state(
     config: ml_collections.ConfigDict,
     num_classes: int,
     total: int,
-    num_train_examples: int | None = None,
+    training: datasets.TrainingSplit | None = None,
 ):
-    """(method module, graphdef, optimizer, train state) for a fresh run.
+    """(method module, graphdef, optimizer, train state) for a fresh run on `training` (the
+    training examples; needed by methods with per-example state).
 
     The state is a dict: `params` (nnx.Param), `rest` (batch statistics, buffers), `opt` (the
     optimizer's state), `ema` (params and rest of the EMA model), `step`, and `extra` (the
     method's own arrays from `init_extra`, e.g. per-example label matrices; {} if none).
     """
-    mod, graphdef, params, rest = create_model(config, num_classes, num_train_examples)
+    num_train = None if training is None else training.num_examples
+    mod, graphdef, params, rest = create_model(config, num_classes, num_train)
     if hasattr(mod, "make_optimizer"):
         tx = mod.make_optimizer(config, total, params)
     else:
         tx = optim.make_optimizer(config.optimizer, total, params)
     extra = {}
     if hasattr(mod, "init_extra"):
-        extra = mod.init_extra(config, num_train_examples, num_classes)
+        if training is None:
+            raise ValueError(f"{config.model.name}: init_extra needs the training split")
+        extra = mod.init_extra(config, training)
     state = {
         "params": params,
         "rest": rest,
@@ -341,13 +346,32 @@ def evaluate_scores(predict, state, source, config, num_classes, mesh) -> dict[s
 
 
 def eval_metrics(result: dict, prefixes=("eval/", "eval/ema_")) -> dict[str, float]:
-    """`eval/<metric>` for the model and `eval/ema_<metric>` for the EMA, in percent."""
-    out = {"eval/images": float(len(result["labels"]))}
+    """`eval/<metric>` for the model and `eval/ema_<metric>` for the EMA (or the `prefixes`
+    given), in percent, and the number of images scored."""
+    out = {f"{prefixes[0]}images": float(len(result["labels"]))}
     mask = result.get("label_mask")
     for prefix, scores in zip(prefixes, result["scores"], strict=True):
         for name, value in metrics.compute_all(scores, result["labels"] > 0.5, mask).items():
             out[prefix + name] = value
     return out
+
+
+def check_best_metric(config: ml_collections.ConfigDict, eval_sets: dict) -> None:
+    """`config.best_metric` must name a metric an evaluation logs.
+
+    Raises:
+      ConfigError: another prefix (or 'val/' without a held-out split) or metric name.
+    """
+    prefix, _, name = config.best_metric.rpartition("/")
+    names = set(metrics.compute_all(np.eye(2), np.eye(2) > 0.5))
+    names |= {f"ema_{n}" for n in names}
+    if f"{prefix}/" not in eval_sets or name not in names:
+        raise ConfigError(
+            f"config.best_metric={config.best_metric!r}: expected one of "
+            f"{', '.join(p + 'ema_mAP' for p in eval_sets)} or another logged metric "
+            f"({', '.join(sorted(names))}) under {' or '.join(eval_sets)}"
+            + ("" if "val/" in eval_sets else "; 'val/' needs config.data.val_fraction > 0")
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,15 +492,21 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
 
     # --- data ----------------------------------------------------------------------------
     dataset = datasets.open_dataset(config.data)
-    train_source = dataset.sources[config.data.train_split]
+    training = datasets.training_split(dataset, config.data)
+    train_source = training.source
     eval_source = dataset.sources[config.data.eval_split]
+    # Each evaluation scores these (metric prefix -> source); 'val/' selects models when set.
+    eval_sets = {"eval/": eval_source}
+    if training.holdout is not None:
+        eval_sets["val/"] = training.holdout
+    check_best_metric(config, eval_sets)
     num_classes, num_train = dataset.num_classes, len(train_source)
     total = config_lib.total_steps(config, num_train)
     config = assets.resolve(config, dataset.class_names, dataset.directory)
     batches = DeviceBatches(iter(pipeline.train_dataset(train_source, config, num_classes)), mesh)
 
     # --- model, optimizer, EMA -----------------------------------------------------------
-    mod, graphdef, tx, state = init_train_state(config, num_classes, total, num_train)
+    mod, graphdef, tx, state = init_train_state(config, num_classes, total, training)
     state = jax.device_put(state, repl)
     state_sh = jax.tree.map(lambda _: repl, state)
     num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
@@ -491,11 +521,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
         state = ckpts.restore(start, abstract, batches)
         logging.info("resumed %s at step %d", workdir, start)
     step = int(start or 0)
-    if step >= total:
+    stopped_early = any(r.get("early_stop") for r in read_metrics(workdir) if r["step"] <= step)
+    if step >= total or stopped_early:
         history = [r for r in read_metrics(workdir) if "eval/ema_mAP" in r]
         last = history[-1] if history else {}
         log(
-            f"{workdir}: training already finished at step {step}/{total} "
+            f"{workdir}: training already finished at step {step}/{total}"
+            f"{' (early stop)' if stopped_early else ''} "
             f"(eval/mAP {last.get('eval/mAP', float('nan')):.2f}, "
             f"eval/ema_mAP {last.get('eval/ema_mAP', float('nan')):.2f}); nothing to do"
         )
@@ -533,7 +565,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
         f"for {total} steps of {config.batch_size} on {jax.device_count()} device(s); "
         f"starting at step {step}"
     )
+    eval_every = config.eval_every_steps
+    if config.eval_every_epochs:
+        eval_every = max(1, math.ceil(config.eval_every_epochs * num_train / config.batch_size))
     last_eval: dict[str, float] = {}
+    best_so_far = max(
+        (r[config.best_metric] for r in read_metrics(workdir) if config.best_metric in r),
+        default=-np.inf,
+    )
     t0, step0 = time.time(), step
     try:
         while step < stop:
@@ -556,25 +595,37 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
             if hooks is not None and epoch > epochs_done(step - 1, config.batch_size, num_train):
                 state = epoch_end(hooks, state, epoch)
             best_by = None  # the metric a checkpoint is ranked by; None: not an evaluation step
-            if step % config.eval_every_steps == 0 or step == stop:
-                result = evaluate_scores(p_predict, state, eval_source, config, num_classes, mesh)
-                last_eval = eval_metrics(result)
+            if step % eval_every == 0 or step == stop:
+                last_eval = {}
+                for prefix, source in eval_sets.items():
+                    result = evaluate_scores(p_predict, state, source, config, num_classes, mesh)
+                    last_eval |= eval_metrics(result, (prefix, f"{prefix}ema_"))
+                    log(
+                        f"{prefix[:-1]} step {step}: mAP {last_eval[prefix + 'mAP']:.2f} "
+                        f"EMA mAP {last_eval[prefix + 'ema_mAP']:.2f} "
+                        f"(CF1 {last_eval[prefix + 'CF1']:.2f} OF1 {last_eval[prefix + 'OF1']:.2f})"
+                    )
+                value = last_eval[config.best_metric]
+                best_by = {checkpointing.BEST_METRIC: value}
+                if config.early_stop and value <= best_so_far:
+                    last_eval["early_stop"] = 1.0
+                    log(
+                        f"early stop at step {step}: {config.best_metric} {value:.2f} did not "
+                        f"improve on {best_so_far:.2f}"
+                    )
+                best_so_far = max(best_so_far, value)
                 writer.write(step, last_eval)
-                log(
-                    f"eval step {step}: mAP {last_eval['eval/mAP']:.2f} "
-                    f"EMA mAP {last_eval['eval/ema_mAP']:.2f} "
-                    f"(CF1 {last_eval['eval/CF1']:.2f} OF1 {last_eval['eval/OF1']:.2f})"
-                )
-                best_by = {"ema_mAP": last_eval["eval/ema_mAP"]}
             every = config.checkpoint_every_steps
             if best_by is not None or (every and step % every == 0):
                 ckpts.save(step, state, batches, best_by)
+            if last_eval.get("early_stop") and best_by is not None:
+                break
     finally:
         ckpts.close()
         writer.close()
         batches.close()
-    if step >= total:
-        log(f"finished: {workdir} (best EMA step {ckpts.best_step()})")
+    if step >= total or last_eval.get("early_stop"):
+        log(f"finished: {workdir} (best step by {config.best_metric}: {ckpts.best_step()})")
     else:
         log(f"stopped at step {step}/{total}; run the same command to resume")
     return last_eval

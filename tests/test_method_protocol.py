@@ -54,7 +54,7 @@ def test_method_module_follows_the_protocol(name):
         "ema_live_paths": ["config"],
         "make_optimizer": ["config", "total_steps", "params"],
         "make_train_step": ["ctx"],
-        "init_extra": ["config", "num_train_examples", "num_classes"],
+        "init_extra": ["config", "training"],
         "epoch_end": ["ctx", "state", "epoch"],
     }
     assert set(hooks) == set(models.OPTIONAL)
@@ -102,7 +102,8 @@ def test_unknown_field_and_module_are_config_errors():
             {"name": "baseline", "widths": (8,)}, num_classes=2, image_size=32, rngs=nnx.Rngs(0)
         )
     assert str(e.value) == (
-        "config.model: unknown baseline field(s) widths; valid fields: backbone, backbone_kwargs"
+        "config.model: unknown baseline field(s) widths; valid fields: backbone, "
+        "backbone_kwargs, frozen_bn"
     )
     with pytest.raises(ConfigError, match=r"config.model.name='nope': no module mlgraph/models/"):
         models.method_module("nope")

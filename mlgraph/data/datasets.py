@@ -8,6 +8,7 @@ import os
 import pathlib
 
 import ml_collections
+import numpy as np
 import tensorflow_datasets as tfds
 
 from mlgraph.errors import ConfigError, DataError
@@ -110,3 +111,69 @@ def open_dataset(data: ml_collections.ConfigDict) -> Dataset:
     read = tfds.builder_from_directory(builder.data_dir)
     sources = {s: read.as_data_source(split=s) for s in splits}
     return Dataset(data.name, pathlib.Path(builder.data_dir), class_names, sources)
+
+
+class Subset:
+    """Random access to the examples of `source` at `positions`, in that order."""
+
+    def __init__(self, source, positions):
+        self.source = source
+        self.positions = [int(i) for i in positions]
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, index: int):
+        return self.source[self.positions[index]]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingSplit:
+    """The examples a run trains on.
+
+    Attributes:
+      source: random access; an example's position is its `batch["index"]`.
+      num_classes: C.
+      observed: the observed training labels [N, C] (single positives, the rest 0 =
+        unknown) under a single-positive protocol (`config.data.observed`), else None (the
+        full labels of each example are used).
+      holdout: examples held out of the training split (with their full labels) for model
+        selection (`config.data.val_fraction`), else None.
+    """
+
+    source: object
+    num_classes: int
+    observed: np.ndarray | None = None
+    holdout: object | None = None
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.source)
+
+
+def training_split(dataset: Dataset, data: ml_collections.ConfigDict) -> TrainingSplit:
+    """The training examples `config.data` asks for: the train split, less the held-out part
+    (`val_fraction`, cut as Cole et al. do), with the observed labels of `data.observed`.
+
+    Raises:
+      ConfigError: an unknown observed-label scheme or a val_fraction outside [0, 1).
+    """
+    from mlgraph.data import observed
+
+    source = dataset.sources[data.train_split]
+    # Configs saved before these fields existed mean neither.
+    scheme, fraction = data.get("observed", ""), data.get("val_fraction", 0.0)
+    if not 0.0 <= fraction < 1.0:
+        raise ConfigError(f"config.data.val_fraction={fraction}: expected 0 <= f < 1")
+    labels = None
+    if scheme:
+        labels = observed.observed_labels(dataset, data.train_split, scheme)
+    if not fraction:
+        return TrainingSplit(source, dataset.num_classes, labels)
+    train_positions, val_positions = observed.holdout_split(dataset, data.train_split, fraction)
+    return TrainingSplit(
+        Subset(source, train_positions),
+        dataset.num_classes,
+        None if labels is None else labels[train_positions],
+        Subset(source, val_positions),
+    )

@@ -28,9 +28,10 @@ May define:
 * `make_train_step(ctx: mlgraph.train.StepContext)`: its own `(state, batch) -> (state,
   metrics)` step, jitted by the loop (several optimizer updates, parameter groups that skip a
   step); default `mlgraph.train.default_train_step`.
-* `init_extra(config, num_train_examples, num_classes)`: a pytree of arrays kept as
-  `state["extra"]`, checkpointed and restored with the rest of the state (per-example label
-  matrices `[N_train, C]` indexed by `batch["index"]`, prototype banks).
+* `init_extra(config, training: mlgraph.data.datasets.TrainingSplit)`: a pytree of arrays
+  kept as `state["extra"]`, checkpointed and restored with the rest of the state (per-example
+  label matrices `[N_train, C]` indexed by `batch["index"]`, such as the observed single
+  positives `training.observed`; prototype banks).
 * `epoch_end(ctx: mlgraph.train.HookContext, state, epoch) -> state`: a host hook run after
   each finished training epoch (pseudo-labels, prototype banks), before the checkpoint of that
   step, so a resumed run sees exactly what an uninterrupted one does.

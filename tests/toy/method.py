@@ -87,12 +87,12 @@ def make_optimizer(config, total_steps: int, params) -> TwoOptimizers:
     return TwoOptimizers(config.optimizer.lr)
 
 
-def init_extra(config, num_train_examples: int, num_classes: int) -> dict:
+def init_extra(config, training) -> dict:
     """Per-example state, indexed by `batch["index"]`, and the epoch count."""
     del config
     return {
-        "seen": jnp.zeros((num_train_examples, 1), jnp.int32),
-        "pseudo": jnp.zeros((num_train_examples, num_classes), jnp.float32),
+        "seen": jnp.zeros((training.num_examples, 1), jnp.int32),
+        "pseudo": jnp.zeros((training.num_examples, training.num_classes), jnp.float32),
         "epochs": jnp.zeros((), jnp.int32),
     }
 

@@ -1,9 +1,14 @@
-"""Multi-label classification losses: BCE, ASL, and the single-positive losses.
+"""Multi-label classification losses: BCE, ASL, SALGL's entropy terms and the single-positive
+(SPML) losses.
 
-All take logits [B, C] and targets [B, C] in {0, 1} and return a scalar.
+The classification losses take logits [B, C] and targets [B, C] in {0, 1} and return a scalar.
+The SPML losses (Cole et al. 2021, Zhou et al. 2022) take logits [B, C] and *observed* targets
+[B, C] in which 0 means unknown; see `spml_loss` below.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -102,3 +107,266 @@ def batch_entropy(scene_probs: jax.Array) -> jax.Array:
     k = scene_probs.shape[-1]
     h_max = entropy(jnp.full((k,), 1.0 / k, jnp.float32))
     return (h_max - entropy(scene_probs.astype(jnp.float32).mean(axis=0))) * 100.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Single-positive multi-label (SPML) losses, as in Cole et al.'s and Zhou et al.'s code.
+#
+# Notation shared by every function below: p = sigmoid(logits) in float32, eps = 1e-5,
+#   l+(p) = -log(p + eps),   l-(p) = -log(1 - p + eps),
+# and each loss is  L = sum_{b,c} M_bc / (B C) + R  for a per-entry matrix M and an optional
+# regulariser R that is added without normalisation. Observed targets z [B, C]: z = 1 is the
+# observed positive, z = 0 unknown. Like the reference codes, which fill a zero matrix by
+# `z == 1` and `z == 0` and assert that nothing else occurs, an entry with any other value
+# contributes 0 (em_apl adds the pseudo-negatives z < 0).
+# ---------------------------------------------------------------------------------------------
+
+SPML_EPS = 1e-5
+
+
+def _probs(logits: jax.Array) -> jax.Array:
+    return jax.nn.sigmoid(jnp.asarray(logits, jnp.float32))
+
+
+def _pos_log(p: jax.Array) -> jax.Array:
+    """l+(p) = -log(p + eps)."""
+    return -jnp.log(p + SPML_EPS)
+
+
+def _neg_log(p: jax.Array) -> jax.Array:
+    """l-(p) = -log(1 - p + eps)."""
+    return -jnp.log(1.0 - p + SPML_EPS)
+
+
+def _entry_mean(m: jax.Array) -> jax.Array:
+    b, c = m.shape
+    return m.sum() / (b * c)
+
+
+def _expected_positive_reg(p: jax.Array, expected_num_pos: float) -> jax.Array:
+    """((1/B) sum_b sum_c p_bc - K)^2 / C^2: the batch-mean number of predicted positives, pulled
+    towards K."""
+    return (p.sum(axis=1).mean() - expected_num_pos) ** 2 / p.shape[1] ** 2
+
+
+def _check_pair(logits, targets, what: str) -> None:
+    # Shapes are static, so this also runs (once, at trace time) under jit.
+    if jnp.ndim(logits) != 2 or jnp.shape(targets) != jnp.shape(logits):
+        raise ValueError(
+            f"logits must be [B, C] and {what} the same shape; got {jnp.shape(logits)} and "
+            f"{jnp.shape(targets)}"
+        )
+
+
+def _observed_matrix(observed: jax.Array, positive: jax.Array, unknown: jax.Array) -> jax.Array:
+    """M with `positive` where z == 1, `unknown` where z == 0 and 0 elsewhere."""
+    z = jnp.asarray(observed)
+    return jnp.where(z == 1, positive, jnp.where(z == 0, unknown, 0.0))
+
+
+def an(logits: jax.Array, observed: jax.Array) -> jax.Array:
+    """Assume negative (AN): M = l+(p) for z = 1, l-(p) for z = 0 (every unknown is a negative)."""
+    _check_pair(logits, observed, "observed")
+    p = _probs(logits)
+    return _entry_mean(_observed_matrix(observed, _pos_log(p), _neg_log(p)))
+
+
+def an_ls(logits: jax.Array, observed: jax.Array, ls_coef: float = 0.1) -> jax.Array:
+    """AN with label smoothing s = `ls_coef` on both kinds of entry:
+
+    z = 1: M = (1 - s) l+(p) + s l-(p),    z = 0: M = (1 - s) l-(p) + s l+(p).
+    """
+    _check_pair(logits, observed, "observed")
+    p = _probs(logits)
+    pos, neg = _pos_log(p), _neg_log(p)
+    return _entry_mean(
+        _observed_matrix(
+            observed, (1.0 - ls_coef) * pos + ls_coef * neg, (1.0 - ls_coef) * neg + ls_coef * pos
+        )
+    )
+
+
+def wan(logits: jax.Array, observed: jax.Array) -> jax.Array:
+    """Weak assume negative (WAN): M = l+(p) for z = 1 and gamma l-(p) for z = 0, with
+    gamma = 1/(C - 1) (so the C - 1 assumed negatives of an image weigh as much as its positive).
+
+    Raises:
+      ValueError: for C < 2.
+    """
+    _check_pair(logits, observed, "observed")
+    num_classes = jnp.shape(logits)[1]
+    if num_classes < 2:
+        raise ValueError(f"wan needs at least 2 classes (gamma = 1/(C-1)); got C={num_classes}")
+    p = _probs(logits)
+    return _entry_mean(_observed_matrix(observed, _pos_log(p), _neg_log(p) / (num_classes - 1)))
+
+
+def epr(logits: jax.Array, observed: jax.Array, expected_num_pos: float) -> jax.Array:
+    """Expected positive regularisation (EPR): M = l+(p) for z = 1 and 0 for the unknowns, plus
+
+    R = ((1/B) sum_b sum_c p_bc - K)^2 / C^2,   K = `expected_num_pos`.
+    """
+    _check_pair(logits, observed, "observed")
+    p = _probs(logits)
+    m = _observed_matrix(observed, _pos_log(p), 0.0)
+    return _entry_mean(m) + _expected_positive_reg(p, expected_num_pos)
+
+
+def role(
+    logits: jax.Array, observed: jax.Array, label_logits: jax.Array, expected_num_pos: float
+) -> jax.Array:
+    """Regularised online label estimation (ROLE) for the classifier's logits [B, C] and the label
+    estimator's logits Phi [B, C] (the rows of the batch's examples), q = sigmoid(Phi):
+
+      M = 1/2 [z l+(p) + z l+(q)]
+        + 1/2 [sg(q) l+(p) + (1 - sg(q)) l-(p) + sg(p) l+(q) + (1 - sg(p)) l-(q)],
+      R = 1/2 [((1/B) sum p - K)^2 + ((1/B) sum q - K)^2] / C^2,
+
+    with sg = stop_gradient: each of p and q is the target of the other's cross-entropy, and is
+    trained only through its own terms. The z terms apply where z == 1. The regulariser carries
+    no stop-gradient: the p term trains the classifier and the q term the estimator.
+    """
+    _check_pair(logits, observed, "observed")
+    _check_pair(logits, label_logits, "label_logits")
+    p = _probs(logits)
+    q = _probs(label_logits)
+    p_target = jax.lax.stop_gradient(p)
+    q_target = jax.lax.stop_gradient(q)
+    observed_terms = _observed_matrix(observed, _pos_log(p) + _pos_log(q), 0.0)
+    cross_terms = (
+        q_target * _pos_log(p)
+        + (1.0 - q_target) * _neg_log(p)
+        + p_target * _pos_log(q)
+        + (1.0 - p_target) * _neg_log(q)
+    )
+    reg = 0.5 * (
+        _expected_positive_reg(p, expected_num_pos) + _expected_positive_reg(q, expected_num_pos)
+    )
+    return _entry_mean(0.5 * observed_terms + 0.5 * cross_terms) + reg
+
+
+def _logit(prob: float) -> float:
+    return math.log(prob / (1.0 - prob))
+
+
+ROLE_INIT_UNKNOWN_BOUND = _logit(0.6)  # unknowns start at probabilities in [0.4, 0.6]
+ROLE_INIT_POSITIVE = _logit(0.995)
+ROLE_INIT_NEGATIVE = _logit(0.005)
+
+
+def role_init(observed: jax.Array, rng: jax.Array) -> jax.Array:
+    """Cole et al.'s initial label-estimator logits Phi [N, C] (float32) for the training split's
+    observed matrix [N, C]:
+
+      unknowns (z = 0): U[-logit(0.6), logit(0.6)) = U[-0.405, 0.405), drawn with the JAX key
+      `rng`; observed positives (z = 1): logit(0.995) = 5.293; observed negatives (z = -1, never
+      present in SPML): logit(0.005) = -5.293.
+    """
+    z = jnp.asarray(observed)
+    if z.ndim != 2:
+        raise ValueError(f"observed must be [N, C]; got shape {z.shape}")
+    init = jax.random.uniform(
+        rng,
+        z.shape,
+        jnp.float32,
+        minval=-ROLE_INIT_UNKNOWN_BOUND,
+        maxval=ROLE_INIT_UNKNOWN_BOUND,
+    )
+    init = jnp.where(z == -1, jnp.float32(ROLE_INIT_NEGATIVE), init)
+    return jnp.where(z == 1, jnp.float32(ROLE_INIT_POSITIVE), init)
+
+
+def _binary_entropy(p: jax.Array) -> jax.Array:
+    """H(p) = p l+(p) + (1 - p) l-(p) (with the eps inside the logs, as in Zhou's code)."""
+    return p * _pos_log(p) + (1.0 - p) * _neg_log(p)
+
+
+def em(logits: jax.Array, observed: jax.Array, alpha: float) -> jax.Array:
+    """Entropy maximisation (EM): M = l+(p) for z = 1 and -alpha H(p) for z = 0, so the unknowns
+    are pushed towards p = 1/2 instead of towards 0, with weight alpha = `alpha`."""
+    _check_pair(logits, observed, "observed")
+    p = _probs(logits)
+    return _entry_mean(_observed_matrix(observed, _pos_log(p), -alpha * _binary_entropy(p)))
+
+
+def em_apl(logits: jax.Array, observed: jax.Array, alpha: float, beta: float) -> jax.Array:
+    """EM with asymmetric pseudo-labels (EM+APL), for z in [-1, 1]:
+
+      z = 1: M = l+(p);   z = 0: M = -alpha H(p) (as `em`);
+      z < 0 (a pseudo-negative with frozen score s = -z): M = beta [s l+(p) + (1 - s) l-(p)],
+
+    a soft BCE of weight beta = `beta` towards the prediction s the model made when the entry was
+    pseudo-labelled (`mlgraph.pseudo_labels.apl_pseudo_negatives`). A pseudo-label of score 0.0
+    is stored as -0.0, which equals 0, so such an entry stays unknown (as in Zhou's code).
+    """
+    _check_pair(logits, observed, "observed")
+    p = _probs(logits)
+    z = jnp.asarray(observed, jnp.float32)
+    s = -z
+    pseudo = beta * (s * _pos_log(p) + (1.0 - s) * _neg_log(p))
+    m = jnp.where(z < 0, pseudo, _observed_matrix(z, _pos_log(p), -alpha * _binary_entropy(p)))
+    return _entry_mean(m)
+
+
+def full_bce(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """The full-label oracle: M = l+(p) where y = 1 and l-(p) where y = 0, on the true labels y.
+
+    Unlike `bce` (torch's `BCEWithLogitsLoss`), it takes the logs of p + eps and 1 - p + eps, as
+    the SPML codes do, so that it is the same loss as `an` when every positive is observed.
+    """
+    _check_pair(logits, labels, "labels")
+    return an(logits, labels)
+
+
+SPML_LOSSES = ("an", "an_ls", "wan", "epr", "role", "em", "em_apl", "full")
+
+
+def spml_loss(
+    name: str,
+    logits: jax.Array,
+    observed: jax.Array,
+    *,
+    labels: jax.Array | None = None,
+    label_logits: jax.Array | None = None,
+    cfg,
+) -> jax.Array:
+    """The SPML loss `name` of logits [B, C] against the observed targets [B, C] -> scalar.
+
+    Names: 'an', 'an_ls', 'wan', 'epr', 'role', 'em', 'em_apl' and 'full' (the oracle
+    `full_bce`, on `labels` instead of `observed`). 'role' also needs `label_logits`, the label
+    estimator's logits for the batch's rows.
+
+    `cfg` (`config.loss`) supplies the hyper-parameters; only the fields the loss uses are read:
+      ls_coef:          s, the label-smoothing coefficient of 'an_ls' (Cole: 0.1);
+      expected_num_pos: K, the expected number of positives per image of 'epr' and 'role'
+                        (Cole: 1.5 VOC, 2.9 COCO, 1.9 NUS-WIDE, 31.4 CUB);
+      alpha:            the weight of the unknowns' negative entropy in 'em' and 'em_apl'
+                        (Zhou: 0.2 VOC, 0.1 COCO and NUS-WIDE, 0.01 CUB);
+      beta:             the weight of the pseudo-negatives' soft BCE in 'em_apl'
+                        (Zhou: 0.02 VOC, 0.9 COCO, 0.2 NUS-WIDE, 0.4 CUB).
+
+    Raises:
+      ConfigError: for an unknown name.
+      ValueError: for 'full' without `labels`, 'role' without `label_logits`, or bad shapes.
+    """
+    if name == "an":
+        return an(logits, observed)
+    if name == "an_ls":
+        return an_ls(logits, observed, cfg.ls_coef)
+    if name == "wan":
+        return wan(logits, observed)
+    if name == "epr":
+        return epr(logits, observed, cfg.expected_num_pos)
+    if name == "role":
+        if label_logits is None:
+            raise ValueError("spml_loss('role') needs label_logits (the estimator's batch rows)")
+        return role(logits, observed, label_logits, cfg.expected_num_pos)
+    if name == "em":
+        return em(logits, observed, cfg.alpha)
+    if name == "em_apl":
+        return em_apl(logits, observed, cfg.alpha, cfg.beta)
+    if name == "full":
+        if labels is None:
+            raise ValueError("spml_loss('full') needs labels (the true label matrix)")
+        return full_bce(logits, labels)
+    raise ConfigError(f"config.loss.name={name!r}: expected one of {', '.join(SPML_LOSSES)}")

@@ -4,6 +4,9 @@
   precision envelope) and its mean, in the form SALGL's official `VOCmAP(year='2012')` computes
   them (SSGRL and Query2Label too), with VOC "difficult" entries dropped through `mask`; with
   `interpolated=False`, ML-GCN's AP (the mean over positives of the precision at their rank).
+* `spml_map`: the single-positive (SPML) papers' mAP: scikit-learn's non-interpolated AP per
+  class (tied scores scored as one threshold), 0 for a class without positives, averaged over
+  every class.
 * `threshold_metrics`: CP, CR, CF1, OP, OR, OF1 of the prediction `score >= threshold` (the
   papers' "All" columns).
 * `topk_metrics`: the same after zeroing every score outside each sample's top k (the papers'
@@ -19,6 +22,8 @@ Conventions shared by every function:
   passing the ignore matrix itself would silently invert its meaning.
 * Tied scores are ranked in ascending sample (or class) index order. The official code's order
   for ties is whatever its unstable sort gives, so with ties no implementation is "the" reference.
+  The exception is `group_ties=True` (used by `spml_map`), which, like scikit-learn, treats a run
+  of tied scores as one threshold and so does not depend on their order.
 """
 
 from __future__ import annotations
@@ -72,7 +77,12 @@ def _validate(scores: Any, targets: Any, mask: Any) -> tuple[np.ndarray, np.ndar
 
 
 def average_precision(
-    scores: Any, targets: Any, mask: Any = None, *, interpolated: bool = True
+    scores: Any,
+    targets: Any,
+    mask: Any = None,
+    *,
+    interpolated: bool = True,
+    group_ties: bool = False,
 ) -> np.ndarray:
     """Per-class average precision, VOC-2012 style (interpolated), as fractions in [0, 1].
 
@@ -87,11 +97,18 @@ def average_precision(
     of scikit-learn without ties): the mean, over the positives, of the precision at the
     positive's own rank.
 
+    `group_ties=True` scores every positive in a run of tied scores at the precision reached
+    after the whole run, as a single threshold of a precision-recall curve would. With
+    `interpolated=False` this is exactly scikit-learn's `average_precision_score`,
+    sum_k (R_k - R_{k-1}) P_k over the distinct score thresholds, ties included.
+
     Args:
       scores: [N, C] scores, higher = more confident.
       targets: [N, C] 0/1 ground truth.
       mask: optional [N, C] bool; False drops the (sample, class) pair from that class's ranking.
       interpolated: the precision envelope (True) or the precision at each rank (False).
+      group_ties: score tied entries together at the end of their run (True) or one by one in
+        ascending sample order (False).
 
     Returns:
       float64 [C]; NaN for a class with no positive among its kept samples (the official code
@@ -108,6 +125,16 @@ def average_precision(
     # A masked row's precision repeats the previous kept row's (or 0 before any), so it adds no
     # new value to the envelope of any positive below it.
     precision = np.divide(tp, ranks, out=np.zeros_like(tp), where=ranks > 0)
+    if group_ties:
+        # Each rank takes the precision of the last rank of its run of equal scores (the run's
+        # end: the first rank at or below it whose successor scores differently).
+        ranked = np.take_along_axis(scores, order, axis=0)
+        n = ranked.shape[0]
+        run_end = np.ones(ranked.shape, dtype=bool)
+        run_end[:-1] = ranked[1:] != ranked[:-1]
+        end_rank = np.where(run_end, np.arange(n)[:, None], n)
+        end_rank = np.flip(np.minimum.accumulate(np.flip(end_rank, axis=0), axis=0), axis=0)
+        precision = np.take_along_axis(precision, end_rank, axis=0)
     if interpolated:
         precision = np.flip(np.maximum.accumulate(np.flip(precision, axis=0), axis=0), axis=0)
     n_pos = hits.sum(axis=0)
@@ -135,6 +162,23 @@ def mean_average_precision(
             "mAP is undefined"
         )
     return float(100.0 * ap[defined].mean())
+
+
+def spml_map(scores: Any, labels: Any) -> float:
+    """The SPML papers' mAP (Cole et al. 2021 and those after them), in percent.
+
+    AP_c = scikit-learn's `average_precision_score` of class c's scores against its 0/1 labels:
+    sum_k (R_k - R_{k-1}) P_k over the distinct score thresholds, non-interpolated, with tied
+    scores forming one threshold. A class with no positive gets AP_c = 0 and still counts:
+    mAP = 100 * (1/C) sum_c AP_c over all C classes. (`mean_average_precision` instead leaves
+    such classes out.)
+
+    Args:
+      scores: [N, C] scores, higher = more confident (the probabilities p).
+      labels: [N, C] clean 0/1 labels.
+    """
+    ap = average_precision(scores, labels, interpolated=False, group_ties=True)
+    return float(100.0 * np.nan_to_num(ap, nan=0.0).mean())
 
 
 def _f1(precision: float, recall: float) -> float:

@@ -131,6 +131,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.clip = 0.0  # ASL probability margin of negatives; 0 = off
     c.loss.eps = 1e-5  # ASL log clamp
     c.loss.lamda = 1.0  # SALGL: weight of the scene entropy terms
+    # The single-positive losses (mlgraph.models.spml; scob_spml.md §2):
+    c.loss.ls_coef = 0.1  # AN-LS's label smoothing s
+    c.loss.expected_num_pos = 1.5  # EPR and ROLE's K, positives per image (VOC 1.5, COCO 2.9)
+    c.loss.alpha = 0.2  # EM's entropy weight (Zhou: VOC 0.2, COCO 0.1, NUS 0.1)
+    c.loss.beta = 0.02  # EM+APL's pseudo-negative weight (Zhou: VOC 0.02, COCO 0.9, NUS 0.2)
+    c.loss.warmup_epochs = 5  # EM+APL: pseudo-labelling after each epoch from this one on
+    c.loss.neg_proportion = 0.9  # EM+APL: share of each class's unknowns made negative overall
+    c.loss.label_lr_mult = 10.0  # ROLE: the label estimator's learning rate / the network's
 
     # config.model holds the method's constructor arguments (mlgraph.models, recipes.model_config).
     c.model = ml_collections.ConfigDict()

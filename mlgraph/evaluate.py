@@ -33,6 +33,8 @@ THRESHOLDED = ["CP", "CR", "CF1", "OP", "OR", "OF1"]
 # (metric key, column header): mAP_ni is ML-GCN's non-interpolated mAP.
 COLUMNS = [("mAP", "mAP"), ("mAP_noninterp", "mAP_ni")] + [(c, c) for c in THRESHOLDED]
 COLUMNS += [(f"{c}_top3", f"{c}@3") for c in THRESHOLDED]
+# The single-positive papers' mAP (scikit-learn's AP, 0 for a class without positives).
+COLUMNS += [("spml_mAP", "mAP_sp")]
 
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:

@@ -164,7 +164,7 @@ def mean_average_precision(
     return float(100.0 * ap[defined].mean())
 
 
-def spml_map(scores: Any, labels: Any) -> float:
+def spml_map(scores: Any, labels: Any, mask: Any = None) -> float:
     """The SPML papers' mAP (Cole et al. 2021 and those after them), in percent.
 
     AP_c = scikit-learn's `average_precision_score` of class c's scores against its 0/1 labels:
@@ -176,8 +176,9 @@ def spml_map(scores: Any, labels: Any) -> float:
     Args:
       scores: [N, C] scores, higher = more confident (the probabilities p).
       labels: [N, C] clean 0/1 labels.
+      mask: optional [N, C] bool, True where an entry counts (VOC's difficult pairs are False).
     """
-    ap = average_precision(scores, labels, interpolated=False, group_ties=True)
+    ap = average_precision(scores, labels, mask, interpolated=False, group_ties=True)
     return float(100.0 * np.nan_to_num(ap, nan=0.0).mean())
 
 
@@ -267,13 +268,15 @@ def compute_all(
 ) -> dict[str, float]:
     """Every reported metric in one flat dict of plain Python floats, all in percent.
 
-    Keys: `mAP` (interpolated: SALGL, SSGRL, Q2L), `mAP_noninterp` (ML-GCN's), `CP`, `CR`,
+    Keys: `mAP` (interpolated: SALGL, SSGRL, Q2L), `mAP_noninterp` (ML-GCN's), `spml_mAP`
+    (the single-positive papers': scikit-learn's AP, 0 for a class without positives), `CP`, `CR`,
     `CF1`, `OP`, `OR`, `OF1` and, unless `topk` is None, the same six with the suffix
     `_top{topk}`. See the individual functions for the definitions.
     """
     result = {
         "mAP": mean_average_precision(scores, targets, mask),
         "mAP_noninterp": mean_average_precision(scores, targets, mask, interpolated=False),
+        "spml_mAP": spml_map(scores, targets, mask),
     }
     result.update(threshold_metrics(scores, targets, threshold=threshold, mask=mask))
     if topk is not None:

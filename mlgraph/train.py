@@ -235,27 +235,33 @@ class StepContext:
     total_steps: int
     ema_live: tuple[str, ...]
 
-    def loss_and_grads(self, params: Any, rest: Any, batch: dict, step: jax.Array):
+    def loss_and_grads(
+        self, params: Any, rest: Any, batch: dict, step: jax.Array, trainable: dict | None = None
+    ):
         """The method's loss on `batch` and its gradient with respect to `params`.
 
         Forward in training mode (batch statistics and method buffers such as SALGL's
         co-occurrence counts update over the global batch), dropout keyed by `step`.
+        `trainable`: further arrays outside the model that `loss_fn` reads as batch entries and
+        that are differentiated too (e.g. the rows of ROLE's label matrix).
 
         Returns:
-          (loss, aux metrics, the updated non-parameter state `rest`, grads).
+          (loss, aux metrics, the updated non-parameter state `rest`, grads): grads of `params`,
+          or the pair (grads of `params`, grads of `trainable`) when `trainable` is given.
         """
         dropout_key = jax.random.fold_in(jax.random.key(self.config.seed + 1), step)
 
-        def loss_of(params, rest):
+        def loss_of(params, extra_inputs, rest):
             # `rest` is copied so that the forward's buffer updates belong to this trace.
             model = nnx.merge(self.graphdef, params, jax.tree.map(lambda x: x, rest))
             rngs = nnx.Rngs(dropout=dropout_key)
             out = model(batch["image"], labels=batch["labels"], train=True, rngs=rngs)
-            loss, aux = self.mod.loss_fn(out, batch, self.config)
+            loss, aux = self.mod.loss_fn(out, batch | extra_inputs, self.config)
             return loss, (aux, nnx.state(model, nnx.Not(nnx.Param)))
 
-        (loss, (aux, rest)), grads = jax.value_and_grad(loss_of, has_aux=True)(params, rest)
-        return loss, aux, rest, grads
+        grad_fn = jax.value_and_grad(loss_of, argnums=(0, 1), has_aux=True)
+        (loss, (aux, rest)), grads = grad_fn(params, trainable or {}, rest)
+        return loss, aux, rest, grads if trainable is not None else grads[0]
 
     def finish(self, state: dict, params: Any, rest: Any, opt: Any, **changes) -> dict:
         """The next state: new params, rest and optimizer state, the EMA updated from them,

@@ -33,6 +33,7 @@ CONFIGS = {
     "ssgrl": ("ssgrl_demo", "ssgrl_coco"),
     "mlgcn": ("mlgcn_demo", "mlgcn_coco"),
     "q2l": ("q2l_demo", "q2l_coco"),
+    "spml": ("spml_demo", "spml_coco"),
 }
 
 

@@ -351,12 +351,14 @@ def test_compute_all_keys_and_consistency():
     scores, targets, mask = _random_case(6, n=60, c=5)
     got = metrics.compute_all(scores, targets, mask=mask)
     six = ["CP", "CR", "CF1", "OP", "OR", "OF1"]
-    assert list(got) == ["mAP", "mAP_noninterp", *six, *(f"{k}_top3" for k in six)]
+    keys = ["mAP", "mAP_noninterp", "spml_mAP"]
+    assert list(got) == [*keys, *six, *(f"{k}_top3" for k in six)]
+    assert got["spml_mAP"] == metrics.spml_map(scores, targets, mask)
     assert all(type(v) is float for v in got.values())
     ap = _ap_mean_max_precision(scores, targets, mask)
     assert got["mAP"] == pytest.approx(100 * np.nanmean(ap), rel=1e-12)
     assert {k: got[k] for k in six} == metrics.threshold_metrics(scores, targets, mask=mask)
-    assert list(metrics.compute_all(scores, targets, topk=None)) == ["mAP", "mAP_noninterp", *six]
+    assert list(metrics.compute_all(scores, targets, topk=None)) == [*keys, *six]
     assert "OF1_top2" in metrics.compute_all(scores, targets, topk=2)
 
 

@@ -49,8 +49,8 @@ def check_manual_dir(root: str | pathlib.Path) -> pathlib.Path:
     )
 
 
-def read_instances(json_path: pathlib.Path) -> tuple[list[dict], list[dict], list[dict]]:
-    """(categories sorted by id, images, annotations) of an instances JSON, validated."""
+def load_instances(json_path: pathlib.Path) -> dict:
+    """An instances JSON as written (every list in file order), checked for its three keys."""
     try:
         data = json.loads(json_path.read_text())
     except json.JSONDecodeError as e:
@@ -58,6 +58,12 @@ def read_instances(json_path: pathlib.Path) -> tuple[list[dict], list[dict], lis
     for key in ("images", "annotations", "categories"):
         if key not in data:
             raise DataError(f"{json_path}: missing top-level key '{key}'")
+    return data
+
+
+def read_instances(json_path: pathlib.Path) -> tuple[list[dict], list[dict], list[dict]]:
+    """(categories sorted by id, images, annotations) of an instances JSON, validated."""
+    data = load_instances(json_path)
     return sorted(data["categories"], key=lambda c: c["id"]), data["images"], data["annotations"]
 
 

@@ -167,13 +167,13 @@ def training_split(dataset: Dataset, data: ml_collections.ConfigDict) -> Trainin
         raise ConfigError(f"config.data.val_fraction={fraction}: expected 0 <= f < 1")
     labels = None
     if scheme:
-        labels = observed.observed_labels(dataset, data.train_split, scheme)
+        labels = observed.observed_labels(dataset, data.train_split, scheme).astype(np.float32)
     if not fraction:
         return TrainingSplit(source, dataset.num_classes, labels)
-    train_positions, val_positions = observed.holdout_split(dataset, data.train_split, fraction)
+    cut = observed.cole_split(dataset, data.train_split, fraction=fraction)
     return TrainingSplit(
-        Subset(source, train_positions),
+        Subset(source, cut.train),
         dataset.num_classes,
-        None if labels is None else labels[train_positions],
-        Subset(source, val_positions),
+        None if labels is None else labels[np.asarray(cut.train, int)],
+        Subset(source, cut.val),
     )

@@ -13,6 +13,9 @@ pick the epoch, the official evaluation split as the test set; ResNet-50 at 448 
     python -m mlgraph.main --config configs/spml_voc2012.py:loss=em --workdir DIR \
         --config.data.data_dir=DATA --config.init_from=R50
 
+Cole's linear-init protocol is two runs: `:loss=role,mode=linear --workdir LIN` (25 epochs of
+the linear layer on the frozen backbone), then `:loss=role --config.init_from=LIN --workdir DIR`.
+
 Read the test mAP (`eval/spml_mAP`) at the best validation step (`val/spml_mAP`; the kept
 best checkpoint, `python -m mlgraph.evaluate --workdir DIR`, column mAP_sp).
 Batch 8 and lr 1e-5 are Zhou's for every loss; Cole's published rows for AN, AN-LS,
@@ -37,7 +40,7 @@ from mlgraph import config_lib, recipes
 
 
 def get_config(arg=None):
-    """The config; `arg` accepts `loss=an|an_ls|wan|epr|role|em|em_apl|full` and
-    `observed=cole|scob`."""
-    args = config_lib.parse_arg(arg, loss="em", observed="cole")
-    return recipes.spml(dataset="voc2012", loss=args.loss, observed=args.observed)
+    """The config; `arg` accepts `loss=an|an_ls|wan|epr|role|em|em_apl|full`,
+    `observed=cole|scob` and `mode=end_to_end|linear`."""
+    args = config_lib.parse_arg(arg, loss="em", observed="cole", mode="end_to_end")
+    return recipes.spml(dataset="voc2012", loss=args.loss, observed=args.observed, mode=args.mode)

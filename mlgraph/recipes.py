@@ -265,14 +265,24 @@ SPML_SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
-def spml(*, dataset: str, loss: str, observed: str = "cole") -> ml_collections.ConfigDict:
+def spml(
+    *, dataset: str, loss: str, observed: str = "cole", mode: str = "end_to_end"
+) -> ml_collections.ConfigDict:
     """The single-positive protocol of Cole et al. (scob_spml.md §1.3-§1.6) with Zhou et al.'s
     hyper-parameters (§1.7): ResNet-50 (ImageNet) + global average pooling + a linear layer at
     448 px, resize + flip only; Adam without weight decay or schedule, 10 epochs end to end; one
     observed positive per training image (`observed`: 'cole', seed 1200), 20 % of the training
     split held out with clean labels to pick the epoch (`val/spml_mAP`, evaluated every epoch),
     the official evaluation split as the test set. EM and EM+APL stop early at the first epoch
-    whose validation mAP does not improve, as Zhou's code."""
+    whose validation mAP does not improve, as Zhou's code.
+
+    `mode='linear'` is the first phase of Cole's linear-init protocol: 25 epochs training only
+    the linear layer (and ROLE's label estimator) on the frozen backbone, with Cole's fixed
+    settings (ROLE: lr 1e-3, batch 16; the others: lr 1e-4, batch 8, 16 on NUS-WIDE); its
+    workdir is then the `init_from` of the end-to-end phase, which starts from its linear layer
+    and, for ROLE, its estimated labels."""
+    if mode not in ("end_to_end", "linear"):
+        raise ConfigError(f"mode {mode!r}: expected end_to_end or linear")
     if dataset not in SPML_SETTINGS:
         raise ConfigError(
             f"data set {dataset!r}: the SPML recipe knows {', '.join(sorted(SPML_SETTINGS))}"
@@ -301,4 +311,11 @@ def spml(*, dataset: str, loss: str, observed: str = "cole") -> ml_collections.C
         warmup_epochs=s["warmup_epochs"],
     )
     c.model = model_config("spml", backbone="resnet50")
+    if mode == "linear":
+        c.num_epochs = 25.0
+        c.early_stop = False
+        c.optimizer.frozen = ("backbone/.*",)
+        c.model.frozen_bn = True  # fixed features, as a linear probe
+        c.optimizer.lr = 1e-3 if loss == "role" else 1e-4
+        c.batch_size = 16 if loss == "role" or dataset == "nuswide" else 8
     return c

@@ -97,7 +97,11 @@ def create_model(
 
     graphdef, _, _ = nnx.split(nnx.eval_shape(create), nnx.Param, ...)
     params, rest = jax.jit(lambda: nnx.split(create(), nnx.Param, ...)[1:])()
-    if config.init_from:
+    if config.init_from and is_workdir(config.init_from):
+        saved = read_workdir_state(config.init_from, config.model)
+        params = fill_from(params, saved["params"], f"{config.init_from} params")
+        rest = fill_from(rest, saved["rest"], f"{config.init_from} state")
+    elif config.init_from:
         model = nnx.merge(graphdef, params, rest)
         init_from_weights(model, config.init_from, config.model)
         _, params, rest = nnx.split(model, nnx.Param, ...)
@@ -128,6 +132,8 @@ def init_train_state(
         if training is None:
             raise ValueError(f"{config.model.name}: init_extra needs the training split")
         extra = mod.init_extra(config, training)
+        if config.init_from and is_workdir(config.init_from):
+            extra = carry_extra(extra, read_workdir_state(config.init_from, config.model)["extra"])
     state = {
         "params": params,
         "rest": rest,
@@ -138,6 +144,78 @@ def init_train_state(
         "extra": jax.tree.map(jnp.asarray, extra),
     }
     return mod, graphdef, tx, state
+
+
+def is_workdir(path: str) -> bool:
+    """Whether `path` is a training workdir (a `config.init_from` that continues a run's
+    model, such as the second phase of the SPML linear-init protocol)."""
+    p = pathlib.Path(path)
+    return (p / "config.json").is_file() and (p / "checkpoints").is_dir()
+
+
+def read_workdir_state(path: str, model_cfg: ml_collections.ConfigDict) -> dict:
+    """The train state of workdir `path`'s best checkpoint (else its latest), as numpy.
+
+    Fields that change no weight (e.g. `frozen_bn`, frozen in a linear phase) may differ; a
+    weight of another shape is an error when it is filled in (`fill_from`).
+
+    Raises:
+      ConfigError: the workdir trained another method, or has no checkpoint.
+    """
+    workdir = pathlib.Path(path)
+    saved = json.loads((workdir / "config.json").read_text()).get("model", {})
+    if saved.get("name") != model_cfg.name:
+        raise ConfigError(
+            f"config.init_from={path}: the workdir trained a {saved.get('name')!r} model, but "
+            f"config.model.name={model_cfg.name!r}"
+        )
+    ckpts = checkpointing.TrainCheckpoints(workdir / "checkpoints")
+    step = ckpts.best_step() or ckpts.latest_step()
+    try:
+        if step is None:
+            raise ConfigError(f"config.init_from={path}: the workdir has no checkpoint yet")
+        return ckpts.read_state(step)
+    finally:
+        ckpts.close()
+
+
+def _names(path) -> tuple[str, ...]:
+    """A pytree path as plain names, whatever the container types (dicts, lists, State)."""
+    return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def fill_from(target: Any, saved: Any, what: str) -> Any:
+    """`target` with every leaf replaced by the leaf of `saved` at the same path.
+
+    Raises:
+      ConfigError: a leaf missing from `saved` or of another shape.
+    """
+    found = {_names(p): v for p, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
+
+    def pick(path, leaf):
+        value = found.get(_names(path))
+        if value is None or tuple(value.shape) != tuple(leaf.shape):
+            raise ConfigError(
+                f"config.init_from: {what} has no {'/'.join(_names(path))} of shape "
+                f"{tuple(leaf.shape)} (found {None if value is None else tuple(value.shape)})"
+            )
+        return jnp.asarray(value, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(pick, target)
+
+
+def carry_extra(extra: dict, saved: dict) -> dict:
+    """The method's per-example state carried over from an earlier run: each entry of
+    `extra` that `saved` holds (optimizer states, named `*_opt`, start afresh).
+
+    Raises:
+      ConfigError: an entry of another shape (the earlier run trained on other examples).
+    """
+    out = dict(extra)
+    for name, value in extra.items():
+        if not name.endswith("_opt") and name in saved:
+            out[name] = fill_from(value, saved[name], f"the workdir's extra state {name!r}")
+    return out
 
 
 def check_weights_settings(settings: dict, model_cfg: ml_collections.ConfigDict, path: str) -> None:

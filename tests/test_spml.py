@@ -123,3 +123,31 @@ def test_spml_config_errors(tiny_coco_dir, tmp_path):
     config.data.observed = ""
     with pytest.raises(ConfigError, match=r"config.loss.name='an' trains on single positives"):
         train.run(config, tmp_path / "b")
+
+
+def test_linear_init_continues_from_the_linear_phase(tiny_coco_dir, tmp_path):
+    linear = _config(tiny_coco_dir, "role", total_steps=3, eval_every_steps=3)
+    linear.optimizer.frozen = ("backbone/.*",)
+    linear.model.frozen_bn = True
+    train.run(linear, tmp_path / "linear")
+    first, _ = _final(tmp_path / "linear")
+    # The end-to-end phase starts from the linear phase's weights and label estimates (lr 0:
+    # one step leaves them as they were), with a fresh optimizer.
+    e2e = _config(tiny_coco_dir, "role", total_steps=1, eval_every_steps=1)
+    e2e.init_from = str(tmp_path / "linear")
+    e2e.optimizer.lr = 0.0
+    train.run(e2e, tmp_path / "e2e")
+    second, _ = _final(tmp_path / "e2e")
+    jax.tree.map(np.testing.assert_array_equal, second["params"], first["params"])
+    np.testing.assert_array_equal(second["extra"]["phi"], first["extra"]["phi"])
+    counts = [
+        int(v)
+        for path, v in jax.tree_util.tree_leaves_with_path(second["extra"]["phi_opt"])
+        if "count" in jax.tree_util.keystr(path)
+    ]
+    assert counts == [1]
+    other = _config(tiny_coco_dir, "role", total_steps=1)
+    other.model = recipes.model_config("baseline")
+    other.init_from = str(tmp_path / "linear")
+    with pytest.raises(ConfigError, match="the workdir trained a 'spml' model, but"):
+        train.run(other, tmp_path / "other")

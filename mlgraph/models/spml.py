@@ -111,9 +111,7 @@ def make_train_step(ctx):
             # moments still move them, as for torch's dense parameter.
             phi_grad = jnp.zeros_like(extra["phi"]).at[index].add(row_grads["label_logits"])
             phi_updates, phi_opt = phi_tx.update(phi_grad, extra["phi_opt"], extra["phi"])
-            extra = dict(
-                extra, phi=optax.apply_updates(extra["phi"], phi_updates), phi_opt=phi_opt
-            )
+            extra = dict(extra, phi=optax.apply_updates(extra["phi"], phi_updates), phi_opt=phi_opt)
         else:
             loss, aux, rest, grads = ctx.loss_and_grads(params, rest, batch, state["step"])
         updates, opt = ctx.tx.update(grads, state["opt"], params)

@@ -1,11 +1,8 @@
 """Single-positive multi-label learning (SPML) on NUS-WIDE: Cole et al.'s protocol with
 Zhou et al.'s hyper-parameters (mlgraph.recipes.spml; scob_spml.md §1-§2).
 
-One observed positive per training image (Cole's sampler, seed 1200: `--config.data.observed`,
-stored next to the built data set), 20 % of the training split held out with full labels to
-pick the epoch, the official evaluation split as the test set; ResNet-50 at 448 px, Adam,
-10 epochs. The loss is the config argument (`an`, `an_ls`, `wan`, `epr`, `role`, `em`,
-`em_apl`, or `full`, the full-label oracle):
+The protocol, the loss argument (`an`, `an_ls`, `wan`, `epr`, `role`, `em`, `em_apl`, or the
+full-label oracle `full`) and the linear-init mode are described in `recipes.spml`:
 
     python -m mlgraph.data.build nuswide --manual_dir RAW --data_dir DATA
     python -m mlgraph.convert --source torchvision_resnet --input resnet50-0676ba61.pth \
@@ -13,14 +10,8 @@ pick the epoch, the official evaluation split as the test set; ResNet-50 at 448 
     python -m mlgraph.main --config configs/spml_nuswide.py:loss=em --workdir DIR \
         --config.data.data_dir=DATA --config.init_from=R50
 
-Cole's linear-init protocol is two runs: `:loss=role,mode=linear --workdir LIN` (25 epochs of
-the linear layer on the frozen backbone), then `:loss=role --config.init_from=LIN --workdir DIR`.
-
-Read the test mAP (`eval/spml_mAP`) at the best validation step (`val/spml_mAP`; the kept
-best checkpoint, `python -m mlgraph.evaluate --workdir DIR`, column mAP_sp).
-Batch 16 and lr 1e-5 are Zhou's for every loss; Cole's published rows for AN, AN-LS,
-WAN, EPR and ROLE come from a grid search over batch {8, 16} x lr {1e-2 .. 1e-5}.
-
+Read the test mAP `eval/spml_mAP` at the best `val/spml_mAP` (the kept checkpoint:
+`python -m mlgraph.evaluate --workdir DIR`, column mAP_sp). Batch 16, lr 1e-5 (Zhou's).
 NUS-WIDE: Cole re-crawled the images in 2020 and Zhou used the official release; the two are
 different subsets, so compare with the row of the protocol whose images you have.
 

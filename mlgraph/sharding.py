@@ -1,10 +1,13 @@
 """The device mesh and the movement of process-local data to global arrays.
 
 Data parallel only: a 1-D ('data',) mesh over every device of every process, train state
-replicated, batches sharded on their leading axis.
+replicated, batches sharded on their leading axis; `DeviceBatches` puts the next training batch
+on the devices while a step runs.
 """
 
 from __future__ import annotations
+
+import json
 
 import jax
 import numpy as np
@@ -53,3 +56,58 @@ def check_batch_size(batch_size: int, what: str = "batch_size") -> None:
         raise ConfigError(
             f"config.{what}={batch_size}: must be a multiple of the device count ({n})"
         )
+
+
+class DeviceBatches:
+    """Global device batches from a host iterator, the next one put on the devices while the
+    current step runs (`prefetch`).
+
+    `get_state`/`set_state` (what the checkpoint saves, as grain's JSON bytes) give the
+    position after the batches already *returned*, not after the one fetched ahead, so a resumed
+    run sees the same batches.
+    """
+
+    def __init__(self, host_iter, mesh):
+        self._it = host_iter
+        self._mesh = mesh
+        self._ahead = None
+        self._state = None
+
+    def _fetch(self):
+        batch = global_batch(self._mesh, next(self._it))
+        return batch, self._it.get_state()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        ahead, self._ahead = self._ahead, None
+        batch, self._state = ahead if ahead is not None else self._fetch()
+        return batch
+
+    def prefetch(self) -> None:
+        """Fetch the next batch now (call it after dispatching a step)."""
+        if self._ahead is None:
+            self._ahead = self._fetch()
+
+    def get_state(self) -> bytes:
+        """The host iterator's position after the batches returned so far."""
+        state = self._it.get_state() if self._state is None else self._state
+        return json.dumps(state).encode()
+
+    def set_state(self, state: bytes) -> None:
+        """Move to `state` (from `get_state`), dropping a batch fetched ahead."""
+        self._it.set_state(json.loads(state))
+        self._ahead, self._state = None, None
+
+    def start_prefetch(self) -> None:
+        """Start the host iterator's background reading (grain calls it after a restore)."""
+        start = getattr(self._it, "start_prefetch", None)
+        if start is not None:
+            start()
+
+    def close(self) -> None:
+        """Stop the host iterator's workers, if it has any."""
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()

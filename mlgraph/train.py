@@ -27,7 +27,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from mlgraph import assets, checkpointing, config_lib, metrics, models, optim, sharding
+from mlgraph import assets, checkpointing, config_lib, init_from, metrics, models, optim, sharding
 from mlgraph.data import datasets, pipeline
 from mlgraph.errors import ConfigError, WorkdirError
 from mlgraph.metric_writer import MetricWriter, read_metrics
@@ -97,13 +97,13 @@ def create_model(
 
     graphdef, _, _ = nnx.split(nnx.eval_shape(create), nnx.Param, ...)
     params, rest = jax.jit(lambda: nnx.split(create(), nnx.Param, ...)[1:])()
-    if config.init_from and is_workdir(config.init_from):
-        saved = read_workdir_state(config.init_from, config.model)
-        params = fill_from(params, saved["params"], f"{config.init_from} params")
-        rest = fill_from(rest, saved["rest"], f"{config.init_from} state")
+    if config.init_from and init_from.is_workdir(config.init_from):
+        saved = init_from.read_workdir_state(config.init_from, config.model)
+        params = init_from.fill_from(params, saved["params"], f"{config.init_from} params")
+        rest = init_from.fill_from(rest, saved["rest"], f"{config.init_from} state")
     elif config.init_from:
         model = nnx.merge(graphdef, params, rest)
-        init_from_weights(model, config.init_from, config.model)
+        init_from.init_from_weights(model, config.init_from, config.model)
         _, params, rest = nnx.split(model, nnx.Param, ...)
     return mod, graphdef, params, rest
 
@@ -132,8 +132,10 @@ def init_train_state(
         if training is None:
             raise ValueError(f"{config.model.name}: init_extra needs the training split")
         extra = mod.init_extra(config, training)
-        if config.init_from and is_workdir(config.init_from):
-            extra = carry_extra(extra, read_workdir_state(config.init_from, config.model)["extra"])
+        if config.init_from and init_from.is_workdir(config.init_from):
+            extra = init_from.carry_extra(
+                extra, init_from.read_workdir_state(config.init_from, config.model)["extra"]
+            )
     state = {
         "params": params,
         "rest": rest,
@@ -144,137 +146,6 @@ def init_train_state(
         "extra": jax.tree.map(jnp.asarray, extra),
     }
     return mod, graphdef, tx, state
-
-
-def is_workdir(path: str) -> bool:
-    """Whether `path` is a training workdir (a `config.init_from` that continues a run's
-    model, such as the second phase of the SPML linear-init protocol)."""
-    p = pathlib.Path(path)
-    return (p / "config.json").is_file() and (p / "checkpoints").is_dir()
-
-
-def read_workdir_state(path: str, model_cfg: ml_collections.ConfigDict) -> dict:
-    """The train state of workdir `path`'s best checkpoint (else its latest), as numpy.
-
-    Fields that change no weight (e.g. `frozen_bn`, frozen in a linear phase) may differ; a
-    weight of another shape is an error when it is filled in (`fill_from`).
-
-    Raises:
-      ConfigError: the workdir trained another method, or has no checkpoint.
-    """
-    workdir = pathlib.Path(path)
-    saved = json.loads((workdir / "config.json").read_text()).get("model", {})
-    if saved.get("name") != model_cfg.name:
-        raise ConfigError(
-            f"config.init_from={path}: the workdir trained a {saved.get('name')!r} model, but "
-            f"config.model.name={model_cfg.name!r}"
-        )
-    ckpts = checkpointing.TrainCheckpoints(workdir / "checkpoints")
-    step = ckpts.best_step() or ckpts.latest_step()
-    try:
-        if step is None:
-            raise ConfigError(f"config.init_from={path}: the workdir has no checkpoint yet")
-        return ckpts.read_state(step)
-    finally:
-        ckpts.close()
-
-
-def _names(path) -> tuple[str, ...]:
-    """A pytree path as plain names, whatever the container types (dicts, lists, State)."""
-    return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
-
-
-def fill_from(target: Any, saved: Any, what: str) -> Any:
-    """`target` with every leaf replaced by the leaf of `saved` at the same path.
-
-    Raises:
-      ConfigError: a leaf missing from `saved` or of another shape.
-    """
-    found = {_names(p): v for p, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
-
-    def pick(path, leaf):
-        value = found.get(_names(path))
-        if value is None or tuple(value.shape) != tuple(leaf.shape):
-            raise ConfigError(
-                f"config.init_from: {what} has no {'/'.join(_names(path))} of shape "
-                f"{tuple(leaf.shape)} (found {None if value is None else tuple(value.shape)})"
-            )
-        return jnp.asarray(value, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(pick, target)
-
-
-def carry_extra(extra: dict, saved: dict) -> dict:
-    """The method's per-example state carried over from an earlier run: each entry of
-    `extra` that `saved` holds (optimizer states, named `*_opt`, start afresh).
-
-    Raises:
-      ConfigError: an entry of another shape (the earlier run trained on other examples).
-    """
-    out = dict(extra)
-    for name, value in extra.items():
-        if not name.endswith("_opt") and name in saved:
-            out[name] = fill_from(value, saved[name], f"the workdir's extra state {name!r}")
-    return out
-
-
-def check_weights_settings(settings: dict, model_cfg: ml_collections.ConfigDict, path: str) -> None:
-    """A whole-model weights checkpoint must have been converted for the model `config.model`
-    describes: same method, and the same value of every field in its settings' `model` (the
-    converters record there exactly the fields the weights or the official config fix; fields
-    they only assumed are listed under `assumed` and not compared), since some (attention
-    heads, GGNN steps, the extra pool) change the outputs but no shape.
-
-    Raises:
-      ConfigError: naming each differing field with both values.
-    """
-    saved = settings.get("model", {})
-    if saved.get("name", model_cfg.name) != model_cfg.name:
-        raise ConfigError(
-            f"config.init_from={path}: holds a '{saved['name']}' model, but "
-            f"config.model.name='{model_cfg.name}'"
-        )
-    assumed = set(settings.get("assumed", ()))
-    diffs = [
-        f"{field} (checkpoint {_plain(value)!r}, config {_plain(model_cfg.get(field))!r})"
-        for field, value in saved.items()
-        if field not in assumed | {"name"} and _plain(model_cfg.get(field)) != _plain(value)
-    ]
-    if diffs:
-        raise ConfigError(
-            f"config.init_from={path}: the checkpoint's model differs from config.model in "
-            f"{'; '.join(diffs)}; set these config.model fields as in its settings.json"
-        )
-
-
-def _plain(value: Any) -> Any:
-    """A config value as plain JSON data (ConfigDicts and tuples become dicts and lists)."""
-    if isinstance(value, ml_collections.ConfigDict):
-        value = value.to_dict()
-    return json.loads(json.dumps(value))
-
-
-def init_from_weights(
-    model: nnx.Module, path: str, model_cfg: ml_collections.ConfigDict | None = None
-) -> None:
-    """Fill `model` (or its backbone) from a weights checkpoint written by mlgraph.convert.
-
-    With `model_cfg`, a whole-model checkpoint is first checked against it
-    (`check_weights_settings`).
-    """
-    tree, settings = checkpointing.load_weights(path)
-    kind = settings.get("kind", "model")
-    if kind == "model" and model_cfg is not None:
-        check_weights_settings(settings, model_cfg, path)
-    target = model.backbone if kind == "backbone" else model
-    state = nnx.state(target)
-    try:
-        nnx.replace_by_pure_dict(state, tree)
-    except (KeyError, ValueError) as e:
-        raise ConfigError(
-            f"config.init_from={path}: its {kind} weights do not fit this model ({e})"
-        ) from None
-    nnx.update(target, state)
 
 
 def ema_update(ema: Any, live: Any, decay: float, live_paths: tuple[str, ...]) -> Any:
@@ -495,64 +366,6 @@ def epochs_done(step: int, batch_size: int, num_examples: int) -> int:
     return step * batch_size // num_examples
 
 
-# ---------------------------------------------------------------------------------------------
-# Input
-# ---------------------------------------------------------------------------------------------
-class DeviceBatches:
-    """Global device batches from a host iterator, the next one put on the devices while the
-    current step runs (`prefetch`).
-
-    `get_state`/`set_state` (what the checkpoint saves, as grain's JSON bytes) give the
-    position after the batches already *returned*, not after the one fetched ahead, so a resumed
-    run sees the same batches.
-    """
-
-    def __init__(self, host_iter, mesh):
-        self._it = host_iter
-        self._mesh = mesh
-        self._ahead = None
-        self._state = None
-
-    def _fetch(self):
-        batch = sharding.global_batch(self._mesh, next(self._it))
-        return batch, self._it.get_state()
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        ahead, self._ahead = self._ahead, None
-        batch, self._state = ahead if ahead is not None else self._fetch()
-        return batch
-
-    def prefetch(self) -> None:
-        """Fetch the next batch now (call it after dispatching a step)."""
-        if self._ahead is None:
-            self._ahead = self._fetch()
-
-    def get_state(self) -> bytes:
-        """The host iterator's position after the batches returned so far."""
-        state = self._it.get_state() if self._state is None else self._state
-        return json.dumps(state).encode()
-
-    def set_state(self, state: bytes) -> None:
-        """Move to `state` (from `get_state`), dropping a batch fetched ahead."""
-        self._it.set_state(json.loads(state))
-        self._ahead, self._state = None, None
-
-    def start_prefetch(self) -> None:
-        """Start the host iterator's background reading (grain calls it after a restore)."""
-        start = getattr(self._it, "start_prefetch", None)
-        if start is not None:
-            start()
-
-    def close(self) -> None:
-        """Stop the host iterator's workers, if it has any."""
-        close = getattr(self._it, "close", None)
-        if close is not None:
-            close()
-
-
 def log(message: str) -> None:
     """Print `message` on process 0 only (every process runs the same loop)."""
     if jax.process_index() == 0:
@@ -587,7 +400,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     num_classes, num_train = dataset.num_classes, len(train_source)
     total = config_lib.total_steps(config, num_train)
     config = assets.resolve(config, dataset.class_names, dataset.directory)
-    batches = DeviceBatches(iter(pipeline.train_dataset(train_source, config, num_classes)), mesh)
+    batches = sharding.DeviceBatches(
+        iter(pipeline.train_dataset(train_source, config, num_classes)), mesh
+    )
 
     # --- model, optimizer, EMA -----------------------------------------------------------
     mod, graphdef, tx, state = init_train_state(config, num_classes, total, training)

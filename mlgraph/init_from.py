@@ -1,0 +1,149 @@
+"""Starting a model from `config.init_from`: a weights checkpoint written by `mlgraph.convert`
+(a backbone or a whole model, checked against `config.model`), or a training workdir whose
+model (and per-example state) a new run continues, such as the second phase of the SPML
+linear-init protocol."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from mlgraph import checkpointing
+from mlgraph.errors import ConfigError
+
+
+def is_workdir(path: str) -> bool:
+    """Whether `path` is a training workdir (a `config.init_from` that continues a run's
+    model, such as the second phase of the SPML linear-init protocol)."""
+    p = pathlib.Path(path)
+    return (p / "config.json").is_file() and (p / "checkpoints").is_dir()
+
+
+def read_workdir_state(path: str, model_cfg: ml_collections.ConfigDict) -> dict:
+    """The train state of workdir `path`'s best checkpoint (else its latest), as numpy.
+
+    Fields that change no weight (e.g. `frozen_bn`, frozen in a linear phase) may differ; a
+    weight of another shape is an error when it is filled in (`fill_from`).
+
+    Raises:
+      ConfigError: the workdir trained another method, or has no checkpoint.
+    """
+    workdir = pathlib.Path(path)
+    saved = json.loads((workdir / "config.json").read_text()).get("model", {})
+    if saved.get("name") != model_cfg.name:
+        raise ConfigError(
+            f"config.init_from={path}: the workdir trained a {saved.get('name')!r} model, but "
+            f"config.model.name={model_cfg.name!r}"
+        )
+    ckpts = checkpointing.TrainCheckpoints(workdir / "checkpoints")
+    step = ckpts.best_step() or ckpts.latest_step()
+    try:
+        if step is None:
+            raise ConfigError(f"config.init_from={path}: the workdir has no checkpoint yet")
+        return ckpts.read_state(step)
+    finally:
+        ckpts.close()
+
+
+def _names(path) -> tuple[str, ...]:
+    """A pytree path as plain names, whatever the container types (dicts, lists, State)."""
+    return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def fill_from(target: Any, saved: Any, what: str) -> Any:
+    """`target` with every leaf replaced by the leaf of `saved` at the same path.
+
+    Raises:
+      ConfigError: a leaf missing from `saved` or of another shape.
+    """
+    found = {_names(p): v for p, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
+
+    def pick(path, leaf):
+        value = found.get(_names(path))
+        if value is None or tuple(value.shape) != tuple(leaf.shape):
+            raise ConfigError(
+                f"config.init_from: {what} has no {'/'.join(_names(path))} of shape "
+                f"{tuple(leaf.shape)} (found {None if value is None else tuple(value.shape)})"
+            )
+        return jnp.asarray(value, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(pick, target)
+
+
+def carry_extra(extra: dict, saved: dict) -> dict:
+    """The method's per-example state carried over from an earlier run: each entry of
+    `extra` that `saved` holds (optimizer states, named `*_opt`, start afresh).
+
+    Raises:
+      ConfigError: an entry of another shape (the earlier run trained on other examples).
+    """
+    out = dict(extra)
+    for name, value in extra.items():
+        if not name.endswith("_opt") and name in saved:
+            out[name] = fill_from(value, saved[name], f"the workdir's extra state {name!r}")
+    return out
+
+
+def check_weights_settings(settings: dict, model_cfg: ml_collections.ConfigDict, path: str) -> None:
+    """A whole-model weights checkpoint must have been converted for the model `config.model`
+    describes: same method, and the same value of every field in its settings' `model` (the
+    converters record there exactly the fields the weights or the official config fix; fields
+    they only assumed are listed under `assumed` and not compared), since some (attention
+    heads, GGNN steps, the extra pool) change the outputs but no shape.
+
+    Raises:
+      ConfigError: naming each differing field with both values.
+    """
+    saved = settings.get("model", {})
+    if saved.get("name", model_cfg.name) != model_cfg.name:
+        raise ConfigError(
+            f"config.init_from={path}: holds a '{saved['name']}' model, but "
+            f"config.model.name='{model_cfg.name}'"
+        )
+    assumed = set(settings.get("assumed", ()))
+    diffs = [
+        f"{field} (checkpoint {_plain(value)!r}, config {_plain(model_cfg.get(field))!r})"
+        for field, value in saved.items()
+        if field not in assumed | {"name"} and _plain(model_cfg.get(field)) != _plain(value)
+    ]
+    if diffs:
+        raise ConfigError(
+            f"config.init_from={path}: the checkpoint's model differs from config.model in "
+            f"{'; '.join(diffs)}; set these config.model fields as in its settings.json"
+        )
+
+
+def _plain(value: Any) -> Any:
+    """A config value as plain JSON data (ConfigDicts and tuples become dicts and lists)."""
+    if isinstance(value, ml_collections.ConfigDict):
+        value = value.to_dict()
+    return json.loads(json.dumps(value))
+
+
+def init_from_weights(
+    model: nnx.Module, path: str, model_cfg: ml_collections.ConfigDict | None = None
+) -> None:
+    """Fill `model` (or its backbone) from a weights checkpoint written by mlgraph.convert.
+
+    With `model_cfg`, a whole-model checkpoint is first checked against it
+    (`check_weights_settings`).
+    """
+    tree, settings = checkpointing.load_weights(path)
+    kind = settings.get("kind", "model")
+    if kind == "model" and model_cfg is not None:
+        check_weights_settings(settings, model_cfg, path)
+    target = model.backbone if kind == "backbone" else model
+    state = nnx.state(target)
+    try:
+        nnx.replace_by_pure_dict(state, tree)
+    except (KeyError, ValueError) as e:
+        raise ConfigError(
+            f"config.init_from={path}: its {kind} weights do not fit this model ({e})"
+        ) from None
+    nnx.update(target, state)

@@ -48,7 +48,7 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
 
 
 def _strip_count(row: dict[str, float]) -> dict[str, float]:
-    return {k: v for k, v in row.items() if k != "eval/images"}
+    return {k: v for k, v in row.items() if k != "images"}
 
 
 def workdir_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:

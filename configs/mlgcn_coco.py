@@ -1,7 +1,8 @@
 """ML-GCN (Chen et al., CVPR 2019) on coco2014, the official code's recipe (ssgrl_mlgcn.md §3.1).
 
-ResNet-101 at 448 px, global max pooling, two bias-free graph convolutions (300/E -> 1024 ->
-2048, LeakyReLU 0.2) over D A^T D, A = gen_A(tau 0.4, p 0.25) of the train2014 co-occurrence;
+ResNet-101 at 448 px, global max pooling (pool='global', at 448 px the same as the released
+MaxPool2d(14, 14); see recipes.mlgcn), two bias-free graph convolutions (300/E -> 1024 -> 2048,
+LeakyReLU 0.2) over D A^T D, A = gen_A(tau 0.4, p 0.25) of the train2014 co-occurrence;
 labelled images only (builder config 'nonempty': 82,081 / 40,137); BCE
 (= MultiLabelSoftMarginLoss).
 

@@ -1,7 +1,8 @@
 """ML-GCN (Chen et al., CVPR 2019) on VOC 2007 trainval -> test (see mlgcn_coco.py for the recipe:
 SGD 0.1 / 0.01, clip 10, MultiScaleCrop + flip).
 
-ResNet-101 at 448 px, global max pooling, the two-layer GCN over gen_A(tau 0.4, p 0.25) of the
+ResNet-101 at 448 px, global max pooling (pool='global', at 448 px the same as the released
+MaxPool2d(14, 14); see recipes.mlgcn), the two-layer GCN over gen_A(tau 0.4, p 0.25) of the
 trainval co-occurrence; BCE. The training labels count difficult objects as positives, as
 ML-GCN's VOC loader does.
 

@@ -8,6 +8,7 @@ import math
 import re
 from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
@@ -118,6 +119,14 @@ def param_labels(params: nnx.State, opt: ml_collections.ConfigDict) -> nnx.State
         return "default"
 
     return nnx.map_state(label, params)
+
+
+def trainable_size(params: nnx.State, opt: ml_collections.ConfigDict) -> int:
+    """The number of parameter values the optimizer trains: those `param_labels` does not
+    label 'frozen'."""
+    labels = jax.tree.leaves(param_labels(params, opt))
+    leaves = jax.tree.leaves(params)
+    return sum(x.size for x, label in zip(leaves, labels, strict=True) if label != "frozen")
 
 
 def make_optimizer(

@@ -208,7 +208,13 @@ def mlgcn(*, dataset: str) -> ml_collections.ConfigDict:
     gen_A of the training labels, BCE; train images through MultiScaleCrop (scales 1 to 0.5 of
     the shorter side, max_distort 2) and flip; SGD (momentum 0.9, L2 1e-4) at lr 0.1 for the GCN
     and 0.01 (lrp 0.1) for the backbone, gradients clipped to norm 10, batch 32, 20 epochs at a
-    constant rate (the official x0.1 step is at epoch 30, after the end)."""
+    constant rate (the official x0.1 step is at epoch 30, after the end).
+
+    Pooling: pool='global', a true global max. It is the paper's global max pooling, the spec's
+    choice for a reimplementation (ssgrl_mlgcn.md §3.1, §7), and at this recipe's 448 px (a 14x14
+    layer4 map) exactly the released code's MaxPool2d(14, 14); 'official' only differs at other
+    sizes, where that fixed window covers the top-left 14x14 alone, and is what converted
+    official checkpoints record (`mlgraph.convert.mlgcn`)."""
     c = _paper_base(dataset, None, 448)
     c.data.augment.multiscale_crop = (1.0, 0.875, 0.75, 0.66, 0.5)
     c.data.augment.max_distort = 2
@@ -228,7 +234,11 @@ def mlgcn(*, dataset: str) -> ml_collections.ConfigDict:
     c.ema.decay = 0.0
     c.loss = loss_config("bce")
     c.model = model_config(
-        "mlgcn", backbone="resnet101", embed_path="minilm", graph_path="train_labels"
+        "mlgcn",
+        backbone="resnet101",
+        embed_path="minilm",
+        graph_path="train_labels",
+        pool="global",
     )
     return c
 

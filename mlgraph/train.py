@@ -409,6 +409,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     state = jax.device_put(state, repl)
     state_sh = jax.tree.map(lambda _: repl, state)
     num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    num_trainable = optim.trainable_size(state["params"], config.optimizer)
 
     # --- restore -------------------------------------------------------------------------
     ckpts = checkpointing.TrainCheckpoints(workdir / "checkpoints")
@@ -459,7 +460,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     # --- loop ----------------------------------------------------------------------------
     stop = min(total, config.stop_at_step) if config.stop_at_step else total
     log(
-        f"training {config.model.name} ({num_params:,} parameters) on {dataset.name} "
+        f"training {config.model.name} ({num_params:,} parameters, {num_trainable:,} "
+        f"trainable) on {dataset.name} "
         f"({num_train} train, {len(eval_source)} eval images, {num_classes} classes) "
         f"for {total} steps of {config.batch_size} on {jax.device_count()} device(s); "
         f"starting at step {step}"

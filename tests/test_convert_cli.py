@@ -16,7 +16,7 @@ from mlgraph import checkpointing
 from mlgraph.convert import convert_file, torchvision_mobilenet_v2, torchvision_resnet
 from mlgraph.convert.__main__ import main, parse_option
 from mlgraph.convert.core import ConversionError
-from mlgraph.convert.io import read_state_dict
+from mlgraph.convert.io import read_checkpoint, read_state_dict
 from mlgraph.convert.pretrained import mobilenet_v2_imagenet_path
 from mlgraph.models.backbones import mobilenet_v2
 
@@ -239,6 +239,40 @@ def test_read_state_dict_errors(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a zip file")
     with pytest.raises(ConversionError, match="could not read as a torch checkpoint"):
         read_state_dict(tmp_path / "junk.pth")
+
+
+def test_read_checkpoint_reports_the_other_entries(tmp_path):
+    sd = tiny_resnet_state_dict()
+    torch.save(
+        {
+            "state_dict": {k: torch.from_numpy(v) for k, v in sd.items()},
+            "epoch": np.int64(30),
+            "best_score": torch.tensor(83.5),
+            "lr": np.float32(0.5),
+            "history": [1, 2],
+            "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]},
+            "ema": torch.zeros(2, 3),
+            "note": "x" * 50,
+        },
+        tmp_path / "c.pth",
+    )
+    ckpt = read_checkpoint(tmp_path / "c.pth")
+    assert ckpt.container == "state_dict" and sorted(ckpt.state_dict) == sorted(sd)
+    assert ckpt.other == {
+        "epoch": "30 (numpy.int64)",
+        "best_score": "83.5 (0-d tensor)",
+        "lr": "0.5 (numpy.float32)",
+        "history": "list of 2",
+        "optimizer": "mapping of 2 (state, param_groups)",
+        "ema": "tensor of shape (2, 3)",
+        "note": repr("x" * 37 + "..."),
+    }
+    assert ckpt.note().startswith("container: weights under 'state_dict'; other entries: epoch=")
+    np.savez(tmp_path / "w.npz", **sd)
+    assert read_checkpoint(tmp_path / "w.npz").note() is None
+    with pytest.raises(ConversionError) as e:
+        convert_file("torchvision_resnet", tmp_path / "c.pth", tmp_path / "o", {"trust_pickle": 1})
+    assert str(e.value) == "option trust_pickle=1: expected a bool, got int"
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -60,6 +60,22 @@ def test_read_class_names(tmp_path):
         label_embed.read_class_names(str(missing))
 
 
+def test_from_file_errors_are_one_line(tmp_path, capsys):
+    out = tmp_path / "e.npy"
+    np.save(tmp_path / "flat.npy", np.zeros(5, np.float32))
+    for source, message in (
+        ("flat.npy", "holds an array of shape (5,); expected [C, E] word vectors or [C, C] counts"),
+        ("missing.pkl", "no such file"),
+    ):
+        argv = ["--from_file", str(tmp_path / source), "--output", str(out)]
+        assert label_embed.main(argv) == 2
+        assert capsys.readouterr().err == f"error: --from_file={tmp_path / source}: {message}\n"
+    assert not out.exists()
+    argv = ["--from_file", str(tmp_path / "flat.npy"), "--classes", "cat", "--output", str(out)]
+    assert label_embed.main(argv) == 2
+    assert "Exactly one of (classes, dataset, from_file)" in capsys.readouterr().err
+
+
 def test_missing_encoder_weights_name_the_path(tmp_path, capsys):
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\ncat\n")

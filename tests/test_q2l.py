@@ -13,9 +13,13 @@ and the architecture is read from a `config_new.json`.
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import math
+import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -27,9 +31,10 @@ from torch_reference import (
     torch_sine_table,
 )
 
-from mlgraph import checkpointing, config_lib, models, recipes, train
+from mlgraph import config_lib, models, optim, recipes, train
 from mlgraph.convert import convert_file, core
 from mlgraph.convert import q2l as convert_q2l
+from mlgraph.convert.__main__ import main
 from mlgraph.errors import ConfigError
 
 torch = pytest.importorskip("torch")
@@ -258,22 +263,139 @@ def test_release_converts_and_matches_torch(variant, tmp_path, capsys):
     assert model["backbone_kwargs"] == {"layers": [1, 1, 1, 1], "width": WIDTH}
     assert settings["loss"]["gamma_neg"] == 4.0  # the loss fields come from the json too
 
-    tree, saved = checkpointing.load_weights(out)
-    module = nnx.eval_shape(
-        lambda: models.build(model, num_classes=K, image_size=IMAGE, rngs=nnx.Rngs(0))
-    )
-    graphdef, state = nnx.split(module)
-    state.replace_by_pure_dict(tree)
-    module = nnx.merge(graphdef, state)
+    rel = _relative_logit_difference(out, tm)
+    assert rel < RTOL, f"max relative logit difference {rel:.2e}"
+    with capsys.disabled():
+        print(f"\nQuery2Label ({variant}): max relative logit diff {rel:.2e}")
 
+
+def _relative_logit_difference(out, tm: TorchQ2L) -> float:
+    """The largest logit difference between the converted weights in `out` and `tm`, relative
+    to the largest torch logit, on three random images."""
+    module = core.load_converted(out)
     x = np.random.default_rng(1).normal(size=(3, IMAGE, IMAGE, 3)).astype(np.float32)
     with torch.no_grad():
         want = tm(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
     got = np.asarray(nnx.jit(lambda m, x: m(x)["logits"])(module, jnp.asarray(x)))
-    rel = float(np.abs(got - want).max() / np.abs(want).max())
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def _save_as_main_mlc(model: TorchQ2L, v: dict, tmp_path, **extra):
+    """The container the official `main_mlc.py` saves: epoch, arch, the DDP-wrapped state dict
+    (`module.` keys), `best_mAP` as the numpy.float64 its mAP function returns, and the AdamW
+    state (one step at lr 0, so that it holds moments and leaves the weights as they are)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=1e-2)
+    model(torch.ones(1, 3, IMAGE, IMAGE)).sum().backward()
+    opt.step()
+    model.zero_grad()
+    ckpt = tmp_path / "model_best.pth.tar"
+    torch.save(
+        {
+            "epoch": 8,
+            "arch": "Q2L-R101-448",
+            "state_dict": {f"module.{k}": t for k, t in model.state_dict().items()},
+            "best_mAP": np.float64(84.93),
+            "optimizer": opt.state_dict(),
+            **extra,
+        },
+        ckpt,
+    )
+    cfg = tmp_path / "config_new.json"
+    cfg.write_text(json.dumps(_config_json(v)))
+    return ckpt, cfg
+
+
+def test_official_container_converts_through_the_cli(tmp_path, capsys):
+    v = VARIANTS["released"]
+    tm = _torch_model(v, 4)
+    ckpt, cfg = _save_as_main_mlc(tm, v, tmp_path)
+    out = tmp_path / "converted"
+    argv = ["--source", "q2l", "--input", str(ckpt), "--output", str(out)]
+    assert main([*argv, "--option", f"config={cfg}"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{ckpt} -> {out}: ")
+    assert lines[1:] == [
+        "note: container: weights under 'state_dict'; other entries: epoch=8; "
+        "arch='Q2L-R101-448'; best_mAP=84.93 (numpy.float64); "
+        "optimizer=mapping of 2 (state, param_groups)"
+    ]
+    rel = _relative_logit_difference(out, tm)
     assert rel < RTOL, f"max relative logit difference {rel:.2e}"
-    with capsys.disabled():
-        print(f"\nQuery2Label ({variant}): max relative logit diff {rel:.2e}")
+
+
+def test_container_with_other_objects_is_refused_unless_trusted(tmp_path, capsys, caplog):
+    v = VARIANTS["released"]
+    tm = _torch_model(v, 5)
+    args = argparse.Namespace(lr=1e-4, img_size=IMAGE)
+    ckpt, cfg = _save_as_main_mlc(tm, v, tmp_path, args=args)
+    out = tmp_path / "converted"
+    argv = ["--source", "q2l", "--input", str(ckpt), "--output", str(out)]
+    argv += ["--option", f"config={cfg}"]
+    assert main(argv) == 1
+    assert capsys.readouterr().err == (
+        f"error: {ckpt}: refused by torch.load(weights_only=True): it holds the global "
+        "argparse.Namespace, which is not allowed; if you trust the file, pass --option "
+        "trust_pickle=true (it then runs any code pickled in the file)\n"
+    )
+    assert not out.exists()
+    with caplog.at_level(logging.WARNING, logger="mlgraph.convert.io"):
+        assert main([*argv, "--option", "trust_pickle=true"]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        f"{ckpt}: trust_pickle=true: loading with weights_only=False, which executes any code "
+        "pickled in the file"
+    ]
+    notes = capsys.readouterr().out.splitlines()[1:]
+    assert notes == [
+        "note: container: weights under 'state_dict'; other entries: epoch=8; "
+        "arch='Q2L-R101-448'; best_mAP=84.93 (numpy.float64); "
+        "optimizer=mapping of 2 (state, param_groups); args=argparse.Namespace"
+    ]
+    assert _relative_logit_difference(out, tm) < RTOL
+
+
+def test_frozen_batch_norm_affine_is_never_trained():
+    """FrozenBatchNorm2d keeps its scale and shift as buffers; here they are the batch norms'
+    Params, which the official recipe's `optimizer.frozen` leaves out of training: a train step
+    moves neither them (nor the running statistics, `frozen_bn`) but does move the rest, and
+    the trainable count excludes them."""
+    c = recipes.q2l(dataset="coco2014", image_size=64)
+    c.dtype = "float32"
+    c.model = recipes.model_config(
+        "q2l",
+        backbone="resnet50",
+        backbone_kwargs={"layers": (1, 1, 1, 1), "width": 4},
+        hidden_dim=128,
+        ffn_dim=64,
+    )
+    assert tuple(c.optimizer.frozen) == recipes.Q2L_FROZEN_BACKBONE
+    mod, graphdef, tx, state = train.init_train_state(c, 3, 10)
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": jnp.asarray(rng.normal(size=(4, 64, 64, 3)), jnp.float32),
+        "labels": jnp.asarray(rng.random((4, 3)) < 0.5, jnp.float32),
+        "index": jnp.arange(4),
+    }
+    new, _ = jax.jit(train.make_train_step(mod, graphdef, tx, c, 10))(state, batch)
+
+    def flat(tree):
+        return {"/".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(tree)}
+
+    before, after = flat(state["params"]), flat(new["params"])
+    affine = {p for p in before if re.fullmatch(r"backbone/(.*/)?(bn\d+|downsample_bn)/.*", p)}
+    assert len(affine) == 2 * (1 + 4 * 4)  # scale and bias of bn1 and 4 BNs in each block
+    frozen = {p for p in before if any(re.fullmatch(f, p) for f in c.optimizer.frozen)}
+    assert affine <= frozen
+    for p in frozen:
+        np.testing.assert_array_equal(after[p], before[p], err_msg=p)
+    moved = {p for p in before if not np.array_equal(after[p], before[p])}
+    assert {"query_embed", "fc/weight", "backbone/layer2/0/conv1/kernel"} <= moved
+    stats_before, stats_after = flat(state["rest"]), flat(new["rest"])
+    for p in stats_before:
+        np.testing.assert_array_equal(stats_after[p], stats_before[p], err_msg=p)
+    total = sum(v.size for v in before.values())
+    trainable = total - sum(before[p].size for p in frozen)
+    assert optim.trainable_size(state["params"], c.optimizer) == trainable
 
 
 def test_settings_from_weights_alone_and_option_overrides(tmp_path):

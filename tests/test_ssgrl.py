@@ -10,17 +10,20 @@ co-occurrence statistics against the spec's formulas and the 'train_labels' reso
 
 from __future__ import annotations
 
+import argparse
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from torch_reference import TorchResNetTrunk, randomize_batch_norms
+from torch_reference import PYTHON2, TorchResNetTrunk, randomize_batch_norms
 from train_helpers import TINY_COCO_TRAIN
 
 from mlgraph import models, recipes
 from mlgraph.convert import core, io
 from mlgraph.convert import ssgrl as convert_ssgrl
+from mlgraph.convert.__main__ import main
 from mlgraph.data import cooccurrence
 from mlgraph.errors import ConfigError
 from mlgraph.models import ssgrl
@@ -201,6 +204,50 @@ def test_official_checkpoint_converts_and_matches_torch(tmp_path, capsys, paper)
     )
     spec = lambda m: {p: tuple(v.shape) for p, v in core.variable_paths(m).items()}  # noqa: E731
     assert spec(rebuilt) == spec(module)
+
+
+def _save_as_python2_main(model, path, **extra):
+    """What the official main.py saves under Python 2.7 / PyTorch 0.4.1: {'epoch', 'state_dict',
+    'best_mAP'} with `best_mAP` the numpy.float64 of its mAP function, in the legacy format,
+    pickled as Python 2 does (raw 8-bit strings, readable only with encoding='latin1')."""
+    torch.save(
+        {"epoch": 12, "state_dict": model.state_dict(), "best_mAP": np.float64(83.81), **extra},
+        path,
+        pickle_module=PYTHON2,
+        pickle_protocol=2,
+        _use_new_zipfile_serialization=False,
+    )
+
+
+def test_python2_container_converts_through_the_cli(tmp_path, capsys):
+    tm = _torch_model(3, tmp_path)
+    path = tmp_path / "model_best_coco.pth.tar"
+    _save_as_python2_main(tm, path)
+    out = tmp_path / "converted"
+    argv = ["--source", "ssgrl", "--input", str(path), "--output", str(out)]
+    for key, value in _options(tmp_path).items():
+        argv += ["--option", f"{key}={value}"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{path} -> {out}: ")
+    assert lines[1:] == [
+        "note: container: weights under 'state_dict'; other entries: epoch=12; "
+        "best_mAP=83.81 (numpy.float64)"
+    ]
+    module = core.load_converted(out)
+    x = _images(2, 4)
+    got = nnx.jit(lambda m, x: m(x)["logits"])(module, jnp.asarray(x))
+    assert _rel(got, _torch_logits(tm, x)) < RTOL
+
+    # The same container with an object of another class: refused in one line.
+    other = tmp_path / "with_args.pth.tar"
+    _save_as_python2_main(tm, other, args=argparse.Namespace(lr=1e-5))
+    argv[3], argv[5] = str(other), str(tmp_path / "refused")
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"error: {other}: refused by torch.load(weights_only=True): ")
+    assert "argparse.Namespace" in err and "--option trust_pickle=true" in err
 
 
 def test_train_mode_batch_norm_only_in_layer4(tmp_path):

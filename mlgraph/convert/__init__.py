@@ -2,8 +2,13 @@
 
 `convert_file(source, input, output, options)` is the library entry (the command line
 `python -m mlgraph.convert` and `mlgraph.assets` both call it). Sources (`SOURCES`) name a table
-module under `mlgraph.convert`; each defines `convert(state_dict, options) -> (module, settings)`.
+module under `mlgraph.convert`; each defines `convert(state_dict, options) -> (module, settings)`,
+where `settings` may hold "notes": lines for the conversion summary (what a config using the
+weights must know), which are not written to settings.json.
 Nothing heavy is imported here, so that importing one table module stays cheap.
+
+The option `trust_pickle` (default false) is taken here, for every source: true reads a torch
+file with `weights_only=False` (`mlgraph.convert.io.read_checkpoint`).
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ def convert_file(
     """Read `input`, convert it with the `source` table, write a weights checkpoint to `output`.
 
     Returns a summary: {"source", "input", "output", "params" (number of trainable values),
-    "settings" (as written to settings.json)}.
+    "settings" (as written to settings.json), "notes" (lines: the container's other entries,
+    such as epoch, best_mAP and optimizer, and the table's notes)}.
 
     Raises:
       ConversionError: unknown source or options, or weights that do not fit the model.
@@ -65,15 +71,23 @@ def convert_file(
     from flax import nnx
 
     from mlgraph import checkpointing
-    from mlgraph.convert.io import read_state_dict
+    from mlgraph.convert.io import read_checkpoint
 
-    state_dict = read_state_dict(input_path)
+    options = dict(options or {})
+    trust_pickle = options.pop("trust_pickle", False)
+    if not isinstance(trust_pickle, bool):
+        raise ConversionError(
+            f"option trust_pickle={trust_pickle!r}: expected a bool, got "
+            f"{type(trust_pickle).__name__}"
+        )
+    checkpoint = read_checkpoint(input_path, trust_pickle=trust_pickle)
     try:
-        module, settings = table_module.convert(state_dict, dict(options or {}))
+        module, settings = table_module.convert(checkpoint.state_dict, options)
     except ConversionError as e:
         raise ConversionError(f"{input_path}: {e}") from e
     params = sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
     settings = dict(settings) | {"source": source, "input": str(input_path)}
+    notes = [checkpoint.note(), *settings.pop("notes", [])]
     checkpointing.save_weights(output_path, nnx.to_pure_dict(nnx.state(module)), settings)
     return {
         "source": source,
@@ -81,4 +95,5 @@ def convert_file(
         "output": str(output_path),
         "params": int(params),
         "settings": settings,
+        "notes": [n for n in notes if n],
     }

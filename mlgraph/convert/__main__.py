@@ -6,7 +6,14 @@
 The command line of `mlgraph.convert.convert_file`. Option values are parsed as JSON where they
 can be (`true`, `3`, `"x"`, `[1, 2]`), otherwise kept as strings. The output folder must not
 exist. A usage error is one line `error: ...` on stderr and exit status 2; a conversion error is
-one such line and exit status 1.
+one such line and exit status 1. After the summary line, lines `note: ...` say what else the
+file held (a training script's epoch, best_mAP, optimizer...) and what a config using the
+weights must set.
+
+Torch files are read safely (`weights_only=True`, numpy scalars allowed); a file that needs
+more is refused with a line naming `--option trust_pickle=true`, which loads it with
+`weights_only=False`: that executes any code pickled in the file, so use it only for files
+from a source you trust.
 """
 
 from __future__ import annotations
@@ -36,7 +43,8 @@ _OUTPUT = flags.DEFINE_string("output", None, "Output folder (must not exist).",
 _OPTION = flags.DEFINE_multi_string(
     "option",
     [],
-    "Source-specific KEY=VALUE, repeatable (e.g. include_head=false)",
+    "Source-specific KEY=VALUE, repeatable (e.g. include_head=false); trust_pickle=true for "
+    "any source",
     flag_values=_FLAGS,
 )
 
@@ -109,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{summary['input']} -> {summary['output']}: {summary['params']:,} params, "
         f"settings {json.dumps(settings, sort_keys=True)}"
     )
+    for note in summary["notes"]:
+        print(f"note: {note}")
     return 0
 
 

@@ -8,8 +8,9 @@ NNX variables the table leaves unset, and shape mismatches are all collected int
 
 Also here, once for every source: option checking (`check_options`), key prefixes
 (`strip_prefix`, `select_prefix`, `detect_prefix`), required keys (`require_keys`), batch-norm
-table rows (`bn_entries`) and the settings resolver of the method converters
-(`SettingsResolver`).
+table rows (`bn_entries`), the settings resolver of the method converters
+(`SettingsResolver`), and the converted model back from its weights checkpoint
+(`load_converted`).
 """
 
 from __future__ import annotations
@@ -261,6 +262,23 @@ def build_abstract(settings: Mapping, source: str) -> nnx.Module:
         )
     except (ValueError, ConfigError) as e:
         raise ConversionError(f"{source}: {e}") from e
+
+
+def load_converted(path: str | pathlib.Path, **fields: Any) -> nnx.Module:
+    """The model a whole-model weights checkpoint of `mlgraph.convert.convert_file` describes,
+    filled from it; `fields` replace `config.model` fields that change no weight (such as
+    ML-GCN's `pool`).
+
+    Raises:
+      ConversionError: settings that describe no buildable model.
+    """
+    from mlgraph import checkpointing
+
+    tree, settings = checkpointing.load_weights(path)
+    settings = dict(settings, model=dict(settings["model"]) | fields)
+    graphdef, state = nnx.split(build_abstract(settings, str(path)))
+    state.replace_by_pure_dict(tree)
+    return nnx.merge(graphdef, state)
 
 
 def load_into(

@@ -1,16 +1,26 @@
 """Read a PyTorch-side checkpoint file into a flat `{key: numpy array}` state dict.
 
 Formats:
-* `.pth`, `.pt`, `.bin`: `torch.load(map_location="cpu", weights_only=True)` (torch is imported
-  only here, so training never needs it). `weights_only=True` refuses arbitrary pickled code.
+* `.pth`, `.pt`, `.bin`, `.tar`, `.pkl`: `torch.load(map_location="cpu", weights_only=True,
+  encoding="latin1")` (torch is imported only here, so training never needs it).
+  `weights_only=True` refuses arbitrary pickled code; the numpy scalars that training scripts
+  store next to the weights (Query2Label's and SSGRL's `best_mAP` is a `numpy.float64`) are
+  allowed through torch's safe-globals list (`numpy_safe_globals`), nothing else. latin1 reads
+  Python 2 pickles (SSGRL's files, PyTorch 0.4.1). `trust_pickle=True` loads with
+  `weights_only=False` instead, for other legacy files: it runs any code pickled in the file.
 * `.safetensors`: `safetensors.numpy` (no torch needed unless the file holds bfloat16).
 * `.npz`: numpy, e.g. a state dict dumped elsewhere with `np.savez(path, **state_dict)`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import logging
 import pathlib
+import pickle
+import re
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,8 +52,111 @@ def _import_torch():
     return torch
 
 
-def _unwrap(obj: Any, path: pathlib.Path, container: str | None) -> Mapping[str, Any]:
-    """Find the flat tensor dict in what `torch.load` returned."""
+def numpy_safe_globals() -> list[Any]:
+    """What the numpy scalars of a checkpoint container need, as entries of torch's safe-globals
+    list: numpy's scalar constructor under its numpy 2 and numpy 1 names
+    (`numpy._core.multiarray.scalar`, `numpy.core.multiarray.scalar`), `numpy.dtype`, and the
+    numeric dtype classes (`numpy.dtypes.Float64DType`...) whose instances the pickle builds."""
+    try:
+        scalar = importlib.import_module("numpy._core.multiarray").scalar
+    except ImportError:  # numpy 1.x before the numpy._core aliases
+        scalar = importlib.import_module("numpy.core.multiarray").scalar
+    names = [(scalar, f"numpy.{core}.multiarray.scalar") for core in ("_core", "core")]
+    dtype_classes = {type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDG"}
+    return [*names, (np.dtype, "numpy.dtype"), *sorted(dtype_classes, key=str)]
+
+
+# What torch's safe reader says of an object it will not build (rather than of a broken file).
+REFUSALS = ("Unsupported global", "allowlisted", "unrecognized function")
+
+
+def _refusal(path: pathlib.Path, error: Exception) -> str | None:
+    """One line for a file `weights_only=True` refused, naming what it refused and the option
+    that reads it anyway; None when the error is not such a refusal (a broken file)."""
+    text = " ".join(str(error).split())
+    if "weights only load failed" not in text.lower() or not any(r in text for r in REFUSALS):
+        return None
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        what = f"it holds the global {found.group(1)}, which is not allowed"
+    else:
+        found = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", text)
+        what = found.group(1).rstrip(". ") if found else "it holds objects that are not allowed"
+    return (
+        f"{path}: refused by torch.load(weights_only=True): {what}; if you trust the file, "
+        "pass --option trust_pickle=true (it then runs any code pickled in the file)"
+    )
+
+
+def _torch_load(path: pathlib.Path, trust_pickle: bool) -> Any:
+    torch = _import_torch()
+    try:
+        if trust_pickle:
+            log.warning(
+                "%s: trust_pickle=true: loading with weights_only=False, which executes any "
+                "code pickled in the file",
+                path,
+            )
+            return torch.load(path, map_location="cpu", weights_only=False, encoding="latin1")
+        with torch.serialization.safe_globals(numpy_safe_globals()), warnings.catch_warnings():
+            # torch warns that `encoding` needs weights_only=False, but its safe reader uses it.
+            warnings.filterwarnings("ignore", "pickle_load_args only works", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True, encoding="latin1")
+    except Exception as e:  # pickle, zip and format errors all mean "unreadable"
+        refusal = _refusal(path, e) if isinstance(e, pickle.UnpicklingError) else None
+        if refusal:
+            raise ConversionError(refusal) from e
+        raise ConversionError(f"{path}: could not read as a torch checkpoint: {e}") from e
+
+
+def describe(value: Any) -> str:
+    """A short account of a container entry: the value of a number or short string (with its
+    numpy type), else its kind and size."""
+    if isinstance(value, np.generic):
+        return f"{value.item()!r} ({type(value).__module__}.{type(value).__name__})"
+    if isinstance(value, bool | int | float) or value is None:
+        return repr(value)
+    if isinstance(value, str):
+        return repr(value if len(value) <= 40 else value[:37] + "...")
+    if _is_tensor(value):
+        if getattr(value, "ndim", None) == 0:
+            return f"{value.item()!r} (0-d tensor)"
+        return f"tensor of shape {tuple(value.shape)}"
+    if isinstance(value, Mapping):
+        keys = ", ".join(map(str, list(value)[:5])) + (", ..." if len(value) > 5 else "")
+        return f"mapping of {len(value)} ({keys})"
+    if isinstance(value, list | tuple):
+        return f"{type(value).__name__} of {len(value)}"
+    return f"{type(value).__module__}.{type(value).__qualname__}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """What a checkpoint file held.
+
+    Attributes:
+      state_dict: the weights, `{key: numpy array}`.
+      container: the top-level key the weights were under, or None for a flat state dict.
+      other: the container's other entries (epoch, best_mAP, optimizer, args...), described
+        by `describe`.
+    """
+
+    state_dict: dict[str, np.ndarray]
+    container: str | None = None
+    other: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def note(self) -> str | None:
+        """One line about the container for a conversion summary; None for a flat file."""
+        if self.container is None:
+            return None
+        other = "; ".join(f"{k}={v}" for k, v in self.other.items()) or "none"
+        return f"container: weights under {self.container!r}; other entries: {other}"
+
+
+def _unwrap(
+    obj: Any, path: pathlib.Path, container: str | None
+) -> tuple[Mapping[str, Any], str | None]:
+    """Find the flat tensor dict in what `torch.load` returned, and the key it was under."""
     if not isinstance(obj, Mapping):
         raise ConversionError(
             f"{path}: expected a state dict (a mapping of names to tensors), got "
@@ -76,7 +189,7 @@ def _unwrap(obj: Any, path: pathlib.Path, container: str | None) -> Mapping[str,
     if bad:
         where = f"under {used!r}" if used else "at the top level"
         raise ConversionError(f"{path}: non-tensor entries {where}: {', '.join(bad[:20])}")
-    return obj
+    return obj, used
 
 
 def _float32(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -87,19 +200,23 @@ def _float32(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
-def read_state_dict(
-    path: str | pathlib.Path, *, container: str | None = None
-) -> dict[str, np.ndarray]:
-    """Read a checkpoint file into `{key: numpy array}` (float16/bfloat16 become float32).
+def read_checkpoint(
+    path: str | pathlib.Path, *, container: str | None = None, trust_pickle: bool = False
+) -> Checkpoint:
+    """Read a checkpoint file: its weights as `{key: numpy array}` (float16/bfloat16 become
+    float32) and, for a torch container, the key they were under and its other entries.
 
     Args:
-      path: a `.pth`/`.pt`/`.bin`, `.safetensors` or `.npz` file.
+      path: a `.pth`/`.pt`/`.bin`/`.tar`/`.pkl`, `.safetensors` or `.npz` file.
       container: for torch files, the top-level key holding the weights. By default a flat
         dict is used as is, and otherwise the first of `CONTAINER_KEYS` that is present.
+      trust_pickle: for torch files, load with `weights_only=False` (runs any code pickled in
+        the file; a warning says so) instead of the safe reader.
 
     Raises:
       FileNotFoundError: `path` does not exist.
-      ConversionError: unknown extension or contents that are not a state dict.
+      ConversionError: unknown extension, contents that are not a state dict, or a torch file
+        the safe reader refuses (the message names `trust_pickle`).
       ImportError: a torch file while torch is not installed.
     """
     path = pathlib.Path(path)
@@ -107,17 +224,15 @@ def read_state_dict(
         raise FileNotFoundError(f"{path}: no such checkpoint file (expected {FORMATS})")
     suffix = path.suffix.lower()
     if suffix in TORCH_SUFFIXES:
-        torch = _import_torch()
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # pickle, zip and weights_only errors all mean "unreadable"
-            raise ConversionError(f"{path}: could not read as a torch checkpoint: {e}") from e
-        return _float32(to_numpy_state_dict(_unwrap(obj, path, container)))
+        obj = _torch_load(path, trust_pickle)
+        weights, used = _unwrap(obj, path, container)
+        other = {str(k): describe(v) for k, v in obj.items() if used is not None and k != used}
+        return Checkpoint(_float32(to_numpy_state_dict(weights)), used, other)
     if suffix == ".safetensors":
         from safetensors.numpy import load_file
 
         try:
-            return _float32(to_numpy_state_dict(load_file(path)))
+            return Checkpoint(_float32(to_numpy_state_dict(load_file(path))))
         except Exception as e:  # safetensors raises TypeError, SafetensorError, OSError...
             # numpy has no bfloat16: such files are read through torch.
             if "bf16" not in str(e).lower() and "bfloat16" not in str(e).lower():
@@ -125,11 +240,19 @@ def read_state_dict(
             _import_torch()
             from safetensors.torch import load_file as load_torch
 
-            return _float32(to_numpy_state_dict(load_torch(path)))
+            return Checkpoint(_float32(to_numpy_state_dict(load_torch(path))))
     if suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as data:
-                return _float32({k: np.asarray(data[k]) for k in data.files})
+                return Checkpoint(_float32({k: np.asarray(data[k]) for k in data.files}))
         except ValueError as e:
             raise ConversionError(f"{path}: could not read as .npz: {e}") from e
     raise ConversionError(f"{path}: unknown checkpoint extension {suffix!r}; expected {FORMATS}")
+
+
+def read_state_dict(
+    path: str | pathlib.Path, *, container: str | None = None, trust_pickle: bool = False
+) -> dict[str, np.ndarray]:
+    """The weights of a checkpoint file as `{key: numpy array}` (`read_checkpoint`, whose
+    arguments and errors these are)."""
+    return read_checkpoint(path, container=container, trust_pickle=trust_pickle).state_dict

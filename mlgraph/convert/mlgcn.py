@@ -3,10 +3,21 @@
 Key layout (ssgrl_mlgcn.md §3.2): the backbone as `features.{0,1,4,5,6,7}` (conv1, bn1,
 layer1..4), `gc1.weight` (E, hidden) and `gc2.weight` (hidden, D) stored (in, out) and copied
 as they are, and `A` (C, C), the `gen_A` output, copied into the `A` buffer. The word vectors
-are not in the checkpoint: pass the data bundle's (class-order-matching) vectors as .npy.
+are not in the checkpoint: pass the repository's (class-order-matching) vectors, e.g.
+`data/coco/coco_glove_word2vec.pkl` as it is.
+
+The container the official `engine.py` saves is {'epoch', 'arch', 'state_dict', 'best_score'}
+(the weights are under 'state_dict'; the rest is listed in the summary).
+
+The released head pools the layer4 map with a fixed `MaxPool2d(14, 14)`: global at 448 px only
+(at 576 px it takes the top-left 14x14 of 18x18). The settings' model therefore records
+pool='official' (`models.mlgcn`), so that the converted weights give the official outputs at
+any size the released model runs at, and a config using them must set it too; the summary
+says so.
 
 Options:
-  embed_path: str, required; the word vectors .npy [C, E] (e.g. the GloVe pickle's array).
+  embed_path: str, required; the word vectors [C, E]: a .npy, .npz or pickled array such as
+    the repository's `*_glove_word2vec.pkl`.
   image_size: int, default 448.
   prefix: str, default "module."; stripped from every key that has it.
 """
@@ -28,6 +39,11 @@ from mlgraph.models.common import load_embeddings
 OPTIONS = {"embed_path": "", "image_size": 448, "prefix": "module."}
 IGNORED = [r".*num_batches_tracked"]
 REQUIRED = ("gc1.weight", "gc2.weight", "A", "features.0.weight")
+POOL_NOTE = (
+    "pool='official': the released head's fixed MaxPool2d(14, 14) (global at 448 px only; at "
+    "576 px the top-left 14x14 of the 18x18 map), so these weights give the official outputs; "
+    "a config using them must set config.model.pool='official'"
+)
 # torchvision names -> the official nn.Sequential indices.
 RENAMES = (("conv1.", "features.0."), ("bn1.", "features.1."))
 
@@ -70,6 +86,7 @@ def infer_settings(state_dict: Mapping[str, np.ndarray], *, image_size: int) -> 
     c = state_dict["A"].shape[0]
     model = {"name": "mlgcn", "backbone": backbone, "backbone_kwargs": kwargs}
     model["hidden_dim"] = int(hidden)
+    model["pool"] = "official"  # the released MaxPool2d(14, 14) (module docstring)
     # The word vectors and A are buffers filled from the converter's file and the checkpoint.
     build = {"embed_path": "", "embed_dim": int(e), "graph_path": ""}
     return {
@@ -78,6 +95,7 @@ def infer_settings(state_dict: Mapping[str, np.ndarray], *, image_size: int) -> 
         "build": build,
         "num_classes": int(c),
         "image_size": int(image_size),
+        "notes": [POOL_NOTE],
     }
 
 
@@ -90,7 +108,8 @@ def convert(
     if not opts["embed_path"]:
         raise core.ConversionError(
             "option embed_path is required: official ML-GCN checkpoints do not hold the word "
-            "vectors (pass them as a .npy [C, E] in the checkpoint's class order)"
+            "vectors (pass the repository's *_glove_word2vec.pkl, or a .npy [C, E], in the "
+            "checkpoint's class order)"
         )
     settings = infer_settings(state_dict, image_size=opts["image_size"])
     c = settings["num_classes"]

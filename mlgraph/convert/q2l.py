@@ -1,5 +1,11 @@
 """Official Query2Label checkpoint (`checkpoint.pkl` + `config_new.json`) -> `models.q2l`.
 
+The container `main_mlc.py` saves is {'epoch', 'arch', 'state_dict', 'best_mAP' (a
+`numpy.float64`), 'optimizer'}; `mlgraph.convert.io.read_checkpoint` reads it as saved and the
+summary lists the entries besides the weights. The backbone's FrozenBatchNorm2d keeps its
+affine as buffers; here it is the batch norms' scale and bias, which the official recipe never
+trains (`recipes.Q2L_FROZEN_BACKBONE` in `optimizer.frozen`).
+
 Key layout (ssgrl_mlgcn.md §4.2), after `module.` is stripped:
   backbone.0.body.{conv1,bn1,layer1..4}.*   torchvision ResNet (FrozenBatchNorm2d buffers)
   backbone.1.pe                             the sine table (1, D, S/32, S/32), checked, not kept

@@ -6,17 +6,18 @@ Key layout: ssgrl_mlgcn.md §2.2 (`resnet_101.*`, `word_semantic.fc_{1,2,3,a}`,
 width from `fc_1`, the backbone from the `resnet_101.layer{L}.{b}` keys.
 
 The official files were pickled by Python 2.7 / PyTorch 0.4.1 inside a {'epoch', 'state_dict',
-'best_mAP'} container. `mlgraph.convert.io.read_state_dict` reads them only if they load with
-`torch.load(weights_only=True)`; otherwise dump the state dict first in a torch shell:
-`sd = torch.load(f, map_location='cpu', encoding='latin1')['state_dict']`,
-`np.savez('ssgrl.npz', **{k: v.numpy() for k, v in sd.items()})`, and convert the `.npz`.
+'best_mAP'} container, `best_mAP` a `numpy.float64`. `mlgraph.convert.io.read_checkpoint` reads
+them as saved (latin1 for Python 2, numpy scalars allowed in the safe reader) and lists the
+entries besides the weights in the summary.
 
 Neither the word vectors nor the graph M is in the checkpoint (the official code keeps them as
 plain attributes): pass the bundle's files as options, and they are stored as buffers.
 
 Options:
-  embed_path: str, required; the word vectors .npy [C, E] (e.g. data/coco/vectors.npy).
-  graph_path: str, required; the graph .npy [C, C] (e.g. data/coco/prob_train.npy), or counts.
+  embed_path: str, required; the word vectors [C, E] (e.g. data/coco/vectors.npy; .npz and
+    pickled arrays too).
+  graph_path: str, required; the graph .npy [C, C] (e.g. data/coco/prob_train.npy), or counts
+    (.npz, ML-GCN's adj .pkl).
   image_size: int, default 576.
   reset_uses_update_u: bool, default True (the official forward; False = the paper's gate).
   prefix: str, default "module."; stripped from every key that has it (not in the official
@@ -136,7 +137,7 @@ def convert(
         if not opts[name]:
             raise core.ConversionError(
                 f"option {name} is required: official SSGRL checkpoints hold neither the word "
-                "vectors nor the graph (pass the data bundle's .npy files)"
+                "vectors nor the graph (pass the data bundle's files)"
             )
     settings = infer_settings(
         state_dict,

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import os
 import pathlib
-import pickle
 import tempfile
 
 import ml_collections
 import numpy as np
 
+from mlgraph.data import array_files
 from mlgraph.errors import ConfigError
 
 TRAIN_LABELS = "train_labels"
@@ -79,31 +79,16 @@ def normalize_adjacency(a: np.ndarray) -> np.ndarray:
 def load_counts(path: str | os.PathLike, num_classes: int, field: str) -> np.ndarray:
     """Read co-occurrence counts [C, C] (float64) from a file named by config field `field`.
 
-    Formats: `.npz` with 'counts' (written by `save_counts`) or `.pkl` with ML-GCN's
-    {'adj': [C, C], 'nums': [C]} (the counts are adj with nums on the diagonal).
+    Formats (`mlgraph.data.array_files`): `.npz` with 'counts' (written by `save_counts`),
+    ML-GCN's `*_adj.pkl` {'adj': [C, C], 'nums': [C]} (the counts are adj with nums on the
+    diagonal), or a `.npy` of the counts (`python -m mlgraph.data.label_embed --from_file`
+    writes one from the pickle).
 
     Raises:
       ConfigError: missing file, unknown format, missing entries or a wrong shape.
     """
-    file = pathlib.Path(path)
-    if not file.is_file():
-        raise ConfigError(f"{field}={path}: no such file")
-    if file.suffix == ".npz":
-        with np.load(file, allow_pickle=False) as data:
-            if "counts" not in data.files:
-                raise ConfigError(
-                    f"{field}={path}: no 'counts' array (has {', '.join(data.files)})"
-                )
-            counts = np.asarray(data["counts"], np.float64)
-    elif file.suffix == ".pkl":
-        with open(file, "rb") as f:
-            obj = pickle.load(f)  # ML-GCN's own data file; a user-chosen local path
-        if not isinstance(obj, dict) or "adj" not in obj or "nums" not in obj:
-            raise ConfigError(f"{field}={path}: expected ML-GCN's pickle {{'adj', 'nums'}}")
-        counts = np.asarray(obj["adj"], np.float64).copy()
-        np.fill_diagonal(counts, np.asarray(obj["nums"], np.float64).reshape(-1))
-    else:
-        raise ConfigError(f"{field}={path}: expected a .npz with 'counts' or ML-GCN's .pkl")
+    _, counts = array_files.read_label_file(path, field)
+    counts = np.asarray(counts, np.float64)
     if counts.shape != (num_classes, num_classes):
         raise ConfigError(
             f"{field}={path}: counts of shape {counts.shape}; expected "

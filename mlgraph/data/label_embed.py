@@ -27,6 +27,13 @@ Encoders (the file written is always float32 [C, E], rows in the order of the cl
 
 `--template` replaces the prompt ("{}" = the bare name, the default for minilm and bert).
 Class lists are a text file (one name per line) or a comma-separated list.
+
+`--from_file` instead converts a file of the official repositories to `.npy`
+(`mlgraph.data.array_files`): word vectors such as ML-GCN's `coco_glove_word2vec.pkl` (or a
+`.npz`) become float32 [C, E], label statistics such as ML-GCN's `coco_adj.pkl` become the
+co-occurrence counts [C, C] that `config.model.graph_path` reads:
+
+    python -m mlgraph.data.label_embed --from_file coco_glove_word2vec.pkl --output glove.npy
 """
 
 from __future__ import annotations
@@ -43,6 +50,8 @@ import numpy as np
 from absl import app, flags
 
 from mlgraph import cli
+from mlgraph.data import array_files
+from mlgraph.errors import ConfigError
 
 ENCODERS = ("minilm", "bert", "clip", "glove")
 DEFAULT_TEMPLATES = {
@@ -397,6 +406,28 @@ def embed_labels(
     return np.asarray(out, np.float32)
 
 
+def convert_label_file(path: str) -> tuple[np.ndarray, str]:
+    """A word-vector or label-statistics file (.pkl, .npz, .npy) as the array to save as .npy,
+    and what it is: float32 word vectors [C, E], or co-occurrence counts [C, C] (float64) from
+    ML-GCN's adj pickle or a .npz with 'counts'.
+
+    Raises:
+      LabelEmbedError: a missing or unreadable file, or an array that is not 2-D.
+    """
+    try:
+        kind, array = array_files.read_label_file(path, "--from_file")
+    except ConfigError as e:
+        raise LabelEmbedError(str(e)) from None
+    if array.ndim != 2:
+        raise LabelEmbedError(
+            f"--from_file={path}: holds an array of shape {array.shape}; expected [C, E] word "
+            "vectors or [C, C] counts"
+        )
+    if kind == array_files.COUNTS:
+        return array, "co-occurrence counts"
+    return array.astype(np.float32), "word vectors"
+
+
 _FLAGS = flags.FlagValues()  # not absl's global FLAGS: see mlgraph.cli
 _CLASSES = flags.DEFINE_string(
     "classes", None, "file (one name a line) or a,b,c", flag_values=_FLAGS
@@ -424,12 +455,22 @@ _VOCAB = flags.DEFINE_string(
 _TEMPLATE = flags.DEFINE_string(
     "template", None, 'prompt with "{}" for the name', flag_values=_FLAGS
 )
-flags.mark_flags_as_mutual_exclusive(["classes", "dataset"], required=True, flag_values=_FLAGS)
+_FROM_FILE = flags.DEFINE_string(
+    "from_file",
+    None,
+    "convert word vectors or label statistics (.pkl, .npz, .npy) to .npy",
+    flag_values=_FLAGS,
+)
+flags.mark_flags_as_mutual_exclusive(
+    ["classes", "dataset", "from_file"], required=True, flag_values=_FLAGS
+)
 flags.mark_flag_as_required("output", flag_values=_FLAGS)
 USAGE = """usage: python -m mlgraph.data.label_embed (--classes CLASSES | --dataset DATASET)
     --output OUTPUT [--encoder {minilm,bert,clip,glove}] [...]
+       python -m mlgraph.data.label_embed --from_file FILE --output OUTPUT
 
-Write label embeddings [C, E] (float32 .npy) for a class list.
+Write label embeddings [C, E] (float32 .npy) for a class list, or convert an official word-vector
+or label-statistics file (ML-GCN's *_glove_word2vec.pkl, *_adj.pkl) to .npy.
 """
 
 
@@ -445,6 +486,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         output = pathlib.Path(_OUTPUT.value)
         if not output.parent.is_dir():
             raise LabelEmbedError(f"{output.parent}: output folder does not exist")
+        if _FROM_FILE.value:
+            array, what = convert_label_file(_FROM_FILE.value)
+            np.save(output, array)
+            print(f"{output}: {array.shape[0]} x {array.shape[1]} {what} from {_FROM_FILE.value}")
+            return 0
         if _DATASET.value:
             names = dataset_class_names(_DATASET.value, _DATA_DIR.value, _BUILDER_CONFIG.value)
         else:

@@ -4,7 +4,6 @@ the graph methods read (label word vectors, label graphs), and the CNN backbone 
 
 from __future__ import annotations
 
-import pathlib
 import types
 from collections.abc import Mapping
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from mlgraph.data import cooccurrence
+from mlgraph.data import array_files, cooccurrence
 from mlgraph.errors import ConfigError
 from mlgraph.models import backbones
 
@@ -30,32 +29,31 @@ class Buffer(nnx.Variable):
 
 
 def load_embeddings(path: str, num_classes: int, embed_dim: int = 0) -> np.ndarray:
-    """Read label embeddings [C, E] from a .npy file as float32, checking their shape.
+    """Read label embeddings [C, E] as float32 from a `.npy`, a `.npz` holding one array, or a
+    pickled array such as ML-GCN's `*_glove_word2vec.pkl` (`mlgraph.data.array_files`),
+    checking their shape.
 
     Raises:
       ConfigError: no path, a missing or unreadable file, or a shape other than
         [num_classes, E] (with E == embed_dim when embed_dim > 0).
     """
+    field = "config.model.embed_path"
     if not path:
         raise ConfigError(
-            "config.model.embed_path: embed_type='file' needs a .npy file of label embeddings "
+            f"{field}: embed_type='file' needs a .npy file of label embeddings "
             "[num_classes, E] (see mlgraph.data.label_embed), or use embed_type='random'"
         )
-    file = pathlib.Path(path)
-    if not file.is_file():
-        raise ConfigError(f"config.model.embed_path={path}: no such file")
-    try:
-        table = np.load(file, allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise ConfigError(f"config.model.embed_path={path}: not a readable .npy file ({e})") from e
+    kind, table = array_files.read_label_file(path, field)
+    if kind == array_files.COUNTS:
+        raise ConfigError(f"{field}={path}: holds co-occurrence counts, not label embeddings")
     if table.ndim != 2 or table.shape[0] != num_classes:
         raise ConfigError(
-            f"config.model.embed_path={path}: holds an array of shape {table.shape}; expected "
+            f"{field}={path}: holds an array of shape {table.shape}; expected "
             f"[{num_classes}, E] (one row per class)"
         )
     if embed_dim and table.shape[1] != embed_dim:
         raise ConfigError(
-            f"config.model.embed_path={path}: embeddings have width {table.shape[1]}, but "
+            f"{field}={path}: embeddings have width {table.shape[1]}, but "
             f"config.model.embed_dim={embed_dim}"
         )
     return table.astype(np.float32)
@@ -69,8 +67,8 @@ def word_vectors(path: str, embed_dim: int, num_classes: int, method: str) -> np
     if embed_dim > 0:
         return np.zeros((num_classes, embed_dim), np.float32)
     raise ConfigError(
-        f"config.model.embed_path: {method} needs word vectors (a .npy [C, E] file or "
-        "'minilm'), or embed_dim > 0 for vectors filled from a checkpoint"
+        f"config.model.embed_path: {method} needs word vectors (a .npy, .npz or .pkl [C, E] "
+        "file or 'minilm'), or embed_dim > 0 for vectors filled from a checkpoint"
     )
 
 

@@ -2,7 +2,7 @@
 
 ssgrl_mlgcn.md §3, as the official code computes it:
 
-    image branch:  backbone layer4 map -> global max pool -> x [B, D]
+    image branch:  backbone layer4 map -> max pool (`pool`) -> x [B, D]
     label branch:  Â = D A^T D (D = diag(rowsum(A)^-1/2)), A the stored re-weighted correlation
                    W_cls = Â LeakyReLU_0.2(Â E W1) W2   [C, D]   (two bias-free graph convolutions)
     logits = x W_cls^T;  loss: mean BCE (`MultiLabelSoftMarginLoss`).
@@ -10,6 +10,13 @@ ssgrl_mlgcn.md §3, as the official code computes it:
 A [C, C] (`gen_A`: P(j|i) binarised at tau, columns re-weighted to p, plus I) and the word
 vectors E [C, E'] are `Buffer`s. Attribute names are the official ones (`gc1.weight`,
 `gc2.weight`, `A`), so `mlgraph.convert.mlgcn` only renames the backbone.
+
+The pooling (`pool`): the released code's `MaxPool2d(14, 14)` is a global max only for a
+14x14 map (448 px). At other sizes its fixed window covers the map's top-left 14x14 (at 576 px,
+14x14 of 18x18), it fails for maps under 14, and from 28 on it yields several windows that the
+classifier cannot take. 'global' is a true global max at any size (the paper's GMP, and the
+spec's choice for training); 'official' is the fixed window, kept so that converted official
+checkpoints give the official outputs at every size the released model runs at.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from flax import nnx
 
 from mlgraph import losses
 from mlgraph.data import cooccurrence
+from mlgraph.errors import ConfigError
 from mlgraph.models.common import (
     NO_KWARGS,
     Buffer,
@@ -33,6 +41,30 @@ from mlgraph.models.common import (
     word_vectors,
 )
 from mlgraph.models.layers import uniform_init
+
+POOLS = ("global", "official")
+OFFICIAL_WINDOW = 14  # the released code's nn.MaxPool2d(14, 14)
+
+
+def pool_features(fmap: jax.Array, pool: str) -> jax.Array:
+    """The layer4 map [B, H, W, D] -> [B, D]: a global max ('global'), or the max over the
+    released code's fixed 14x14 window at the top left ('official').
+
+    Raises:
+      ConfigError: 'official' on a map the released model cannot classify (a side under 14
+        or of 28 and more: `MaxPool2d(14, 14)` then fails or gives several windows).
+    """
+    if pool == "global":
+        return fmap.max(axis=(1, 2))
+    k = OFFICIAL_WINDOW
+    h, w = fmap.shape[1:3]
+    if not (k <= h < 2 * k and k <= w < 2 * k):
+        raise ConfigError(
+            f"config.model.pool='official': the released MaxPool2d({k}, {k}) classifies only "
+            f"layer4 maps of {k} to {2 * k - 1} per side (448 to 895 px at stride 32), got "
+            f"{h}x{w}; use pool='global' at this size"
+        )
+    return fmap[:, :k, :k].max(axis=(1, 2))
 
 
 def normalized_adjacency(a: jax.Array) -> jax.Array:
@@ -93,23 +125,30 @@ class MLGCN(nnx.Module):
         p: float = 0.25,
         hidden_dim: int = 1024,
         frozen_bn: bool = False,
+        pool: str = "global",
     ):
         """The keyword arguments after `rngs` are ML-GCN's `config.model` fields.
 
         Args:
           backbone, backbone_kwargs: a registered CNN backbone and extra arguments for it.
-          embed_path: word vectors, a .npy [C, E] file, "minilm" (assets), or "" = zeros
-            [C, embed_dim] filled from a converted checkpoint.
-          graph_path: co-occurrence counts (.npz from mlgraph.data.cooccurrence or ML-GCN's adj
-            .pkl), "train_labels", or "" = A filled from a converted checkpoint.
+          embed_path: word vectors [C, E] (a .npy, .npz or pickled array such as ML-GCN's
+            *_glove_word2vec.pkl), "minilm" (assets), or "" = zeros [C, embed_dim] filled from
+            a converted checkpoint.
+          graph_path: co-occurrence counts (.npz from mlgraph.data.cooccurrence, ML-GCN's adj
+            .pkl, or a .npy of the counts), "train_labels", or "" = A filled from a converted
+            checkpoint.
           tau: binarisation threshold of P(j | i). p: re-weighting (the code's 0.25; the paper
             says 0.2). hidden_dim: output width of the first graph convolution.
           frozen_bn: the backbone's batch norm always uses running statistics.
+          pool: 'global' (a true global max) or 'official' (the released code's fixed 14x14
+            window; see the module docstring).
 
         Raises:
-          ConfigError: unusable word-vector or counts files, or an empty path without
-            `embed_dim`.
+          ConfigError: unusable word-vector or counts files, an empty path without
+            `embed_dim`, or an unknown pool.
         """
+        if pool not in POOLS:
+            raise ConfigError(f"config.model.pool={pool!r}: expected one of {', '.join(POOLS)}")
         c = int(num_classes)
         embeddings = word_vectors(embed_path, int(embed_dim), c, "ML-GCN")
         check_graph_resolved(graph_path)
@@ -124,6 +163,7 @@ class MLGCN(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.backbone = backbone
         self.frozen_bn = bool(frozen_bn)
+        self.pool = pool
         self.dtype = dtype
         self.embeddings = Buffer(jnp.asarray(embeddings, jnp.float32))
         self.A = Buffer(jnp.asarray(correlation, jnp.float32))
@@ -147,7 +187,7 @@ class MLGCN(nnx.Module):
         """Images [B, H, W, 3] -> {'logits' [B, C]} (float32)."""
         del labels, rngs  # no label-dependent state, no dropout
         fmap = self.backbone.feature_map(images, train=train and not self.frozen_bn)
-        x = fmap.max(axis=(1, 2)).astype(self.dtype)  # a true global max at any resolution
+        x = pool_features(fmap, self.pool).astype(self.dtype)
         logits = x @ self.classifier_weights().T
         return {"logits": logits.astype(jnp.float32)}
 

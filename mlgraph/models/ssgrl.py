@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from mlgraph import losses
-from mlgraph.data import cooccurrence
+from mlgraph.data import array_files, cooccurrence
 from mlgraph.errors import ConfigError
 from mlgraph.models.attention import LowRankBilinearAttention
 from mlgraph.models.common import (
@@ -42,22 +42,17 @@ BN_MODES = ("layer4", "all", "none")
 
 
 def load_graph(path: str, num_classes: int, diagonal: str = "one") -> np.ndarray:
-    """The SSGRL graph M [C, C] float32 from `path` (see `SSGRL`'s `graph_path`).
+    """The SSGRL graph M [C, C] float32 from `path` (see `SSGRL`'s `graph_path`): a `.npy` is M
+    itself, any other file co-occurrence counts (`cooccurrence.load_counts`) turned into P(j | i).
 
     Raises:
       ConfigError: a missing or unreadable file, or a shape other than [C, C].
     """
     field = "config.model.graph_path"
-    file = pathlib.Path(path)
-    if file.suffix != ".npy":
-        counts = cooccurrence.load_counts(file, num_classes, field)
+    if pathlib.Path(path).suffix != ".npy":
+        counts = cooccurrence.load_counts(path, num_classes, field)
         return cooccurrence.conditional_probability(counts, diagonal)
-    if not file.is_file():
-        raise ConfigError(f"{field}={path}: no such file")
-    try:
-        graph = np.load(file, allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise ConfigError(f"{field}={path}: not a readable .npy file ({e})") from e
+    _, graph = array_files.read_label_file(path, field)
     if graph.shape != (num_classes, num_classes):
         raise ConfigError(
             f"{field}={path}: holds an array of shape {graph.shape}; expected "
@@ -104,10 +99,10 @@ class SSGRL(nnx.Module):
         Args:
           backbone, backbone_kwargs: a registered CNN backbone and extra arguments for it.
           extra_pool: the official AvgPool2d(2, 2) after layer4 (576 px -> 9x9 locations).
-          embed_path: word vectors, a .npy [C, E] file, "minilm" (assets), or "" = zeros
-            [C, embed_dim] to be filled from a converted checkpoint.
+          embed_path: word vectors [C, E] (a .npy, .npz or pickled array), "minilm" (assets),
+            or "" = zeros [C, embed_dim] to be filled from a converted checkpoint.
           graph_path: the graph M: a .npy [C, C] used as is (official prob_train.npy), a counts
-            file (.npz from mlgraph.data.cooccurrence, ML-GCN .pkl) turned into P(j | i),
+            file (.npz from mlgraph.data.cooccurrence, ML-GCN's adj .pkl) turned into P(j | i),
             "train_labels", or "" = zeros to be filled from a converted checkpoint.
           graph_diagonal: diagonal of P(j | i) built from counts: 'one' or 'zero'.
           att_dim: d1 = d2 of the semantic decoupling. num_steps: GGNN steps T.

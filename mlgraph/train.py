@@ -442,10 +442,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
         out_shardings=(state_sh, repl),
         donate_argnums=0,
     )
+    # With decay 0 the EMA is the model, bit for bit: score once and report it for both.
+    scored = model_and_ema if config.ema.decay else (lambda st: model_and_ema(st)[:1])
     p_predict = jax.jit(
-        make_predict(graphdef, model_and_ema),
+        make_predict(graphdef, scored),
         in_shardings=(state_sh, data_sh),
-        out_shardings=(data_sh, data_sh),
+        out_shardings=(data_sh,) * (2 if config.ema.decay else 1),
     )
     epoch_end = getattr(mod, "epoch_end", None)
     hooks = None
@@ -500,6 +502,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
                 last_eval = {}
                 for prefix, source in eval_sets.items():
                     result = evaluate_scores(p_predict, state, source, config, num_classes, mesh)
+                    result["scores"] = (result["scores"] * 2)[:2]  # the EMA's, when not scored
                     last_eval |= eval_metrics(result, (prefix, f"{prefix}ema_"))
                     log(
                         f"{prefix[:-1]} step {step}: mAP {last_eval[prefix + 'mAP']:.2f} "

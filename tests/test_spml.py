@@ -110,6 +110,8 @@ def test_selection_by_validation_and_early_stop(tiny_coco_dir, tmp_path):
     evals = [x for x in lines if "val/spml_mAP" in x]
     assert [x["step"] for x in evals] == [2, 4] and evals[-1]["early_stop"] == 1.0
     assert "eval/spml_mAP" in evals[0] and "val/images" in evals[0]
+    # With EMA decay 0 the EMA is the model: scored once, reported under both names.
+    assert evals[0]["val/ema_spml_mAP"] == evals[0]["val/spml_mAP"]
     # A second run says it is finished instead of training on.
     again = train.run(config, tmp_path / "w")
     assert again["val/spml_mAP"] == evals[-1]["val/spml_mAP"]

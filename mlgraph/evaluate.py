@@ -19,7 +19,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from mlgraph import assets, checkpointing, config_lib, sharding, train
+from mlgraph import assets, checkpointing, config_lib, metrics, sharding, train
 from mlgraph.data import datasets
 from mlgraph.errors import ConfigError, MlgraphError, WorkdirError
 
@@ -29,10 +29,9 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A converted weights check
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config (with --checkpoint).")
 _OUTPUT = flags.DEFINE_string("output", None, "Where to write the JSON results.")
 
-THRESHOLDED = ["CP", "CR", "CF1", "OP", "OR", "OF1"]
 # (metric key, column header): mAP_ni is ML-GCN's non-interpolated mAP.
-COLUMNS = [("mAP", "mAP"), ("mAP_noninterp", "mAP_ni")] + [(c, c) for c in THRESHOLDED]
-COLUMNS += [(f"{c}_top3", f"{c}@3") for c in THRESHOLDED]
+COLUMNS = [("mAP", "mAP"), ("mAP_noninterp", "mAP_ni")] + [(c, c) for c in metrics.THRESHOLDED]
+COLUMNS += [(f"{c}_top3", f"{c}@3") for c in metrics.THRESHOLDED]
 # The single-positive papers' mAP (scikit-learn's AP, 0 for a class without positives).
 COLUMNS += [("spml_mAP", "mAP_sp")]
 

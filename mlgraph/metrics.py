@@ -259,6 +259,15 @@ def topk_metrics(
     return {f"{key}_top{k}": value for key, value in metrics.items()}
 
 
+THRESHOLDED = ("CP", "CR", "CF1", "OP", "OR", "OF1")
+
+
+def metric_names(topk: int | None = 3) -> list[str]:
+    """The keys of `compute_all(..., topk=topk)`, in order."""
+    names = ["mAP", "mAP_noninterp", "spml_mAP", *THRESHOLDED]
+    return names if topk is None else names + [f"{n}_top{topk}" for n in THRESHOLDED]
+
+
 def compute_all(
     scores: Any,
     targets: Any,

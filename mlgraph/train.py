@@ -77,10 +77,13 @@ def prepare_workdir(workdir: str | pathlib.Path, config: ml_collections.ConfigDi
 # Model and state
 # ---------------------------------------------------------------------------------------------
 def create_model(
-    config: ml_collections.ConfigDict, num_classes: int, num_train_examples: int | None = None
+    config: ml_collections.ConfigDict,
+    num_classes: int,
+    num_train_examples: int | None = None,
+    earlier_run: dict | None = None,
 ):
     """(the method's module, graphdef, params, rest) for `config`, from `config.init_from` if
-    set.
+    set (`earlier_run`: that training workdir's state, when the caller has read it already).
 
     Initialisation runs under one `jax.jit`: eagerly, every new weight shape is its own
     compilation, which takes minutes for a ResNet-101 on a CPU host.
@@ -98,7 +101,7 @@ def create_model(
     graphdef, _, _ = nnx.split(nnx.eval_shape(create), nnx.Param, ...)
     params, rest = jax.jit(lambda: nnx.split(create(), nnx.Param, ...)[1:])()
     if config.init_from and init_from.is_workdir(config.init_from):
-        saved = init_from.read_workdir_state(config.init_from, config.model)
+        saved = earlier_run or init_from.read_workdir_state(config.init_from, config.model)
         params = init_from.fill_from(params, saved["params"], f"{config.init_from} params")
         rest = init_from.fill_from(rest, saved["rest"], f"{config.init_from} state")
     elif config.init_from:
@@ -122,7 +125,11 @@ def init_train_state(
     method's own arrays from `init_extra`, e.g. per-example label matrices; {} if none).
     """
     num_train = None if training is None else training.num_examples
-    mod, graphdef, params, rest = create_model(config, num_classes, num_train)
+    # A training workdir as `init_from` is read once, for the weights and the method's state.
+    earlier_run = None
+    if config.init_from and init_from.is_workdir(config.init_from):
+        earlier_run = init_from.read_workdir_state(config.init_from, config.model)
+    mod, graphdef, params, rest = create_model(config, num_classes, num_train, earlier_run)
     if hasattr(mod, "make_optimizer"):
         tx = mod.make_optimizer(config, total, params)
     else:
@@ -132,10 +139,8 @@ def init_train_state(
         if training is None:
             raise ValueError(f"{config.model.name}: init_extra needs the training split")
         extra = mod.init_extra(config, training)
-        if config.init_from and init_from.is_workdir(config.init_from):
-            extra = init_from.carry_extra(
-                extra, init_from.read_workdir_state(config.init_from, config.model)["extra"]
-            )
+        if earlier_run is not None:
+            extra = init_from.carry_extra(extra, earlier_run["extra"])
     state = {
         "params": params,
         "rest": rest,
@@ -318,7 +323,7 @@ def check_best_metric(config: ml_collections.ConfigDict, eval_sets: dict) -> Non
       ConfigError: another prefix (or 'val/' without a held-out split) or metric name.
     """
     prefix, _, name = config.best_metric.rpartition("/")
-    names = set(metrics.compute_all(np.eye(2), np.eye(2) > 0.5))
+    names = set(metrics.metric_names())
     names |= {f"ema_{n}" for n in names}
     if f"{prefix}/" not in eval_sets or name not in names:
         raise ConfigError(
@@ -421,9 +426,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
         state = ckpts.restore(start, abstract, batches)
         logging.info("resumed %s at step %d", workdir, start)
     step = int(start or 0)
-    stopped_early = any(r.get("early_stop") for r in read_metrics(workdir) if r["step"] <= step)
+    logged = [r for r in read_metrics(workdir) if r["step"] <= step]
+    stopped_early = any(r.get("early_stop") for r in logged)
     if step >= total or stopped_early:
-        history = [r for r in read_metrics(workdir) if "eval/ema_mAP" in r]
+        history = [r for r in logged if "eval/ema_mAP" in r]
         last = history[-1] if history else {}
         log(
             f"{workdir}: training already finished at step {step}/{total}"
@@ -473,8 +479,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
         eval_every = max(1, math.ceil(config.eval_every_epochs * num_train / config.batch_size))
     last_eval: dict[str, float] = {}
     best_so_far = max(
-        (r[config.best_metric] for r in read_metrics(workdir) if config.best_metric in r),
-        default=-np.inf,
+        (r[config.best_metric] for r in logged if config.best_metric in r), default=-np.inf
     )
     t0, step0 = time.time(), step
     try:

@@ -353,6 +353,7 @@ def test_compute_all_keys_and_consistency():
     six = ["CP", "CR", "CF1", "OP", "OR", "OF1"]
     keys = ["mAP", "mAP_noninterp", "spml_mAP"]
     assert list(got) == [*keys, *six, *(f"{k}_top3" for k in six)]
+    assert metrics.metric_names() == list(got)
     assert got["spml_mAP"] == metrics.spml_map(scores, targets, mask)
     assert all(type(v) is float for v in got.values())
     ap = _ap_mean_max_precision(scores, targets, mask)

@@ -233,6 +233,22 @@ class SettingsResolver:
             )
 
 
+def model_settings(
+    model: dict, build: dict, *, num_classes: int, image_size: int, **more: Any
+) -> dict[str, Any]:
+    """The settings of a whole-model weights checkpoint: `model` (the config.model fields a
+    config using it must match), `build` (how to build the conversion target), the class count
+    and image size, and `more` (e.g. `assumed`, `loss`, `notes`)."""
+    return {
+        "kind": "model",
+        "model": model,
+        "build": build,
+        "num_classes": int(num_classes),
+        "image_size": int(image_size),
+        **more,
+    }
+
+
 def build_fields(settings: Mapping) -> dict[str, Any]:
     """The `config.model` fields that rebuild a converted model: `settings["model"]` (the
     fields the weights or the official config fix, which a config using the checkpoint must

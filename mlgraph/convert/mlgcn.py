@@ -89,14 +89,9 @@ def infer_settings(state_dict: Mapping[str, np.ndarray], *, image_size: int) -> 
     model["pool"] = "official"  # the released MaxPool2d(14, 14) (module docstring)
     # The word vectors and A are buffers filled from the converter's file and the checkpoint.
     build = {"embed_path": "", "embed_dim": int(e), "graph_path": ""}
-    return {
-        "kind": "model",
-        "model": model,
-        "build": build,
-        "num_classes": int(c),
-        "image_size": int(image_size),
-        "notes": [POOL_NOTE],
-    }
+    return core.model_settings(
+        model, build, num_classes=c, image_size=image_size, notes=[POOL_NOTE]
+    )
 
 
 def convert(

@@ -184,15 +184,9 @@ def infer_settings(
         value = r.get(key, float)
         if value is not None:
             loss[key] = value
-    return {
-        "kind": "model",
-        "model": model,
-        "build": build,
-        "loss": loss,
-        "num_classes": int(k),
-        "image_size": int(size),
-        "assumed": r.assumed,
-    }
+    return core.model_settings(
+        model, build, num_classes=int(k), image_size=size, loss=loss, assumed=r.assumed
+    )
 
 
 def table(module: q2l.Query2Label, prefix: str = "") -> dict[str, tuple[str, core.Transform]]:

@@ -261,15 +261,9 @@ def infer_settings(
         "clip": r.from_file("clip", float),
         "lamda": r.from_file("lamda", float),
     }
-    return {
-        "kind": "model",
-        "model": model,
-        "build": build,
-        "loss": loss,
-        "num_classes": c,
-        "image_size": int(size),
-        "assumed": r.assumed,
-    }
+    return core.model_settings(
+        model, build, num_classes=c, image_size=size, loss=loss, assumed=r.assumed
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -118,13 +118,7 @@ def infer_settings(
             f"fc_output.weight has shape {state_dict['fc_output.weight'].shape}; expected "
             f"({d}, {2 * d})"
         )
-    return {
-        "kind": "model",
-        "model": model,
-        "build": build,
-        "num_classes": int(c),
-        "image_size": int(image_size),
-    }
+    return core.model_settings(model, build, num_classes=c, image_size=image_size)
 
 
 def convert(

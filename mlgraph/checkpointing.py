@@ -20,11 +20,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 WEIGHTS_DIR = "weights"
+EXTRA_DIR = "extra"
 SETTINGS_FILE = "settings.json"
 
 
-def save_weights(path: str | pathlib.Path, tree: Any, settings: Mapping[str, Any] | None = None):
-    """Write a pytree of arrays (e.g. `nnx.to_pure_dict(state)`) and its settings to `path`.
+def save_weights(
+    path: str | pathlib.Path,
+    tree: Any,
+    settings: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+):
+    """Write a pytree of arrays (e.g. `nnx.to_pure_dict(state)`) and its settings to `path`,
+    and `extra`, arrays of the method's per-example state (`load_extra`), when given.
 
     Refuses to overwrite: an existing `path` is an error, so nothing already written is lost.
     """
@@ -36,6 +43,8 @@ def save_weights(path: str | pathlib.Path, tree: Any, settings: Mapping[str, Any
     tree = jax.tree.map(np.asarray, tree)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path / WEIGHTS_DIR, tree)
+        if extra:
+            ckptr.save(path / EXTRA_DIR, jax.tree.map(np.asarray, dict(extra)))
     (path / SETTINGS_FILE).write_text(json.dumps(dict(settings or {}), indent=2, sort_keys=True))
 
 
@@ -47,16 +56,29 @@ def load_weights(path: str | pathlib.Path) -> tuple[Any, dict[str, Any]]:
             f"{path}: not a mlgraph weights checkpoint (expected a '{WEIGHTS_DIR}/' folder "
             f"written by `python -m mlgraph.convert`)"
         )
+    tree = _restore_item(path / WEIGHTS_DIR)
+    settings_file = path / SETTINGS_FILE
+    settings = json.loads(settings_file.read_text()) if settings_file.exists() else {}
+    return tree, settings
+
+
+def load_extra(path: str | pathlib.Path) -> dict[str, Any]:
+    """The per-example state a weights checkpoint carries (`save_weights(..., extra=)`, e.g.
+    Scob's label estimator 'phi'), as numpy arrays; {} when it has none."""
+    item = pathlib.Path(path).absolute() / EXTRA_DIR
+    return dict(_restore_item(item)) if item.is_dir() else {}
+
+
+def _restore_item(item: pathlib.Path) -> Any:
+    """A pytree saved by `StandardCheckpointer` at `item`, as host numpy arrays."""
     with ocp.StandardCheckpointer() as ckptr:
-        meta = ckptr.metadata(path / WEIGHTS_DIR)
+        meta = ckptr.metadata(item)
         tree_meta = getattr(meta, "item_metadata", meta)
         abstract = jax.tree.map(
             lambda m: np.empty(m.shape, m.dtype) if hasattr(m, "shape") else m, tree_meta
         )
-        tree = ckptr.restore(path / WEIGHTS_DIR, abstract)
-    settings_file = path / SETTINGS_FILE
-    settings = json.loads(settings_file.read_text()) if settings_file.exists() else {}
-    return jax.tree.map(np.asarray, tree), settings
+        tree = ckptr.restore(item, abstract)
+    return jax.tree.map(np.asarray, tree)
 
 
 BEST_METRIC = "best"  # the saved metric checkpoints are ranked by (config.best_metric's value)

@@ -10,9 +10,11 @@ their top-3 forms (for the model and its EMA when evaluating a workdir) and writ
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import sys
+from typing import Any
 
 import jax
 import ml_collections
@@ -60,8 +62,34 @@ def workdir_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
     return config
 
 
-def evaluate_workdir(workdir: str | pathlib.Path, step: int | None = None) -> dict:
-    """Metrics of the model and the EMA saved at `step` (default: best EMA mAP) in `workdir`."""
+@dataclasses.dataclass(frozen=True)
+class RestoredRun:
+    """A training workdir's model as saved at one step.
+
+    Attributes:
+      config: the run's config (assets resolved to files).
+      dataset: its opened data set.
+      graphdef: the model's graph definition.
+      state: the train state at `step` on this host's devices (replicated).
+      step: the restored step.
+      mesh: the device mesh the state lives on.
+    """
+
+    config: ml_collections.ConfigDict
+    dataset: datasets.Dataset
+    graphdef: Any
+    state: dict
+    step: int
+    mesh: Any
+
+
+def restore_workdir(workdir: str | pathlib.Path, step: int | None = None) -> RestoredRun:
+    """The model of `workdir` saved at `step` (default: the best by `config.best_metric`,
+    else the latest).
+
+    Raises:
+      WorkdirError: no config.json, no checkpoints, or a step that is not saved.
+    """
     workdir = pathlib.Path(workdir).absolute()
     config = workdir_config(workdir)
     ckpts = checkpointing.TrainCheckpoints(workdir / "checkpoints")
@@ -76,14 +104,23 @@ def evaluate_workdir(workdir: str | pathlib.Path, step: int | None = None) -> di
     training = datasets.training_split(dataset, config.data)
     total = config_lib.total_steps(config, training.num_examples)
     mesh = sharding.make_mesh()
-    repl, data_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    repl = sharding.replicated(mesh)
     config = assets.resolve(config, dataset.class_names, dataset.directory)
     _, graphdef, _, state = train.init_train_state(config, dataset.num_classes, total, training)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), state)
     state = ckpts.restore(step, abstract)
     ckpts.close()
+    return RestoredRun(config, dataset, graphdef, state, int(step), mesh)
+
+
+def evaluate_workdir(workdir: str | pathlib.Path, step: int | None = None) -> dict:
+    """Metrics of the model and the EMA saved at `step` (default: the best checkpoint) in
+    `workdir`."""
+    run = restore_workdir(workdir, step)
+    config, dataset, state, mesh = run.config, run.dataset, run.state, run.mesh
+    repl, data_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     predict = jax.jit(
-        train.make_predict(graphdef, train.model_and_ema),
+        train.make_predict(run.graphdef, train.model_and_ema),
         in_shardings=(jax.tree.map(lambda _: repl, state), data_sh),
         out_shardings=(data_sh, data_sh),
     )
@@ -93,7 +130,7 @@ def evaluate_workdir(workdir: str | pathlib.Path, step: int | None = None) -> di
         name: _strip_count(train.eval_metrics({**result, "scores": [s]}, prefixes=("",)))
         for name, s in zip(("model", "ema"), result["scores"], strict=True)
     }
-    return {"step": int(step), "split": config.data.eval_split, "images": len(source), **rows}
+    return {"step": run.step, "split": config.data.eval_split, "images": len(source), **rows}
 
 
 def evaluate_checkpoint(path: str, config: ml_collections.ConfigDict) -> dict:

@@ -370,3 +370,83 @@ def spml_loss(
             raise ValueError("spml_loss('full') needs labels (the true label matrix)")
         return full_bce(logits, labels)
     raise ConfigError(f"config.loss.name={name!r}: expected one of {', '.join(SPML_LOSSES)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Scob (scob_spml.md §3.4, §3.6). Scob's networks output probabilities, so these take p and q.
+# ---------------------------------------------------------------------------------------------
+
+
+def _scob_soft_bce(u: jax.Array, t: jax.Array) -> jax.Array:
+    """Scob's `loss_bce`, averaged over the batch: -(1/C) sum_c [t log(u + eps) +
+    (1 - t + eps) log(1 - u + eps)], the eps in the negative weight being Scob's quirk."""
+    per_image = t * jnp.log(u + SPML_EPS) + (1.0 - t + SPML_EPS) * jnp.log(1.0 - u + SPML_EPS)
+    return -per_image.mean(axis=1).mean()
+
+
+def _scob_epr(u: jax.Array, observed: jax.Array, expected_num_pos: float) -> jax.Array:
+    """Scob's `loss_epr`: the observed positives' -log(u + eps) / C averaged over the batch,
+    plus ((1/B) sum_b sum_c u_bc - K)^2 / C^2."""
+    positives = jnp.where(observed == 1, _pos_log(u), 0.0)
+    return positives.mean(axis=1).mean() + _expected_positive_reg(u, expected_num_pos)
+
+
+def scob_classification(
+    probs: jax.Array, label_probs: jax.Array, observed: jax.Array, expected_num_pos: float
+) -> jax.Array:
+    """Scob's ROLE-style objective of the classifier's probabilities p [B, C] and the label
+    estimator's q [B, C] (scob_spml.md §3.4):
+
+      L = 1/2 [BCE(p, sg(q)) + EPR(p) + BCE(q, sg(p)) + EPR(q)],
+
+    BCE with the eps in its negative weight (`_scob_soft_bce`), EPR over the observed positives
+    with K = `expected_num_pos` (Scob: 1.5 VOC, 3.9 COCO). Up to that eps, Cole's ROLE."""
+    _check_pair(probs, observed, "observed")
+    _check_pair(probs, label_probs, "label_probs")
+    p = jnp.asarray(probs, jnp.float32)
+    q = jnp.asarray(label_probs, jnp.float32)
+    loss_p = _scob_soft_bce(p, jax.lax.stop_gradient(q)) + _scob_epr(p, observed, expected_num_pos)
+    loss_q = _scob_soft_bce(q, jax.lax.stop_gradient(p)) + _scob_epr(q, observed, expected_num_pos)
+    return 0.5 * (loss_p + loss_q)
+
+
+def _l2_normalize(x: jax.Array) -> jax.Array:
+    """x / max(||x||, 1e-12) along the last axis (torch's F.normalize: zero stays zero)."""
+    norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
+    return x / jnp.maximum(norm, 1e-12)
+
+
+def prototype_infonce(
+    queries: jax.Array,
+    keys: jax.Array,
+    prototypes: jax.Array,
+    weights: jax.Array,
+    *,
+    temperature: float = 1.0,
+    exclude: jax.Array | None = None,
+) -> jax.Array:
+    """Scob's InfoNCE against class prototypes (`loss_contrastive_infonce`, scob_spml.md §3.6).
+
+    With u, k and P L2-normalised (a zero prototype stays zero), per image b:
+
+      logits_b = [1 + cos(u_b, k_b), (1 + cos(u_b, P_c)) * weights_bc for c = 1..C] / tau,
+      loss = mean_b cross-entropy(logits_b, 0).
+
+    Args:
+      queries: u [B, D]; keys: k [B, D] (the positives); prototypes: P [C, D].
+      weights: [B, C], Scob's 1 - R[y_b, c]^2 (0 for the image's own class under the hard
+        correlation: its logit is 0, still in the denominator).
+      temperature: tau.
+      exclude: optional boolean [B, C]: prototypes left out of the softmax (Scob's code never
+        leaves any out; `exclude_own_prototype` leaves out each image's own class).
+    """
+    u = _l2_normalize(jnp.asarray(queries, jnp.float32))
+    k = _l2_normalize(jnp.asarray(keys, jnp.float32))
+    protos = _l2_normalize(jnp.asarray(prototypes, jnp.float32))
+    positive = 1.0 + jnp.sum(u * k, axis=-1, keepdims=True)
+    negative = (1.0 + u @ protos.T) * weights
+    logits = jnp.concatenate([positive, negative], axis=1) / temperature
+    if exclude is not None:
+        keep = jnp.concatenate([jnp.ones_like(exclude[:, :1]), ~exclude], axis=1)
+        logits = jnp.where(keep, logits, -jnp.inf)
+    return jnp.mean(jax.nn.logsumexp(logits, axis=1) - logits[:, 0])

@@ -157,3 +157,69 @@ def make_optimizer(
         frozen = nnx.map_state(lambda _, label: label == "frozen", param_labels(params, opt))
         clip.insert(0, optax.masked(optax.set_to_zero(), frozen))
     return optax.chain(*clip, tx)
+
+
+def path_filter(pattern: str) -> Callable[[tuple, object], bool]:
+    """An nnx state filter: the variables whose '/'-joined path fully matches `pattern`."""
+    regex = re.compile(pattern)
+    return lambda path, _: regex.fullmatch("/".join(str(p) for p in path)) is not None
+
+
+class GroupAdam:
+    """`torch.optim.Adam` (no weight decay) over named parameter groups, each with its own
+    moments and step count, stepped one group at a time.
+
+    torch skips a parameter whose `.grad` is None: its moments and step count stay as they
+    were. A step that several optimizer updates share (Scob's two per iteration) therefore
+    calls `update` only for the groups that received a gradient; passing zeros instead would
+    decay their moments and count the step. Groups are regexes over parameter paths; a
+    parameter in no group is never updated (frozen), one in two groups is an error.
+
+    Args:
+      groups: group name -> regex (full match over the '/'-joined path).
+      b1, b2, eps: Adam's coefficients (torch's defaults 0.9, 0.999, 1e-8).
+    """
+
+    def __init__(
+        self, groups: dict[str, str], *, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+    ):
+        self.groups = dict(groups)
+        self.adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
+
+    def split(self, params: nnx.State) -> tuple[dict[str, nnx.State], nnx.State]:
+        """({group: its parameters}, the parameters of no group).
+
+        Raises:
+          ConfigError: a parameter matched by two groups.
+        """
+        names = list(self.groups)
+        flat = nnx.to_flat_state(params)
+        for path, _ in flat:
+            hits = [n for n in names if path_filter(self.groups[n])(path, None)]
+            if len(hits) > 1:
+                raise ConfigError(
+                    f"optimizer groups {', '.join(hits)} both match {'/'.join(map(str, path))}"
+                )
+        *parts, rest = params.split(*(path_filter(self.groups[n]) for n in names), ...)
+        return dict(zip(names, parts, strict=True)), rest
+
+    def init(self, params: nnx.State) -> dict[str, optax.OptState]:
+        """The Adam state of each group (zero moments, count 0) over its parameters."""
+        parts, _ = self.split(params)
+        return {name: self.adam.init(part) for name, part in parts.items()}
+
+    def update(
+        self,
+        group: str,
+        grads: nnx.State,
+        opt_state: dict[str, optax.OptState],
+        params: nnx.State,
+        lr: jax.Array | float,
+    ) -> tuple[nnx.State, dict[str, optax.OptState]]:
+        """One Adam step of `group` alone with its gradients `grads` (a state of the group's
+        parameters, as `split` gives) at learning rate `lr`: (the whole updated params, the
+        optimizer state with only `group`'s entry changed)."""
+        parts, rest = self.split(params)
+        updates, new_state = self.adam.update(grads, opt_state[group], parts[group])
+        parts[group] = optax.apply_updates(parts[group], jax.tree.map(lambda u: -lr * u, updates))
+        return nnx.merge_state(*parts.values(), rest), dict(opt_state) | {group: new_state}

@@ -111,6 +111,14 @@ def create_model(
     return mod, graphdef, params, rest
 
 
+def make_optimizer(mod, config: ml_collections.ConfigDict, total: int, params):
+    """The method's optimizer (`make_optimizer` of its module) or `optim.make_optimizer` of
+    `config.optimizer`."""
+    if hasattr(mod, "make_optimizer"):
+        return mod.make_optimizer(config, total, params)
+    return optim.make_optimizer(config.optimizer, total, params)
+
+
 def init_train_state(
     config: ml_collections.ConfigDict,
     num_classes: int,
@@ -130,10 +138,7 @@ def init_train_state(
     if config.init_from and init_from.is_workdir(config.init_from):
         earlier_run = init_from.read_workdir_state(config.init_from, config.model)
     mod, graphdef, params, rest = create_model(config, num_classes, num_train, earlier_run)
-    if hasattr(mod, "make_optimizer"):
-        tx = mod.make_optimizer(config, total, params)
-    else:
-        tx = optim.make_optimizer(config.optimizer, total, params)
+    tx = make_optimizer(mod, config, total, params)
     extra = {}
     if hasattr(mod, "init_extra"):
         if training is None:

@@ -22,7 +22,7 @@ from mlgraph import checkpointing, models, recipes, train
 from mlgraph.errors import ConfigError
 
 # Modules of mlgraph/models that hold shared parts, not methods.
-SHARED = {"attention", "backbones", "common", "graph", "layers"}
+SHARED = {"attention", "backbones", "cam", "common", "graph", "layers"}
 METHODS = sorted(
     m.name for m in pkgutil.iter_modules(mlgraph.models.__path__) if m.name not in SHARED
 )
@@ -34,6 +34,7 @@ CONFIGS = {
     "mlgcn": ("mlgcn_demo", "mlgcn_coco"),
     "q2l": ("q2l_demo", "q2l_coco"),
     "spml": ("spml_demo", "spml_coco"),
+    "scob": ("scob_demo", "scob_coco"),
 }
 
 
@@ -90,6 +91,10 @@ def test_method_builds_from_its_configs_and_its_loss_runs(method, config_name, t
     batch = {
         "labels": (rng.random((2, num_classes)) < 0.3).astype(np.float32),
         "index": np.arange(2, dtype=np.int32),
+        # What the single-positive methods' own steps add: the observed single positives and
+        # the batch's rows of a label estimator.
+        "observed": np.eye(num_classes, dtype=np.float32)[[0, 1]],
+        "label_logits": rng.normal(size=(2, num_classes)).astype(np.float32),
     }
     mod = models.method_module(method)
     loss, aux = jax.jit(lambda o, b: mod.loss_fn(o, b, c))(outputs, batch)

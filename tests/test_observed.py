@@ -460,3 +460,19 @@ def test_nuswide_rows_follow_the_given_list():
     assert any("fallback: image ids sorted as strings" in h for h in result.header)
     with pytest.raises(DataError, match="image x/10.jpg of split 'train' is not in the given"):
         observed.cole_rows(built, observed.SourceOrder(image_ids=("y/1.jpg", "x/2.jpg")))
+
+
+def test_training_split_without_a_cut_leaves_out_images_without_a_positive(voc_built):
+    from mlgraph import config_lib
+
+    _, built_dir = voc_built
+    data = config_lib.base_config().data
+    data.name, data.eval_split = "voc2012", "val"
+    data.data_dir = str(pathlib.Path(built_dir).parents[1])
+    data.observed = "scob"
+    dataset = datasets.open_dataset(data)
+    split = datasets.training_split(dataset, data)
+    kept = {split.source[i]["image_id"].decode() for i in range(split.num_examples)}
+    with_positive = {i for i, c in voc_positives().items() if c}
+    assert "2007_000999" not in kept and kept == with_positive
+    np.testing.assert_array_equal(split.observed.sum(axis=1), 1.0)

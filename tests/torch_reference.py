@@ -71,10 +71,12 @@ class TorchResNetTrunk(nn.Module):
 
 
 class TorchEncoderLayer(nn.Module):
-    """DETR's post-norm encoder layer on batch-first tokens (salgl.md §1.3, Q2L's encoder)."""
+    """DETR's post-norm encoder layer on batch-first tokens (salgl.md §1.3, Q2L's encoder); with
+    `activation` F.leaky_relu and a `key_padding_mask` (True = ignored), Scob's layer."""
 
-    def __init__(self, d: int, heads: int, ffn: int, dropout: float = 0.1):
+    def __init__(self, d: int, heads: int, ffn: int, dropout: float = 0.1, activation=F.relu):
         super().__init__()
+        self.activation = activation
         self.self_attn = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
         self.linear1 = nn.Linear(d, ffn)
         self.dropout = nn.Dropout(dropout)
@@ -84,10 +86,11 @@ class TorchEncoderLayer(nn.Module):
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
 
-    def forward(self, x, pos=None):
+    def forward(self, x, pos=None, key_padding_mask=None):
         qk = x if pos is None else x + pos
-        x = self.norm1(x + self.dropout1(self.self_attn(qk, qk, x)[0]))
-        y = self.linear2(self.dropout(F.relu(self.linear1(x))))
+        attn = self.self_attn(qk, qk, x, key_padding_mask=key_padding_mask)[0]
+        x = self.norm1(x + self.dropout1(attn))
+        y = self.linear2(self.dropout(self.activation(self.linear1(x))))
         return self.norm2(x + self.dropout2(y))
 
 

@@ -2,9 +2,11 @@
 
 `convert_file(source, input, output, options)` is the library entry (the command line
 `python -m mlgraph.convert` and `mlgraph.assets` both call it). Sources (`SOURCES`) name a table
-module under `mlgraph.convert`; each defines `convert(state_dict, options) -> (module, settings)`,
-where `settings` may hold "notes": lines for the conversion summary (what a config using the
-weights must know), which are not written to settings.json.
+module under `mlgraph.convert`; each defines `convert(state_dict, options) -> (module, settings)`
+or `(module, settings, extra)`, where `settings` may hold "notes": lines for the conversion
+summary (what a config using the weights must know), which are not written to settings.json,
+and `extra` holds arrays of the method's per-example state that the checkpoint carries (Scob's
+label estimator), saved beside the weights (`checkpointing.load_extra`).
 Nothing heavy is imported here, so that importing one table module stays cheap.
 
 The option `trust_pickle` (default false) is taken here, for every source: true reads a torch
@@ -28,6 +30,7 @@ SOURCES: dict[str, str] = {
     "ssgrl": "mlgraph.convert.ssgrl",
     "mlgcn": "mlgraph.convert.mlgcn",
     "q2l": "mlgraph.convert.q2l",
+    "scob": "mlgraph.convert.scob",
 }
 
 
@@ -82,13 +85,14 @@ def convert_file(
         )
     checkpoint = read_checkpoint(input_path, trust_pickle=trust_pickle)
     try:
-        module, settings = table_module.convert(checkpoint.state_dict, options)
+        module, settings, *extra = table_module.convert(checkpoint.state_dict, options)
     except ConversionError as e:
         raise ConversionError(f"{input_path}: {e}") from e
     params = sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
     settings = dict(settings) | {"source": source, "input": str(input_path)}
     notes = [checkpoint.note(), *settings.pop("notes", [])]
-    checkpointing.save_weights(output_path, nnx.to_pure_dict(nnx.state(module)), settings)
+    tree = nnx.to_pure_dict(nnx.state(module))
+    checkpointing.save_weights(output_path, tree, settings, extra=extra[0] if extra else None)
     return {
         "source": source,
         "input": str(input_path),

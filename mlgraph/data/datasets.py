@@ -169,7 +169,12 @@ def training_split(dataset: Dataset, data: ml_collections.ConfigDict) -> Trainin
     if scheme:
         labels = observed.observed_labels(dataset, data.train_split, scheme).astype(np.float32)
     if not fraction:
-        return TrainingSplit(source, dataset.num_classes, labels)
+        if labels is None or labels.any(axis=1).all():
+            return TrainingSplit(source, dataset.num_classes, labels)
+        # Images without a positive have no row in Cole's or Scob's files: left out, as they
+        # are from both parts of the held-out cut.
+        keep = np.flatnonzero(labels.any(axis=1))
+        return TrainingSplit(Subset(source, keep), dataset.num_classes, labels[keep])
     cut = observed.cole_split(dataset, data.train_split, fraction=fraction)
     return TrainingSplit(
         Subset(source, cut.train),

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -91,11 +92,13 @@ class TransformerEncoderLayer(nnx.Module):
 
         q = k = x + pos,  v = x
         x = norm1(x + dropout1(attn(q, k, v)))
-        x = norm2(x + dropout2(linear2(dropout(relu(linear1(x))))))
+        x = norm2(x + dropout2(linear2(dropout(activation(linear1(x))))))
 
-    LayerNorms use torch's eps 1e-5. Attribute names are torch's, so a checkpoint's
-    `layers.0.linear1.weight` maps to `linear1/kernel`. `kernel_init` (default: torch's Linear
-    init) draws the `out_proj`, `linear1` and `linear2` kernels.
+    This is also `torch.nn.TransformerEncoderLayer(norm_first=False)` (no `pos`). LayerNorms use
+    torch's eps 1e-5. Attribute names are torch's, so a checkpoint's `layers.0.linear1.weight`
+    maps to `linear1/kernel`. `kernel_init` (default: torch's Linear init) draws the
+    `out_proj`, `linear1` and `linear2` kernels; `activation` is the feed-forward
+    non-linearity (ReLU; Scob's is leaky ReLU, slope 0.01).
     """
 
     def __init__(
@@ -105,6 +108,7 @@ class TransformerEncoderLayer(nnx.Module):
         ffn_dim: int = 2048,
         dropout: float = 0.1,
         *,
+        activation: Callable[[jax.Array], jax.Array] = nnx.relu,
         kernel_init: nnx.Initializer | None = None,
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
@@ -112,6 +116,7 @@ class TransformerEncoderLayer(nnx.Module):
     ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         init = dict(kernel_init=kernel_init, **kw)
+        self.activation = activation
         self.self_attn = MultiheadAttention(dim, num_heads, dropout=dropout, **init)
         self.linear1 = torch_linear(dim, ffn_dim, **init)
         self.dropout = nnx.Dropout(dropout)
@@ -129,15 +134,22 @@ class TransformerEncoderLayer(nnx.Module):
         x: jax.Array,
         pos: jax.Array | None = None,
         *,
+        key_mask: jax.Array | None = None,
         train: bool = False,
         rngs: nnx.Rngs | None = None,
     ) -> jax.Array:
-        """Tokens [B, N, D] (and optional position codes broadcastable to them) -> [B, N, D]."""
+        """Tokens [B, N, D] (and optional position codes broadcastable to them) -> [B, N, D].
+
+        `key_mask` (optional, boolean [B, N]): True marks the tokens that may be attended to,
+        the inverse of torch's `src_key_padding_mask`; masked tokens still attend and give
+        outputs. A row with no attendable token gets uniform weights, not torch's NaN.
+        """
         det = not train
         qk = x if pos is None else x + pos.astype(x.dtype)
-        y = self.self_attn(qk, qk, x, train=train, rngs=rngs)
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        y = self.self_attn(qk, qk, x, mask=mask, train=train, rngs=rngs)
         x = self.norm1(x + self.dropout1(y, deterministic=det, rngs=rngs))
-        y = self.dropout(nnx.relu(self.linear1(x)), deterministic=det, rngs=rngs)
+        y = self.dropout(self.activation(self.linear1(x)), deterministic=det, rngs=rngs)
         y = self.linear2(y)
         return self.norm2(x + self.dropout2(y, deterministic=det, rngs=rngs))
 

@@ -1,14 +1,18 @@
-"""Draw SALGL's learned scenes from a training workdir: one PNG per scene.
+"""Figures from a training workdir: SALGL's learned scenes (one PNG per scene) and Scob's
+semantic guidance over images (one PNG per image and class).
 
     python -m mlgraph.viz heatmap --workdir DIR [--step N] [--ema | --no-ema] [--output OUT]
         [--classes NAME,NAME,... | --top N] [--classes_file NAMES.txt]
     python -m mlgraph.viz labelcloud --workdir DIR [--step N] [--ema | --no-ema] [--output OUT]
         [--classes_file NAMES.txt]
+    python -m mlgraph.viz cam --workdir DIR IMAGE... [--step N] [--classes NAME,...]
+        [--output OUT] [--classes_file NAMES.txt]
 
-Writes `heatmap_scene{k}.png` / `labelcloud_scene{k}.png` into OUT (default DIR/viz). The step
-defaults to the best by EMA mAP, the counts to the EMA model's. Class names come from the data
-set in DIR/config.json, or from --classes_file (one name per line). Errors print one line and
-exit with status 2.
+Writes `heatmap_scene{k}.png` / `labelcloud_scene{k}.png` / `cam_<image>_<class>.png` into OUT
+(default DIR/viz). The step defaults to the best checkpoint, SALGL's counts to the EMA model's.
+`cam` draws the class the model scores highest, or each class of --classes. Class names come
+from the data set in DIR/config.json, or from --classes_file (one name per line). Errors print
+one line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ from mlgraph.errors import MlgraphError
 COMMANDS = {
     "heatmap": "scene-conditional label co-occurrence probabilities",
     "labelcloud": "word clouds of the labels each scene collected",
+    "cam": "Scob's Grad-CAM++ map and key masks over images",
 }
-HEATMAP_ONLY = ("classes", "top")
+HEATMAP_ONLY = ("top",)
 
 _FLAGS = flags.FlagValues()  # not absl's global FLAGS: see mlgraph.cli
 _WORKDIR = flags.DEFINE_string("workdir", None, "a SALGL training workdir", flag_values=_FLAGS)
@@ -47,7 +52,10 @@ _CLASSES_FILE = flags.DEFINE_string(
     flag_values=_FLAGS,
 )
 _CLASSES = flags.DEFINE_string(
-    "classes", None, "comma-separated class names to draw, in order", flag_values=_FLAGS
+    "classes",
+    None,
+    "comma-separated class names to draw, in order (heatmap; cam: default the top-scored)",
+    flag_values=_FLAGS,
 )
 _TOP = flags.DEFINE_integer(
     "top",
@@ -56,14 +64,15 @@ _TOP = flags.DEFINE_integer(
     flag_values=_FLAGS,
 )
 flags.mark_flag_as_required("workdir", flag_values=_FLAGS)
-flags.mark_flags_as_mutual_exclusive(list(HEATMAP_ONLY), flag_values=_FLAGS)
+flags.mark_flags_as_mutual_exclusive(["classes", "top"], flag_values=_FLAGS)
 USAGE = "\n".join(
     [
-        "usage: python -m mlgraph.viz {heatmap,labelcloud} --workdir DIR [...]",
+        "usage: python -m mlgraph.viz {heatmap,labelcloud,cam} --workdir DIR [...]",
+        "       python -m mlgraph.viz cam --workdir DIR IMAGE...",
         "",
         *(f"  {name}: {text}" for name, text in COMMANDS.items()),
         "",
-        f"{', '.join('--' + name for name in HEATMAP_ONLY)}: heatmap only",
+        "--top: heatmap only; --classes: heatmap and cam",
     ]
 )
 
@@ -77,18 +86,30 @@ def run(
     classes_file: str | None = None,
     classes: str | None = None,
     top: int | None = None,
+    images: Sequence[str] = (),
 ) -> list[pathlib.Path]:
-    """Run `command` (a key of COMMANDS) with the flags' values; returns the written paths (and
-    prints a summary)."""
+    """Run `command` (a key of COMMANDS) with the flags' values (and, for cam, the image
+    paths); returns the written paths (and prints a summary)."""
+    out_dir = pathlib.Path(output) if output else pathlib.Path(workdir) / "viz"
+    picked = [c.strip() for c in classes.split(",")] if classes else None
+    if command == "cam":
+        from mlgraph.viz import cam  # imports jax: only for this command
+
+        names = viz.read_classes_file(classes_file) if classes_file else None
+        drawn = cam.draw(workdir, images, out_dir, step=step, classes=picked, class_names=names)
+        for path, g in drawn:
+            print(
+                f"{g.class_name} (p = {g.probability:.2f}): {int(g.salient32.sum())} and "
+                f"{int(g.salient16.sum())} salient patches -> {path}"
+            )
+        return [path for path, _ in drawn]
     purpose = "heatmaps" if command == "heatmap" else "label clouds"
     comatrix, step = viz.read_comatrix(workdir, step, ema, purpose)
     names, config = viz.read_class_names(workdir, classes_file)
     source = f"--classes_file {classes_file}" if classes_file else "the data set"
     viz.check_class_count(names, comatrix, source)
     notes = viz.demo_scene_notes(config, comatrix, names)
-    out_dir = pathlib.Path(output) if output else pathlib.Path(workdir) / "viz"
     if command == "heatmap":
-        picked = [c.strip() for c in classes.split(",")] if classes else None
         paths = viz.heatmaps(comatrix, names, out_dir, classes=picked, top=top, scene_notes=notes)
     else:
         paths = viz.label_clouds(comatrix, names, out_dir, scene_notes=notes)
@@ -106,12 +127,13 @@ def run(
     return paths
 
 
-def parse_command(argv: Sequence[str] | None) -> str:
-    """Parse the flags; returns the command, the first positional argument.
+def parse_command(argv: Sequence[str] | None) -> tuple[str, list[str]]:
+    """Parse the flags; returns the command (the first positional argument) and the rest (the
+    images of cam).
 
     Raises:
-      app.UsageError: no command or an unknown one, extra arguments, or a heatmap-only flag
-        given to labelcloud.
+      app.UsageError: no command or an unknown one, extra arguments (but cam's images), or a
+        flag the command does not take.
     """
     args = cli.parse(_FLAGS, argv, USAGE)
     valid = ", ".join(COMMANDS)
@@ -120,12 +142,18 @@ def parse_command(argv: Sequence[str] | None) -> str:
     command, extra = args[0], args[1:]
     if command not in COMMANDS:
         raise app.UsageError(f"unknown command {command!r}; valid: {valid}")
-    if extra:
+    if extra and command != "cam":
         raise app.UsageError(f"unexpected arguments: {' '.join(extra)}")
+    if command == "cam" and not extra:
+        raise app.UsageError(
+            "cam: no IMAGE given (python -m mlgraph.viz cam --workdir DIR IMAGE...)"
+        )
     misplaced = [f"--{name}" for name in HEATMAP_ONLY if _FLAGS[name].present]
     if command != "heatmap" and misplaced:
         raise app.UsageError(f"{', '.join(misplaced)}: only for heatmap")
-    return command
+    if command == "labelcloud" and _FLAGS["classes"].present:
+        raise app.UsageError("--classes: only for heatmap and cam")
+    return command, list(extra)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -134,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     `argv` holds the arguments after the program name (None: `sys.argv[1:]`).
     """
     try:
-        command = parse_command(argv)
+        command, images = parse_command(argv)
         run(
             command,
             _WORKDIR.value,
@@ -144,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             classes_file=_CLASSES_FILE.value,
             classes=_CLASSES.value,
             top=_TOP.value,
+            images=images,
         )
     except (app.UsageError, MlgraphError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

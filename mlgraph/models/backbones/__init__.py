@@ -8,8 +8,10 @@ every backbone it returns has
   feature map flattened row-major (h outer, w inner), the order of torch's
   `x.flatten(2).transpose(1, 2)`; ViTs return every token (CLS first) after the final norm.
 
-CNNs also have `feature_map(x, *, train=False) -> [B, h, w, D]` and, when built with
-`num_classes=int`, `logits(x, *, train=False)` (global average pool + torchvision's classifier).
+CNNs also have `feature_map(x, *, train=False) -> [B, h, w, D]`; `pyramid(x, *, train=False)`
+-> (stride-16 map, stride-32 map), whose channels are `pyramid_features` (Scob's two scales);
+and, when built with `num_classes=int`, `logits(x, *, train=False)` (global average pool +
+torchvision's classifier).
 
 Modules are imported only when a backbone is built, so that e.g. building a ResNet does not
 import the ViT code.

@@ -25,6 +25,8 @@ INVERTED_RESIDUAL_SETTING = (
 STEM_CHANNELS = 32
 LAST_CHANNELS = 1280
 DROPOUT = 0.2
+# `features` index of the last stride-16 block (the 96-channel stage), the first map of `pyramid`.
+STRIDE16_LAST = 13
 
 # torchvision: kaiming_normal_(mode="fan_out") for convs, normal(0, 0.01) for the classifier.
 _conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -48,6 +50,8 @@ class ConvBN(nnx.Module):
     ):
         pad = (kernel - 1) // 2
         self.activation = activation
+        self.stride, self.pad = stride, pad
+        self.depthwise = groups == in_features == out_features and groups > 1
         self.conv = nnx.Conv(
             in_features,
             out_features,
@@ -72,8 +76,34 @@ class ConvBN(nnx.Module):
 
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         """Apply conv, batch norm and (if enabled) ReLU6 to an NHWC map."""
-        y = self.bn(self.conv(x), use_running_average=not train)
+        if self.depthwise and jax.default_backend() == "cpu":
+            y = depthwise_conv(x, self.conv.kernel[...], self.stride, self.pad, self.conv.dtype)
+        else:
+            y = self.conv(x)
+        y = self.bn(y, use_running_average=not train)
         return jnp.clip(y, 0.0, 6.0) if self.activation else y
+
+
+def depthwise_conv(
+    x: jax.Array, kernel: jax.Array, stride: int, pad: int, dtype=jnp.float32
+) -> jax.Array:
+    """A depthwise convolution (kernel [k, k, 1, C], no bias) as a sum of k*k shifted, scaled
+    copies of the padded map: the same values as `lax.conv_general_dilated` with
+    `feature_group_count=C`, which XLA's CPU backend runs 10 to 40 times slower."""
+    x, kernel = x.astype(dtype), kernel.astype(dtype)
+    k = kernel.shape[0]
+    xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    h = (xp.shape[1] - k) // stride + 1
+    w = (xp.shape[2] - k) // stride + 1
+    out = None
+    for i in range(k):
+        for j in range(k):
+            window = xp[
+                :, i : i + stride * (h - 1) + 1 : stride, j : j + stride * (w - 1) + 1 : stride
+            ]
+            term = window * kernel[i, j, 0]
+            out = term if out is None else out + term
+    return out
 
 
 class InvertedResidual(nnx.Module):
@@ -109,6 +139,7 @@ class MobileNetV2(nnx.Module):
 
     Attributes:
       num_features: 1280.
+      pyramid_features: channels of the stride-16 and stride-32 maps of `pyramid` (96, 1280).
       image_size: the image side the backbone was built for (informational; any size works).
     """
 
@@ -133,6 +164,7 @@ class MobileNetV2(nnx.Module):
         features.append(ConvBN(cin, LAST_CHANNELS, 1, **kw))
         self.features = nnx.List(features)
         self.num_features = LAST_CHANNELS
+        self.pyramid_features = (INVERTED_RESIDUAL_SETTING[4][1], LAST_CHANNELS)
         if num_classes is not None:
             self.dropout = nnx.Dropout(DROPOUT)
             self.classifier = nnx.Linear(
@@ -145,11 +177,19 @@ class MobileNetV2(nnx.Module):
             self.dropout = None
             self.classifier = None
 
+    def pyramid(self, x: jax.Array, *, train: bool = False) -> tuple[jax.Array, jax.Array]:
+        """Images [B, H, W, 3] -> (the last stride-16 map [B, H/16, W/16, 96], the final map
+        [B, H/32, W/32, 1280]): the outputs of `features[13]` and `features[18]`."""
+        stride16 = None
+        for i, layer in enumerate(self.features):
+            x = layer(x, train=train)
+            if i == STRIDE16_LAST:
+                stride16 = x
+        return stride16, x
+
     def feature_map(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         """Images [B, H, W, 3] -> final map [B, ceil(H/32), ceil(W/32), 1280]."""
-        for layer in self.features:
-            x = layer(x, train=train)
-        return x
+        return self.pyramid(x, train=train)[1]
 
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         """Images [B, H, W, 3] -> tokens [B, h*w, 1280], row-major (h outer, w inner)."""

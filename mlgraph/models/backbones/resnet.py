@@ -95,6 +95,7 @@ class ResNet(nnx.Module):
 
     Attributes:
       num_features: channels of the layer4 map (2048 for the standard width 64).
+      pyramid_features: channels of the layer3 and layer4 maps (`pyramid`).
       layers: blocks per stage.
       image_size: the image side the backbone was built for (informational; any size works).
     """
@@ -131,19 +132,28 @@ class ResNet(nnx.Module):
             stages.append(nnx.List(stage))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.num_features = cin
+        self.pyramid_features = (cin // 2, cin)
         if num_classes is not None:
             self.fc = nnx.Linear(cin, int(num_classes), **kw)
         else:
             self.fc = None
 
-    def feature_map(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        """Images [B, H, W, 3] -> layer4 map [B, ceil(H/32), ceil(W/32), num_features]."""
+    def pyramid(self, x: jax.Array, *, train: bool = False) -> tuple[jax.Array, jax.Array]:
+        """Images [B, H, W, 3] -> (layer3 map [B, H/16, W/16, pyramid_features[0]], layer4 map
+        [B, H/32, W/32, pyramid_features[1]]), the stride-16 and stride-32 maps."""
         x = nnx.relu(self.bn1(self.conv1(x), use_running_average=not train))
         x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+        for stage in (self.layer1, self.layer2, self.layer3):
             for block in stage:
                 x = block(x, train=train)
-        return x
+        stride16 = x
+        for block in self.layer4:
+            x = block(x, train=train)
+        return stride16, x
+
+    def feature_map(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        """Images [B, H, W, 3] -> layer4 map [B, ceil(H/32), ceil(W/32), num_features]."""
+        return self.pyramid(x, train=train)[1]
 
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         """Images [B, H, W, 3] -> tokens [B, h*w, num_features], row-major (h outer, w inner)."""

@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
-from train_helpers import TINY_COCO_TRAIN, fake_assets, load_config, tiny_config
+from train_helpers import TINY_COCO_TRAIN, fake_assets, final_state, load_config, tiny_config
 
 import mlgraph.models
 from mlgraph import checkpointing, models, recipes, train
@@ -140,14 +140,6 @@ def _toy_config(data_dir, **changes):
     return c
 
 
-def _final(workdir: pathlib.Path):
-    ckpts = checkpointing.TrainCheckpoints(workdir / "checkpoints")
-    state = ckpts.read_state(ckpts.latest_step())
-    ckpts.close()
-    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return state, lines
-
-
 def test_toy_method_stops_and_resumes_bit_identically(data_dir, tmp_path):
     config = _toy_config(data_dir)
     train.run(config, tmp_path / "once")
@@ -155,8 +147,8 @@ def test_toy_method_stops_and_resumes_bit_identically(data_dir, tmp_path):
     # then resumed: the hook state, the per-example counts and the two optimizers come back.
     train.run(_toy_config(data_dir, stop_at_step=5), tmp_path / "twice")
     train.run(config, tmp_path / "twice")
-    once, once_lines = _final(tmp_path / "once")
-    twice, twice_lines = _final(tmp_path / "twice")
+    once, once_lines = final_state(tmp_path / "once")
+    twice, twice_lines = final_state(tmp_path / "twice")
     jax.tree.map(np.testing.assert_array_equal, once, twice)
     last = lambda lines: [x for x in lines if x["step"] == 8]  # noqa: E731
     assert last(once_lines) == last(twice_lines)

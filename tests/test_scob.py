@@ -27,6 +27,7 @@ from scob_reference import (  # noqa: E402
     TorchScob,
     official_checkpoint,
 )
+from train_helpers import final_state  # noqa: E402
 
 D, HEADS, FFN = 32, 4, 64
 
@@ -445,16 +446,6 @@ def _run_config(data_dir, **changes):
     return c
 
 
-def _final(workdir):
-    from mlgraph import checkpointing
-
-    ckpts = checkpointing.TrainCheckpoints(workdir / "checkpoints")
-    state = ckpts.read_state(ckpts.latest_step())
-    ckpts.close()
-    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return state, lines
-
-
 @pytest.fixture(scope="module")
 def scob_workdir(tiny_coco_dir, tmp_path_factory):
     """A tiny Scob run of 6 steps, uninterrupted."""
@@ -472,8 +463,8 @@ def test_scob_run_stops_and_resumes_exactly(scob_workdir, tiny_coco_dir, tmp_pat
     # after step 4, between the stop at step 3 and the end.
     train.run(_run_config(tiny_coco_dir, stop_at_step=3), tmp_path / "twice")
     train.run(_run_config(tiny_coco_dir), tmp_path / "twice")
-    once, once_lines = _final(scob_workdir)
-    twice, twice_lines = _final(tmp_path / "twice")
+    once, once_lines = final_state(scob_workdir)
+    twice, twice_lines = final_state(tmp_path / "twice")
     jax.tree.map(np.testing.assert_array_equal, once, twice)
     assert [x for x in once_lines if x["step"] == 6] == [x for x in twice_lines if x["step"] == 6]
     steps = [x for x in once_lines if "train/loss" in x]

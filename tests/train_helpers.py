@@ -74,3 +74,16 @@ def fake_assets(c, num_classes: int, tmp_path: pathlib.Path) -> None:
         cooccurrence.save_counts(tmp_path / "g.npz", cooccurrence.counts_from_labels(labels))
         c.model.graph_path = str(tmp_path / "g.npz")
     c.init_from = ""
+
+
+def final_state(workdir: pathlib.Path):
+    """(the train state of `workdir`'s latest checkpoint as numpy, its metrics.jsonl lines)."""
+    import json
+
+    from mlgraph import checkpointing
+
+    ckpts = checkpointing.TrainCheckpoints(workdir / "checkpoints")
+    state = ckpts.read_state(ckpts.latest_step())
+    ckpts.close()
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return state, lines

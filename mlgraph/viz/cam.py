@@ -12,6 +12,7 @@ key masks of Scob's contrastive step see it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 from collections.abc import Sequence
 
@@ -65,6 +66,18 @@ def read_image(path: str | pathlib.Path, size: int, mean, std) -> tuple[np.ndarr
     return pixels, normalised.astype(np.float32)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _guidance(graphdef, state, image: jax.Array, target: jax.Array):
+    """(class probabilities [C], the map [S, S], the two masks) of one image, one class."""
+    from mlgraph.models import scob
+
+    model = nnx.merge(graphdef, state)
+    x32, x16 = model.features(image[None])
+    logits = model.classifier(model.online(x32, x16)).astype(jnp.float32)
+    full, s32, s16 = scob.guidance(model, x32, x16, target[None])
+    return jax.nn.sigmoid(logits)[0], full[0], s32[0], s16[0]
+
+
 def image_guidance(model, image: np.ndarray, class_names: Sequence[str], classes=None):
     """The `Guidance` of one normalised image [S, S, 3] for each of `classes` (names; default:
     the top-scored class), from a Scob model (`mlgraph.models.scob.guidance`).
@@ -72,11 +85,8 @@ def image_guidance(model, image: np.ndarray, class_names: Sequence[str], classes
     Raises:
       ConfigError: a class name the model does not have.
     """
-    from mlgraph.models import scob
-
-    x32, x16 = model.features(jnp.asarray(image)[None])
-    logits = model.classifier(model.online(x32, x16)).astype(jnp.float32)
-    probs = np.asarray(jax.nn.sigmoid(logits))[0]
+    graphdef, state = nnx.split(model)
+    image = jnp.asarray(image)
     if classes:
         unknown = [c for c in classes if c not in class_names]
         if unknown:
@@ -86,19 +96,14 @@ def image_guidance(model, image: np.ndarray, class_names: Sequence[str], classes
             )
         targets = [list(class_names).index(c) for c in classes]
     else:
-        targets = [int(probs.argmax())]
+        probs = _guidance(graphdef, state, image, jnp.int32(0))[0]
+        targets = [int(np.argmax(probs))]
     out = []
     for t in targets:
-        full, s32, s16 = scob.guidance(model, x32, x16, jnp.array([t]))
-        out.append(
-            Guidance(
-                class_names[t],
-                float(probs[t]),
-                np.asarray(full[0]),
-                np.asarray(s32[0]),
-                np.asarray(s16[0]),
-            )
+        probs, full, s32, s16 = (
+            np.asarray(x) for x in _guidance(graphdef, state, image, jnp.int32(t))
         )
+        out.append(Guidance(class_names[t], float(probs[t]), full, s32, s16))
     return out
 
 

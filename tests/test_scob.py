@@ -181,6 +181,23 @@ def test_blank_cam_gives_no_salient_patch():
     assert not bool(cam.patch_masks(full, 4).any())
 
 
+def test_blank_images_skip_the_batch_or_are_unmasked():
+    s32 = np.zeros((2, 4, 4), bool)
+    s16 = np.zeros((2, 8, 8), bool)
+    s32[:, 1, 2] = True
+    s16[0, 3, 3] = True  # image 1 has no salient patch at the stride-16 scale
+    kept32, kept16, blank = scob.key_masks(jnp.asarray(s32), jnp.asarray(s16), True)
+    np.testing.assert_array_equal(blank, [False, True])
+    np.testing.assert_array_equal(kept16, s16)
+    _, open16, _ = scob.key_masks(jnp.asarray(s32), jnp.asarray(s16), False)
+    assert bool(open16[1].all()) and int(open16[0].sum()) == 1
+    loss = jnp.float32(0.3)
+    assert not bool(scob.contrastive_runs(loss, blank, True))
+    assert bool(scob.contrastive_runs(loss, blank, False))
+    assert not bool(scob.contrastive_runs(jnp.float32(jnp.nan), jnp.zeros(2, bool), False))
+    assert not bool(scob.contrastive_runs(jnp.float32(-1e-3), jnp.zeros(2, bool), False))
+
+
 # ------------------------------------------------------------------------------ bank, InfoNCE
 def _bank(size=2, classes=2, dim=2):
     return scob.empty_bank(classes, size, dim)
@@ -467,9 +484,9 @@ def test_scob_run_stops_and_resumes_exactly(scob_workdir, tiny_coco_dir, tmp_pat
     twice, twice_lines = final_state(tmp_path / "twice")
     jax.tree.map(np.testing.assert_array_equal, once, twice)
     assert [x for x in once_lines if x["step"] == 6] == [x for x in twice_lines if x["step"] == 6]
-    steps = [x for x in once_lines if "train/loss" in x]
     # nan_skip_batch=False: every contrastive step runs (blank samples are unmasked).
-    assert all(x["train/contrastive_skipped"] == 0.0 for x in steps)
+    assert int(once["extra"]["contrastive_skips"]) == 0
+    assert [x["train/contrastive_skips"] for x in once_lines if "train/loss" in x] == [0.0] * 6
     # Per-group Adam counts: two updates an iteration for the ImageMids, one for the rest.
     counts = {g: int(s["count"]) for g, s in once["opt"].items()}
     assert counts == {"linear": 12, "transformer": 12, "classifier": 6, "projector": 6}

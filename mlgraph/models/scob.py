@@ -491,6 +491,9 @@ def init_extra(config: ml_collections.ConfigDict, training) -> dict:
         "phi_opt": ScobOptimizer(config).label_estimator.init(phi),
         "correlation": label_correlation(phi),
         "bank": empty_bank(training.num_classes, int(config.model.bank_size), dim),
+        # Contrastive steps skipped so far (a blank CAM under nan_skip_batch, a loss that is
+        # not finite and >= 0), logged as train/contrastive_skips.
+        "contrastive_skips": jnp.zeros((), jnp.int32),
     }
 
 
@@ -527,6 +530,30 @@ def guidance(
         cam.patch_masks(full, grid32, model.cam_threshold),
         cam.patch_masks(full, grid16, model.cam_threshold),
     )
+
+
+def key_masks(
+    salient32: jax.Array, salient16: jax.Array, nan_skip_batch: bool
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(the key masks of both grids, `blank` [B]: images without a salient patch at a scale).
+
+    Under `nan_skip_batch` the masks are kept as they are (torch's attention over no key is NaN
+    there, which `contrastive_runs` and the bank act on); otherwise every key of such a scale
+    is unmasked."""
+    any32, any16 = salient32.any(axis=(1, 2)), salient16.any(axis=(1, 2))
+    blank = ~any32 | ~any16
+    if not nan_skip_batch:
+        salient32 = salient32 | ~any32[:, None, None]
+        salient16 = salient16 | ~any16[:, None, None]
+    return salient32, salient16, blank
+
+
+def contrastive_runs(loss: jax.Array, blank: jax.Array, nan_skip_batch: bool) -> jax.Array:
+    """Whether the contrastive update is applied: the official loss check (finite and >= 0)
+    and, under `nan_skip_batch`, no blank image in the batch (its NaN keys make torch's loss
+    NaN; this also covers the official batch-wide "any salient patch" guard)."""
+    ok = jnp.isfinite(loss) & (loss >= 0)
+    return ok & ~blank.any() if nan_skip_batch else ok
 
 
 def make_train_step(ctx):
@@ -583,10 +610,7 @@ def make_train_step(ctx):
         model = merged(params, rest)
         x32_eval, x16_eval = model.features(images) if drifting else (x32, x16)
         _, salient32, salient16 = guidance(model, x32_eval, x16_eval, targets)
-        blank = ~salient32.any(axis=(1, 2)) | ~salient16.any(axis=(1, 2))  # [B]
-        if not nan_skip:  # unmask every key of a scale without a salient patch
-            salient32 = salient32 | ~salient32.any(axis=(1, 2), keepdims=True)
-            salient16 = salient16 | ~salient16.any(axis=(1, 2), keepdims=True)
+        salient32, salient16, blank = key_masks(salient32, salient16, nan_skip)
 
         # 3. Contrastive step: keys on the clean view, queries on the strong augmentation.
         if drifting:  # the key pass's backbone forward (same batch statistics) moves them again
@@ -618,11 +642,7 @@ def make_train_step(ctx):
             )
 
         loss_cl, grads = jax.value_and_grad(contrastive)({g: parts[g] for g in CONTRASTIVE_GROUPS})
-        # The official step runs only on a finite, non-negative loss; a blank sample's NaN keys
-        # make it NaN (nan_skip_batch), which also covers its batch-wide "any salient" guard.
-        run = jnp.isfinite(loss_cl) & (loss_cl >= 0)
-        if nan_skip:
-            run &= ~blank.any()
+        run = contrastive_runs(loss_cl, blank, nan_skip)
         stepped, stepped_opt = params, opt
         for g in CONTRASTIVE_GROUPS:
             lr = tx.learning_rate(g, epoch)
@@ -634,7 +654,8 @@ def make_train_step(ctx):
         # 4. The bank takes this batch's keys (NaN keys, i.e. blank samples, stay out).
         valid = ~blank if nan_skip else jnp.ones_like(blank)
         bank = bank_insert(extra["bank"], targets, confidence, index, keys, valid)
-        extra = dict(extra, phi=phi, phi_opt=phi_opt, bank=bank)
+        skips = extra["contrastive_skips"] + (~run).astype(jnp.int32)
+        extra = dict(extra, phi=phi, phi_opt=phi_opt, bank=bank, contrastive_skips=skips)
         new = ctx.finish(state, params, rest, opt, extra=extra)
         contrastive_loss = jnp.where(run, loss_cl, 0.0)
         return new, {
@@ -642,7 +663,7 @@ def make_train_step(ctx):
             "lr": tx.learning_rate("linear", epoch),
             "classification": loss_cls,
             "contrastive": contrastive_loss,
-            "contrastive_skipped": 1.0 - run.astype(jnp.float32),
+            "contrastive_skips": skips.astype(jnp.float32),
             "salient_fraction": 0.5 * (salient32.mean() + salient16.mean()),
         }
 

@@ -7,6 +7,9 @@ imported into one process: tests import several entry points, and `mlgraph.asset
 `flags.FlagValues` of their own and parse an argument list with `parse`, which keeps the
 conventions their users rely on: `-h`/`--help`, `--no-NAME` for a boolean flag (absl's own
 spelling `--noNAME` works too), and bad usage as one `app.UsageError` line.
+
+Also here, for every entry point: `quiet_logs`, which keeps other libraries' INFO logs out of
+the commands' output.
 """
 
 from __future__ import annotations
@@ -49,3 +52,11 @@ def parse(flag_values: flags.FlagValues, argv: Sequence[str] | None, usage: str)
         return flag_values(["", *argv])[1:]
     except flags.Error as e:
         raise app.UsageError(" ".join(str(e).split())) from None
+
+
+def quiet_logs() -> None:
+    """Show only warnings from absl logging: Orbax and TFDS log every checkpoint read and write
+    at INFO, and the commands' own lines say what matters."""
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)

@@ -54,10 +54,10 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     import jax
-    from absl import logging
 
-    # Orbax and TFDS log every checkpoint step at INFO; the progress lines say what matters.
-    logging.set_verbosity(logging.WARNING)
+    from mlgraph import cli
+
+    cli.quiet_logs()
     if os.environ.get("MLGRAPH_DISTRIBUTED") == "1":
         jax.distributed.initialize()
     from mlgraph import train

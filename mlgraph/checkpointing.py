@@ -15,10 +15,12 @@ the way of the steps the run writes again (nothing is deleted).
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import pathlib
 import shutil
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -103,6 +105,34 @@ def describe_error(error: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+class _QuietAbandonedReads:
+    """A `sys.unraisablehook` that drops the reports of the array reads Orbax abandons when one
+    array of a checkpoint fails to read, and passes every other report on.
+
+    Each abandoned read prints its own multi-line report as it finishes or is collected (its
+    coroutine's error, or TensorStore's callback into the closed event loop), often long after
+    the restore, at exit; the failure itself is reported once, in one line.
+    """
+
+    def __init__(self, previous):
+        self.previous = previous
+
+    def __call__(self, unraisable) -> None:
+        error, source = unraisable.exc_value, unraisable.object
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        if getattr(source, "__qualname__", "") == "_read_array_index_and_device_put":
+            return
+        self.previous(unraisable)
+
+
+def _quiet_abandoned_reads() -> None:
+    """After a failed restore: silence its abandoned reads, and collect those already done."""
+    if not isinstance(sys.unraisablehook, _QuietAbandonedReads):
+        sys.unraisablehook = _QuietAbandonedReads(sys.unraisablehook)
+    gc.collect()
+
+
 def _everywhere(ok: bool) -> bool:
     """Whether `ok` holds on every process (one small all-gather when there are several)."""
     if jax.process_count() == 1:
@@ -144,9 +174,17 @@ class TrainCheckpoints:
             self.manager = self._open()
 
     def _open(self) -> ocp.CheckpointManager:
+        import grain
+
         policies = ocp.checkpoint_managers
         return ocp.CheckpointManager(
             self.directory,
+            # Named up front so that the saved structure can be read back before any restore
+            # (`read_state` of a checkpoint written on other devices or hosts).
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": grain.checkpoint.CheckpointHandler(),
+            },
             options=ocp.CheckpointManagerOptions(
                 preservation_policy=policies.AnyPreservationPolicy(
                     [
@@ -275,16 +313,16 @@ class TrainCheckpoints:
         """
         failed = []
         for step in steps:
-            error, state = None, None
+            reason, state = None, None
             try:
                 state = self.restore(step, abstract_state, data_iterator, defaults)
             except Exception as e:  # any read failure: truncated, emptied, missing files
-                error = e
-            if _everywhere(error is None):
+                reason = describe_error(e)
+            if reason is not None:
+                _quiet_abandoned_reads()
+            if _everywhere(reason is None):
                 return step, state, failed
-            failed.append(
-                (step, "unreadable on another process" if error is None else describe_error(error))
-            )
+            failed.append((step, reason or "unreadable on another process"))
         return None, None, failed
 
     def restore_latest(

@@ -11,7 +11,8 @@ from 1) and, when it says so, finishes the step, writes a checkpoint and returns
   The counter starts at 1 in every run, so a notice that arrives before the first step is
   honoured at the first step.
 
-A second SIGINT or SIGTERM (in one process) exits at once, status 128 + the signal's number,
+A SIGINT is acknowledged at once on stderr (someone at a terminal pressed Ctrl-C); a second
+SIGINT (or a second SIGTERM in one process) exits at once, status 128 + the signal's number,
 without a checkpoint: the run resumes from its last one.
 """
 
@@ -69,6 +70,11 @@ class StopSignals:
                 self._on_exit()
             os._exit(128 + signum)
         self.received = name
+        if signum == signal.SIGINT:  # someone at a terminal: say that it was heard
+            os.write(
+                2,
+                b"SIGINT: stopping after this step with a checkpoint; Ctrl-C again exits at once\n",
+            )
         if self._multi:
             os.kill(os.getpid(), signal.SIGTERM)  # to JAX's preemption service
 

@@ -1,10 +1,21 @@
-"""Test set-up: 8 simulated CPU devices (set before jax is imported), parsed absl flags, and the
-tiny built COCO-layout data set shared by the training tests."""
+"""Test set-up: 8 simulated CPU devices (set before jax is imported), a compilation cache for
+the session, parsed absl flags, and the tiny built COCO-layout data set shared by the training
+tests."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# XLA's compilations shared by every run of the session, the subprocesses' too (they inherit
+# the environment): compiling a model's initialisation takes ~10 s on CPU, and nearly every
+# training test compiles the same tiny one again.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="mlgraph-test-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402

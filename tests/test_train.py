@@ -8,7 +8,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from train_helpers import REPO, tiny_config
+from train_helpers import REPO, final_state, tiny_config
 
 from mlgraph import checkpointing, recipes, train
 from mlgraph.data import datasets, demo
@@ -18,15 +18,6 @@ from mlgraph.metric_writer import read_metrics
 @pytest.fixture(scope="module")
 def data_dir(tiny_coco_dir):
     return tiny_coco_dir
-
-
-def final_state(workdir):
-    """Params and EMA of the latest checkpoint, as nested numpy dicts."""
-    ckpts = checkpointing.TrainCheckpoints(workdir / "checkpoints")
-    step = ckpts.latest_step()
-    state = ckpts.read_state(step)
-    ckpts.close()
-    return step, state
 
 
 def test_resume_is_exact(data_dir, tmp_path):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import pathlib
 import random
+import select
+import time
 
 from coco_fixture import write_coco
 
@@ -74,3 +76,31 @@ def fake_assets(c, num_classes: int, tmp_path: pathlib.Path) -> None:
         cooccurrence.save_counts(tmp_path / "g.npz", cooccurrence.counts_from_labels(labels))
         c.model.graph_path = str(tmp_path / "g.npz")
     c.init_from = ""
+
+
+def final_state(workdir: pathlib.Path):
+    """(step, state as nested numpy dicts) of a workdir's latest checkpoint."""
+    from mlgraph import checkpointing
+
+    ckpts = checkpointing.TrainCheckpoints(workdir / "checkpoints")
+    step = ckpts.latest_step()
+    state = ckpts.read_state(step)
+    ckpts.close()
+    return step, state
+
+
+def wait_for(stream, text: str, timeout: float = 240) -> list[str]:
+    """Lines of a subprocess's text `stream` up to and including the first that contains
+    `text` (an AssertionError when it ends or `timeout` passes first)."""
+    lines, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        ready, _, _ = select.select([stream], [], [], 1.0)
+        if not ready:
+            continue
+        line = stream.readline()
+        if not line:
+            break
+        lines.append(line)
+        if text in line:
+            return lines
+    raise AssertionError(f"no line with {text!r}; got {lines[-5:]}")

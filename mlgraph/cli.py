@@ -9,7 +9,7 @@ conventions their users rely on: `-h`/`--help`, `--no-NAME` for a boolean flag (
 spelling `--noNAME` works too), and bad usage as one `app.UsageError` line.
 
 Also here, for every entry point: `quiet_logs`, which keeps other libraries' INFO logs out of
-the commands' output.
+the commands' output, and `load_problem`, why a `--config` file did not load.
 """
 
 from __future__ import annotations
@@ -60,3 +60,10 @@ def quiet_logs() -> None:
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)
+
+
+def load_problem(error: OSError) -> str:
+    """Why a `--config` file did not load, in a few words (ml_collections wraps the reason)."""
+    if isinstance(error.__cause__, OSError) or "No such file" in str(error):
+        return "no such file"
+    return str(error).splitlines()[0]

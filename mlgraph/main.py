@@ -30,13 +30,13 @@ def parse_flags(argv: list[str]) -> list[str]:
         _CONFIG.value.keys()  # a config file that failed to load raises only when used
         return rest
     except OSError as e:
+        from mlgraph import cli
+
         path = flags.FLAGS["config"].config_filename if "config" in flags.FLAGS else "?"
-        reason = (
-            "no such file"
-            if isinstance(e.__cause__, OSError) or "No such file" in str(e)
-            else str(e).splitlines()[0]
+        print(
+            f"error: --config {path}: cannot load the config ({cli.load_problem(e)})",
+            file=sys.stderr,
         )
-        print(f"error: --config {path}: cannot load the config ({reason})", file=sys.stderr)
     except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
         text = " ".join(str(e).replace("\\n", " ").replace("\\'", "'").split())
         match = re.search(r"'(\w+)'.*Did you mean \"(\w+)\"", text)

@@ -414,9 +414,6 @@ def log(message: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # Run
 # ---------------------------------------------------------------------------------------------
-CLASS_NAMES_FILE = "class_names.txt"  # in the workdir: the labels `mlgraph.predict` prints
-
-
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
     """Train (or resume) `config` in `workdir`; returns the last evaluation's metrics.
 
@@ -463,8 +460,6 @@ def _run(config, workdir: pathlib.Path, signals: preemption.StopSignals) -> dict
     num_classes, num_train = dataset.num_classes, len(train_source)
     total = config_lib.total_steps(config, num_train)
     config = assets.resolve(config, dataset.class_names, dataset.directory)
-    if jax.process_index() == 0:
-        (workdir / CLASS_NAMES_FILE).write_text("".join(f"{n}\n" for n in dataset.class_names))
     batches = sharding.DeviceBatches(
         iter(pipeline.train_dataset(train_source, config, num_classes)), mesh
     )

@@ -118,6 +118,25 @@ def test_digits_mosaic_learns(tmp_path):
     lines = (tmp_path / "learn" / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["step"] == 300
 
+    # `mlgraph.predict` on the test images' files: each image's known labels are its top ones.
+    from mlgraph import predict
+
+    annotations = json.loads((raw / "annotations" / "instances_val2014.json").read_text())
+    names = {c["id"]: c["name"] for c in annotations["categories"]}
+    known = {im["id"]: set() for im in annotations["images"]}
+    for a in annotations["annotations"]:
+        known[a["image_id"]].add(names[a["category_id"]])
+    files = {im["id"]: raw / "val2014" / im["file_name"] for im in annotations["images"]}
+    ids = sorted(known)[:40]
+    records = predict.Predictor.from_workdir(tmp_path / "learn").predict(
+        [files[i] for i in ids], top_k=len(names)
+    )
+    hits = [
+        {n for n, _ in r["top"][: len(known[i])]} == known[i]
+        for i, r in zip(ids, records, strict=True)
+    ]
+    assert sum(hits) >= 0.8 * len(ids), hits
+
 
 def test_evaluate_restores_same_metrics(data_dir, tmp_path):
     from mlgraph import evaluate

@@ -56,10 +56,22 @@ def parse(flag_values: flags.FlagValues, argv: Sequence[str] | None, usage: str)
 
 def quiet_logs() -> None:
     """Show only warnings from absl logging: Orbax and TFDS log every checkpoint read and write
-    at INFO, and the commands' own lines say what matters."""
+    at INFO, and the commands' own lines say what matters. TFDS's advice to install OpenCV is
+    dropped too: images decode with Pillow, as intended."""
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)
+    logging.get_absl_logger().addFilter(_NO_OPENCV_ADVICE)  # added once however often called
+
+
+class _NoOpenCVAdvice:
+    """A logging filter for TFDS's 'OpenCV is not installed' warning."""
+
+    def filter(self, record) -> bool:
+        return "OpenCV is not installed" not in record.getMessage()
+
+
+_NO_OPENCV_ADVICE = _NoOpenCVAdvice()
 
 
 def load_problem(error: OSError) -> str:

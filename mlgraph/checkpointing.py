@@ -245,6 +245,22 @@ class TrainCheckpoints:
         """Every step still on disk."""
         return list(self.manager.all_steps())
 
+    def pick_step(self, step: int | None = None) -> int:
+        """`step`, or by default the best step (else the latest, when none was evaluated).
+
+        Raises:
+          WorkdirError: no checkpoints, or `step` is not saved (the saved ones are listed).
+        """
+        workdir, steps = self.directory.parent, self.all_steps()
+        if not steps:
+            raise WorkdirError(f"--workdir {workdir}: no checkpoints in {self.directory}")
+        if step is None:
+            best = self.best_step()
+            return best if best is not None else self.latest_step()
+        if step not in steps:
+            raise WorkdirError(f"--step {step}: not saved in {workdir}; saved steps: {steps}")
+        return step
+
     def save(
         self, step: int, state: Any, data_iterator, metrics: Mapping[str, float] | None = None
     ) -> None:

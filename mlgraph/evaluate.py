@@ -71,11 +71,7 @@ def evaluate_workdir(workdir: str | pathlib.Path, step: int | None = None) -> di
     workdir = pathlib.Path(workdir).absolute()
     config = workdir_config(workdir)
     ckpts = checkpointing.TrainCheckpoints(workdir / "checkpoints")
-    steps = ckpts.all_steps()
-    if not steps:
-        raise WorkdirError(f"--workdir {workdir}: no checkpoints in {workdir / 'checkpoints'}")
-    if step is not None and step not in steps:
-        raise WorkdirError(f"--step {step}: not saved in {workdir}; saved steps: {steps}")
+    ckpts.pick_step(step)  # no checkpoint at all, or a --step not saved: one line
     dataset = datasets.open_dataset(config.data)
     training = datasets.training_split(dataset, config.data)
     total = config_lib.total_steps(config, training.num_examples)

@@ -175,20 +175,14 @@ class Predictor:
         config = assets.resolve(config, dataset.class_names, dataset.directory)
         ckpts = checkpointing.TrainCheckpoints(workdir / "checkpoints")
         try:
-            steps = ckpts.all_steps()
-            if not steps:
-                raise WorkdirError(f"--workdir {workdir}: no checkpoints in {ckpts.directory}")
-            if step is None:
-                best = ckpts.best_step()
-                step = best if best is not None else ckpts.latest_step()
-            elif step not in steps:
-                raise WorkdirError(f"--step {step}: not saved in {workdir}; saved steps: {steps}")
+            step = ckpts.pick_step(step)
             try:
                 saved = ckpts.read_state(step)
             except Exception as e:  # a damaged checkpoint: one line, and what to do
                 raise WorkdirError(
                     f"{ckpts.directory}: step {step} cannot be read "
-                    f"({checkpointing.describe_error(e)}); saved steps: {steps}; pick another "
+                    f"({checkpointing.describe_error(e)}); saved steps: {ckpts.all_steps()}; "
+                    "pick another "
                     "with --step N"
                 ) from None
         finally:

@@ -224,6 +224,18 @@ def _yaml(tmp_path, text: str):
     return str(path)
 
 
+# A model without GGNN steps, position table or outmess, soft scenes, self-loops ignored.
+SOFT_MODEL = dict(
+    layers=(1, 1, 1, 1),
+    steps=0,
+    outmess=False,
+    pos_grid=None,
+    normalize=False,
+    ignore_self=True,
+    soft=True,
+    random=True,
+)
+
 # ----------------------------------------------------------------------------------------- tests
 CONFIG_A = """\
 model: salgl
@@ -328,17 +340,7 @@ def test_convert_outmess_pos_hard_matches_torch(tmp_path, capsys):
 
 
 def test_convert_plain_soft_random_embeddings_matches_torch(tmp_path, capsys):
-    tm = _torch_model(
-        1,
-        layers=(1, 1, 1, 1),
-        steps=0,
-        outmess=False,
-        pos_grid=None,
-        normalize=False,
-        ignore_self=True,
-        soft=True,
-        random=True,
-    )
+    tm = _torch_model(1, **SOFT_MODEL)
     yaml = _yaml(tmp_path, "embed_type: random\nnormalize: False\nignore_self: True\nsoft: True\n")
     module, settings = convert_salgl.convert(_checkpoint(tm), {"config_yaml": yaml})
     model = core.build_fields(settings)
@@ -469,16 +471,6 @@ def _experiment(tmp_path, tm, config_text: str | None):
     return ckpt
 
 
-SOFT_MODEL = dict(
-    layers=(1, 1, 1, 1),
-    steps=0,
-    outmess=False,
-    pos_grid=None,
-    normalize=False,
-    ignore_self=True,
-    soft=True,
-    random=True,
-)
 SOFT_YAML = (  # every setting the weights leave open, as an official config.yaml has them
     "embed_type: random\nnormalize: False\nignore_self: True\nsoft: True\nimg_size: 96\n"
     "loss: asl\ngamma_pos: 0.0\ngamma_neg: 2.0\nclip: 0.0\nlamda: 1.0\ncomat_ema: False\n"

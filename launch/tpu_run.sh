@@ -3,6 +3,8 @@
 # jax.distributed initialised (MLGRAPH_DISTRIBUTED=1). Called by tpu_pod.sh through
 # `gcloud ... ssh --worker=all`, so every host runs the same command.
 #   bash launch/tpu_run.sh mlgraph.main --config configs/salgl_coco.py --workdir gs://BUCKET/run
+# `exec` makes Python this process, so a preemption's SIGTERM reaches it directly: the run saves
+# a checkpoint at a step all hosts agree on and exits 0; the same command resumes it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${MLGRAPH_VENV:-$HOME/mlgraph_venv}

@@ -5,19 +5,33 @@ Two kinds of checkpoint:
   JSON of settings, written by the converter and read by `init_from` and `evaluate`;
 * the *training* checkpoints of a workdir (`TrainCheckpoints`): model, optimizer, EMA, method
   buffers and the grain iterator saved together by an Orbax `CheckpointManager` that keeps the
-  latest step and the best by EMA mAP.
+  latest `keep` steps and the best by `config.best_metric`.
+
+A checkpoint that fails to read (a truncated or emptied file) is never the end of a run: the
+newest readable one is restored instead (`restore_latest`), and the unreadable newer ones are
+reported in one line each and moved to `unreadable_checkpoints/` beside `checkpoints/`, out of
+the way of the steps the run writes again (nothing is deleted).
 """
 
 from __future__ import annotations
 
+import gc
 import json
+import logging
 import pathlib
-from collections.abc import Mapping
+import shutil
+import sys
+import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
+from jax.experimental import multihost_utils
+
+from mlgraph.errors import WorkdirError, warn
 
 WEIGHTS_DIR = "weights"
 EXTRA_DIR = "extra"
@@ -89,22 +103,114 @@ def _best(metrics: Mapping[str, float]) -> float:
     return metrics[BEST_METRIC] if BEST_METRIC in metrics else metrics["ema_mAP"]
 
 
+class _NoMetricsBetweenEvaluations(logging.Filter):
+    """Drops Orbax's warning for a step saved without metrics: the steps between evaluations
+    (`checkpoint_every_steps`, a stop on SIGTERM) have none by design."""
+
+    def filter(self, record) -> bool:
+        return "did not provide metrics" not in record.getMessage()
+
+
+absl_logging.get_absl_logger().addFilter(_NoMetricsBetweenEvaluations())
+
+UNREADABLE_DIR = "unreadable_checkpoints"  # beside checkpoints/: steps that failed to read
+METRICS_FILE = pathlib.Path("metrics") / "metrics"  # Orbax's per-step metrics, inside a step
+
+
+def describe_error(error: BaseException) -> str:
+    """One line for a read failure: the innermost cause's first line (Orbax wraps TensorStore's
+    one-line reason in a message that spans dozens of lines)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+class _QuietAbandonedReads:
+    """A `sys.unraisablehook` that drops the reports of the array reads Orbax abandons when one
+    array of a checkpoint fails to read, and passes every other report on.
+
+    Each abandoned read prints its own multi-line report as it finishes or is collected (its
+    coroutine's error, or TensorStore's callback into the closed event loop), often long after
+    the restore, at exit; the failure itself is reported once, in one line.
+    """
+
+    def __init__(self, previous):
+        self.previous = previous
+
+    def __call__(self, unraisable) -> None:
+        error, source = unraisable.exc_value, unraisable.object
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        if getattr(source, "__qualname__", "") == "_read_array_index_and_device_put":
+            return
+        self.previous(unraisable)
+
+
+def _quiet_abandoned_reads() -> None:
+    """After a failed restore: silence its abandoned reads, and collect those already done."""
+    if not isinstance(sys.unraisablehook, _QuietAbandonedReads):
+        sys.unraisablehook = _QuietAbandonedReads(sys.unraisablehook)
+    gc.collect()
+
+
+def _everywhere(ok: bool) -> bool:
+    """Whether `ok` holds on every process (one small all-gather when there are several)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
 class TrainCheckpoints:
     """The checkpoints of a training workdir: train state and data iterator, saved together.
 
-    Keeps the latest step (the resume point) and the evaluated step with the best metric
-    (`config.best_metric`, saved as `best`).
+    Keeps the latest `keep` steps (the resume point and the one before it, in case the newest
+    is damaged) and the evaluated step with the best metric (`config.best_metric`, saved as
+    `best`).
+
+    Args:
+      directory: the workdir's `checkpoints/`.
+      keep: how many of the newest steps to keep (`config.keep_checkpoints`).
+      repair: (training) a step whose metrics file cannot be read is reported and moved aside
+        instead of failing; otherwise (evaluation, inspection) it is a `WorkdirError`.
     """
 
-    def __init__(self, directory: str | pathlib.Path):
-        policies = ocp.checkpoint_managers
+    def __init__(self, directory: str | pathlib.Path, keep: int = 2, repair: bool = False):
         self.directory = pathlib.Path(directory).absolute()
-        self.manager = ocp.CheckpointManager(
+        self.keep = int(keep)
+        try:
+            self.manager = self._open()
+        except Exception as e:  # Orbax reads every step's metrics when it opens the folder
+            bad = self._unreadable_metrics()
+            if not bad:
+                raise
+            if not repair:
+                step, reason = bad[0]
+                raise WorkdirError(
+                    f"{self.directory / str(step) / METRICS_FILE}: cannot be read ({reason}); "
+                    f"move {self.directory / str(step)} away to use the other checkpoints"
+                ) from e
+            for step, reason in bad:
+                self._set_aside(step, reason)
+            self.manager = self._open()
+
+    def _open(self) -> ocp.CheckpointManager:
+        import grain
+
+        policies = ocp.checkpoint_managers
+        return ocp.CheckpointManager(
             self.directory,
+            # Named up front so that the saved structure can be read back before any restore
+            # (`read_state` of a checkpoint written on other devices or hosts).
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": grain.checkpoint.CheckpointHandler(),
+            },
             options=ocp.CheckpointManagerOptions(
                 preservation_policy=policies.AnyPreservationPolicy(
                     [
-                        policies.LatestN(n=1),
+                        policies.LatestN(n=self.keep),
                         # Steps saved between evaluations have no metrics: only LatestN keeps them.
                         policies.BestN(
                             get_metric_fn=_best,
@@ -120,6 +226,35 @@ class TrainCheckpoints:
             ),
         )
 
+    def _unreadable_metrics(self) -> list[tuple[int, str]]:
+        """(step, reason) of each step folder whose metrics file is not JSON."""
+        bad = []
+        folders = self.directory.iterdir() if self.directory.is_dir() else []
+        for folder in sorted((f for f in folders if f.name.isdigit()), key=lambda f: int(f.name)):
+            path = folder / METRICS_FILE
+            try:
+                if path.exists():
+                    json.loads(path.read_text())
+            except (ValueError, OSError) as e:
+                bad.append((int(folder.name), describe_error(e)))
+        return bad
+
+    def _set_aside(self, step: int, reason: str, then: str = "") -> None:
+        """Move the unreadable `step` to `unreadable_checkpoints/` (process 0; all wait), with a
+        one-line warning saying why and where it went."""
+        target = self.directory.parent / UNREADABLE_DIR / str(step)
+        if target.exists():  # the same step failed before: keep both
+            target = target.with_name(f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if jax.process_index() == 0:
+            target.parent.mkdir(exist_ok=True)
+            shutil.move(str(self.directory / str(step)), str(target))
+            warn(
+                f"checkpoint step {step} in {self.directory} cannot be read ({reason}); "
+                f"moved it to {target}{then}"
+            )
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"mlgraph: set aside checkpoint {step}")
+
     def latest_step(self) -> int | None:
         """The newest saved step, or None for a fresh workdir."""
         return self.manager.latest_step()
@@ -131,6 +266,22 @@ class TrainCheckpoints:
     def all_steps(self) -> list[int]:
         """Every step still on disk."""
         return list(self.manager.all_steps())
+
+    def pick_step(self, step: int | None = None) -> int:
+        """`step`, or by default the best step (else the latest, when none was evaluated).
+
+        Raises:
+          WorkdirError: no checkpoints, or `step` is not saved (the saved ones are listed).
+        """
+        workdir, steps = self.directory.parent, self.all_steps()
+        if not steps:
+            raise WorkdirError(f"--workdir {workdir}: no checkpoints in {self.directory}")
+        if step is None:
+            best = self.best_step()
+            return best if best is not None else self.latest_step()
+        if step not in steps:
+            raise WorkdirError(f"--step {step}: not saved in {workdir}; saved steps: {steps}")
+        return step
 
     def save(
         self, step: int, state: Any, data_iterator, metrics: Mapping[str, float] | None = None
@@ -149,11 +300,34 @@ class TrainCheckpoints:
         )
         self.manager.wait_until_finished()
 
-    def restore(self, step: int, abstract_state: Any, data_iterator=None) -> Any:
+    def restore(
+        self,
+        step: int,
+        abstract_state: Any,
+        data_iterator=None,
+        defaults: Mapping[str, Any] | None = None,
+    ) -> Any:
         """Restore the state at `step` onto the shardings of `abstract_state`.
 
-        When `data_iterator` is given its position is restored in place too.
+        When `data_iterator` is given its position is restored in place too. `defaults`: top-level
+        entries of the state taken as given when the checkpoint predates them (a workdir written
+        by an earlier version).
         """
+        try:
+            return self._restore(step, abstract_state, data_iterator)
+        except Exception:
+            if not defaults:
+                raise
+            older = {k: v for k, v in abstract_state.items() if k not in defaults}
+            try:
+                restored = self._restore(step, older, data_iterator)
+            except Exception:
+                pass  # not an older layout: report the first error
+            else:
+                return dict(restored, **defaults)
+            raise
+
+    def _restore(self, step: int, abstract_state: Any, data_iterator=None) -> Any:
         import grain
 
         args = {"state": ocp.args.StandardRestore(abstract_state)}
@@ -161,6 +335,59 @@ class TrainCheckpoints:
             args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**args))
         return restored["state"]
+
+    def restore_first(
+        self,
+        steps: Sequence[int],
+        abstract_state: Any,
+        data_iterator=None,
+        defaults: Mapping[str, Any] | None = None,
+    ) -> tuple[int | None, Any, list[tuple[int, str]]]:
+        """Restore the first of `steps` that every process reads (`restore`'s arguments).
+
+        Returns:
+          (its step, its state, [(step, reason) of each step before it that failed]); the step
+          and state are None when none could be read.
+        """
+        failed = []
+        for step in steps:
+            reason, state = None, None
+            try:
+                state = self.restore(step, abstract_state, data_iterator, defaults)
+            except Exception as e:  # any read failure: truncated, emptied, missing files
+                reason = describe_error(e)
+            if reason is not None:
+                _quiet_abandoned_reads()
+            if _everywhere(reason is None):
+                return step, state, failed
+            failed.append((step, reason or "unreadable on another process"))
+        return None, None, failed
+
+    def restore_latest(
+        self, abstract_state: Any, data_iterator=None, defaults: Mapping[str, Any] | None = None
+    ) -> tuple[int | None, Any]:
+        """Restore the newest readable step (`restore`'s arguments): (step, state), or
+        (None, None) for a workdir without checkpoints.
+
+        Newer steps that fail to read are reported (one line each) and moved aside, so that the
+        run writes those steps again.
+
+        Raises:
+          WorkdirError: there are checkpoints but none can be read.
+        """
+        steps = sorted(self.all_steps(), reverse=True)
+        step, state, failed = self.restore_first(steps, abstract_state, data_iterator, defaults)
+        if step is None and failed:
+            reasons = "; ".join(f"step {s}: {r}" for s, r in failed)
+            raise WorkdirError(
+                f"{self.directory}: no checkpoint can be read ({reasons}); move "
+                f"{self.directory} away to start over"
+            )
+        for bad, reason in failed:
+            self._set_aside(bad, reason, f"; resuming from step {step}")
+        if failed:
+            self.manager.reload()
+        return step, state
 
     def read_state(self, step: int) -> Any:
         """The train state saved at `step` as host numpy arrays, without a target structure

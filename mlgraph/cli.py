@@ -7,6 +7,9 @@ imported into one process: tests import several entry points, and `mlgraph.asset
 `flags.FlagValues` of their own and parse an argument list with `parse`, which keeps the
 conventions their users rely on: `-h`/`--help`, `--no-NAME` for a boolean flag (absl's own
 spelling `--noNAME` works too), and bad usage as one `app.UsageError` line.
+
+Also here, for every entry point: `quiet_logs`, which keeps other libraries' INFO logs out of
+the commands' output, and `load_problem`, why a `--config` file did not load.
 """
 
 from __future__ import annotations
@@ -49,3 +52,30 @@ def parse(flag_values: flags.FlagValues, argv: Sequence[str] | None, usage: str)
         return flag_values(["", *argv])[1:]
     except flags.Error as e:
         raise app.UsageError(" ".join(str(e).split())) from None
+
+
+def quiet_logs() -> None:
+    """Show only warnings from absl logging: Orbax and TFDS log every checkpoint read and write
+    at INFO, and the commands' own lines say what matters. TFDS's advice to install OpenCV is
+    dropped too: images decode with Pillow, as intended."""
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)
+    logging.get_absl_logger().addFilter(_NO_OPENCV_ADVICE)  # added once however often called
+
+
+class _NoOpenCVAdvice:
+    """A logging filter for TFDS's 'OpenCV is not installed' warning."""
+
+    def filter(self, record) -> bool:
+        return "OpenCV is not installed" not in record.getMessage()
+
+
+_NO_OPENCV_ADVICE = _NoOpenCVAdvice()
+
+
+def load_problem(error: OSError) -> str:
+    """Why a `--config` file did not load, in a few words (ml_collections wraps the reason)."""
+    if isinstance(error.__cause__, OSError) or "No such file" in str(error):
+        return "no such file"
+    return str(error).splitlines()[0]

@@ -53,7 +53,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_every_steps = 500
     c.eval_every_epochs = 0.0  # > 0: evaluate every this many epochs instead
     # A checkpoint every this many steps (and at each evaluation); 0 = only at evaluations.
+    # SIGTERM or SIGINT also writes one, at the step reached (mlgraph.preemption).
     c.checkpoint_every_steps = 0
+    # How many of the newest checkpoints are kept, besides the best one: a resume falls back to
+    # the next older one when the newest fails to read.
+    c.keep_checkpoints = 2
     # The logged metric the kept best checkpoint is chosen by: 'eval/...' on the evaluation
     # split, 'val/...' on the held-out part of the training split (data.val_fraction > 0).
     c.best_metric = "eval/ema_mAP"
@@ -109,6 +113,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.eps = 1e-8
     c.optimizer.momentum = 0.9  # SGD only (cycled like beta1 under one-cycle)
     c.optimizer.clip_grad_norm = 0.0  # global gradient-norm clip (ML-GCN: 10); 0 = off
+    # A step whose loss or updated parameters are not finite stops the run (exit 2, naming the
+    # last good checkpoint); True instead skips such updates, counted as train/skipped.
+    c.optimizer.skip_nonfinite = False
     c.optimizer.schedule = "onecycle"  # or 'constant'
     c.optimizer.pct_start = 0.2
     c.optimizer.div_factor = 25.0

@@ -1,4 +1,5 @@
-"""User-facing errors. The command-line entry points print these as one line and exit 2."""
+"""User-facing errors and warnings. The command-line entry points print an error as one line
+and exit 2; `warn` prints a warning as one line and carries on."""
 
 
 class MlgraphError(Exception):
@@ -15,3 +16,14 @@ class DataError(MlgraphError):
 
 class WorkdirError(MlgraphError):
     """The workdir cannot be used (missing parent, written by another config, ...)."""
+
+
+def warn(message: str) -> None:
+    """Print `warning: <message>` as one line on stderr (process 0 only: every process runs the
+    same code)."""
+    import sys
+
+    import jax
+
+    if jax.process_index() == 0:
+        print(f"warning: {message}", file=sys.stderr, flush=True)

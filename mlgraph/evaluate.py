@@ -6,6 +6,10 @@
 Prints a table of mAP (and ML-GCN's non-interpolated mAP_ni), CP, CR, CF1, OP, OR, OF1 and
 their top-3 forms (for the model and its EMA when evaluating a workdir) and writes it as JSON
 (`DIR/eval_step<N>.json`, or `--output`).
+
+A workdir's default checkpoint is the best step; when it cannot be read, the newest readable
+one is evaluated instead, with a warning line (`--step N` picks one). Errors are one line on
+stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -21,9 +25,9 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from mlgraph import assets, checkpointing, config_lib, metrics, sharding, train
+from mlgraph import assets, checkpointing, cli, config_lib, divergence, metrics, sharding, train
 from mlgraph.data import datasets
-from mlgraph.errors import ConfigError, MlgraphError, WorkdirError
+from mlgraph.errors import ConfigError, MlgraphError, WorkdirError, warn
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir to evaluate.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the best by EMA mAP).")
@@ -55,6 +59,8 @@ def _strip_count(row: dict[str, float]) -> dict[str, float]:
 def workdir_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
     """The config a workdir was trained with."""
     path = workdir / "config.json"
+    if not workdir.is_dir():
+        raise WorkdirError(f"--workdir {workdir}: does not exist")
     if not path.exists():
         raise WorkdirError(f"--workdir {workdir}: no config.json; not a training workdir")
     config = ml_collections.ConfigDict(json.loads(path.read_text()))
@@ -93,13 +99,7 @@ def restore_workdir(workdir: str | pathlib.Path, step: int | None = None) -> Res
     workdir = pathlib.Path(workdir).absolute()
     config = workdir_config(workdir)
     ckpts = checkpointing.TrainCheckpoints(workdir / "checkpoints")
-    steps = ckpts.all_steps()
-    if not steps:
-        raise WorkdirError(f"--workdir {workdir}: no checkpoints in {workdir / 'checkpoints'}")
-    if step is None:
-        step = ckpts.best_step() or ckpts.latest_step()
-    elif step not in steps:
-        raise WorkdirError(f"--step {step}: not saved in {workdir}; saved steps: {steps}")
+    ckpts.pick_step(step)  # no checkpoint at all, or a --step not saved: one line
     dataset = datasets.open_dataset(config.data)
     training = datasets.training_split(dataset, config.data)
     total = config_lib.total_steps(config, training.num_examples)
@@ -108,7 +108,7 @@ def restore_workdir(workdir: str | pathlib.Path, step: int | None = None) -> Res
     config = assets.resolve(config, dataset.class_names, dataset.directory)
     _, graphdef, _, state = train.init_train_state(config, dataset.num_classes, total, training)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), state)
-    state = ckpts.restore(step, abstract)
+    state, step = restore_step(ckpts, step, abstract, {divergence.HEALTH: state[divergence.HEALTH]})
     ckpts.close()
     return RestoredRun(config, dataset, graphdef, state, int(step), mesh)
 
@@ -126,11 +126,40 @@ def evaluate_workdir(workdir: str | pathlib.Path, step: int | None = None) -> di
     )
     source = dataset.sources[config.data.eval_split]
     result = train.evaluate_scores(predict, state, source, config, dataset.num_classes, mesh)
+    divergence.check_scores(result["scores"], ["model", "EMA model"], f"step {step}")
     rows = {
         name: _strip_count(train.eval_metrics({**result, "scores": [s]}, prefixes=("",)))
         for name, s in zip(("model", "ema"), result["scores"], strict=True)
     }
     return {"step": run.step, "split": config.data.eval_split, "images": len(source), **rows}
+
+
+def restore_step(ckpts, step: int | None, abstract, defaults) -> tuple[dict, int]:
+    """(state, its step): `step`, or by default the best step, else the newest readable one
+    (a warning line names each step that failed to read).
+
+    Raises:
+      WorkdirError: `step` (or every step) cannot be read.
+    """
+    if step is not None:
+        order = [step]
+    else:
+        best = ckpts.best_step()  # None when no step was evaluated
+        order = sorted(ckpts.all_steps(), key=lambda s: (s == best, s), reverse=True)
+    found, state, failed = ckpts.restore_first(order, abstract, defaults=defaults)
+    saved = ", ".join(map(str, sorted(ckpts.all_steps())))
+    if found is None:
+        reasons = "; ".join(f"step {s}: {r}" for s, r in failed)
+        raise WorkdirError(
+            f"{ckpts.directory}: cannot read {reasons}; saved steps: {saved}"
+            + ("; pick another with --step N" if step is not None else "")
+        )
+    for bad, reason in failed:
+        warn(
+            f"checkpoint step {bad} in {ckpts.directory} cannot be read ({reason}); evaluating "
+            f"step {found} instead (saved steps: {saved}; pick one with --step N)"
+        )
+    return state, found
 
 
 def evaluate_checkpoint(path: str, config: ml_collections.ConfigDict) -> dict:
@@ -156,6 +185,7 @@ def evaluate_checkpoint(path: str, config: ml_collections.ConfigDict) -> dict:
     )
     source = dataset.sources[config.data.eval_split]
     result = train.evaluate_scores(predict, state, source, config, dataset.num_classes, mesh)
+    divergence.check_scores(result["scores"], ["model"], f"--checkpoint {path}")
     row = _strip_count(train.eval_metrics(result, prefixes=("",)))
     return {
         "checkpoint": str(path),
@@ -168,6 +198,7 @@ def evaluate_checkpoint(path: str, config: ml_collections.ConfigDict) -> dict:
 def main(argv: list[str]) -> None:
     """Entry point after flag parsing."""
     del argv
+    cli.quiet_logs()
     try:
         if bool(_WORKDIR.value) == bool(_CHECKPOINT.value):
             raise ConfigError(

@@ -30,13 +30,13 @@ def parse_flags(argv: list[str]) -> list[str]:
         _CONFIG.value.keys()  # a config file that failed to load raises only when used
         return rest
     except OSError as e:
+        from mlgraph import cli
+
         path = flags.FLAGS["config"].config_filename if "config" in flags.FLAGS else "?"
-        reason = (
-            "no such file"
-            if isinstance(e.__cause__, OSError) or "No such file" in str(e)
-            else str(e).splitlines()[0]
+        print(
+            f"error: --config {path}: cannot load the config ({cli.load_problem(e)})",
+            file=sys.stderr,
         )
-        print(f"error: --config {path}: cannot load the config ({reason})", file=sys.stderr)
     except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
         text = " ".join(str(e).replace("\\n", " ").replace("\\'", "'").split())
         match = re.search(r"'(\w+)'.*Did you mean \"(\w+)\"", text)
@@ -54,10 +54,10 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     import jax
-    from absl import logging
 
-    # Orbax and TFDS log every checkpoint step at INFO; the progress lines say what matters.
-    logging.set_verbosity(logging.WARNING)
+    from mlgraph import cli
+
+    cli.quiet_logs()
     if os.environ.get("MLGRAPH_DISTRIBUTED") == "1":
         jax.distributed.initialize()
     from mlgraph import train

@@ -7,6 +7,10 @@ co-occurrence counts) are reduced over the global batch by construction.
 The model is an NNX module used functionally: `nnx.split` once into (graphdef, params, rest),
 `nnx.merge` inside the jitted steps. `params` are the `nnx.Param`s (optimized); `rest` holds batch
 statistics and buffers, updated by the forward pass in training mode.
+
+A run holds its workdir's lock (`workdir_lock`), stops cleanly with a checkpoint on SIGTERM or
+SIGINT (`preemption`), resumes from the newest readable checkpoint (`checkpointing`), and
+never saves a state past a non-finite step (`divergence`).
 """
 
 from __future__ import annotations
@@ -27,13 +31,33 @@ import optax
 from absl import logging
 from flax import nnx
 
-from mlgraph import assets, checkpointing, config_lib, init_from, metrics, models, optim, sharding
+from mlgraph import (
+    assets,
+    checkpointing,
+    config_lib,
+    divergence,
+    init_from,
+    metrics,
+    models,
+    optim,
+    preemption,
+    sharding,
+    workdir_lock,
+)
 from mlgraph.data import datasets, pipeline
 from mlgraph.errors import ConfigError, WorkdirError
 from mlgraph.metric_writer import MetricWriter, read_metrics
 
-# Fields that may change between a run and its resumption without changing what is computed.
-RESUMABLE_CHANGES = ("stop_at_step", "data.worker_count", "data.prefetch", "log_every_steps")
+# Fields that may change between a run and its resumption without changing what is computed
+# (skip_nonfinite: a run stopped by a non-finite step may resume skipping such steps).
+RESUMABLE_CHANGES = (
+    "stop_at_step",
+    "data.worker_count",
+    "data.prefetch",
+    "log_every_steps",
+    "keep_checkpoints",
+    "optimizer.skip_nonfinite",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -49,12 +73,18 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def prepare_workdir(workdir: str | pathlib.Path, config: ml_collections.ConfigDict) -> pathlib.Path:
-    """Create `workdir` (its parent must exist) and record the config, or check it on resume."""
+def create_workdir(workdir: str | pathlib.Path) -> pathlib.Path:
+    """`workdir` as an absolute path, created if needed (its parent must exist)."""
     workdir = pathlib.Path(workdir).absolute()
     if not workdir.parent.is_dir():
         raise WorkdirError(f"--workdir {workdir}: parent folder {workdir.parent} does not exist")
     workdir.mkdir(exist_ok=True)
+    return workdir
+
+
+def prepare_workdir(workdir: str | pathlib.Path, config: ml_collections.ConfigDict) -> pathlib.Path:
+    """Create `workdir` (its parent must exist) and record the config, or check it on resume."""
+    workdir = create_workdir(workdir)
     config_file = workdir / "config.json"
     current = json.loads(config.to_json_best_effort())
     if config_file.exists():
@@ -129,8 +159,9 @@ def init_train_state(
     training examples; needed by methods with per-example state).
 
     The state is a dict: `params` (nnx.Param), `rest` (batch statistics, buffers), `opt` (the
-    optimizer's state), `ema` (params and rest of the EMA model), `step`, and `extra` (the
-    method's own arrays from `init_extra`, e.g. per-example label matrices; {} if none).
+    optimizer's state), `ema` (params and rest of the EMA model), `step`, `extra` (the
+    method's own arrays from `init_extra`, e.g. per-example label matrices; {} if none) and
+    `health` (the loop's finite check, `mlgraph.divergence`; a method's step never sees it).
     """
     num_train = None if training is None else training.num_examples
     # A training workdir as `init_from` is read once, for the weights and the method's state.
@@ -154,6 +185,7 @@ def init_train_state(
         "ema": jax.tree.map(jnp.copy, {"params": params, "rest": rest}),
         "step": jnp.zeros((), jnp.int32),
         "extra": jax.tree.map(jnp.asarray, extra),
+        divergence.HEALTH: divergence.initial_health(),
     }
     return mod, graphdef, tx, state
 
@@ -253,7 +285,8 @@ def default_train_step(ctx: StepContext):
 
 
 def make_train_step(mod, graphdef: nnx.GraphDef, tx, config: ml_collections.ConfigDict, total: int):
-    """The method's train step (`make_train_step` of its module) or `default_train_step`."""
+    """The method's train step (`make_train_step` of its module) or `default_train_step`, inside
+    the finite check of `divergence.guard_step` (so every method's steps are checked)."""
     # State the EMA model takes live instead of averaging: the config's, plus the method's own
     # (e.g. SALGL's co-occurrence counts when comat_ema is off).
     method_live = getattr(mod, "ema_live_paths", lambda config: ())(config)
@@ -265,7 +298,8 @@ def make_train_step(mod, graphdef: nnx.GraphDef, tx, config: ml_collections.Conf
         total_steps=total,
         ema_live=tuple(config.ema.live) + tuple(method_live),
     )
-    return getattr(mod, "make_train_step", default_train_step)(ctx)
+    train_step = getattr(mod, "make_train_step", default_train_step)(ctx)
+    return divergence.guard_step(train_step, config.optimizer.skip_nonfinite)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,10 +420,31 @@ def log(message: str) -> None:
 # Run
 # ---------------------------------------------------------------------------------------------
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
-    """Train (or resume) `config` in `workdir`; returns the last evaluation's metrics."""
-    # --- workdir, logs -------------------------------------------------------------------
+    """Train (or resume) `config` in `workdir`; returns the last evaluation's metrics.
+
+    The run holds the workdir's lock throughout, and SIGTERM or SIGINT stops it after the
+    current step with a checkpoint (a second one exits at once).
+
+    Raises:
+      WorkdirError: another run holds the workdir, or it holds another config's run.
+      DivergenceError: a non-finite step (without `config.optimizer.skip_nonfinite`).
+    """
+    workdir = create_workdir(workdir)
+    with (
+        workdir_lock.hold(workdir) as lock,
+        preemption.StopSignals(on_exit=lock.release) as signals,
+    ):
+        return _run(config, workdir, signals)
+
+
+def _run(config, workdir: pathlib.Path, signals: preemption.StopSignals) -> dict[str, float]:
+    # --- workdir -------------------------------------------------------------------------
     workdir = prepare_workdir(workdir, config)
-    writer = MetricWriter(workdir)
+    if config.keep_checkpoints < 1:
+        raise ConfigError(
+            f"config.keep_checkpoints={config.keep_checkpoints}: expected at least 1 (the "
+            "newest steps kept besides the best)"
+        )
 
     # --- mesh ----------------------------------------------------------------------------
     mesh = sharding.make_mesh()
@@ -422,13 +477,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     num_trainable = optim.trainable_size(state["params"], config.optimizer)
 
     # --- restore -------------------------------------------------------------------------
-    ckpts = checkpointing.TrainCheckpoints(workdir / "checkpoints")
-    start = ckpts.latest_step()
+    ckpts = checkpointing.TrainCheckpoints(
+        workdir / "checkpoints", keep=config.keep_checkpoints, repair=True
+    )
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), state)
+    # The newest readable checkpoint (newer unreadable ones are reported and set aside).
+    # `health` is the fresh one for checkpoints written before it existed.
+    health = {divergence.HEALTH: state[divergence.HEALTH]}
+    start, restored = ckpts.restore_latest(abstract, batches, defaults=health)
     if start is not None:
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), state
-        )
-        state = ckpts.restore(start, abstract, batches)
+        state = restored
         logging.info("resumed %s at step %d", workdir, start)
     step = int(start or 0)
     logged = [r for r in read_metrics(workdir) if r["step"] <= step]
@@ -443,8 +501,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
             f"eval/ema_mAP {last.get('eval/ema_mAP', float('nan')):.2f}); nothing to do"
         )
         ckpts.close()
-        writer.close()
         return {k: v for k, v in last.items() if k != "step"}
+    # Lines logged after the restored step (by a run stopped or killed since) are cut.
+    writer = MetricWriter(workdir, resume_step=step)
 
     # --- steps ---------------------------------------------------------------------------
     p_train = jax.jit(
@@ -487,15 +546,29 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
         (r[config.best_metric] for r in logged if config.best_metric in r), default=-np.inf
     )
     t0, step0 = time.time(), step
+    skip_nonfinite = config.optimizer.skip_nonfinite
+    stopped_by = None  # the signal that stopped the run, if one did
     try:
         while step < stop:
             state, train_metrics = p_train(state, next(batches))
             batches.prefetch()  # host input for the next step while this one runs
             step += 1
-            if step % config.log_every_steps == 0 or step == stop:
+            at_log = step % config.log_every_steps == 0 or step == stop
+            epoch = epochs_done(step, config.batch_size, num_train)
+            at_hook = hooks is not None and epoch > epochs_done(
+                step - 1, config.batch_size, num_train
+            )
+            at_eval = step % eval_every == 0 or step == stop
+            every = config.checkpoint_every_steps
+            at_save = at_eval or bool(every and step % every == 0)
+            if signals.should_stop(step - step0):
+                stopped_by, at_save = signals.describe(), True
+            # Only where the host waits for the device anyway: no state past a non-finite
+            # step is logged, hooked, evaluated or saved.
+            if at_log or at_hook or at_save:
+                skipped = divergence.check(state, skip_nonfinite, ckpts.latest_step())
+            if at_log:
                 train_metrics = {k: float(v) for k, v in jax.device_get(train_metrics).items()}
-                if not np.isfinite(train_metrics["loss"]):
-                    raise FloatingPointError(f"step {step}: loss is {train_metrics['loss']}")
                 rate = (step - step0) * config.batch_size / (time.time() - t0)
                 left = (total - step) * config.batch_size / max(rate, 1e-9)
                 writer.write(step, {f"train/{k}": v for k, v in train_metrics.items()})
@@ -503,15 +576,20 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
                     f"step {step}/{total} loss {train_metrics['loss']:.4f} "
                     f"lr {train_metrics['lr']:.2e} | {rate:.1f} img/s | "
                     f"{left / 60:.1f} min left"
+                    + (f" | {skipped} non-finite updates skipped" if skipped else "")
                 )
-            epoch = epochs_done(step, config.batch_size, num_train)
-            if hooks is not None and epoch > epochs_done(step - 1, config.batch_size, num_train):
+            if at_hook:
                 state = epoch_end(hooks, state, epoch)
             best_by = None  # the metric a checkpoint is ranked by; None: not an evaluation step
-            if step % eval_every == 0 or step == stop:
+            if at_eval:
                 last_eval = {}
                 for prefix, source in eval_sets.items():
                     result = evaluate_scores(p_predict, state, source, config, num_classes, mesh)
+                    divergence.check_scores(
+                        result["scores"],
+                        ["model", "EMA model"][: len(result["scores"])],
+                        f"{prefix[:-1]} at step {step}",
+                    )
                     result["scores"] = (result["scores"] * 2)[:2]  # the EMA's, when not scored
                     last_eval |= eval_metrics(result, (prefix, f"{prefix}ema_"))
                     log(
@@ -529,10 +607,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
                     )
                 best_so_far = max(best_so_far, value)
                 writer.write(step, last_eval)
-            every = config.checkpoint_every_steps
-            if best_by is not None or (every and step % every == 0):
+            if at_save:
                 ckpts.save(step, state, batches, best_by)
-            if last_eval.get("early_stop") and best_by is not None:
+            if stopped_by or (last_eval.get("early_stop") and best_by is not None):
                 break
     finally:
         ckpts.close()
@@ -540,6 +617,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
         batches.close()
     if step >= total or last_eval.get("early_stop"):
         log(f"finished: {workdir} (best step by {config.best_metric}: {ckpts.best_step()})")
+    elif stopped_by:
+        log(
+            f"{stopped_by}: stopped at step {step}/{total} with a checkpoint; run the same "
+            "command to resume"
+        )
     else:
         log(f"stopped at step {step}/{total}; run the same command to resume")
     return last_eval

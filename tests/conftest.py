@@ -1,24 +1,24 @@
-"""Test set-up: 8 simulated CPU devices (set before jax is imported), a session compilation
-cache, parsed absl flags, and the tiny built COCO-layout data set shared by the training
+"""Test set-up: 8 simulated CPU devices (set before jax is imported), a compilation cache for
+the session, parsed absl flags, and the tiny built COCO-layout data set shared by the training
 tests."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# XLA's compilations shared by every run of the session, the subprocesses' too (they inherit
+# the environment): compiling a model's initialisation takes ~10 s on CPU, and nearly every
+# training test compiles the same tiny one again.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="mlgraph-test-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
-import tempfile  # noqa: E402
-
-import jax  # noqa: E402
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402
-
-# One persistent compilation cache for the session's process: tests that build the same model
-# again (a run stopped and resumed, its evaluation) load its compiled initialisation and steps
-# instead of compiling them again (XLA:CPU takes seconds to tens of seconds for each). Fresh per
-# session, so nothing carries over between runs of the suite.
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="mlgraph-test-xla-"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 # grain's multiprocessing reads an absl flag; outside app.run flags must be marked parsed.
 flags.FLAGS.mark_as_parsed()

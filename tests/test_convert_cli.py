@@ -237,8 +237,12 @@ def test_read_state_dict_errors(tmp_path):
         "state_dict, model, state_dict_ema holds one; non-tensor entries: epoch, optimizer"
     )
     (tmp_path / "junk.pth").write_bytes(b"not a zip file")
-    with pytest.raises(ConversionError, match="could not read as a torch checkpoint"):
+    with pytest.raises(ConversionError) as e:
         read_state_dict(tmp_path / "junk.pth")
+    assert str(e.value) == (
+        f"{tmp_path / 'junk.pth'}: not a torch checkpoint (torch.load failed: Unsupported "
+        "operand 110); expected a file written by torch.save"
+    )
 
 
 def test_read_checkpoint_reports_the_other_entries(tmp_path):
@@ -321,7 +325,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
                 str(tmp_path / "o"),
             ]
         )
-        == 1
+        == 2
     )
     err = capsys.readouterr().err
     assert err == (
@@ -341,11 +345,21 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
             str(tmp_path / "o"),
         ]
     )
-    assert code == 1
+    assert code == 2
     assert capsys.readouterr().err == (
         f"error: {tmp_path / 'bad.npz'}: torchvision ResNet: missing keys (1): layer1.0.bn1.bias\n"
     )
     assert not (tmp_path / "o").exists()
+    (tmp_path / "notes.pth").write_text("hello\n")  # not written by torch.save
+    code = main(
+        ["--source", "torchvision_resnet", "--input", str(tmp_path / "notes.pth")]
+        + ["--output", str(tmp_path / "o")]
+    )
+    assert code == 2
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 'notes.pth'}: not a torch checkpoint (torch.load failed: KeyError: "
+        "101); expected a file written by torch.save\n"
+    )
     with pytest.raises(SystemExit):  # an unknown source is a usage error (exit status 2)
         main(["--source", "salgl_v9", "--input", "a", "--output", "b"])
     assert "invalid choice: 'salgl_v9'" in capsys.readouterr().err
@@ -410,7 +424,7 @@ def test_cli_refuses_existing_output(tmp_path, capsys):
             str(tmp_path / "mnv2"),
         ]
     )
-    assert code == 1
+    assert code == 2
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err == f"error: {tmp_path / 'mnv2'}: already exists; choose a new output path\n"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -223,6 +224,18 @@ def _yaml(tmp_path, text: str):
     return str(path)
 
 
+# A model without GGNN steps, position table or outmess, soft scenes, self-loops ignored.
+SOFT_MODEL = dict(
+    layers=(1, 1, 1, 1),
+    steps=0,
+    outmess=False,
+    pos_grid=None,
+    normalize=False,
+    ignore_self=True,
+    soft=True,
+    random=True,
+)
+
 # ----------------------------------------------------------------------------------------- tests
 CONFIG_A = """\
 model: salgl
@@ -327,17 +340,7 @@ def test_convert_outmess_pos_hard_matches_torch(tmp_path, capsys):
 
 
 def test_convert_plain_soft_random_embeddings_matches_torch(tmp_path, capsys):
-    tm = _torch_model(
-        1,
-        layers=(1, 1, 1, 1),
-        steps=0,
-        outmess=False,
-        pos_grid=None,
-        normalize=False,
-        ignore_self=True,
-        soft=True,
-        random=True,
-    )
+    tm = _torch_model(1, **SOFT_MODEL)
     yaml = _yaml(tmp_path, "embed_type: random\nnormalize: False\nignore_self: True\nsoft: True\n")
     module, settings = convert_salgl.convert(_checkpoint(tm), {"config_yaml": yaml})
     model = core.build_fields(settings)
@@ -454,3 +457,104 @@ def test_read_config_yaml_types(tmp_path):
         "k": 6,
         "name": "salgl",
     }
+
+
+# ----------------------------------------------------------------------- as the user runs it
+def _experiment(tmp_path, tm, config_text: str | None):
+    """The official layout: expN/config.yaml and expN/checkpoints/ema_best_model.pth."""
+    exp = tmp_path / "experiments" / "salgl_resnet50_mscoco" / "exp1"
+    (exp / "checkpoints").mkdir(parents=True)
+    ckpt = exp / "checkpoints" / "ema_best_model.pth"
+    torch.save({k: torch.from_numpy(v) for k, v in _checkpoint(tm).items()}, ckpt)
+    if config_text is not None:
+        (exp / "config.yaml").write_text(config_text)
+    return ckpt
+
+
+SOFT_YAML = (  # every setting the weights leave open, as an official config.yaml has them
+    "embed_type: random\nnormalize: False\nignore_self: True\nsoft: True\nimg_size: 96\n"
+    "loss: asl\ngamma_pos: 0.0\ngamma_neg: 2.0\nclip: 0.0\nlamda: 1.0\ncomat_ema: False\n"
+)
+
+
+def test_convert_file_finds_config_yaml_or_names_what_it_assumed(tmp_path, capsys):
+    from mlgraph.convert import convert_file
+    from mlgraph.convert.__main__ import main
+
+    tm = _torch_model(1, **SOFT_MODEL)
+    ckpt = _experiment(tmp_path, tm, SOFT_YAML)
+    summary = convert_file("salgl", ckpt, tmp_path / "found")
+    yaml = ckpt.parent.parent / "config.yaml"
+    assert (
+        f"settings read from {yaml} (--option config_yaml=FILE for another)" in (summary["notes"])
+    )
+    model = summary["settings"]["model"]
+    assert (model["soft"], model["ignore_self"], model["normalize"]) == (True, True, False)
+    assert "warning" not in capsys.readouterr().err
+
+    yaml.unlink()
+    summary = convert_file("salgl", ckpt, tmp_path / "assumed")
+    named = (
+        f"{ckpt}: settings that neither the weights nor a config file give: clip=0.0, "
+        'comat_ema=true, embed_type="checkpoint", gamma_neg=2.0, gamma_pos=0.0, '
+        'ignore_self=false, image_size=448, lamda=1.0, loss="asl", normalize=true, soft=false'
+    )
+    assert capsys.readouterr().err == (
+        f"warning: {named} (assumed: the defaults); pass --option config_yaml=FILE (the "
+        "official config.yaml), or --strict to refuse\n"
+    )
+    with pytest.raises(core.ConversionError) as e:
+        convert_file("salgl", ckpt, tmp_path / "strict", strict=True)
+    assert str(e.value) == (
+        f"{named}; pass --option config_yaml=FILE (the official config.yaml) (--strict)"
+    )
+    assert not (tmp_path / "strict").exists()
+
+    args = ["--source", "salgl", "--input", str(ckpt), "--output", str(tmp_path / "s2")]
+    assert main([*args, "--strict"]) == 2
+    with pytest.raises(SystemExit) as done:
+        main(["--source", "salgl", "--help"])
+    assert done.value.code == 0
+    listed = capsys.readouterr().out
+    assert "Options of --source salgl (--option KEY=VALUE, repeatable):\n  num_steps: int" in listed
+    assert "  config_yaml: str, default" in listed
+
+
+def test_predict_on_a_converted_checkpoint_scores_as_evaluate(tmp_path):
+    """`mlgraph.predict` on a converted SALGL gives the scores of the model `evaluate
+    --checkpoint` builds, with the scene probabilities."""
+    from PIL import Image
+
+    from mlgraph import config_lib, predict, recipes, train
+    from mlgraph.convert import convert_file
+
+    ckpt = _experiment(tmp_path, _torch_model(1, **SOFT_MODEL), SOFT_YAML)
+    out = tmp_path / "salgl"
+    settings = convert_file("salgl", ckpt, out)["settings"]
+    config = config_lib.base_config()
+    fields = {k: v for k, v in core.build_fields(settings).items() if k != "name"}
+    config.model = recipes.model_config("salgl", **fields)
+    config.image_size = settings["image_size"]
+    config.init_from = str(out)
+    _, graphdef, params, rest = train.create_model(config, C)
+    images = _images(5, 1)
+    (want,) = jax.jit(train.make_predict(graphdef, lambda s: ((s[0], s[1]),)))(
+        (params, rest), images
+    )
+    names = [f"class {i}" for i in range(C)]
+    for predictor in (
+        predict.Predictor.from_checkpoint(out, config, class_names=names, batch_size=2),
+        predict.Predictor.from_checkpoint(out, class_names=names, batch_size=2),  # no config
+    ):
+        got = predictor.scores(images)
+        np.testing.assert_allclose(got["scores"], want, rtol=1e-5, atol=1e-6)
+        assert got["scene_probs"].shape == (5, K)
+        np.testing.assert_allclose(got["scene_probs"].sum(1), 1.0, rtol=1e-5)
+
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        pixels = rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / f"photo{i}.png")
+    records = predictor.predict([tmp_path], top_k=2)
+    assert [r["file"] for r in records] == [str(tmp_path / f"photo{i}.png") for i in range(2)]
+    assert all(len(r["scene_probs"]) == K and len(r["top"]) == 2 for r in records)

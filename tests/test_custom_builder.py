@@ -120,3 +120,21 @@ def test_bad_classes_and_missing_files_named(tmp_path):
     with pytest.raises(DataError) as e:
         custom.read_classes(classes)
     assert str(e.value) == f"{classes}:2: class name 'cat, kitten' contains a comma"
+
+
+def test_latin1_classes_and_space_separated_lines_say_what_to_fix(tmp_path):
+    classes = tmp_path / "classes.txt"
+    classes.write_bytes("dog\ncaf\xe9\n".encode("latin1"))
+    with pytest.raises(DataError) as e:
+        custom.read_classes(classes)
+    assert str(e.value) == (
+        f"{classes}:2: not UTF-8 text (byte 0xe9 at offset 7); save the file as UTF-8"
+    )
+    lines = {"train": ["a.jpg\tcat", "b.jpg cat,dog"], "test": ["a.jpg\tdog"]}
+    raw, _ = write_custom(tmp_path / "raw", lines, {"a.jpg": "rgb", "b.jpg": "rgb"})
+    with pytest.raises(DataError) as e:
+        datasets.build("custom", raw, tmp_path / "built", strict=True)
+    assert str(e.value) == (
+        f"{raw / 'train.txt'}:2: image {raw / 'b.jpg cat,dog'} not found, and the line has no "
+        "tab: separate the image path from its labels with a tab, not spaces (--strict)"
+    )

@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
-from train_helpers import TINY_COCO_TRAIN, fake_assets, final_state, load_config, tiny_config
+from train_helpers import TINY_COCO_TRAIN, fake_assets, final_run, load_config, tiny_config
 
 import mlgraph.models
 from mlgraph import checkpointing, models, recipes, train
@@ -147,8 +147,8 @@ def test_toy_method_stops_and_resumes_bit_identically(data_dir, tmp_path):
     # then resumed: the hook state, the per-example counts and the two optimizers come back.
     train.run(_toy_config(data_dir, stop_at_step=5), tmp_path / "twice")
     train.run(config, tmp_path / "twice")
-    once, once_lines = final_state(tmp_path / "once")
-    twice, twice_lines = final_state(tmp_path / "twice")
+    once, once_lines = final_run(tmp_path / "once")
+    twice, twice_lines = final_run(tmp_path / "twice")
     jax.tree.map(np.testing.assert_array_equal, once, twice)
     last = lambda lines: [x for x in lines if x["step"] == 8]  # noqa: E731
     assert last(once_lines) == last(twice_lines)
@@ -193,9 +193,9 @@ def test_checkpoints_at_checkpoint_every_steps_without_evaluation(data_dir, tmp_
     evals = [x["step"] for x in lines if "eval/mAP" in x]
     assert evals == [5, 7]
     assert 2 not in evals and 4 not in evals
-    # Kept: the latest and the best evaluated step.
+    # Kept: the latest two (config.keep_checkpoints) and the best evaluated step.
     ckpts = checkpointing.TrainCheckpoints(tmp_path / "w" / "checkpoints")
-    assert set(ckpts.all_steps()) == {7, ckpts.best_step()} and ckpts.best_step() in (5, 7)
+    assert set(ckpts.all_steps()) == {6, 7, ckpts.best_step()} and ckpts.best_step() in (5, 7)
     ckpts.close()
 
 

@@ -331,7 +331,7 @@ def test_container_with_other_objects_is_refused_unless_trusted(tmp_path, capsys
     out = tmp_path / "converted"
     argv = ["--source", "q2l", "--input", str(ckpt), "--output", str(out)]
     argv += ["--option", f"config={cfg}"]
-    assert main(argv) == 1
+    assert main(argv) == 2
     assert capsys.readouterr().err == (
         f"error: {ckpt}: refused by torch.load(weights_only=True): it holds the global "
         "argparse.Namespace, which is not allowed; if you trust the file, pass --option "

@@ -27,7 +27,7 @@ from scob_reference import (  # noqa: E402
     TorchScob,
     official_checkpoint,
 )
-from train_helpers import final_state  # noqa: E402
+from train_helpers import final_run  # noqa: E402
 
 D, HEADS, FFN = 32, 4, 64
 
@@ -480,8 +480,8 @@ def test_scob_run_stops_and_resumes_exactly(scob_workdir, tiny_coco_dir, tmp_pat
     # after step 4, between the stop at step 3 and the end.
     train.run(_run_config(tiny_coco_dir, stop_at_step=3), tmp_path / "twice")
     train.run(_run_config(tiny_coco_dir), tmp_path / "twice")
-    once, once_lines = final_state(scob_workdir)
-    twice, twice_lines = final_state(tmp_path / "twice")
+    once, once_lines = final_run(scob_workdir)
+    twice, twice_lines = final_run(tmp_path / "twice")
     jax.tree.map(np.testing.assert_array_equal, once, twice)
     assert [x for x in once_lines if x["step"] == 6] == [x for x in twice_lines if x["step"] == 6]
     # nan_skip_batch=False: every contrastive step runs (blank samples are unmasked).

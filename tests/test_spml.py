@@ -10,7 +10,7 @@ import json
 import jax
 import numpy as np
 import pytest
-from train_helpers import TINY_COCO_TRAIN, final_state, tiny_config
+from train_helpers import TINY_COCO_TRAIN, final_run, tiny_config
 
 from mlgraph import recipes, train
 from mlgraph.data import datasets
@@ -66,8 +66,8 @@ def test_em_apl_pseudo_labels_survive_stop_and_resume(tiny_coco_dir, tmp_path):
         tmp_path / "twice",
     )
     train.run(config, tmp_path / "twice")
-    once, once_lines = final_state(tmp_path / "once")
-    twice, twice_lines = final_state(tmp_path / "twice")
+    once, once_lines = final_run(tmp_path / "once")
+    twice, twice_lines = final_run(tmp_path / "twice")
     jax.tree.map(np.testing.assert_array_equal, once, twice)
     assert [x for x in once_lines if x["step"] == 8] == [x for x in twice_lines if x["step"] == 8]
     observed, quotas = once["extra"]["observed"], once["extra"]["apl_quotas"]
@@ -81,7 +81,7 @@ def test_em_apl_pseudo_labels_survive_stop_and_resume(tiny_coco_dir, tmp_path):
 def test_role_trains_its_label_estimator(tiny_coco_dir, tmp_path):
     config = _config(tiny_coco_dir, "role", total_steps=3, eval_every_steps=3)
     train.run(config, tmp_path / "w")
-    state, _ = final_state(tmp_path / "w")
+    state, _ = final_run(tmp_path / "w")
     phi, observed = state["extra"]["phi"], state["extra"]["observed"]
     assert phi.shape == observed.shape
     # Observed positives start at logit(0.995) = 5.293 and move; Adam counted 3 steps.
@@ -124,14 +124,14 @@ def test_linear_init_continues_from_the_linear_phase(tiny_coco_dir, tmp_path):
     linear.optimizer.frozen = ("backbone/.*",)
     linear.model.frozen_bn = True
     train.run(linear, tmp_path / "linear")
-    first, _ = final_state(tmp_path / "linear")
+    first, _ = final_run(tmp_path / "linear")
     # The end-to-end phase starts from the linear phase's weights and label estimates (lr 0:
     # one step leaves them as they were), with a fresh optimizer.
     e2e = _config(tiny_coco_dir, "role", total_steps=1, eval_every_steps=1)
     e2e.init_from = str(tmp_path / "linear")
     e2e.optimizer.lr = 0.0
     train.run(e2e, tmp_path / "e2e")
-    second, _ = final_state(tmp_path / "e2e")
+    second, _ = final_run(tmp_path / "e2e")
     jax.tree.map(np.testing.assert_array_equal, second["params"], first["params"])
     np.testing.assert_array_equal(second["extra"]["phi"], first["extra"]["phi"])
     counts = [

@@ -243,7 +243,7 @@ def test_python2_container_converts_through_the_cli(tmp_path, capsys):
     other = tmp_path / "with_args.pth.tar"
     _save_as_python2_main(tm, other, args=argparse.Namespace(lr=1e-5))
     argv[3], argv[5] = str(other), str(tmp_path / "refused")
-    assert main(argv) == 1
+    assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert err.startswith(f"error: {other}: refused by torch.load(weights_only=True): ")

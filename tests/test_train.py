@@ -8,7 +8,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from train_helpers import REPO, tiny_config
+from train_helpers import REPO, final_state, tiny_config
 
 from mlgraph import checkpointing, recipes, train
 from mlgraph.data import datasets, demo
@@ -18,15 +18,6 @@ from mlgraph.metric_writer import read_metrics
 @pytest.fixture(scope="module")
 def data_dir(tiny_coco_dir):
     return tiny_coco_dir
-
-
-def final_state(workdir):
-    """Params and EMA of the latest checkpoint, as nested numpy dicts."""
-    ckpts = checkpointing.TrainCheckpoints(workdir / "checkpoints")
-    step = ckpts.latest_step()
-    state = ckpts.read_state(step)
-    ckpts.close()
-    return step, state
 
 
 def test_resume_is_exact(data_dir, tmp_path):
@@ -126,6 +117,25 @@ def test_digits_mosaic_learns(tmp_path):
     assert end["eval/mAP"] >= 90, end
     lines = (tmp_path / "learn" / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["step"] == 300
+
+    # `mlgraph.predict` on the test images' files: each image's known labels are its top ones.
+    from mlgraph import predict
+
+    annotations = json.loads((raw / "annotations" / "instances_val2014.json").read_text())
+    names = {c["id"]: c["name"] for c in annotations["categories"]}
+    known = {im["id"]: set() for im in annotations["images"]}
+    for a in annotations["annotations"]:
+        known[a["image_id"]].add(names[a["category_id"]])
+    files = {im["id"]: raw / "val2014" / im["file_name"] for im in annotations["images"]}
+    ids = sorted(known)[:40]
+    records = predict.Predictor.from_workdir(tmp_path / "learn").predict(
+        [files[i] for i in ids], top_k=len(names)
+    )
+    hits = [
+        {n for n, _ in r["top"][: len(known[i])]} == known[i]
+        for i, r in zip(ids, records, strict=True)
+    ]
+    assert sum(hits) >= 0.8 * len(ids), hits
 
 
 def test_evaluate_restores_same_metrics(data_dir, tmp_path):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import pathlib
 import random
+import select
+import time
 
 from coco_fixture import write_coco
 
@@ -77,13 +79,36 @@ def fake_assets(c, num_classes: int, tmp_path: pathlib.Path) -> None:
 
 
 def final_state(workdir: pathlib.Path):
-    """(the train state of `workdir`'s latest checkpoint as numpy, its metrics.jsonl lines)."""
-    import json
-
+    """(step, state as nested numpy dicts) of a workdir's latest checkpoint."""
     from mlgraph import checkpointing
 
     ckpts = checkpointing.TrainCheckpoints(workdir / "checkpoints")
-    state = ckpts.read_state(ckpts.latest_step())
+    step = ckpts.latest_step()
+    state = ckpts.read_state(step)
     ckpts.close()
+    return step, state
+
+
+def final_run(workdir: pathlib.Path):
+    """(the train state of `workdir`'s latest checkpoint as numpy, its metrics.jsonl lines)."""
+    import json
+
     lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return state, lines
+    return final_state(workdir)[1], lines
+
+
+def wait_for(stream, text: str, timeout: float = 240) -> list[str]:
+    """Lines of a subprocess's text `stream` up to and including the first that contains
+    `text` (an AssertionError when it ends or `timeout` passes first)."""
+    lines, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        ready, _, _ = select.select([stream], [], [], 1.0)
+        if not ready:
+            continue
+        line = stream.readline()
+        if not line:
+            break
+        lines.append(line)
+        if text in line:
+            return lines
+    raise AssertionError(f"no line with {text!r}; got {lines[-5:]}")

@@ -11,11 +11,18 @@ Nothing heavy is imported here, so that importing one table module stays cheap.
 
 The option `trust_pickle` (default false) is taken here, for every source: true reads a torch
 file with `weights_only=False` (`mlgraph.convert.io.read_checkpoint`).
+
+A table whose official code writes a config file next to its checkpoints names the file
+(`CONFIG_FILES`) and the option that takes it (`CONFIG_OPTION`); without the option, the file
+is looked for beside the checkpoint and in the folder above it (SALGL's experiment folder holds
+`config.yaml` and `checkpoints/ema_best_model.pth`). Settings a table still had to assume
+(`settings["assumed"]`) are named in a warning line, or with `strict` are an error.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import pathlib
 from collections.abc import Mapping
 from typing import Any
@@ -34,11 +41,50 @@ SOURCES: dict[str, str] = {
 }
 
 
+def find_config_file(checkpoint: pathlib.Path, names: tuple[str, ...]) -> pathlib.Path | None:
+    """The first of `names` beside `checkpoint`, else in the folder above it."""
+    for folder in (checkpoint.parent, checkpoint.parent.parent):
+        for name in names:
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def assumed_settings(settings: Mapping[str, Any]) -> list[str]:
+    """'field=value' of each setting listed in `settings["assumed"]`, with the value it was
+    given (from the model, loss or build settings, or the top level such as image_size)."""
+
+    def value(field: str) -> Any:
+        if field == "loss":  # the loss's name
+            return settings.get("loss", {}).get("name")
+        for part in ("model", "loss", "build"):
+            if field in settings.get(part, {}):
+                return settings[part][field]
+        return settings.get(field)
+
+    return [f"{f}={json.dumps(value(f))}" for f in settings.get("assumed", ())]
+
+
+def option_help(source: str) -> str:
+    """The options of table `source`: the "Options:" section of its module's docstring."""
+    module = importlib.import_module(SOURCES[source])
+    doc = module.__doc__ or ""
+    lines = doc[doc.index("Options:") :].splitlines()[1:] if "Options:" in doc else []
+    kept = []
+    for line in lines:
+        if line.strip() and not line.startswith(" "):
+            break
+        kept.append(line)
+    text = "\n".join(kept).rstrip() or "  (none)"
+    return f"Options of --source {source} (--option KEY=VALUE, repeatable):\n{text}\n"
+
+
 def convert_file(
     source: str,
     input: str | pathlib.Path,
     output: str | pathlib.Path,
     options: Mapping[str, Any] | None = None,
+    strict: bool = False,
 ) -> dict[str, Any]:
     """Read `input`, convert it with the `source` table, write a weights checkpoint to `output`.
 
@@ -46,8 +92,12 @@ def convert_file(
     "settings" (as written to settings.json), "notes" (lines: the container's other entries,
     such as epoch, best_mAP and optimizer, and the table's notes)}.
 
+    `strict`: a setting that neither the weights nor a config file gives is an error rather
+    than a warning line naming it.
+
     Raises:
-      ConversionError: unknown source or options, or weights that do not fit the model.
+      ConversionError: unknown source or options, weights that do not fit the model, or (with
+        `strict`) a setting that had to be assumed.
       FileNotFoundError: `input` (or the parent of `output`) does not exist.
       FileExistsError: `output` exists already.
     """
@@ -83,6 +133,13 @@ def convert_file(
             f"option trust_pickle={trust_pickle!r}: expected a bool, got "
             f"{type(trust_pickle).__name__}"
         )
+    found_note = None
+    option = getattr(table_module, "CONFIG_OPTION", None)
+    if option and not options.get(option):
+        found = find_config_file(input_path, table_module.CONFIG_FILES)
+        if found is not None:
+            options[option] = str(found)
+            found_note = f"settings read from {found} (--option {option}=FILE for another)"
     checkpoint = read_checkpoint(input_path, trust_pickle=trust_pickle)
     try:
         module, settings, *extra = table_module.convert(checkpoint.state_dict, options)
@@ -90,7 +147,22 @@ def convert_file(
         raise ConversionError(f"{input_path}: {e}") from e
     params = sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
     settings = dict(settings) | {"source": source, "input": str(input_path)}
-    notes = [checkpoint.note(), *settings.pop("notes", [])]
+    notes = [checkpoint.note(), found_note, *settings.pop("notes", [])]
+    if settings.get("assumed"):
+        fix = (
+            f"pass --option {option}=FILE (the official {table_module.CONFIG_FILES[0]})"
+            if option
+            else "pass them as options"
+        )
+        what = (
+            f"{input_path}: settings that neither the weights nor a config file give: "
+            f"{', '.join(assumed_settings(settings))}"
+        )
+        if strict:
+            raise ConversionError(f"{what}; {fix} (--strict)")
+        from mlgraph.errors import warn
+
+        warn(f"{what} (assumed: the defaults); {fix}, or --strict to refuse")
     tree = nnx.to_pure_dict(nnx.state(module))
     checkpointing.save_weights(output_path, tree, settings, extra=extra[0] if extra else None)
     return {

@@ -4,11 +4,13 @@
         --output weights/resnet101 [--option include_head=false ...]
 
 The command line of `mlgraph.convert.convert_file`. Option values are parsed as JSON where they
-can be (`true`, `3`, `"x"`, `[1, 2]`), otherwise kept as strings. The output folder must not
-exist. A usage error is one line `error: ...` on stderr and exit status 2; a conversion error is
-one such line and exit status 1. After the summary line, lines `note: ...` say what else the
-file held (a training script's epoch, best_mAP, optimizer...) and what a config using the
-weights must set.
+can be (`true`, `3`, `"x"`, `[1, 2]`), otherwise kept as strings; `--source NAME --help` lists
+a source's options. The output folder must not exist. A usage or conversion error is one line
+`error: ...` on stderr and exit status 2. After the summary line, lines `note: ...` say what
+else the file held (a training script's epoch, best_mAP, optimizer...), which config file the
+settings came from, and what a config using the weights must set. Settings neither the weights
+nor the official config file give are named in a `warning: ...` line; `--strict` makes that an
+error.
 
 Torch files are read safely (`weights_only=True`, numpy scalars allowed); a file that needs
 more is refused with a line naming `--option trust_pickle=true`, which loads it with
@@ -27,7 +29,7 @@ from typing import Any
 from absl import app, flags
 
 from mlgraph import cli
-from mlgraph.convert import SOURCES, convert_file
+from mlgraph.convert import SOURCES, convert_file, option_help
 
 # A FlagValues of its own rather than absl's global FLAGS: `main` is called in-process (tests,
 # notebooks) next to modules that define global flags of the same names (`mlgraph.evaluate`
@@ -45,6 +47,12 @@ _OPTION = flags.DEFINE_multi_string(
     [],
     "Source-specific KEY=VALUE, repeatable (e.g. include_head=false); trust_pickle=true for "
     "any source",
+    flag_values=_FLAGS,
+)
+_STRICT = flags.DEFINE_boolean(
+    "strict",
+    False,
+    "Refuse to convert when a setting is neither in the weights nor in a config file.",
     flag_values=_FLAGS,
 )
 
@@ -69,13 +77,27 @@ def _error(message: str) -> None:
     print(f"error: {line}", file=sys.stderr)
 
 
+def _source_named(args: list[str]) -> str | None:
+    """The --source value in `args` (for --help), read before the flags are parsed."""
+    for i, arg in enumerate(args):
+        if arg.startswith("--source="):
+            return arg.split("=", 1)[1]
+        if arg == "--source" and i + 1 < len(args):
+            return args[i + 1]
+    return None
+
+
 def usage_problem(args: Sequence[str]) -> str | None:
     """Parse `args` (without the program name) into the flags; what is wrong with them, or None.
 
-    -h/--help prints the help and exits 0 (`mlgraph.cli.parse`).
+    -h/--help prints the help (with --source, that source's options) and exits 0
+    (`mlgraph.cli.parse`).
     """
+    args = list(args)
+    source = _source_named(args)
+    usage = __doc__ + (f"\n{option_help(source)}" if source in SOURCES else "")
     try:
-        rest = cli.parse(_FLAGS, args, __doc__)
+        rest = cli.parse(_FLAGS, args, usage)
     except app.UsageError as e:
         return str(e)
     # Checked here rather than by absl's required-flag validators so that --help needs none.
@@ -93,7 +115,7 @@ def usage_problem(args: Sequence[str]) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: `argv` without the program name (default: sys.argv[1:]).
 
-    Returns the exit status (0, or 1 after a conversion error); raises SystemExit(2) on a
+    Returns the exit status (0, or 2 after a conversion error); raises SystemExit(2) on a
     usage error.
     """
     problem = usage_problem(sys.argv[1:] if argv is None else argv)
@@ -108,10 +130,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         options = dict(parse_option(item) for item in _OPTION.value)
-        summary = convert_file(_SOURCE.value, _INPUT.value, _OUTPUT.value, options)
+        summary = convert_file(
+            _SOURCE.value, _INPUT.value, _OUTPUT.value, options, strict=_STRICT.value
+        )
     except (ConversionError, ValueError, OSError, ImportError) as e:
         _error(str(e))
-        return 1
+        return 2
     settings = {k: v for k, v in summary["settings"].items() if k not in ("source", "input")}
     print(
         f"{summary['input']} -> {summary['output']}: {summary['params']:,} params, "

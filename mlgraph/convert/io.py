@@ -88,6 +88,16 @@ def _refusal(path: pathlib.Path, error: Exception) -> str | None:
     )
 
 
+def _reason(error: Exception) -> str:
+    """A read failure in a few words: torch's safe reader's own reason without its advice, or
+    the exception's type and message (a bare `KeyError: 101` is an unknown pickle opcode)."""
+    text = " ".join(str(error).split())
+    found = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", text)
+    if found:
+        return found.group(1).rstrip(". ")
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 def _torch_load(path: pathlib.Path, trust_pickle: bool) -> Any:
     torch = _import_torch()
     try:
@@ -106,7 +116,10 @@ def _torch_load(path: pathlib.Path, trust_pickle: bool) -> Any:
         refusal = _refusal(path, e) if isinstance(e, pickle.UnpicklingError) else None
         if refusal:
             raise ConversionError(refusal) from e
-        raise ConversionError(f"{path}: could not read as a torch checkpoint: {e}") from e
+        raise ConversionError(
+            f"{path}: not a torch checkpoint (torch.load failed: {_reason(e)}); expected a file "
+            "written by torch.save"
+        ) from e
 
 
 def describe(value: Any) -> str:

@@ -17,12 +17,14 @@ Key layout (ssgrl_mlgcn.md §4.2), after `module.` is stripped:
 Read from the shapes: K, D, the FFN width, the encoder and decoder depths, the input projection,
 which decoder layers keep self-attention, the ResNet depth, and the training size (from the
 table). The number of heads is not in the weights: it comes from `config_new.json` (option
-`config`, whose `nheads` is required reading: q2l_infer.py's own defaults do not match the
-released models) or option `num_heads`; without either, the README recipe's 4 is taken and
-listed under `settings["assumed"]`. Values the json also implies by shape are checked.
+`config`, else the file beside the checkpoint; its `nheads` is required reading: q2l_infer.py's
+own defaults do not match the released models) or option `num_heads`; without either, the
+README recipe's 4 is taken, listed under `settings["assumed"]` and named in a warning line
+(`--strict`: an error). Values the json also implies by shape are checked.
 
 Options:
-  config: str, default ""; the released `config_new.json`.
+  config: str, default "" (= `config_new.json` beside the checkpoint or one folder up); the
+    released `config_new.json`.
   num_heads: int, default 0 (= the json's `nheads`, else 4).
   image_size: int, default 0 (= the json's `img_size`, else 32 x the table's side, else 448).
   prefix: str, default "module."; stripped from every key that has it.
@@ -44,6 +46,10 @@ from mlgraph.convert import core, torch_transformer, torchvision_resnet
 from mlgraph.models import q2l
 
 OPTIONS = {"config": "", "num_heads": 0, "image_size": 0, "prefix": "module."}
+# The official run's config file, found beside the checkpoint or one folder up without the
+# option (mlgraph.convert.convert_file).
+CONFIG_FILES = ("config_new.json",)
+CONFIG_OPTION = "config"
 IGNORED = [r".*num_batches_tracked", r"backbone\.1\.pe"]
 BACKBONE = "backbone.0.body."
 POSITION_TABLE = "backbone.1.pe"

@@ -7,15 +7,18 @@ of `fc.0.weight` (2D), pos from the presence of `position_embedding.pe`, the enc
 and the attention width from their Linears, and the backbone from the key layout (a torchvision
 ResNet by its blocks per stage, a timm ViT by `patch_embed`).
 
-What the weights cannot tell is taken from the experiment's `config.yaml` when given (option
-`config_yaml`): the number of GGNN steps, normalize / ignore_self / soft, the image size, the
-embedding type and the loss fields; values the yaml also implies by shape (num_scenes,
-num_classes, outmess, pos, backbone) are checked against the weights. Without a yaml these take
-the `models.salgl` defaults and are listed under `settings["assumed"]`.
+What the weights cannot tell is taken from the experiment's `config.yaml` (option
+`config_yaml`; without it, the file beside the checkpoint or in the experiment folder above
+`checkpoints/` is used): the number of GGNN steps, normalize / ignore_self / soft, the image
+size, the embedding type and the loss fields; values the yaml also implies by shape
+(num_scenes, num_classes, outmess, pos, backbone) are checked against the weights. Without a
+yaml these take the `models.salgl` defaults, are listed under `settings["assumed"]` and named in
+a warning line (`--strict`: an error).
 
 Options:
   num_steps: int, default -1 (= from config.yaml, else 3); GGNN steps T when T > 0.
-  config_yaml: str, default ""; the experiment's `config.yaml`.
+  config_yaml: str, default "" (= `config.yaml` beside the checkpoint or one folder up); the
+    experiment's `config.yaml`.
   image_size: int, default 0 (= config.yaml `img_size`, else the size implied by the position
     table or the ViT grid, else 448).
   num_heads: int, default 0; ViT backbone heads when the width is not a standard one.
@@ -38,6 +41,10 @@ from mlgraph.convert import core, timm_vit, torch_transformer, torchvision_resne
 from mlgraph.models import salgl
 
 OPTIONS = {"num_steps": -1, "config_yaml": "", "image_size": 0, "num_heads": 0, "prefix": "module."}
+# The official run's config file, found beside the checkpoint or one folder up without the
+# option (mlgraph.convert.convert_file).
+CONFIG_FILES = ("config.yaml",)
+CONFIG_OPTION = "config_yaml"
 IGNORED = [r".*num_batches_tracked", r"position_embedding\.pe"]
 DEFAULT_IMAGE_SIZE = 448
 # Official backbone names (config.yaml `backbone`) -> registry names.

@@ -11,9 +11,11 @@ lines of classes.txt: they may hold spaces but not commas, and surrounding space
 are blank lines and empty items (a trailing comma). A line with an empty label field (`path<TAB>`
 or just `path`) is an image with no labels, kept with an all-zero label vector.
 
-A line naming a label that is not in classes.txt, an image listed twice in a split, and a missing
-or unreadable image are reported as `file:line: ...` or by path and skipped
-(`info.metadata['skipped'][split]`), or with `strict=True` stop the build with a DataError.
+The files must be UTF-8 (anything else is an error naming the file, line and byte). A line
+naming a label that is not in classes.txt, an image listed twice in a split, and a missing or
+unreadable image (with a hint when the line has spaces but no tab) are reported as
+`file:line: ...` or by path and skipped (`info.metadata['skipped'][split]`), or with
+`strict=True` stop the build with a DataError.
 `image_id` (text) is the path as written in the split file.
 """
 
@@ -24,6 +26,7 @@ import pathlib
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mlgraph import textfiles
 from mlgraph.data import builder_lib, images
 from mlgraph.errors import DataError
 
@@ -48,7 +51,7 @@ def check_manual_dir(root: str | pathlib.Path) -> pathlib.Path:
 def read_classes(path: pathlib.Path) -> list[str]:
     """Class names in file order; a comma in a name or a name listed twice is an error."""
     names = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
+    for n, line in enumerate(textfiles.read_utf8(path).splitlines(), start=1):
         name = line.strip()
         if not name:
             continue
@@ -78,6 +81,24 @@ def parse_line(line: str, where: str, class_index: dict[str, int]) -> tuple[str,
     return path, y
 
 
+def read_image(path: pathlib.Path, line: str, where: str) -> tuple[bytes, tuple[int, int]]:
+    """`images.rgb_jpeg_bytes(path)`; a missing image on a line without a tab is most likely a
+    path and labels separated by spaces, and the error says so.
+
+    Raises:
+      LineError: that case; images.BadImage: any other unreadable image.
+    """
+    try:
+        return images.rgb_jpeg_bytes(path)
+    except images.BadImage:
+        if "\t" not in line and " " in line.strip() and not path.exists():
+            raise LineError(
+                f"{where}: image {path} not found, and the line has no tab: separate the image "
+                "path from its labels with a tab, not spaces"
+            ) from None
+        raise
+
+
 class Custom(builder_lib.MultiLabelBuilder):
     """A folder of images with train.txt / test.txt label lists and classes.txt."""
 
@@ -100,7 +121,7 @@ class Custom(builder_lib.MultiLabelBuilder):
         list_path = root / f"{split}.txt"
         skipped = []
         first_line: dict[str, int] = {}
-        for n, line in enumerate(list_path.read_text().splitlines(), start=1):
+        for n, line in enumerate(textfiles.read_utf8(list_path).splitlines(), start=1):
             if not line.strip():
                 continue
             where = f"{list_path}:{n}"
@@ -111,7 +132,7 @@ class Custom(builder_lib.MultiLabelBuilder):
                         f"{where}: image {path} already listed on line {first_line[path]}"
                     )
                 first_line[path] = n
-                data, _ = images.rgb_jpeg_bytes(root / path)
+                data, _ = read_image(root / path, line, where)
             except (LineError, images.BadImage) as e:
                 if self.strict:
                     raise DataError(f"{e} (--strict)") from None

@@ -81,7 +81,13 @@ def read_class_names(spec: str) -> list[str]:
     path = pathlib.Path(spec)
     looks_like_path = len(path.parts) > 1 or path.suffix == ".txt"
     if path.is_file():
-        names = [line.strip() for line in path.read_text().splitlines()]
+        from mlgraph import textfiles
+        from mlgraph.errors import DataError
+
+        try:
+            names = textfiles.read_names(path)
+        except DataError as e:  # not UTF-8
+            raise LabelEmbedError(str(e)) from None
     elif looks_like_path and "," not in spec:
         raise LabelEmbedError(f"{spec}: no such class-list file")
     else:

@@ -83,14 +83,7 @@ def read_comatrix(
         raise WorkdirError(f"--workdir {workdir}: no checkpoints in {ckpt_dir}")
     ckpts = checkpointing.TrainCheckpoints(ckpt_dir)
     try:
-        steps = ckpts.all_steps()
-        if not steps:
-            raise WorkdirError(f"--workdir {workdir}: no checkpoints in {ckpt_dir}")
-        if step is None:
-            best = ckpts.best_step()
-            step = best if best is not None else ckpts.latest_step()
-        elif step not in steps:
-            raise WorkdirError(f"--step {step}: not saved in {workdir}; saved steps: {steps}")
+        step = ckpts.pick_step(step)
         state = ckpts.read_state(step)
     finally:
         ckpts.close()

@@ -27,8 +27,9 @@ class MetricWriter:
 
     Args:
       workdir: the run's folder.
-      resume_step: the step the run continues from (0 or None for a fresh run): lines of
-        later steps are removed first, and TensorBoard purges its events from later steps.
+      resume_step: the step the run continues from (0 when no checkpoint was restored; None
+        to keep the file as it is): lines of later steps are removed first, and TensorBoard
+        purges its events from later steps.
     """
 
     def __init__(self, workdir: str | pathlib.Path, resume_step: int | None = None):
@@ -39,7 +40,9 @@ class MetricWriter:
             from tensorboardX import SummaryWriter
 
             purge = None
-            if resume_step:
+            # Step 0 included: a run killed before its first checkpoint left lines that the
+            # new run writes again.
+            if resume_step is not None:
                 truncate_metrics(workdir, resume_step)
                 purge = int(resume_step) + 1
             self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"), purge_step=purge)

@@ -147,6 +147,16 @@ def test_kill9_resume_takes_over_the_lock_and_logs_each_step_once(
     assert starts == [(checkpointed + 1, event_pb2.SessionLog.START)]
 
 
+def test_a_run_killed_before_its_first_checkpoint_leaves_no_lines(tmp_path):
+    from mlgraph.metric_writer import MetricWriter
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 25, "train/loss": 0.3}\n')
+    writer = MetricWriter(tmp_path, resume_step=0)  # no checkpoint: the run starts again
+    writer.write(25, {"train/loss": 0.25})
+    writer.close()
+    assert read_metrics(tmp_path) == [{"step": 25, "train/loss": 0.25}]
+
+
 def test_second_run_on_a_held_workdir_exits_2(tmp_path):
     workdir = tmp_path / "w"
     workdir.mkdir()

@@ -212,3 +212,25 @@ def register_tensorboard() -> None:
 
     for s in BACKENDS:
         record_writer.register_writer_factory(s, _CloudWriterFactory())
+
+
+def as_given(p: PathLike, what: str = "") -> epath.Path:
+    """`p` as an `epath.Path` without making a local path absolute (for paths that are
+    printed back to the user as they typed them).
+
+    Raises:
+      StorageError: a cloud path whose backend is not installed (`check_backend`).
+    """
+    check_backend(p, what)
+    return epath.Path(os.fspath(p))
+
+
+def save_figure(fig: Any, target: epath.Path, **kwargs: Any) -> None:
+    """`fig.savefig(target, **kwargs)` for local and cloud targets (matplotlib writes local
+    files only: a cloud target gets the PNG bytes in one write)."""
+    if not is_cloud(target):
+        fig.savefig(os.fspath(target), **kwargs)
+        return
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=target.suffix.lstrip(".") or "png", **kwargs)
+    target.write_bytes(buffer.getvalue())

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from train_helpers import REPO, final_state, tiny_config
 
-from mlgraph import paths, train
+from mlgraph import evaluate, paths, train
 from mlgraph.errors import StorageError
 from mlgraph.metric_writer import read_metrics
 
@@ -178,4 +178,36 @@ def test_train_on_gcs_resumes_bit_identical_to_a_local_run(gcs, tiny_coco_dir, t
     assert step_a == step_b == TOTAL
     jax.tree.map(np.testing.assert_array_equal, state_a, state_b)
     assert read_metrics(workdir) == read_metrics(local)
+    # `mlgraph.evaluate --workdir gs://...` scores the bucket's best checkpoint as the local one.
+    np.testing.assert_equal(evaluate.evaluate_workdir(workdir), evaluate.evaluate_workdir(local))
     assert not (tmp_path / "gs:").exists() and not (REPO / "gs:").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_write_one_workdir_on_gcs(gcs, tiny_coco_dir):
+    """The multi-host run of test_multihost (2 processes x 2 CPU devices, gloo) with its
+    workdir in the emulator's bucket: every process reaches it through the same gs:// path."""
+    from test_multihost import finish, start_workers
+
+    workdir = f"gs://{BUCKET}/multi"
+    outs = finish(start_workers(tiny_coco_dir, workdir, 4))
+    assert "on 4 device(s)" in outs[0]
+    cloud = paths.path(workdir)
+    assert final_state(cloud)[0] == 4
+    losses = [r for r in read_metrics(workdir) if "train/loss" in r]
+    assert [r["step"] for r in losses] == [1, 2, 3, 4]  # process 0 logs each step once
+    assert not (cloud / "lock.json").exists()
+    # Each process wrote its own shard of the checkpoint into the bucket.
+    state_dir = cloud / "checkpoints" / "4" / "state"
+    assert {"ocdbt.process_0", "ocdbt.process_1"} <= {p.name for p in state_dir.iterdir()}
+
+
+def test_gcs_data_dir_says_what_works():
+    """array_record reads local files only: a gs:// data dir is one line naming the way out."""
+    from mlgraph.data import datasets
+
+    c = tiny_config(f"gs://{BUCKET}/data")
+    with pytest.raises(StorageError, match=r"^config.data.data_dir=gs://test-bucket/data: "):
+        datasets.open_dataset(c.data)
+    with pytest.raises(StorageError, match="Cloud Storage FUSE"):
+        datasets.open_dataset(c.data)

@@ -211,3 +211,46 @@ def test_gcs_data_dir_says_what_works():
         datasets.open_dataset(c.data)
     with pytest.raises(StorageError, match="Cloud Storage FUSE"):
         datasets.open_dataset(c.data)
+
+
+def test_weights_predictions_figures_and_label_files_on_gcs(gcs):
+    """The other files mlgraph writes or reads by path: converted weights (`convert --output`,
+    `init_from`), predictions (`predict --output`), figures (`viz`), label files
+    (`embed_path`/`graph_path`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mlgraph import checkpointing, predict
+    from mlgraph.data import array_files
+
+    weights = f"gs://{BUCKET}/weights/tiny"
+    tree = {"dense": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}}
+    checkpointing.save_weights(weights, tree, {"name": "tiny"})
+    got, settings = checkpointing.load_weights(weights)
+    np.testing.assert_array_equal(got["dense"]["kernel"], tree["dense"]["kernel"])
+    assert settings == {"name": "tiny"}
+    with pytest.raises(FileExistsError):  # never overwritten, in a bucket as on disk
+        checkpointing.save_weights(weights, tree)
+
+    records = [{"file": "a.jpg", "labels": ["cat"], "scores": {"cat": 0.9, "dog": 0.1}}]
+    out = paths.path(f"gs://{BUCKET}/preds/p.csv")
+    predict.write_records(records, out, ["cat", "dog"])
+    assert out.read_text().splitlines() == ["file,labels,cat,dog", "a.jpg,cat,0.900000,0.100000"]
+
+    fig = plt.figure(figsize=(1, 1))
+    png = paths.path(f"gs://{BUCKET}/viz/f.png")
+    paths.save_figure(fig, png, dpi=10)
+    plt.close(fig)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    vectors = paths.path(f"gs://{BUCKET}/labels/e.npy")
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.eye(3, dtype=np.float32))
+    vectors.write_bytes(buffer.getvalue())
+    kind, table = array_files.read_label_file(os.fspath(vectors), "config.model.embed_path")
+    assert kind == array_files.MATRIX
+    np.testing.assert_array_equal(table, np.eye(3))

@@ -102,7 +102,6 @@ def read_label_file(path: str | pathlib.Path, field: str) -> tuple[str, np.ndarr
         suffix = paths.epath.Path(os.fspath(path)).suffix.lower()
     else:
         suffix = file.suffix.lower()
-    suffix = file.suffix.lower()
     try:
         if suffix == ".npy":
             return MATRIX, np.load(file, allow_pickle=False)

@@ -51,6 +51,13 @@ def is_cloud(p: PathLike) -> bool:
     return scheme(p) is not None
 
 
+def bucket(p: PathLike) -> str:
+    """The bucket of the cloud path `p` with its scheme ('gs://b' for gs://b/x/y)."""
+    s = scheme(p)
+    rest = os.fspath(p).split("://", 1)[1]
+    return f"{s}://{rest.split('/', 1)[0]}"
+
+
 def check_backend(p: PathLike, what: str = "") -> None:
     """Raise a one-line `StorageError` when `p` is a cloud path whose fsspec backend is not
     installed (naming the extra that installs it); nothing for local paths.

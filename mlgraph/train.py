@@ -81,12 +81,22 @@ def create_workdir(workdir: str | pathlib.Path) -> epath.Path:
 
     Raises:
       StorageError: a cloud workdir without its storage backend installed.
-      WorkdirError: the parent of a local workdir does not exist.
+      WorkdirError: the parent of a local workdir, or the bucket of a cloud one, does not
+        exist.
     """
     workdir = paths.path(workdir, "--workdir")
     if not paths.is_cloud(workdir) and not workdir.parent.is_dir():
         raise WorkdirError(f"--workdir {workdir}: parent folder {workdir.parent} does not exist")
-    workdir.mkdir(exist_ok=True)
+    try:
+        workdir.mkdir(exist_ok=True)  # in a bucket: a no-op that checks the bucket exists
+    except FileNotFoundError:
+        if not paths.is_cloud(workdir):
+            raise
+        bucket = paths.bucket(workdir)
+        raise WorkdirError(
+            f"--workdir {workdir}: bucket {bucket} does not exist (or these credentials cannot "
+            f"see it); create it with gcloud storage buckets create {bucket}"
+        ) from None
     return workdir
 
 

@@ -18,7 +18,7 @@ import pytest
 from train_helpers import REPO, final_state, tiny_config
 
 from mlgraph import evaluate, paths, train
-from mlgraph.errors import StorageError
+from mlgraph.errors import StorageError, WorkdirError
 from mlgraph.metric_writer import read_metrics
 
 if importlib.util.find_spec("gcsfs") is None:  # imported by the fixture, after its settings
@@ -151,6 +151,17 @@ def test_append_and_lock_primitives_on_gcs(gcs):
     before = paths.mtime(lock)
     paths.touch(lock)
     assert paths.mtime(lock) >= before and lock.read_text() == "{}"
+
+
+def test_workdir_in_a_missing_bucket_is_one_line(gcs):
+    with pytest.raises(WorkdirError) as e:
+        train.create_workdir("gs://no-such-bucket/run")
+    assert str(e.value) == (
+        "--workdir gs://no-such-bucket/run: bucket gs://no-such-bucket does not exist (or these "
+        "credentials cannot see it); create it with gcloud storage buckets create "
+        "gs://no-such-bucket"
+    )
+    assert not paths.path("gs://no-such-bucket").exists()  # and it was not created
 
 
 def test_train_on_gcs_resumes_bit_identical_to_a_local_run(gcs, tiny_coco_dir, tmp_path):

@@ -73,24 +73,32 @@ def _object_reads_with_generation(routes):
 
 @pytest.fixture(scope="module")
 def gcs():
-    """A fresh in-memory GCS emulator holding the bucket `test-bucket`; yields its URL."""
-    emulator_server.HANDLERS = _object_reads_with_generation(emulator_server.HANDLERS)
-    server = emulator_server.create_server("127.0.0.1", 0, in_memory=True, default_bucket=BUCKET)
-    server.start()
-    url = f"http://127.0.0.1:{server._api._httpd.server_address[1]}"
+    """A fresh in-memory GCS emulator on 127.0.0.1 holding the bucket `test-bucket`, with
+    gcsfs and TensorStore pointed at it; yields its URL."""
     import fsspec
+    import portpicker
 
+    port = portpicker.pick_unused_port()
+    url = f"http://127.0.0.1:{port}"
     with pytest.MonkeyPatch.context() as mp:
+        routes = _object_reads_with_generation(emulator_server.HANDLERS)
+        mp.setattr(emulator_server, "HANDLERS", routes)  # looked up on every request
+        server = emulator_server.create_server(
+            "127.0.0.1", port, in_memory=True, default_bucket=BUCKET
+        )
+        server.start()
         for k, v in emulator_env(url).items():
-            mp.setenv(k, v)
+            mp.setenv(k, v)  # subprocesses (the two-process run) inherit them
         for protocol in ("gs", "gcs"):  # fsspec read its environment when it was imported
             mp.setitem(fsspec.config.conf, protocol, {"token": "anon"})
         import gcsfs
 
         gcsfs.GCSFileSystem.clear_instance_cache()  # none made for another endpoint
-        yield url
-        gcsfs.GCSFileSystem.clear_instance_cache()
-    server.stop()
+        try:
+            yield url
+        finally:
+            gcsfs.GCSFileSystem.clear_instance_cache()
+            server.stop()
 
 
 def config_of(data_dir, **changes):

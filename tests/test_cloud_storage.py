@@ -159,6 +159,15 @@ def test_append_and_lock_primitives_on_gcs(gcs):
     before = paths.mtime(lock)
     paths.touch(lock)
     assert paths.mtime(lock) >= before and lock.read_text() == "{}"
+    # A checkpoint step set aside (`TrainCheckpoints._set_aside`): a folder moved.
+    step = paths.path(f"gs://{BUCKET}/prims/checkpoints/7")
+    (step / "state").mkdir(parents=True, exist_ok=True)
+    (step / "state" / "a").write_text("a")
+    (step / "b").write_text("b")
+    target = paths.path(f"gs://{BUCKET}/prims/unreadable_checkpoints/7")
+    paths.move(step, target)
+    assert not step.exists()
+    assert (target / "state" / "a").read_text() == "a" and (target / "b").read_text() == "b"
 
 
 def test_workdir_in_a_missing_bucket_is_one_line(gcs):

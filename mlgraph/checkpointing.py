@@ -19,7 +19,6 @@ import gc
 import json
 import logging
 import pathlib
-import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -31,6 +30,7 @@ import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 
+from mlgraph import paths
 from mlgraph.errors import WorkdirError, warn
 
 WEIGHTS_DIR = "weights"
@@ -49,10 +49,10 @@ def save_weights(
 
     Refuses to overwrite: an existing `path` is an error, so nothing already written is lost.
     """
-    path = pathlib.Path(path).absolute()
+    path = paths.path(path)
     if path.exists():
         raise FileExistsError(f"{path}: already exists; choose a new output path")
-    if not path.parent.is_dir():
+    if not paths.is_cloud(path) and not path.parent.is_dir():
         raise FileNotFoundError(f"{path.parent}: parent folder of the output does not exist")
     tree = jax.tree.map(np.asarray, tree)
     with ocp.StandardCheckpointer() as ckptr:
@@ -64,7 +64,7 @@ def save_weights(
 
 def load_weights(path: str | pathlib.Path) -> tuple[Any, dict[str, Any]]:
     """Read a checkpoint written by `save_weights`: returns (pytree of numpy arrays, settings)."""
-    path = pathlib.Path(path).absolute()
+    path = paths.path(path)
     if not (path / WEIGHTS_DIR).is_dir():
         raise FileNotFoundError(
             f"{path}: not a mlgraph weights checkpoint (expected a '{WEIGHTS_DIR}/' folder "
@@ -79,7 +79,7 @@ def load_weights(path: str | pathlib.Path) -> tuple[Any, dict[str, Any]]:
 def load_extra(path: str | pathlib.Path) -> dict[str, Any]:
     """The per-example state a weights checkpoint carries (`save_weights(..., extra=)`, e.g.
     Scob's label estimator 'phi'), as numpy arrays; {} when it has none."""
-    item = pathlib.Path(path).absolute() / EXTRA_DIR
+    item = paths.path(path) / EXTRA_DIR
     return dict(_restore_item(item)) if item.is_dir() else {}
 
 
@@ -177,7 +177,7 @@ class TrainCheckpoints:
     """
 
     def __init__(self, directory: str | pathlib.Path, keep: int = 2, repair: bool = False):
-        self.directory = pathlib.Path(directory).absolute()
+        self.directory = paths.path(directory)
         self.keep = int(keep)
         try:
             self.manager = self._open()
@@ -247,7 +247,7 @@ class TrainCheckpoints:
             target = target.with_name(f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
         if jax.process_index() == 0:
             target.parent.mkdir(exist_ok=True)
-            shutil.move(str(self.directory / str(step)), str(target))
+            paths.move(self.directory / str(step), target)
             warn(
                 f"checkpoint step {step} in {self.directory} cannot be read ({reason}); "
                 f"moved it to {target}{then}"

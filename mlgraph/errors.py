@@ -18,6 +18,11 @@ class WorkdirError(MlgraphError):
     """The workdir cannot be used (missing parent, written by another config, ...)."""
 
 
+class StorageError(MlgraphError):
+    """A path names a storage system mlgraph cannot reach (a cloud scheme without its backend
+    installed, or data records where the reader cannot open them)."""
+
+
 def warn(message: str) -> None:
     """Print `warning: <message>` as one line on stderr (process 0 only: every process runs the
     same code)."""

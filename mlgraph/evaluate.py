@@ -25,7 +25,17 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from mlgraph import assets, checkpointing, cli, config_lib, divergence, metrics, sharding, train
+from mlgraph import (
+    assets,
+    checkpointing,
+    cli,
+    config_lib,
+    divergence,
+    metrics,
+    paths,
+    sharding,
+    train,
+)
 from mlgraph.data import datasets
 from mlgraph.errors import ConfigError, MlgraphError, WorkdirError, warn
 
@@ -96,7 +106,7 @@ def restore_workdir(workdir: str | pathlib.Path, step: int | None = None) -> Res
     Raises:
       WorkdirError: no config.json, no checkpoints, or a step that is not saved.
     """
-    workdir = pathlib.Path(workdir).absolute()
+    workdir = paths.path(workdir, "--workdir")
     config = workdir_config(workdir)
     ckpts = checkpointing.TrainCheckpoints(workdir / "checkpoints")
     ckpts.pick_step(step)  # no checkpoint at all, or a --step not saved: one line
@@ -206,19 +216,19 @@ def main(argv: list[str]) -> None:
             )
         if _WORKDIR.value:
             results = evaluate_workdir(_WORKDIR.value, _STEP.value)
-            default_out = pathlib.Path(_WORKDIR.value) / f"eval_step{results['step']}.json"
+            default_out = paths.path(_WORKDIR.value) / f"eval_step{results['step']}.json"
         else:
             if _CONFIG.value is None:
                 raise ConfigError("--checkpoint needs --config FILE (the model and data set)")
             results = evaluate_checkpoint(_CHECKPOINT.value, _CONFIG.value)
-            default_out = pathlib.Path(_CHECKPOINT.value) / "eval.json"
+            default_out = paths.path(_CHECKPOINT.value) / "eval.json"
+        out = paths.path(_OUTPUT.value, "--output") if _OUTPUT.value else default_out
     except (MlgraphError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     rows = {k: v for k, v in results.items() if isinstance(v, dict)}
     print(f"{results['split']} split, {results['images']} images")
     print(format_table(rows))
-    out = pathlib.Path(_OUTPUT.value) if _OUTPUT.value else default_out
     if jax.process_index() == 0:
         out.write_text(json.dumps(results, indent=2))
         print(f"wrote {out}")

@@ -6,7 +6,6 @@ linear-init protocol."""
 from __future__ import annotations
 
 import json
-import pathlib
 from typing import Any
 
 import jax
@@ -14,14 +13,14 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from mlgraph import checkpointing
+from mlgraph import checkpointing, paths
 from mlgraph.errors import ConfigError
 
 
 def is_workdir(path: str) -> bool:
     """Whether `path` is a training workdir (a `config.init_from` that continues a run's
     model, such as the second phase of the SPML linear-init protocol)."""
-    p = pathlib.Path(path)
+    p = paths.path(path, "config.init_from")
     return (p / "config.json").is_file() and (p / "checkpoints").is_dir()
 
 
@@ -34,7 +33,7 @@ def read_workdir_state(path: str, model_cfg: ml_collections.ConfigDict) -> dict:
     Raises:
       ConfigError: the workdir trained another method, or has no checkpoint.
     """
-    workdir = pathlib.Path(path)
+    workdir = paths.path(path, "config.init_from")
     saved = json.loads((workdir / "config.json").read_text()).get("model", {})
     if saved.get("name") != model_cfg.name:
         raise ConfigError(

@@ -16,6 +16,8 @@ from collections.abc import Mapping
 
 import jax
 
+from mlgraph import paths
+
 METRICS_FILE = "metrics.jsonl"
 # A metric may be NaN by definition (OF1 when nothing is predicted): tensorboardX warns on
 # every such scalar, TensorBoard shows it as it is.
@@ -34,7 +36,7 @@ class MetricWriter:
 
     def __init__(self, workdir: str | pathlib.Path, resume_step: int | None = None):
         self.enabled = jax.process_index() == 0
-        self.path = pathlib.Path(workdir) / METRICS_FILE
+        self.path = paths.path(workdir, "--workdir") / METRICS_FILE
         self._tb = None
         if self.enabled:
             from tensorboardX import SummaryWriter
@@ -45,15 +47,16 @@ class MetricWriter:
             if resume_step is not None:
                 truncate_metrics(workdir, resume_step)
                 purge = int(resume_step) + 1
-            self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"), purge_step=purge)
+            if paths.is_cloud(self.path):
+                paths.register_tensorboard()
+            self._tb = SummaryWriter(os.fspath(self.path.parent / "tensorboard"), purge_step=purge)
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         """Record `scalars` at `step` (a no-op on processes other than 0)."""
         if not self.enabled:
             return
         record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        paths.append_text(self.path, json.dumps(record) + "\n")
         for name, value in scalars.items():
             self._tb.add_scalar(name, float(value), int(step))
         self._tb.flush()
@@ -79,7 +82,7 @@ def _records(text: str) -> list[dict]:
 
 def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
     """Every record of a workdir's metrics.jsonl (empty when there is none)."""
-    path = pathlib.Path(workdir) / METRICS_FILE
+    path = paths.path(workdir, "--workdir") / METRICS_FILE
     if not path.exists():
         return []
     return _records(path.read_text())
@@ -88,7 +91,7 @@ def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
 def truncate_metrics(workdir: str | pathlib.Path, step: int) -> None:
     """Keep only the records of steps up to `step` in metrics.jsonl (replaced atomically; the
     file is not touched when there is nothing to cut)."""
-    path = pathlib.Path(workdir) / METRICS_FILE
+    path = paths.path(workdir, "--workdir") / METRICS_FILE
     if not path.exists():
         return
     text = path.read_text()
@@ -96,6 +99,4 @@ def truncate_metrics(workdir: str | pathlib.Path, step: int) -> None:
     new = "".join(json.dumps(r) + "\n" for r in kept)
     if new == text:
         return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(new)
-    os.replace(tmp, path)
+    paths.replace_text(path, new)

@@ -41,6 +41,7 @@ from ml_collections import config_flags
 from PIL import Image
 
 from mlgraph import checkpointing, cli, config_lib, init_from, models
+from mlgraph import paths as storage
 from mlgraph.data import images as image_files
 from mlgraph.errors import ConfigError, MlgraphError, WorkdirError, warn
 
@@ -168,7 +169,7 @@ class Predictor:
         from mlgraph import assets, evaluate
         from mlgraph.data import datasets
 
-        workdir = pathlib.Path(workdir).absolute()
+        workdir = storage.path(workdir, "--workdir")
         config = evaluate.workdir_config(workdir)
         dataset = datasets.open_dataset(config.data)
         names = _class_names(class_names) or list(dataset.class_names)
@@ -369,7 +370,8 @@ def write_records(records: list[dict[str, Any]], path: pathlib.Path, class_names
         path.write_text("".join(json.dumps(r) + "\n" for r in records))
         return
     scenes = len(records[0]["scene_probs"]) if records and "scene_probs" in records[0] else 0
-    with path.open("w", newline="") as f:
+    # Written whole, through a buffer: object stores (gs://) take a file in one write.
+    with io.StringIO(newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["file", "labels", *class_names, *(f"scene_{k}" for k in range(scenes))])
         for r in records:
@@ -379,6 +381,7 @@ def write_records(records: list[dict[str, Any]], path: pathlib.Path, class_names
                 *(f"{r['scores'][n]:.6f}" for n in class_names),
             ]
             writer.writerow(row + [f"{p:.6f}" for p in r.get("scene_probs", [])])
+        path.write_text(f.getvalue())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError("give exactly one of --workdir DIR or --checkpoint PATH")
         if not inputs:
             raise ConfigError("give the image files or folders to label")
-        output = pathlib.Path(_OUTPUT.value) if _OUTPUT.value else None
+        output = storage.path(_OUTPUT.value, "--output") if _OUTPUT.value else None
         if output is not None and output.suffix not in (".jsonl", ".csv"):
             raise ConfigError(f"--output {output}: expected a .jsonl or .csv file")
         paths = image_paths(inputs)  # bad paths fail before the model is read

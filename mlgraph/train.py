@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
 from flax import nnx
 
 from mlgraph import (
@@ -40,6 +41,7 @@ from mlgraph import (
     metrics,
     models,
     optim,
+    paths,
     preemption,
     sharding,
     workdir_lock,
@@ -73,16 +75,32 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def create_workdir(workdir: str | pathlib.Path) -> pathlib.Path:
-    """`workdir` as an absolute path, created if needed (its parent must exist)."""
-    workdir = pathlib.Path(workdir).absolute()
-    if not workdir.parent.is_dir():
+def create_workdir(workdir: str | pathlib.Path) -> epath.Path:
+    """`workdir` as an absolute path (local) or as given (cloud), created if needed (a local
+    parent folder must exist; object stores have no folders to check).
+
+    Raises:
+      StorageError: a cloud workdir without its storage backend installed.
+      WorkdirError: the parent of a local workdir, or the bucket of a cloud one, does not
+        exist.
+    """
+    workdir = paths.path(workdir, "--workdir")
+    if not paths.is_cloud(workdir) and not workdir.parent.is_dir():
         raise WorkdirError(f"--workdir {workdir}: parent folder {workdir.parent} does not exist")
-    workdir.mkdir(exist_ok=True)
+    try:
+        workdir.mkdir(exist_ok=True)  # in a bucket: a no-op that checks the bucket exists
+    except FileNotFoundError:
+        if not paths.is_cloud(workdir):
+            raise
+        bucket = paths.bucket(workdir)
+        raise WorkdirError(
+            f"--workdir {workdir}: bucket {bucket} does not exist (or these credentials cannot "
+            f"see it); create it with gcloud storage buckets create {bucket}"
+        ) from None
     return workdir
 
 
-def prepare_workdir(workdir: str | pathlib.Path, config: ml_collections.ConfigDict) -> pathlib.Path:
+def prepare_workdir(workdir: str | pathlib.Path, config: ml_collections.ConfigDict) -> epath.Path:
     """Create `workdir` (its parent must exist) and record the config, or check it on resume."""
     workdir = create_workdir(workdir)
     config_file = workdir / "config.json"
@@ -437,7 +455,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
         return _run(config, workdir, signals)
 
 
-def _run(config, workdir: pathlib.Path, signals: preemption.StopSignals) -> dict[str, float]:
+def _run(config, workdir: epath.Path, signals: preemption.StopSignals) -> dict[str, float]:
     # --- workdir -------------------------------------------------------------------------
     workdir = prepare_workdir(workdir, config)
     if config.keep_checkpoints < 1:

@@ -27,6 +27,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from mlgraph import paths
 from mlgraph.errors import WorkdirError, warn
 
 LOCK_FILE = "lock.json"
@@ -68,7 +69,7 @@ class WorkdirLock:
     """The lock of one workdir, held from `acquire` to `release` (process 0 only)."""
 
     def __init__(self, workdir: str | pathlib.Path):
-        self.path = pathlib.Path(workdir).absolute() / LOCK_FILE
+        self.path = paths.path(workdir, "--workdir") / LOCK_FILE
         self.token = uuid.uuid4().hex
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
@@ -82,18 +83,12 @@ class WorkdirLock:
             "command": " ".join(sys.argv),
             "token": self.token,
         }
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=2)
-        return True
+        return paths.create_new(self.path, json.dumps(record, indent=2))
 
     def _read(self) -> tuple[dict, float] | None:
         """(contents, seconds since its heartbeat) of the current lock, None when there is none."""
         try:
-            text, mtime = self.path.read_text(), self.path.stat().st_mtime
+            text, mtime = self.path.read_text(), paths.mtime(self.path)
         except FileNotFoundError:
             return None
         try:
@@ -137,7 +132,7 @@ class WorkdirLock:
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
             with contextlib.suppress(OSError):
-                os.utime(self.path)
+                paths.touch(self.path)
 
     def release(self) -> None:
         """Stop the heartbeat and remove the lock file if it is still this run's."""

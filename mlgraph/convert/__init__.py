@@ -107,7 +107,10 @@ def convert_file(
         raise ConversionError(
             f"unknown source {source!r}; valid sources: {', '.join(sorted(SOURCES))}"
         )
-    input_path, output_path = pathlib.Path(input), pathlib.Path(output)
+    from mlgraph import paths
+
+    paths.check_backend(output, "--output")  # a gs:// output without gcsfs: one line, now
+    input_path, output_path = pathlib.Path(input), paths.epath.Path(output)
     # Checked before the (possibly slow) conversion so that a re-run fails at once.
     if output_path.exists():
         raise FileExistsError(f"{output_path}: already exists; choose a new output path")

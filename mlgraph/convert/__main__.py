@@ -127,13 +127,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("mlgraph").setLevel(logging.INFO)
 
     from mlgraph.convert.core import ConversionError
+    from mlgraph.errors import MlgraphError
 
     try:
         options = dict(parse_option(item) for item in _OPTION.value)
         summary = convert_file(
             _SOURCE.value, _INPUT.value, _OUTPUT.value, options, strict=_STRICT.value
         )
-    except (ConversionError, ValueError, OSError, ImportError) as e:
+    except (ConversionError, MlgraphError, ValueError, OSError, ImportError) as e:
         _error(str(e))
         return 2
     settings = {k: v for k, v in summary["settings"].items() if k not in ("source", "input")}

@@ -16,6 +16,8 @@ read with encoding='latin1', the encoding numpy needs for their array bytes.
 
 from __future__ import annotations
 
+import io
+import os
 import pathlib
 import pickle
 from collections.abc import Mapping
@@ -23,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from mlgraph import paths
 from mlgraph.errors import ConfigError
 
 # What a pickle of ndarrays and numpy scalars refers to (numpy 1 pickles name `numpy.core`,
@@ -50,7 +53,7 @@ class _NumpyUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def read_pickle(path: str | pathlib.Path) -> Any:
+def read_pickle(path: str | pathlib.Path | io.BytesIO) -> Any:
     """Unpickle `path`, allowing numpy arrays, scalars and dtypes but no other global (so no
     code runs); Python 2 pickles are read with encoding='latin1'.
 
@@ -58,6 +61,8 @@ def read_pickle(path: str | pathlib.Path) -> Any:
       pickle.UnpicklingError: the file names another global, or is not a pickle.
       OSError, EOFError, ValueError: an unreadable or truncated file.
     """
+    if isinstance(path, io.BytesIO):
+        return _NumpyUnpickler(path, encoding="latin1").load()
     with open(path, "rb") as f:
         return _NumpyUnpickler(f, encoding="latin1").load()
 
@@ -89,10 +94,14 @@ def read_label_file(path: str | pathlib.Path, field: str) -> tuple[str, np.ndarr
     Raises:
       ConfigError: '{field}={path}: ...' for a missing, unreadable or unknown file.
     """
-    file = pathlib.Path(path)
+    file = paths.path(path, field)
     if not file.is_file():
         raise ConfigError(f"{field}={path}: no such file")
-    suffix = file.suffix.lower()
+    if paths.is_cloud(file):  # numpy and pickle read local files or file objects
+        file = io.BytesIO(file.read_bytes())
+        suffix = paths.epath.Path(os.fspath(path)).suffix.lower()
+    else:
+        suffix = file.suffix.lower()
     try:
         if suffix == ".npy":
             return MATRIX, np.load(file, allow_pickle=False)

@@ -14,8 +14,9 @@ import sys
 import numpy as np
 from absl import app, flags, logging
 
+from mlgraph import paths
 from mlgraph.data import datasets
-from mlgraph.errors import MlgraphError
+from mlgraph.errors import MlgraphError, StorageError
 
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Folder of the raw download.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the built data set is written.")
@@ -48,6 +49,12 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"give one data set name: {', '.join(sorted(datasets.BUILDERS))}")
     logging.set_verbosity(logging.WARNING)
     try:
+        if paths.is_cloud(_DATA_DIR.value):
+            # Written here it could not be read back: build locally, then copy it to the bucket.
+            raise StorageError(
+                f"--data_dir {_DATA_DIR.value}: build into a local folder and copy it to the "
+                f"bucket; {paths.DATA_ON_CLOUD}"
+            )
         builder = datasets.build(
             argv[1],
             pathlib.Path(_MANUAL_DIR.value),

@@ -11,7 +11,8 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mlgraph.errors import ConfigError, DataError
+from mlgraph import paths
+from mlgraph.errors import ConfigError, DataError, StorageError
 
 # name -> "module:Class" of its TFDS builder.
 BUILDERS = {
@@ -86,7 +87,10 @@ def open_dataset(data: ml_collections.ConfigDict) -> Dataset:
         data_dir = manual_dir.parent / f"{manual_dir.name}-tfds"
         builder = build(data.name, manual_dir, data_dir, data.builder_config)
     else:
-        data_dir = pathlib.Path(data.data_dir) if data.data_dir else default_data_dir()
+        data_dir = data.data_dir or default_data_dir()
+        if paths.is_cloud(data_dir):
+            raise StorageError(f"config.data.data_dir={data_dir}: {paths.DATA_ON_CLOUD}")
+        data_dir = pathlib.Path(data_dir)
         builder = make_builder(data.name, data_dir, data.builder_config)
         if (
             not pathlib.Path(builder.data_dir).is_dir()

@@ -23,6 +23,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from mlgraph import paths as storage
 from mlgraph.errors import ConfigError, DataError, WorkdirError
 from mlgraph.viz.heatmap import (
     cooccurrence_prob,
@@ -75,7 +76,7 @@ def read_comatrix(
     """
     from mlgraph import checkpointing
 
-    workdir = pathlib.Path(workdir).absolute()
+    workdir = storage.path(workdir, "--workdir")
     ckpt_dir = workdir / "checkpoints"
     if not workdir.is_dir():
         raise WorkdirError(f"--workdir {workdir}: no such folder")
@@ -128,7 +129,7 @@ def read_class_names(
     from mlgraph.data import datasets
     from mlgraph.evaluate import workdir_config
 
-    config = workdir_config(pathlib.Path(workdir).absolute())
+    config = workdir_config(storage.path(workdir, "--workdir"))
     return list(datasets.open_dataset(config.data).class_names), config
 
 

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from absl import app, flags
 
 from mlgraph import cli, viz
+from mlgraph import paths as storage
 from mlgraph.errors import MlgraphError
 
 COMMANDS = {
@@ -90,7 +91,7 @@ def run(
 ) -> list[pathlib.Path]:
     """Run `command` (a key of COMMANDS) with the flags' values (and, for cam, the image
     paths); returns the written paths (and prints a summary)."""
-    out_dir = pathlib.Path(output) if output else pathlib.Path(workdir) / "viz"
+    out_dir = storage.as_given(output or storage.epath.Path(workdir) / "viz", "--output")
     picked = [c.strip() for c in classes.split(",")] if classes else None
     if command == "cam":
         from mlgraph.viz import cam  # imports jax: only for this command

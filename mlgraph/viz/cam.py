@@ -24,6 +24,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image, UnidentifiedImageError
 
+from mlgraph import paths as storage
 from mlgraph.errors import ConfigError, DataError, WorkdirError
 
 DIM = 0.25  # brightness kept by a non-salient patch
@@ -169,7 +170,7 @@ def draw(
         )
     model = nnx.merge(run.graphdef, run.state["params"], run.state["rest"])
     size = run.config.image_size
-    out_dir = pathlib.Path(out_dir)
+    out_dir = storage.as_given(out_dir, "--output")
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for path in images:
@@ -178,6 +179,6 @@ def draw(
             title = f"{pathlib.Path(path).name}: step {run.step} of {workdir}"
             fig = cam_figure(pixels, g, title)
             target = out_dir / f"cam_{pathlib.Path(path).stem}_{g.class_name.replace(' ', '_')}.png"
-            fig.savefig(target, dpi=dpi)
+            storage.save_figure(fig, target, dpi=dpi)
             written.append((target, g))
     return written

@@ -17,6 +17,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from mlgraph import paths as storage
 from mlgraph.errors import ConfigError
 
 # Above this many classes the default view keeps the most frequent ones (a readable figure).
@@ -172,13 +173,13 @@ def heatmaps(
     names = [class_names[i] for i in index]
     prob = cooccurrence_prob(comatrix)[:, index][:, :, index]
     shares = scene_shares(comatrix)
-    out_dir = pathlib.Path(out_dir)
+    out_dir = storage.as_given(out_dir, "--output")
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for k in range(k_scenes):
         note = scene_notes[k] if scene_notes else ""
         fig = heatmap_figure(prob[k], names, scene_title(k, float(shares[k]), note))
         path = out_dir / f"heatmap_scene{k}.png"
-        fig.savefig(path, dpi=dpi)
+        storage.save_figure(fig, path, dpi=dpi)
         paths.append(path)
     return paths

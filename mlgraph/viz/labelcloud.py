@@ -16,6 +16,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from mlgraph import paths as storage
 from mlgraph.viz.heatmap import as_comatrix, label_counts, scene_shares, scene_title
 
 MAX_WEIGHT = 200  # the original's scale
@@ -96,13 +97,13 @@ def label_clouds(
     comatrix = as_comatrix(comatrix)
     frequencies = cloud_frequencies(comatrix, class_names)
     shares = scene_shares(comatrix)
-    out_dir = pathlib.Path(out_dir)
+    out_dir = storage.as_given(out_dir, "--output")
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for k, freq in enumerate(frequencies):
         note = scene_notes[k] if scene_notes else ""
         fig = label_cloud_figure(freq, scene_title(k, float(shares[k]), note))
         path = out_dir / f"labelcloud_scene{k}.png"
-        fig.savefig(path, dpi=dpi)
+        storage.save_figure(fig, path, dpi=dpi)
         paths.append(path)
     return paths

@@ -23,13 +23,14 @@ from mlgraph.data import cooccurrence, demo
 from mlgraph.errors import ConfigError
 
 MINILM = "minilm"
+MINILM_FILE = "label_embed_minilm.npy"  # the file that `MINILM` resolves to
 OFFLINE_PREFIX = "offline:"
 OFFLINE_WEIGHTS = {"mobilenet_v2": "torchvision_mobilenet_v2"}
 
 
 def label_embeddings(class_names: list[str], directory: pathlib.Path) -> pathlib.Path:
     """MiniLM embeddings [C, 384] of `class_names`, written once to `directory`."""
-    path = directory / "label_embed_minilm.npy"
+    path = directory / MINILM_FILE
     if not path.exists():
         from mlgraph.data import label_embed
 

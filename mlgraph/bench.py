@@ -2,6 +2,12 @@
 
     python -m mlgraph.bench train --config configs/NAME.py [--steps 20] [--peak_tflops 989]
     python -m mlgraph.bench input --config configs/NAME.py [--batches 20]
+    python -m mlgraph.bench memory --config configs/NAME.py [--num_classes 1006] [--batch 64]
+
+`memory`: compiles (without running) the train step at `config.batch_size` and the eval
+forward at `--batch` (default `config.eval_batch_size`) over all `--num_classes` labels, and
+prints XLA's memory analysis of each (arguments, outputs, temporaries, and their sum less the
+donated or aliased bytes: the peak the program needs on one device).
 
 `train`: the jitted train step on synthetic batches of the config's shape: images/s in all and
 per device, step FLOPs from XLA's cost analysis, MFU when the device's peak is given, peak
@@ -31,6 +37,7 @@ _CLASSES = flags.DEFINE_integer(
     "Classes of the synthetic batches (the data set's count when the config's assets need it).",
 )
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s of one device, for MFU.")
+_BATCH = flags.DEFINE_integer("batch", 0, "memory: eval batch (0 = config.eval_batch_size).")
 
 
 def _timed(fn, n: int) -> float:
@@ -60,16 +67,22 @@ def resolve_assets(config, num_classes: int):
     return assets.resolve(config, [], None), num_classes
 
 
+def synthetic_training(batch_size: int, num_classes: int) -> datasets.TrainingSplit:
+    """The synthetic batch as the whole "training set" (per-example state has one row per
+    image), each image with one observed positive, the last twelfth of the classes unseen
+    (the NUS-WIDE open-vocabulary proportion, 81 of 1,006)."""
+    observed = np.eye(num_classes, dtype=np.float32)[np.arange(batch_size) % num_classes]
+    unseen = tuple(range(num_classes - max(1, num_classes // 12), num_classes))
+    return datasets.TrainingSplit(range(batch_size), num_classes, observed, unseen=unseen)
+
+
 def bench_train(config, steps: int, num_classes: int, peak_tflops: float) -> dict[str, float]:
     """Images/s of the train step and of the eval forward pass on synthetic data."""
     config, num_classes = resolve_assets(config, num_classes)
     mesh = sharding.make_mesh()
     repl, data_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     b, s = config.batch_size, config.image_size
-    # The synthetic batch is the whole "training set" (per-example state has b rows), each
-    # image with one observed positive.
-    observed = np.eye(num_classes, dtype=np.float32)[np.arange(b) % num_classes]
-    training = datasets.TrainingSplit(range(b), num_classes, observed)
+    training = synthetic_training(b, num_classes)
     mod, graphdef, tx, state = train.init_train_state(config, num_classes, 1000, training)
     state = jax.device_put(state, repl)
     state_sh = jax.tree.map(lambda _: repl, state)
@@ -117,6 +130,66 @@ def bench_train(config, steps: int, num_classes: int, peak_tflops: float) -> dic
     return result
 
 
+def _memory(compiled) -> dict[str, float]:
+    """XLA's memory analysis of a compiled program, in GiB."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return {}
+    gib = 2.0**30
+    peak = (
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        + m.temp_size_in_bytes
+        - m.alias_size_in_bytes
+    )
+    return {
+        "arguments_gib": m.argument_size_in_bytes / gib,
+        "outputs_gib": m.output_size_in_bytes / gib,
+        "temporaries_gib": m.temp_size_in_bytes / gib,
+        "peak_gib": peak / gib,
+    }
+
+
+def bench_memory(config, num_classes: int, eval_batch: int) -> dict[str, float]:
+    """XLA's memory analysis of the train step and of the eval forward, compiled for
+    abstract inputs of the config's shapes (nothing runs)."""
+    config, num_classes = resolve_assets(config, num_classes)
+    mesh = sharding.make_mesh()
+    repl, data_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    b, s = config.batch_size, config.image_size
+    eval_batch = eval_batch or config.eval_batch_size
+    training = synthetic_training(b, num_classes)
+    mod, graphdef, tx, state = train.init_train_state(config, num_classes, 1000, training)
+    abstract = lambda tree, sh: jax.tree.map(  # noqa: E731
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), tree
+    )
+    state_abs = abstract(state, repl)
+    state_sh = jax.tree.map(lambda _: repl, state)
+    batch = {
+        "image": np.zeros((b, s, s, 3), np.float32),
+        "labels": np.zeros((b, num_classes), np.float32),
+        "index": np.zeros((b,), np.int32),
+    }
+    step = jax.jit(
+        train.make_train_step(mod, graphdef, tx, config, 1000),
+        in_shardings=(state_sh, data_sh),
+        out_shardings=(state_sh, repl),
+        donate_argnums=0,
+    )
+    train_mem = _memory(step.lower(state_abs, abstract(batch, data_sh)).compile())
+    predict = jax.jit(
+        train.make_predict(graphdef, lambda st: ((st["params"], st["rest"]),)),
+        in_shardings=(state_sh, data_sh),
+        out_shardings=(data_sh,),
+    )
+    images = jax.ShapeDtypeStruct((eval_batch, s, s, 3), np.float32, sharding=data_sh)
+    eval_mem = _memory(predict.lower(state_abs, images).compile())
+    result = {"num_classes": num_classes, "train_batch": b, "eval_batch": eval_batch}
+    result |= {f"train_{k}": v for k, v in train_mem.items()}
+    result |= {f"eval_{k}": v for k, v in eval_mem.items()}
+    return result
+
+
 def bench_input(config, batches: int) -> dict[str, float]:
     """Decoded, augmented images/s of the training pipeline."""
     dataset = datasets.open_dataset(config.data)
@@ -141,11 +214,13 @@ def bench_input(config, batches: int) -> dict[str, float]:
 def main(argv: list[str]) -> None:
     """Entry point after flag parsing."""
     logging.set_verbosity(logging.WARNING)
-    if len(argv) != 2 or argv[1] not in ("train", "input"):
-        raise app.UsageError("usage: python -m mlgraph.bench train|input --config FILE")
+    if len(argv) != 2 or argv[1] not in ("train", "input", "memory"):
+        raise app.UsageError("usage: python -m mlgraph.bench train|input|memory --config FILE")
     config = _CONFIG.value
     if argv[1] == "train":
         result = bench_train(config, _STEPS.value, _CLASSES.value, _PEAK.value)
+    elif argv[1] == "memory":
+        result = bench_memory(config, _CLASSES.value, _BATCH.value)
     else:
         result = bench_input(config, _BATCHES.value)
     print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}")

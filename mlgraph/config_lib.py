@@ -89,9 +89,23 @@ def base_config() -> ml_collections.ConfigDict:
     # of a side from `crop_sides` (e.g. 640, 576, 512, 384, 320), resize to image_size.
     c.data.augment.crop_resize = 0
     c.data.augment.crop_sides = ()
-    # Test transform: resize to this side, then centre-crop image_size (SSGRL: 640); 0 = a
-    # plain resize to image_size.
+    # torchvision/timm RandomResizedCrop instead of the plain resize (SigRL): the crop's area
+    # range as a share of the image (SigRL: (0.08, 1.0)) and its aspect-ratio range; () = off.
+    c.data.augment.random_resized_crop = ()
+    c.data.augment.random_resized_crop_ratio = (3 / 4, 4 / 3)
+    # Resampling of the train resize / crops and of timm RandAugment's geometric ops:
+    # 'bilinear' or 'bicubic' (SigRL). randaugment==1.0.2's ops keep their own.
+    c.data.augment.interpolation = "bilinear"
+    # timm's RandAugment, a timm config string (SigRL: 'rand-m9-mstd0.5-inc1'; sections m, n,
+    # mstd, mmax, inc, p), filling with the data mean x 255; '' = off. Not with randaugment.
+    c.data.augment.timm_randaugment = ""
+    # Test transform: resize to this side, then centre-crop image_size (SSGRL: 640; SigRL:
+    # 256 = floor(224 / timm's crop_pct 0.875)); 0 = a plain resize to image_size.
     c.data.eval_center_crop_from = 0
+    # 'square': that resize makes a square; 'shorter': the shorter side, aspect kept (timm's
+    # test transform, SigRL).
+    c.data.eval_resize = "square"
+    c.data.eval_interpolation = "bilinear"  # or 'bicubic' (SigRL)
     # VOC training labels of classes present only as difficult objects: 'positive' (SALGL,
     # ML-GCN) or 'negative' (SSGRL). Evaluation always leaves such pairs out.
     c.data.train_difficult = "positive"
@@ -101,6 +115,9 @@ def base_config() -> ml_collections.ConfigDict:
     # A part of the training split held out (with its full labels) for model selection, logged
     # as 'val/...' (Cole et al.: 0.2, cut with RandomState(1200)); 0 = none.
     c.data.val_fraction = 0.0
+    # Classes held out of training for zero-shot evaluation (names; SigRL's open-vocabulary
+    # protocol); () = the data set's own split if it has one (NUS-WIDE 'ov'), else none.
+    c.data.unseen_classes = ()
     c.data.mean = IMAGENET_MEAN
     c.data.std = IMAGENET_STD
 
@@ -116,7 +133,14 @@ def base_config() -> ml_collections.ConfigDict:
     # A step whose loss or updated parameters are not finite stops the run (exit 2, naming the
     # last good checkpoint); True instead skips such updates, counted as train/skipped.
     c.optimizer.skip_nonfinite = False
-    c.optimizer.schedule = "onecycle"  # or 'constant'
+    c.optimizer.schedule = "onecycle"  # or 'constant', 'warmup_cosine'
+    # 'warmup_cosine' (MKT/SigRL): linear warm-up from 0 over this share of the steps, then a
+    # half cosine from lr to min_lr, per step.
+    c.optimizer.warmup_fraction = 0.0
+    c.optimizer.min_lr = 0.0
+    # Layer-wise lr decay (BEiT/MKT/SigRL): a layer with id i of n trains at lr x decay^(n - i);
+    # 1 = none. Read by the methods that define layer ids (SigRL).
+    c.optimizer.layer_decay = 1.0
     c.optimizer.pct_start = 0.2
     c.optimizer.div_factor = 25.0
     c.optimizer.final_div_factor = 1e4
@@ -138,6 +162,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.clip = 0.0  # ASL probability margin of negatives; 0 = off
     c.loss.eps = 1e-5  # ASL log clamp
     c.loss.lamda = 1.0  # SALGL: weight of the scene entropy terms
+    c.loss.rank_weight = 1.0  # SigRL: the ranking loss over the seen labels
+    c.loss.distill_weight = 1.0  # SigRL: the L1 distillation to the frozen CLIP teacher
     # The single-positive losses (mlgraph.models.spml; scob_spml.md §2):
     c.loss.ls_coef = 0.1  # AN-LS's label smoothing s
     c.loss.expected_num_pos = 1.5  # EPR and ROLE's K, positives per image (VOC 1.5, COCO 2.9)

@@ -146,3 +146,6 @@ def init_from_weights(
             f"config.init_from={path}: its {kind} weights do not fit this model ({e})"
         ) from None
     nnx.update(target, state)
+    # A model that keeps derived copies of loaded weights (SigRL's frozen teacher) refreshes them.
+    if hasattr(model, "weights_loaded"):
+        model.weights_loaded()

@@ -450,3 +450,40 @@ def prototype_infonce(
         keep = jnp.concatenate([jnp.ones_like(exclude[:, :1]), ~exclude], axis=1)
         logits = jnp.where(keep, logits, -jnp.inf)
     return jnp.mean(jax.nn.logsumexp(logits, axis=1) - logits[:, 0])
+
+
+# ---------------------------------------------------------------------------------------------
+# SigRL's open-vocabulary objective (sigrl.md §3.1)
+# ---------------------------------------------------------------------------------------------
+def ranking(
+    scores: jax.Array, positive: jax.Array, negative: jax.Array, weights: jax.Array | None = None
+) -> jax.Array:
+    """BiAM's `ranking_lossT` (margin 1), as SigRL and MKT train with it.
+
+    For image n: r_n = Σ_{i∈P_n, j∈N_n} max(0, 1 + s_nj − s_ni) / (#{(i, j): 1 + s_nj − s_ni > 0}
+    + 1e-8); the loss is the mean of r_n over the images (weighted by `weights`, e.g. 0 for the
+    images SigRL drops from a batch). Images without a violated pair contribute 0 and still
+    count in the mean.
+
+    Args:
+      scores: [B, C]; positive, negative: [B, C] bool (labels +1 and −1; 0 = neither).
+      weights: [B] in {0, 1}; None = every image.
+    """
+    scores = scores.astype(jnp.float32)
+    margin = 1.0 + scores[:, None, :] - scores[:, :, None]  # [B, i, j]: 1 + s_j - s_i
+    pairs = positive[:, :, None] & negative[:, None, :]
+    violated = pairs & (margin > 0)
+    per_image = jnp.where(violated, margin, 0.0).sum((1, 2)) / (violated.sum((1, 2)) + 1e-8)
+    if weights is None:
+        return per_image.mean()
+    return (per_image * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+
+
+def l1_distillation(
+    student: jax.Array, teacher: jax.Array, weights: jax.Array | None = None
+) -> jax.Array:
+    """SigRL's distillation: the mean over images (weighted) and dimensions of |g − g_teacher|."""
+    per_image = jnp.abs(student.astype(jnp.float32) - teacher.astype(jnp.float32)).mean(-1)
+    if weights is None:
+        return per_image.mean()
+    return (per_image * weights).sum() / jnp.maximum(weights.sum(), 1.0)

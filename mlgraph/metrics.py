@@ -12,6 +12,10 @@
 * `topk_metrics`: the same after zeroing every score outside each sample's top k (the papers'
   "Top-3" columns).
 * `compute_all`: all of the above in one flat dict of plain Python floats, in percent.
+* `zero_shot_map`, `overall_prf_at_k` and `zero_shot_metrics`: the zero-shot / open-vocabulary
+  table of BiAM (`util_nus.py` `compute_AP`, `compute_F1(mode_F1='overall')`), which LESA, MKT
+  and SigRL report on NUS-WIDE and Open Images: non-interpolated mAP with 0 for a class without
+  positives, and micro ("overall") P, R, F1 of each image's top-K classes.
 
 Conventions shared by every function:
 * `scores` and `targets` are `[N, C]` (N samples, C classes); scores are probabilities
@@ -227,6 +231,20 @@ def threshold_metrics(
     return {key: float(100.0 * v) for key, v in zip(_THRESHOLD_KEYS, values, strict=True)}
 
 
+def _check_k(k: Any) -> None:
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+        raise ValueError(f"k must be a positive integer; got {k!r}")
+
+
+def _topk_mask(scores: np.ndarray, k: int) -> np.ndarray:
+    """Bool [N, C], True at each row's top min(k, C) scores; ties go to the lower class index."""
+    _check_k(k)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    keep = np.zeros(scores.shape, dtype=bool)
+    np.put_along_axis(keep, order[:, :k], True, axis=1)
+    return keep
+
+
 def topk_scores(scores: Any, k: int = 3) -> np.ndarray:
     """A float64 copy of `scores` [N, C] with every entry outside its row's top k set to 0.
 
@@ -235,13 +253,8 @@ def topk_scores(scores: Any, k: int = 3) -> np.ndarray:
     scores = np.asarray(scores)
     if scores.ndim != 2:
         raise ValueError(f"scores must be 2-D [N, C]; got shape {scores.shape}")
-    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
-        raise ValueError(f"k must be a positive integer; got {k!r}")
     scores = scores.astype(np.float64)
-    order = np.argsort(-scores, axis=1, kind="stable")
-    keep = np.zeros(scores.shape, dtype=bool)
-    np.put_along_axis(keep, order[:, :k], True, axis=1)
-    return np.where(keep, scores, 0.0)
+    return np.where(_topk_mask(scores, k), scores, 0.0)
 
 
 def topk_metrics(
@@ -290,4 +303,120 @@ def compute_all(
     result.update(threshold_metrics(scores, targets, threshold=threshold, mask=mask))
     if topk is not None:
         result.update(topk_metrics(scores, targets, k=topk, threshold=threshold, mask=mask))
+    return result
+
+
+# ---------------------------------------------------------------- zero-shot (BiAM) table
+
+ZERO_SHOT_KS = (3, 5)
+
+
+def zero_shot_map(scores: Any, targets: Any, mask: Any = None) -> float:
+    """BiAM's zero-shot mAP (`compute_AP` of its `util_nus.py`, then the mean), in percent.
+
+    Per class: the kept entries (mask True; BiAM keeps the entries whose label is +1 or -1 and
+    drops the unknown 0s) are ranked by descending score, and AP_c = (1 / #pos) sum_k
+    prec@k * rel_k, the precision at each positive's own rank (non-interpolated; this is
+    `average_precision(..., interpolated=False)`). A class with no kept positive gets AP_c = 0
+    and still counts: mAP = 100 * (1/C) sum_c AP_c over all C classes, which lowers the GZSL
+    number on NUS-WIDE, where some of the 1006 classes have no positive test image.
+
+    Ties: mlgraph ranks tied scores in ascending sample order (a stable sort), which is what
+    BiAM's `prediction.sort(descending=True)` gives with `stable=True`. BiAM itself uses the
+    default unstable (CUDA) sort, whose order for ties is unspecified, so with tied scores its
+    AP may differ from this one (tied positives are not grouped, unlike `spml_map`).
+
+    Args:
+      scores: [N, C] scores, higher = more confident.
+      targets: [N, C] 0/1 ground truth (BiAM's label == 1).
+      mask: optional [N, C] bool, True where the label is known (BiAM's |label| == 1).
+
+    Returns:
+      The mAP in percent, a plain Python float.
+    """
+    ap = average_precision(scores, targets, mask, interpolated=False)
+    return float(100.0 * np.nan_to_num(ap, nan=0.0).mean())
+
+
+def overall_prf_at_k(scores: Any, targets: Any, k: int = 3, mask: Any = None) -> dict[str, float]:
+    """BiAM's "overall" (micro) precision, recall and F1 of each image's top-k classes, in percent.
+
+    Every image predicts its k highest-scoring classes (ties go to the lower class index; BiAM's
+    `torch.topk` leaves their choice unspecified). Over the whole matrix:
+    TP = #(predicted and positive), P = TP / #predicted = TP / (N * k), R = TP / #positives,
+    F1 = 2 P R / (P + R), 0 when P + R = 0 (BiAM: 0/0 = NaN).
+
+    As in BiAM, an entry that is not a positive (target 0, or mask False: BiAM's labels -1 and 0
+    are both "not 1") still takes one of its image's k slots, and images without any positive
+    are kept, so they add k predictions each to the precision's denominator. A masked entry is
+    never a positive, whatever its target. If k exceeds C, every class is predicted and
+    #predicted = N * C (BiAM's `topk` would raise).
+
+    Args:
+      scores: [N, C] scores, higher = more confident.
+      targets: [N, C] 0/1 ground truth.
+      k: how many classes each image predicts, a positive integer.
+      mask: optional [N, C] bool; False makes the entry a non-positive (it can still be predicted).
+
+    Returns:
+      {"P_at{k}", "R_at{k}", "F1_at{k}"} as plain Python floats in percent. P is NaN when N = 0;
+      R and F1 are NaN when there is no positive at all.
+    """
+    scores, targets, mask = _validate(scores, targets, mask)
+    predicted = _topk_mask(scores, k)
+    positive = targets & mask
+    tp = float((predicted & positive).sum())
+    n_pred = float(predicted.sum())
+    n_pos = float(positive.sum())
+    precision = tp / n_pred if n_pred > 0 else float("nan")
+    recall = tp / n_pos if n_pos > 0 else float("nan")
+    values = (precision, recall, _f1(precision, recall))
+    names = (f"P_at{k}", f"R_at{k}", f"F1_at{k}")
+    return {name: float(100.0 * v) for name, v in zip(names, values, strict=True)}
+
+
+def _check_ks(ks: Any) -> tuple[int, ...]:
+    ks = tuple(ks)
+    for k in ks:
+        _check_k(k)
+    if len(set(ks)) != len(ks):
+        raise ValueError(f"ks must not repeat a value; got {ks}")
+    return ks
+
+
+def zero_shot_metric_names(ks: Any = ZERO_SHOT_KS) -> list[str]:
+    """The keys of `zero_shot_metrics(..., ks=ks)`, in order.
+
+    `["mAP", "P_at3", "R_at3", "F1_at3", "P_at5", "R_at5", "F1_at5"]` for the default ks.
+    """
+    names = ["mAP"]
+    for k in _check_ks(ks):
+        names += [f"P_at{k}", f"R_at{k}", f"F1_at{k}"]
+    return names
+
+
+def zero_shot_metrics(
+    scores: Any, targets: Any, mask: Any = None, ks: Any = ZERO_SHOT_KS
+) -> dict[str, float]:
+    """The zero-shot / GZSL table of BiAM, LESA, MKT and SigRL, in percent.
+
+    Keys (`zero_shot_metric_names(ks)`): `mAP` (`zero_shot_map`: non-interpolated, 0 for a class
+    without positives, averaged over every class; not the interpolated `mAP` of `compute_all`)
+    and, for each k in `ks`, `P_at{k}`, `R_at{k}`, `F1_at{k}` (`overall_prf_at_k`). Call it
+    once on the ZSL matrix (unseen classes only) and once on the GZSL matrix (all classes) and
+    prefix the keys to tell them apart.
+
+    Args:
+      scores: [N, C] scores, higher = more confident.
+      targets: [N, C] 0/1 ground truth.
+      mask: optional [N, C] bool, True where the label is known.
+      ks: the top-k sizes; (3, 5) in the papers.
+
+    Returns:
+      A flat dict of plain Python floats, in the order of `zero_shot_metric_names(ks)`.
+    """
+    ks = _check_ks(ks)
+    result = {"mAP": zero_shot_map(scores, targets, mask)}
+    for k in ks:
+        result.update(overall_prf_at_k(scores, targets, k=k, mask=mask))
     return result

@@ -58,9 +58,32 @@ def learning_rate_fn(opt: ml_collections.ConfigDict, total_steps: int) -> Callab
     if opt.schedule == "onecycle":
         initial = opt.lr / opt.div_factor
         return onecycle(total_steps, opt.lr, initial, initial / opt.final_div_factor, opt.pct_start)
+    if opt.schedule == "warmup_cosine":
+        return warmup_cosine(total_steps, opt.lr, opt.min_lr, opt.warmup_fraction)
     raise ConfigError(
-        f"config.optimizer.schedule='{opt.schedule}': expected 'onecycle' or 'constant'"
+        f"config.optimizer.schedule='{opt.schedule}': expected 'onecycle', 'constant' or "
+        "'warmup_cosine'"
     )
+
+
+def warmup_cosine(total_steps: int, lr: float, min_lr: float, warmup_fraction: float) -> Callable:
+    """MKT's `adjust_learning_rate` per iteration (SigRL §3.4), in steps: lr · s / W for
+    s < W = warmup_fraction · total, then min_lr + (lr − min_lr) · ½ (1 + cos(π (s − W) /
+    (total − W)))."""
+    if not 0.0 <= warmup_fraction < 1.0:
+        raise ConfigError(
+            f"config.optimizer.warmup_fraction={warmup_fraction}: expected 0 <= f < 1"
+        )
+    warm = warmup_fraction * total_steps
+
+    def value(step):
+        step = jnp.asarray(step, jnp.float32)
+        cos = min_lr + (lr - min_lr) * 0.5 * (
+            1.0 + jnp.cos(math.pi * (step - warm) / max(total_steps - warm, 1e-9))
+        )
+        return jnp.where(step < warm, lr * step / max(warm, 1e-9), cos)
+
+    return value
 
 
 def beta1_fn(opt: ml_collections.ConfigDict, total_steps: int) -> Callable | float:

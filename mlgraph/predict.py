@@ -140,13 +140,7 @@ class Predictor:
             raise ConfigError(f"--batch_size={batch_size}: expected at least 1")
         self._params, self._rest = params, rest
         self._forward = _forward(graphdef)
-        self._transform = pipeline.EvalTransform(
-            config.image_size,
-            len(self.class_names),
-            config.data.mean,
-            config.data.std,
-            center_crop_from=config.data.eval_center_crop_from,
-        )
+        self._transform = pipeline.EvalTransform.from_config(config, len(self.class_names))
 
     # --- construction ------------------------------------------------------------------
     @classmethod

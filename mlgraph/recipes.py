@@ -13,6 +13,7 @@ import ml_collections
 
 from mlgraph import config_lib, models
 from mlgraph.errors import ConfigError
+from mlgraph.models import sigrl as sigrl_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +33,7 @@ DATASETS: dict[str, DataSet] = {
     "voc2007": DataSet("voc2007", "", "trainval", "test", 20),
     "voc2012": DataSet("voc2012", "", "train", "val", 20),
     "nuswide": DataSet("nuswide", "", "train", "test", 81),
+    "nuswide_ov": DataSet("nuswide", "ov", "train", "test", 1006),
     # The embedded demo set (mlgraph.data.demo), written in the COCO-2014 layout.
     "demo": DataSet("coco2014", "nonempty", "train", "val", 13),
 }
@@ -407,4 +409,72 @@ def scob(*, dataset: str, protocol: str = "scob") -> ml_collections.ConfigDict:
     k = SCOB_K[dataset] if protocol == "scob" else COLE_K[dataset]
     c.loss = scob_loss(k)
     c.model = model_config("scob", backbone="resnet50")
+    return c
+
+
+# SigRL's OV recipe (sigrl.md §3.3-§3.5) and its SPML mode (§4.4).
+SIGRL_FIX_LAYER = 10
+SIGRL_AUGMENT = dict(
+    random_resized_crop=(0.08, 1.0),
+    interpolation="bicubic",
+    timm_randaugment="rand-m9-mstd0.5-inc1",
+)
+
+
+def sigrl_ov(*, dataset: str = "nuswide_ov") -> ml_collections.ConfigDict:
+    """SigRL's open-vocabulary training on NUS-WIDE (925 seen tags, 81 unseen concepts):
+    CLIP ViT-B/16 at 224 px (`config.init_from` = the converted OpenAI tower; the label
+    embeddings `config.model.embed_path` = CLIP text features of "There is a {} in the scene"),
+    AdamW lr 1e-4 (min 1e-7), 2 warm-up epochs of 20 then a half cosine per step, weight decay
+    0.05 on matrices, layer-wise decay 0.65, blocks 0-9 and the patch embedding frozen, batch
+    32, ranking loss + L1 distillation to the frozen teacher; RandomResizedCrop (0.08-1) +
+    flip + timm RandAugment rand-m9-mstd0.5-inc1, bicubic; test: shorter side 256 + centre
+    crop 224, bicubic; ImageNet mean/std (SigRL's, not CLIP's). No EMA, no validation split:
+    the test set is evaluated every epoch, as the official code does (`eval/zsl_mAP` picks the
+    kept checkpoint)."""
+    c = _paper_base(dataset, None, 224)
+    c.batch_size = 32
+    c.eval_batch_size = 64
+    c.num_epochs = 20.0
+    c.eval_every_epochs = 1.0
+    c.log_every_steps = 100
+    c.data.augment.update(SIGRL_AUGMENT)
+    c.data.eval_center_crop_from = 256
+    c.data.eval_resize = "shorter"
+    c.data.eval_interpolation = "bicubic"
+    c.optimizer.name = "adamw"
+    c.optimizer.lr = 1e-4
+    c.optimizer.min_lr = 1e-7
+    c.optimizer.weight_decay = 0.05
+    c.optimizer.schedule = "warmup_cosine"
+    c.optimizer.warmup_fraction = 2.0 / 20.0
+    c.optimizer.layer_decay = 0.65
+    c.optimizer.frozen = sigrl_model.frozen_patterns(SIGRL_FIX_LAYER)
+    c.ema.decay = 0.0
+    c.best_metric = "eval/zsl_mAP"
+    c.loss = loss_config("sigrl", rank_weight=1.0, distill_weight=1.0)
+    c.model = model_config(
+        "sigrl", backbone="clip_vit_b16", distill=True, teacher_from_block=SIGRL_FIX_LAYER
+    )
+    return c
+
+
+SIGRL_SPML_ALPHA = {"voc2012": 0.2, "coco2014": 0.1}
+
+
+def sigrl_spml(*, dataset: str) -> ml_collections.ConfigDict:
+    """SigRL's SPML mode (§4): the same model fully fine-tuned (nothing frozen, no layer
+    decay, no weight decay, no teacher), logits = the fused score, EM loss (alpha 0.2 VOC /
+    0.1 COCO) on Cole's single positives, Adam lr 1e-5 constant, 10 epochs of batch 1, 224 px,
+    20 % of the training split held out with clean labels to pick the epoch."""
+    if dataset not in SIGRL_SPML_ALPHA:
+        raise ConfigError(
+            f"data set {dataset!r}: SigRL's SPML recipe knows {', '.join(SIGRL_SPML_ALPHA)}"
+        )
+    c = spml(dataset=dataset, loss="em")
+    c.image_size = 224
+    c.batch_size = 1
+    c.early_stop = False  # SigRL trains its 10 epochs and keeps the best by val mAP
+    c.loss = loss_config("em", alpha=SIGRL_SPML_ALPHA[dataset])
+    c.model = model_config("sigrl", backbone="clip_vit_b16", distill=False)
     return c

@@ -323,18 +323,70 @@ def make_train_step(mod, graphdef: nnx.GraphDef, tx, config: ml_collections.Conf
 # ---------------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------------
-def make_predict(graphdef: nnx.GraphDef, pairs_of) -> Any:
+def make_predict(graphdef: nnx.GraphDef, pairs_of, **call_kwargs) -> Any:
     """A function (state, images) -> tuple of sigmoid scores, one per (params, rest) pair that
-    `pairs_of(state)` picks from the state (e.g. the model and its EMA)."""
+    `pairs_of(state)` picks from the state (e.g. the model and its EMA); `call_kwargs` go to
+    the model's call (e.g. SigRL's queried `label_ids`)."""
 
     def predict(state, images):
         out = []
         for params, rest in pairs_of(state):
             model = nnx.merge(graphdef, params, rest)
-            out.append(jax.nn.sigmoid(model(images, train=False)["logits"].astype(jnp.float32)))
+            logits = model(images, train=False, **call_kwargs)["logits"]
+            out.append(jax.nn.sigmoid(logits.astype(jnp.float32)))
         return tuple(out)
 
     return predict
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalView:
+    """A label set that evaluation scores with a forward pass of its own (a method's
+    `eval_views`: SigRL's ZSL over the unseen classes, GZSL over all of them).
+
+    Attributes:
+      name: the metric prefix (`eval/<name>_<metric>`).
+      ids: class positions, or None for every class (the loop's own scores are reused).
+      predict: the jitted predict over `ids` (None with `ids` None).
+    """
+
+    name: str
+    ids: np.ndarray | None
+    predict: Any
+
+
+def eval_views(mod, config, state, graphdef, pairs_of, **jit_kwargs) -> list[EvalView]:
+    """The method's evaluation views (`eval_views(config, extra)` of its module; none if it
+    has no such function), each with its jitted predict."""
+    views = getattr(mod, "eval_views", lambda c, e: {})(config, state["extra"])
+    out = []
+    for name, ids in views.items():
+        fn = None
+        if ids is not None:
+            ids = np.asarray(ids)
+            fn = jax.jit(make_predict(graphdef, pairs_of, label_ids=jnp.asarray(ids)), **jit_kwargs)
+        out.append(EvalView(name, ids, fn))
+    return out
+
+
+def view_metrics(
+    mod, views: list[EvalView], result: dict, state, source, config, num_classes, mesh, prefixes
+) -> dict[str, float]:
+    """`<prefix><view>_<metric>` of each view by the method's `view_metrics(scores, labels,
+    mask)`; `result` is `evaluate_scores`' over every class (the views with `ids` None)."""
+    out = {}
+    for view in views:
+        labels, mask = result["labels"], result["label_mask"]
+        scores = result["scores"]
+        if view.ids is not None:
+            scores = evaluate_scores(view.predict, state, source, config, num_classes, mesh)
+            scores = scores["scores"]
+            labels, mask = labels[:, view.ids], mask[:, view.ids]
+        scores = (list(scores) * 2)[: len(prefixes)]  # the EMA's, when not scored
+        for prefix, s in zip(prefixes, scores, strict=True):
+            for name, value in mod.view_metrics(s, labels, mask).items():
+                out[f"{prefix}{view.name}_{name}"] = value
+    return out
 
 
 def model_and_ema(state) -> tuple:
@@ -381,6 +433,9 @@ def check_best_metric(config: ml_collections.ConfigDict, eval_sets: dict) -> Non
     """
     prefix, _, name = config.best_metric.rpartition("/")
     names = set(metrics.metric_names())
+    mod = models.method_module(config.model.name)
+    if hasattr(mod, "view_metric_names"):
+        names |= {f"{v}_{n}" for v in ("zsl", "gzsl") for n in mod.view_metric_names()}
     names |= {f"ema_{n}" for n in names}
     if f"{prefix}/" not in eval_sets or name not in names:
         raise ConfigError(
@@ -537,6 +592,10 @@ def _run(config, workdir: epath.Path, signals: preemption.StopSignals) -> dict[s
         in_shardings=(state_sh, data_sh),
         out_shardings=(data_sh,) * (2 if config.ema.decay else 1),
     )
+    views = eval_views(
+        mod, config, state, graphdef, scored,
+        in_shardings=(state_sh, data_sh), out_shardings=(data_sh,) * (2 if config.ema.decay else 1),
+    )  # fmt: skip
     epoch_end = getattr(mod, "epoch_end", None)
     hooks = None
     if epoch_end is not None:
@@ -615,6 +674,21 @@ def _run(config, workdir: epath.Path, signals: preemption.StopSignals) -> dict[s
                         f"EMA mAP {last_eval[prefix + 'ema_mAP']:.2f} "
                         f"(CF1 {last_eval[prefix + 'CF1']:.2f} OF1 {last_eval[prefix + 'OF1']:.2f})"
                     )
+                    shown = view_metrics(
+                        mod, views, result, state, source, config, num_classes, mesh,
+                        (prefix, f"{prefix}ema_"),
+                    )  # fmt: skip
+                    last_eval |= shown
+                    for view in views:
+                        head = f"{prefix}{view.name}_"
+                        log(
+                            f"{prefix[:-1]} step {step} {view.name.upper()}: "
+                            + " ".join(
+                                f"{k[len(head) :]} {v:.2f}"
+                                for k, v in shown.items()
+                                if k.startswith(head)
+                            )
+                        )
                 value = last_eval[config.best_metric]
                 best_by = {checkpointing.BEST_METRIC: value}
                 if config.early_stop and value <= best_so_far:

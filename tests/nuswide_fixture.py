@@ -48,3 +48,23 @@ def write_nuswide(
         if e.kind is not None:
             pictures[rel] = write_image(root / "Flickr" / rel, e.kind, k)
     return root, pictures
+
+
+def write_tags(
+    root: pathlib.Path,
+    tags: list[str],
+    entry_tags: list[tuple[str, ...]],
+    *,
+    tag_list_at_root: bool = False,
+) -> None:
+    """Write the NUS_WID_Tags files of config 'ov': TagList1k.txt (under NUS_WID_Tags/, or at
+    the root of the tree) and AllTags1k.txt, one row per Imagelist.txt line (`entry_tags`, in
+    the same order) of tab-separated 0/1 values, with a trailing tab as in the official file."""
+    (root / "NUS_WID_Tags").mkdir(exist_ok=True)
+    crlf = {"newline": "\r\n"}
+    tag_list = root / "TagList1k.txt" if tag_list_at_root else root / "NUS_WID_Tags/TagList1k.txt"
+    with open(tag_list, "w", **crlf) as f:
+        f.write("".join(f"{t}\n" for t in tags))
+    with open(root / "NUS_WID_Tags" / "AllTags1k.txt", "w", **crlf) as f:
+        for present in entry_tags:
+            f.write("".join(f"{int(t in present)}\t" for t in tags) + "\n")

@@ -181,6 +181,7 @@ def test_registry_rejects_unknown_name():
         "mobilenet_v2": ("mobilenet_v2", {}),
         "vit_b16": ("vit", {"variant": "B/16"}),
         "vit_l16": ("vit", {"variant": "L/16"}),
+        "clip_vit_b16": ("clip", {"variant": "ViT-B/16"}),
     }
     with pytest.raises(ValueError) as e:
         backbones.build("resnet18", image_size=64, rngs=nnx.Rngs(0))

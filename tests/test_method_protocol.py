@@ -35,6 +35,7 @@ CONFIGS = {
     "q2l": ("q2l_demo", "q2l_coco"),
     "spml": ("spml_demo", "spml_coco"),
     "scob": ("scob_demo", "scob_coco"),
+    "sigrl": ("sigrl_demo", "sigrl_nuswide_ov", "sigrl_spml_voc2012", "sigrl_spml_coco"),
 }
 
 
@@ -58,6 +59,9 @@ def test_method_module_follows_the_protocol(name):
         "make_train_step": ["ctx"],
         "init_extra": ["config", "training"],
         "epoch_end": ["ctx", "state", "epoch"],
+        "eval_views": ["config", "extra"],
+        "view_metrics": ["scores", "labels", "mask"],
+        "view_metric_names": [],
     }
     assert set(hooks) == set(models.OPTIONAL)
     for hook, params in hooks.items():

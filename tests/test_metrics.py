@@ -426,3 +426,233 @@ def test_non_interpolated_ap_is_mlgcn_and_sklearn():
     assert metrics.average_precision(s, t, interpolated=False)[0] == pytest.approx(5 / 6)
     got_all = metrics.compute_all(scores, targets)
     assert got_all["mAP_noninterp"] == pytest.approx(100 * got.mean(), rel=1e-12)
+
+
+# ---------------------------------------------------------------- zero-shot table (BiAM)
+
+# AP hand case: N = 5 samples, C = 4 classes.
+ZS_SCORES = np.array(
+    [
+        [0.9, 0.9, 0.1, 0.9],
+        [0.8, 0.8, 0.9, 0.8],
+        [0.7, 0.7, 0.8, 0.7],
+        [0.6, 0.6, 0.3, 0.6],
+        [0.5, 0.5, 0.2, 0.5],
+    ]
+)
+ZS_TARGETS = np.array(
+    [
+        [1, 0, 1, 0],
+        [0, 0, 0, 1],
+        [1, 0, 1, 0],
+        [0, 0, 0, 0],
+        [0, 0, 0, 0],
+    ]
+)
+ZS_MASK = np.ones(ZS_SCORES.shape, dtype=bool)
+ZS_MASK[1, 2] = False  # class 2: drops its top-ranked negative (0.9)
+ZS_MASK[1, 3] = False  # class 3: drops its only positive
+
+
+def test_zero_shot_map_hand_case_counts_classes_without_positives_as_zero():
+    # class 0: ranking [+, -, +, -, -]: precision 1 and 2/3 at the positives -> 5/6.
+    # class 1: no positive -> 0, still averaged.
+    # class 2: kept ranking by score 0.8(+), 0.3(-), 0.2(-), 0.1(+) -> (1 + 2/4) / 2 = 3/4
+    #   (unmasked it would be 0.9(-), 0.8(+), ..., 0.1(+) -> (1/2 + 2/5) / 2 = 0.45).
+    # class 3: its only positive is masked -> no positive -> 0, still averaged.
+    # mAP = 100 (5/6 + 0 + 3/4 + 0) / 4 = 100 * 19/48.
+    got = metrics.zero_shot_map(ZS_SCORES, ZS_TARGETS, ZS_MASK)
+    assert got == pytest.approx(100 * 19 / 48, rel=1e-14)
+    assert type(got) is float
+    unmasked = metrics.zero_shot_map(ZS_SCORES, ZS_TARGETS)
+    # class 3 unmasked: positive at rank 2 -> 1/2.
+    assert unmasked == pytest.approx(100 * (5 / 6 + 0 + 0.45 + 0.5) / 4, rel=1e-14)
+    # The same per-class values as the non-interpolated AP, with NaN read as 0.
+    ap = metrics.average_precision(ZS_SCORES, ZS_TARGETS, ZS_MASK, interpolated=False)
+    np.testing.assert_allclose(ap, [5 / 6, np.nan, 3 / 4, np.nan], rtol=1e-14)
+    # mean_average_precision instead leaves the empty classes out: (5/6 + 3/4) / 2.
+    assert metrics.mean_average_precision(
+        ZS_SCORES, ZS_TARGETS, ZS_MASK, interpolated=False
+    ) == pytest.approx(100 * 19 / 24, rel=1e-14)
+
+
+def test_zero_shot_map_ranks_ties_in_sample_order_without_grouping():
+    # Two tied scores: [-, +] in sample order -> the positive is at rank 2 -> AP 1/2;
+    # [+, -] -> rank 1 -> AP 1 (scikit-learn / spml_map group the tie: 1/2 for both).
+    scores = np.array([[0.5, 0.5], [0.5, 0.5]])
+    targets = np.array([[0, 1], [1, 0]])
+    assert metrics.zero_shot_map(scores, targets) == pytest.approx(100 * (1 / 2 + 1) / 2)
+    assert metrics.spml_map(scores, targets) == pytest.approx(50.0)
+
+
+# F1@K hand case: N = 4 images, C = 4 classes.
+F1_SCORES = np.array(
+    [
+        [0.9, 0.8, 0.1, 0.2],
+        [0.3, 0.6, 0.7, 0.1],  # an image without positives
+        [0.5, 0.5, 0.5, 0.9],  # a three-way tie below the top score
+        [0.4, 0.9, 0.8, 0.3],
+    ]
+)
+F1_TARGETS = np.array(
+    [
+        [1, 0, 0, 1],
+        [0, 0, 0, 0],
+        [0, 1, 0, 1],
+        [0, 1, 1, 0],
+    ]
+)
+F1_MASK = np.ones(F1_SCORES.shape, dtype=bool)
+F1_MASK[3, 2] = False  # a masked positive: predicted at K >= 2 but never a hit nor counted in R
+
+
+@pytest.mark.parametrize(
+    ("k", "tp", "n_pred"),
+    [
+        # K=1: predicted (0,0)+ (1,2)- (2,3)+ (3,1)+ -> TP 3 of 4.
+        (1, 3, 4),
+        # K=2: row 0 {0, 1}: 1 hit; row 1 {2, 1}: 0 hits but 2 predictions;
+        # row 2 {3, 0} (the tie 0.5 goes to the lowest class, 0): 1 hit;
+        # row 3 {1, 2}: (3,1) hits, (3,2) is masked -> 1 hit. TP 3 of 8.
+        (2, 3, 8),
+        # K=3 >= every image's number of positives: every kept positive is found.
+        # row 0 {0, 1, 3}: 2; row 1: 0; row 2 {3, 0, 1}: 2; row 3 {1, 2, 0}: 1. TP 5 of 12.
+        (3, 5, 12),
+        # K=5 > C=4: every class predicted, N * C = 16 predictions, TP = all 5 positives.
+        (5, 5, 16),
+    ],
+)
+def test_overall_prf_at_k_hand_case(k, tp, n_pred):
+    # Positives counted for R: row 0: 2, row 1: 0, row 2: 2, row 3: 1 (one masked) -> 5.
+    got = metrics.overall_prf_at_k(F1_SCORES, F1_TARGETS, k=k, mask=F1_MASK)
+    p, r = tp / n_pred, tp / 5
+    assert list(got) == [f"P_at{k}", f"R_at{k}", f"F1_at{k}"]
+    assert got[f"P_at{k}"] == pytest.approx(100 * p, rel=1e-14)
+    assert got[f"R_at{k}"] == pytest.approx(100 * r, rel=1e-14)
+    assert got[f"F1_at{k}"] == pytest.approx(100 * 2 * p * r / (p + r), rel=1e-14)
+    assert all(type(v) is float for v in got.values())
+
+
+def test_overall_prf_at_k_hand_values():
+    # The parametrized case spelled out: K=2 gives P 3/8, R 3/5, F1 2(9/40)/(39/40) = 6/13;
+    # K=3 gives P 5/12, R 1, F1 10/17.
+    got = metrics.overall_prf_at_k(F1_SCORES, F1_TARGETS, k=2, mask=F1_MASK)
+    assert got == pytest.approx({"P_at2": 37.5, "R_at2": 60.0, "F1_at2": 100 * 6 / 13})
+    got = metrics.overall_prf_at_k(F1_SCORES, F1_TARGETS, k=3, mask=F1_MASK)
+    assert got == pytest.approx({"P_at3": 100 * 5 / 12, "R_at3": 100.0, "F1_at3": 100 * 10 / 17})
+    # Unmasked, (3,2) is a hit at K=2: TP 4 of 8, positives 6 -> P 1/2, R 2/3.
+    got = metrics.overall_prf_at_k(F1_SCORES, F1_TARGETS, k=2)
+    assert got["P_at2"] == pytest.approx(50.0) and got["R_at2"] == pytest.approx(200 / 3)
+    # Dropping the image without positives (row 1) shrinks P's denominator: TP 3 of 6.
+    keep = [0, 2, 3]
+    got = metrics.overall_prf_at_k(F1_SCORES[keep], F1_TARGETS[keep], k=2, mask=F1_MASK[keep])
+    assert got["P_at2"] == pytest.approx(50.0) and got["R_at2"] == pytest.approx(60.0)
+
+
+def test_overall_prf_at_k_degenerate_cases_and_no_mutation():
+    # Every prediction wrong: P = R = 0 -> F1 0 (BiAM: 0/0 = NaN).
+    scores = np.array([[0.9, 0.1], [0.1, 0.9]])
+    scores.flags.writeable = False  # an in-place write (BiAM's fill_) would raise
+    got = metrics.overall_prf_at_k(scores, np.array([[0, 1], [1, 0]]), k=1)
+    assert got == {"P_at1": 0.0, "R_at1": 0.0, "F1_at1": 0.0}
+    # No positive at all: P 0, R and F1 undefined.
+    got = metrics.overall_prf_at_k(scores, np.zeros((2, 2)), k=1)
+    assert got["P_at1"] == 0.0 and np.isnan(got["R_at1"]) and np.isnan(got["F1_at1"])
+    with pytest.raises(ValueError, match=re.escape("k must be a positive integer; got 0")):
+        metrics.overall_prf_at_k(scores, np.eye(2), k=0)
+
+
+def test_zero_shot_metrics_keys_and_consistency():
+    got = metrics.zero_shot_metrics(F1_SCORES, F1_TARGETS, F1_MASK)
+    names = ["mAP", "P_at3", "R_at3", "F1_at3", "P_at5", "R_at5", "F1_at5"]
+    assert list(got) == names == metrics.zero_shot_metric_names()
+    assert all(re.fullmatch(r"[A-Za-z0-9_]+", n) for n in names)
+    assert got["mAP"] == metrics.zero_shot_map(F1_SCORES, F1_TARGETS, F1_MASK)
+    for k in (3, 5):
+        part = metrics.overall_prf_at_k(F1_SCORES, F1_TARGETS, k=k, mask=F1_MASK)
+        assert {n: got[n] for n in part} == part
+    got = metrics.zero_shot_metrics(F1_SCORES, F1_TARGETS, ks=(1,))
+    assert list(got) == ["mAP", "P_at1", "R_at1", "F1_at1"] == metrics.zero_shot_metric_names((1,))
+    with pytest.raises(ValueError, match=re.escape("ks must not repeat a value; got (3, 3)")):
+        metrics.zero_shot_metric_names((3, 3))
+    with pytest.raises(ValueError, match=re.escape("k must be a positive integer; got 0")):
+        metrics.zero_shot_metrics(F1_SCORES, F1_TARGETS, ks=(3, 0))
+
+
+def _biam_compute_ap(predictions, labels, stable=None):
+    """BiAM `util_nus.py` `compute_AP`, transcribed; `.cuda()` dropped, `stable` forwarded."""
+    import torch
+
+    sort_kwargs = {} if stable is None else {"stable": stable}
+    num_class = predictions.size(1)
+    ap = torch.zeros(num_class)
+    for idx_cls in range(num_class):
+        prediction = predictions[:, idx_cls]
+        label = labels[:, idx_cls]
+        mask = label.abs() == 1
+        if (label > 0).sum() == 0:
+            continue
+        binary_label = torch.clamp(label[mask], min=0, max=1)
+        sorted_pred, sort_idx = prediction[mask].sort(descending=True, **sort_kwargs)
+        sorted_label = binary_label[sort_idx]
+        tmp = (sorted_label == 1).float()
+        tp = tmp.cumsum(0)
+        fp = (sorted_label != 1).float().cumsum(0)
+        num_pos = binary_label.sum()
+        prec = tp / (tp + fp)
+        ap_cls = (tmp * prec).sum() / num_pos
+        ap[idx_cls].copy_(ap_cls)
+    return ap
+
+
+def _biam_compute_f1_overall(predictions, labels, k_val):
+    """BiAM `util_nus.py` `compute_F1(mode_F1='overall')`, transcribed; `.cuda()` dropped."""
+    import torch
+
+    idx = predictions.topk(dim=1, k=k_val)[1]
+    predictions.fill_(0)
+    predictions.scatter_(dim=1, index=idx, src=torch.ones(predictions.size(0), k_val))
+    mask = predictions == 1
+    TP = (labels[mask] == 1).sum().float()
+    tpfp = mask.sum().float()
+    tpfn = (labels == 1).sum().float()
+    p = TP / tpfp
+    r = TP / tpfn
+    f1 = 2 * p * r / (p + r)
+    return f1, p, r
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_zero_shot_metrics_equal_biam_transcription_with_ties_and_zeros(seed):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(seed)
+    n, c = 300, 12
+    scores = (rng.integers(0, 5, (n, c)) / 4).astype(np.float32)  # {0, .25, ..., 1}: many ties
+    targets = (rng.random((n, c)) < 0.15).astype(np.int64)
+    targets[:, [0, 5]] = 0  # classes without positives
+    mask = rng.random((n, c)) >= 0.2
+    mask[targets[:, 7] == 1, 7] = False  # a class whose positives are all unknown
+    labels = torch.from_numpy(np.where(mask, 2 * targets - 1, 0))  # BiAM's +1 / -1 / 0 labels
+
+    # BiAM's unstable sorts leave the order of tied scores unspecified. Breaking every tie
+    # towards the lower index with a jitter far below the 0.25 score spacing makes them
+    # deterministic, and gives mlgraph's tie rule: mlgraph on the tied scores must match BiAM
+    # on the jittered ones.
+    by_row = scores - 1e-4 * np.arange(n, dtype=np.float32)[:, None]  # ties within a class
+    by_col = scores - 1e-3 * np.arange(c, dtype=np.float32)[None, :]  # ties within an image
+
+    ap = _biam_compute_ap(torch.from_numpy(by_row), labels).numpy()
+    ours = metrics.average_precision(scores, targets, mask, interpolated=False)
+    assert np.all(ap[[0, 5, 7]] == 0) and np.all(np.isnan(ours[[0, 5, 7]]))
+    np.testing.assert_allclose(np.nan_to_num(ours, nan=0.0), ap, rtol=1e-6, atol=0)
+    # BiAM's sort made stable gives the same on the tied scores themselves.
+    stable = _biam_compute_ap(torch.from_numpy(scores), labels, stable=True).numpy()
+    np.testing.assert_allclose(stable, ap, rtol=1e-6, atol=0)
+
+    got = metrics.zero_shot_metrics(scores, targets, mask)
+    assert got["mAP"] == pytest.approx(100 * float(ap.mean()), rel=1e-6)
+    for k in (3, 5):
+        f1, p, r = _biam_compute_f1_overall(torch.from_numpy(by_col.copy()), labels, k)
+        assert got[f"P_at{k}"] == pytest.approx(100 * p.item(), rel=1e-6)
+        assert got[f"R_at{k}"] == pytest.approx(100 * r.item(), rel=1e-6)
+        assert got[f"F1_at{k}"] == pytest.approx(100 * f1.item(), rel=1e-6)

@@ -38,6 +38,7 @@ SOURCES: dict[str, str] = {
     "mlgcn": "mlgraph.convert.mlgcn",
     "q2l": "mlgraph.convert.q2l",
     "scob": "mlgraph.convert.scob",
+    "sigrl": "mlgraph.convert.sigrl",
 }
 
 

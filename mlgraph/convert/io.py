@@ -8,8 +8,16 @@ Formats:
   allowed through torch's safe-globals list (`numpy_safe_globals`), nothing else. latin1 reads
   Python 2 pickles (SSGRL's files, PyTorch 0.4.1). `trust_pickle=True` loads with
   `weights_only=False` instead, for other legacy files: it runs any code pickled in the file.
+  A TorchScript archive under one of these names (OpenAI's CLIP `ViT-B-16.pt`: a zip holding
+  `constants.pkl` and `code/`, which `torch.load(weights_only=True)` refuses) is read as
+  `torch.jit.load(path, map_location="cpu").state_dict()`, as OpenAI's own loader does: its
+  pickles are read by TorchScript's own reader, which builds tensors and TorchScript types, not
+  arbitrary Python objects, and no method of the module is called.
 * `.safetensors`: `safetensors.numpy` (no torch needed unless the file holds bfloat16).
 * `.npz`: numpy, e.g. a state dict dumped elsewhere with `np.savez(path, **state_dict)`.
+
+`read_array` reads one array (label embeddings such as SigRL's `label_emb.pt`, a saved tensor)
+from a `.npy`, a one-array `.npz` or a torch file holding one tensor.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import pathlib
 import pickle
 import re
 import warnings
+import zipfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -122,6 +131,31 @@ def _torch_load(path: pathlib.Path, trust_pickle: bool) -> Any:
         ) from e
 
 
+def is_torchscript(path: pathlib.Path) -> bool:
+    """Whether `path` is a TorchScript archive (`torch.jit.save`): a zip whose root folder holds
+    `constants.pkl`, torch's own test (`torch.load` hands such files to `torch.jit.load`)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.split("/", 1)[-1] == "constants.pkl" for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _jit_state_dict(path: pathlib.Path) -> dict[str, Any]:
+    """The `state_dict()` of the TorchScript module in `path` (`torch.jit.load`, on the CPU)."""
+    torch = _import_torch()
+    try:
+        module = torch.jit.load(str(path), map_location="cpu")
+    except Exception as e:  # TorchScript's reader raises RuntimeError for most problems
+        raise ConversionError(
+            f"{path}: a TorchScript archive torch.jit.load could not read ({_reason(e)})"
+        ) from e
+    log.info("%s: a TorchScript archive; using its state_dict() (torch.jit.load)", path)
+    return dict(module.state_dict())
+
+
 def describe(value: Any) -> str:
     """A short account of a container entry: the value of a number or short string (with its
     numpy type), else its kind and size."""
@@ -152,14 +186,19 @@ class Checkpoint:
       container: the top-level key the weights were under, or None for a flat state dict.
       other: the container's other entries (epoch, best_mAP, optimizer, args...), described
         by `describe`.
+      torchscript: the file was a TorchScript archive (its module's `state_dict()`).
     """
 
     state_dict: dict[str, np.ndarray]
     container: str | None = None
     other: dict[str, str] = dataclasses.field(default_factory=dict)
+    torchscript: bool = False
 
     def note(self) -> str | None:
-        """One line about the container for a conversion summary; None for a flat file."""
+        """One line about the container (or the TorchScript archive) for a conversion
+        summary; None for a flat file."""
+        if self.torchscript:
+            return "TorchScript archive: weights from its module's state_dict() (torch.jit.load)"
         if self.container is None:
             return None
         other = "; ".join(f"{k}={v}" for k, v in self.other.items()) or "none"
@@ -220,7 +259,8 @@ def read_checkpoint(
     float32) and, for a torch container, the key they were under and its other entries.
 
     Args:
-      path: a `.pth`/`.pt`/`.bin`/`.tar`/`.pkl`, `.safetensors` or `.npz` file.
+      path: a `.pth`/`.pt`/`.bin`/`.tar`/`.pkl` (`torch.save`, or a TorchScript archive such as
+        OpenAI's `ViT-B-16.pt`), `.safetensors` or `.npz` file.
       container: for torch files, the top-level key holding the weights. By default a flat
         dict is used as is, and otherwise the first of `CONTAINER_KEYS` that is present.
       trust_pickle: for torch files, load with `weights_only=False` (runs any code pickled in
@@ -236,6 +276,13 @@ def read_checkpoint(
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file (expected {FORMATS})")
     suffix = path.suffix.lower()
+    if suffix in TORCH_SUFFIXES and is_torchscript(path):
+        if container is not None:
+            raise ConversionError(
+                f"{path}: a TorchScript archive holds one module's weights, not containers; "
+                f"drop container={container!r}"
+            )
+        return Checkpoint(_float32(to_numpy_state_dict(_jit_state_dict(path))), torchscript=True)
     if suffix in TORCH_SUFFIXES:
         obj = _torch_load(path, trust_pickle)
         weights, used = _unwrap(obj, path, container)
@@ -269,3 +316,52 @@ def read_state_dict(
     """The weights of a checkpoint file as `{key: numpy array}` (`read_checkpoint`, whose
     arguments and errors these are)."""
     return read_checkpoint(path, container=container, trust_pickle=trust_pickle).state_dict
+
+
+ARRAY_FORMATS = "'.npy', '.npz' (one array) or a torch file holding one tensor"
+
+
+def read_array(path: str | pathlib.Path, *, trust_pickle: bool = False) -> np.ndarray:
+    """One array from `path`: a `.npy`, an `.npz` holding one array, or a torch file
+    (`.pt`/`.pth`/...) holding one tensor (`torch.save(tensor)`, SigRL's `label_emb.pt`) or a
+    mapping with exactly one tensor; half precision becomes float32.
+
+    Raises:
+      FileNotFoundError: `path` does not exist.
+      ConversionError: another extension, or contents that are not one array.
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (expected {ARRAY_FORMATS})")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        try:
+            value = np.load(path, allow_pickle=False)
+        except ValueError as e:
+            raise ConversionError(f"{path}: could not read as .npy: {e}") from e
+    elif suffix == ".npz":
+        with np.load(path, allow_pickle=False) as data:
+            if len(data.files) != 1:
+                raise ConversionError(
+                    f"{path}: holds {len(data.files)} arrays ({', '.join(data.files[:5])}); "
+                    "expected one"
+                )
+            value = data[data.files[0]]
+    elif suffix in TORCH_SUFFIXES:
+        obj = _torch_load(path, trust_pickle)
+        if isinstance(obj, Mapping):
+            tensors = [v for v in obj.values() if _is_tensor(v)]
+            if len(tensors) != 1:
+                raise ConversionError(
+                    f"{path}: holds a mapping of {len(obj)} entries with {len(tensors)} "
+                    "tensors; expected one tensor"
+                )
+            obj = tensors[0]
+        if not _is_tensor(obj):
+            raise ConversionError(
+                f"{path}: holds a {type(obj).__name__}, not a tensor (expected torch.save(tensor))"
+            )
+        value = to_numpy_state_dict({"array": obj})["array"]
+    else:
+        raise ConversionError(f"{path}: unknown extension {suffix!r}; expected {ARRAY_FORMATS}")
+    return _float32({"array": np.asarray(value)})["array"]

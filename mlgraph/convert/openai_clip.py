@@ -1,8 +1,8 @@
 """OpenAI CLIP (ViT) state dict -> `backbones.clip.ImageTower` or `backbones.clip.TextTower`.
 
-The input is the state dict of OpenAI's `model.py` CLIP (e.g. `torch.jit.load("ViT-B-16.pt")
-.state_dict()`, saved once as a `.pth`/`.safetensors`): image keys under `visual.`, text keys
-unprefixed (sigrl.md §6.2). One tower is converted per call (option `tower`); the other tower's
+The input is OpenAI's own JIT archive (`ViT-B-16.pt`, read directly with `torch.jit.load`), or
+the state dict of OpenAI's `model.py` CLIP saved as a `.pth`/`.safetensors`: image keys under
+`visual.`, text keys unprefixed (sigrl.md §6.2). One tower is converted per call (option `tower`); the other tower's
 keys, `logit_scale` and the JIT archive's `input_resolution`/`context_length`/`vocab_size` are
 ignored on purpose.
 

@@ -10,6 +10,12 @@ and the methods' crops: ML-GCN's `MultiScaleCrop` (ssgrl_mlgcn.md §3.1, `multis
 SSGRL's resize -> random crop of a chosen side -> resize (§1.7, `random_side_crop`), with its
 test-time resize -> centre crop (`center_crop`).
 
+SigRL's timm 0.6.12 transforms (sigrl.md §3.3), at the end of the file: `random_resized_crop`
+(torchvision/timm `RandomResizedCrop`), `timm_rand_augment` (timm's `rand_augment_transform`,
+e.g. 'rand-m9-mstd0.5-inc1') and the shorter-side test resize (`center_crop(...,
+shorter_side=True)`). Both RandAugments apply their ops through one `pil_op` per PIL op; they
+differ in the op lists, magnitude rules, resampling and fill.
+
 Reference for `rand_augment`: the source of the wheel `randaugment-1.0.2-py3-none-any.whl`
 (module `randaugment/randaugment.py`, read via `pip download randaugment==1.0.2 --no-deps`; its
 `SubPolicy` op table is the DeepVoltaire/AutoAugment one). What it does, per image:
@@ -40,6 +46,8 @@ index, both op coins, then each applied op's own parameters.
 
 from __future__ import annotations
 
+import math
+import re
 from typing import NamedTuple
 
 import numpy as np
@@ -79,6 +87,19 @@ _ENHANCERS = {
     "Sharpness": ImageEnhance.Sharpness,
     "Brightness": ImageEnhance.Brightness,
 }
+# PIL's inverse affine maps (output pixel -> input pixel) of the shear and translation ops.
+_AFFINE_COEFFS = {
+    "ShearX": lambda f: (1, f, 0, 0, 1, 0),
+    "ShearY": lambda f: (1, 0, 0, f, 1, 0),
+    "TranslateX": lambda px: (1, 0, px, 0, 1, 0),
+    "TranslateY": lambda px: (1, 0, 0, 0, 1, px),
+}
+_NEAREST, _BILINEAR, _BICUBIC = (
+    Image.Resampling.NEAREST,
+    Image.Resampling.BILINEAR,
+    Image.Resampling.BICUBIC,
+)
+INTERPOLATIONS = {"bilinear": _BILINEAR, "bicubic": _BICUBIC}
 # The package's `SubPolicy` ranges; the rounded integer tables (`np.int`) are why it no longer
 # imports cleanly with numpy >= 1.24.
 _TABLES: dict[str, np.ndarray] = {
@@ -144,36 +165,62 @@ def rand_augment_plan(rng: np.random.Generator, size: tuple[int, int]) -> list[R
     return steps
 
 
-def apply_rand_augment_op(img: Image.Image, step: RandAugmentStep) -> Image.Image:
-    """Apply one RandAugment op with fixed parameters (no randomness), as the package does."""
-    op = step.op
-    mag = rand_augment_magnitude(op, step.level)
+def pil_op(
+    img: Image.Image,
+    op: str,
+    arg: float | int | None = None,
+    *,
+    resample: Image.Resampling | None = None,
+    fill: tuple[int, int, int] | None = None,
+) -> Image.Image:
+    """One PIL image op with its argument already computed: the single implementation of
+    each op that both RandAugments (`apply_rand_augment_op`, `apply_timm_op`) call.
+
+    ShearX/ShearY: shear factor, about the origin (top-left corner); TranslateX/TranslateY:
+    pixels; Rotate: degrees counter-clockwise about the centre; these take `resample` and
+    `fill`. Posterize: bits kept (8 or more: unchanged, as PIL's posterize(8) is);
+    Solarize: threshold; SolarizeAdd: `arg` added to values below 128 (clipped at 255);
+    Color/Contrast/Brightness/Sharpness: the ImageEnhance factor; AutoContrast, Equalize,
+    Invert: no argument.
+    """
+    if op in _AFFINE_COEFFS or op == "Rotate":
+        if resample is None or fill is None:
+            raise ValueError(f"{op} needs resample and fill")
+        if op == "Rotate":
+            return img.rotate(arg, resample=resample, fillcolor=fill)
+        coeffs = _AFFINE_COEFFS[op](arg)
+        return img.transform(img.size, Image.Transform.AFFINE, coeffs, resample, fillcolor=fill)
     if op in _ENHANCERS:
-        return _ENHANCERS[op](img).enhance(1 + step.sign * mag)
-    if op in ("ShearX", "ShearY", "TranslateX", "TranslateY"):
-        w, h = img.size
-        coeffs = {
-            "ShearX": (1, step.sign * mag, 0, 0, 1, 0),
-            "ShearY": (1, 0, 0, step.sign * mag, 1, 0),
-            "TranslateX": (1, 0, step.sign * mag * w, 0, 1, 0),
-            "TranslateY": (1, 0, 0, 0, 1, step.sign * mag * h),
-        }[op]
-        resample = Image.Resampling.BICUBIC if op.startswith("Shear") else Image.Resampling.NEAREST
-        return img.transform(
-            img.size, Image.Transform.AFFINE, coeffs, resample, fillcolor=AFFINE_FILL
-        )
-    if op == "Rotate":
-        return img.rotate(mag, resample=Image.Resampling.NEAREST, fillcolor=AFFINE_FILL)
+        return _ENHANCERS[op](img).enhance(arg)
     if op == "Posterize":
-        return ImageOps.posterize(img, mag)
+        return img if arg >= 8 else ImageOps.posterize(img, arg)
     if op == "Solarize":
-        return ImageOps.solarize(img, mag)
+        return ImageOps.solarize(img, arg)
+    if op == "SolarizeAdd":
+        lut = [min(255, i + arg) if i < 128 else i for i in range(256)]
+        return img.point(lut * len(img.getbands()))
     if op == "AutoContrast":
         return ImageOps.autocontrast(img)
     if op == "Equalize":
         return ImageOps.equalize(img)
     if op == "Invert":
         return ImageOps.invert(img)
+    raise ValueError(f"unknown image op {op!r}")
+
+
+def apply_rand_augment_op(img: Image.Image, step: RandAugmentStep) -> Image.Image:
+    """Apply one RandAugment op with fixed parameters (no randomness), as the package does."""
+    op = step.op
+    mag = rand_augment_magnitude(op, step.level)
+    if op in _ENHANCERS:
+        return pil_op(img, op, 1 + step.sign * mag)
+    if op in ("ShearX", "ShearY"):
+        return pil_op(img, op, step.sign * mag, resample=_BICUBIC, fill=AFFINE_FILL)
+    if op in ("TranslateX", "TranslateY"):
+        pixels = step.sign * mag * img.size[0 if op == "TranslateX" else 1]
+        return pil_op(img, op, pixels, resample=_NEAREST, fill=AFFINE_FILL)
+    if op == "Rotate":
+        return pil_op(img, op, mag, resample=_NEAREST, fill=AFFINE_FILL)
     if op == "Cutout":
         if step.center is None:
             raise ValueError("RandAugment Cutout step needs a center (x, y)")
@@ -185,7 +232,7 @@ def apply_rand_augment_op(img: Image.Image, step: RandAugmentStep) -> Image.Imag
         # PIL's rectangle includes its end points; the package's square is half-open.
         ImageDraw.Draw(img).rectangle([x0, y0, x1 - 1, y1 - 1], fill=CUTOUT_FILL)
         return img
-    raise ValueError(f"unknown RandAugment op {op!r}; expected one of {RAND_AUGMENT_OPS}")
+    return pil_op(img, op, mag)  # Posterize, Solarize, AutoContrast, Equalize, Invert
 
 
 def rand_augment(img: Image.Image, rng: np.random.Generator) -> Image.Image:
@@ -257,11 +304,12 @@ def multiscale_crop(
     scales: tuple[float, ...],
     max_distort: int,
     rng: np.random.Generator,
+    resample: Image.Resampling = _BILINEAR,
 ) -> Image.Image:
     """ML-GCN's `MultiScaleCrop(output_size, scales, max_distort)`: the `multiscale_crop_box`
-    crop of the original image, resized bilinearly to output_size x output_size."""
+    crop of the original image, resized to output_size x output_size (ML-GCN: bilinear)."""
     x, y, w, h = multiscale_crop_box(*img.size, output_size, scales, max_distort, rng)
-    return img.crop((x, y, x + w, y + h)).resize((output_size, output_size), Image.BILINEAR)
+    return img.crop((x, y, x + w, y + h)).resize((output_size, output_size), resample)
 
 
 def random_side_crop(
@@ -270,23 +318,306 @@ def random_side_crop(
     resize_to: int,
     sides: tuple[int, ...],
     rng: np.random.Generator,
+    resample: Image.Resampling = _BILINEAR,
 ) -> Image.Image:
-    """SSGRL's train crop: resize to resize_to x resize_to (bilinear), `RandomCrop` a square of
-    a side drawn uniformly from `sides` at a uniform position (end points included, as
-    torchvision's `randint(0, S - side)`), then resize to output_size (bilinear)."""
+    """SSGRL's train crop: resize to resize_to x resize_to, `RandomCrop` a square of a side
+    drawn uniformly from `sides` at a uniform position (end points included, as torchvision's
+    `randint(0, S - side)`), then resize to output_size (both resizes SSGRL: bilinear)."""
     side = int(sides[int(rng.integers(len(sides)))])
     if not 0 < side <= resize_to:
         raise ValueError(f"crop side {side} does not fit the {resize_to} px resize")
-    img = img.resize((resize_to, resize_to), Image.BILINEAR)
+    img = img.resize((resize_to, resize_to), resample)
     top = int(rng.integers(resize_to - side + 1))
     left = int(rng.integers(resize_to - side + 1))
     img = img.crop((left, top, left + side, top + side))
-    return img.resize((output_size, output_size), Image.BILINEAR)
+    return img.resize((output_size, output_size), resample)
 
 
-def center_crop(img: Image.Image, output_size: int, resize_to: int) -> Image.Image:
-    """SSGRL's test transform: resize to resize_to x resize_to (bilinear), then torchvision's
-    `CenterCrop(output_size)` (offsets rounded: int(round((S - size) / 2)))."""
-    img = img.resize((resize_to, resize_to), Image.BILINEAR)
-    offset = int(round((resize_to - output_size) / 2.0))
-    return img.crop((offset, offset, offset + output_size, offset + output_size))
+def resize_shorter_side(
+    img: Image.Image, size: int, resample: Image.Resampling = _BILINEAR
+) -> Image.Image:
+    """torchvision's `Resize(size)` with an int: the shorter side becomes `size`, the longer
+    int(size * long / short) (truncated), aspect kept; an image already that size is returned
+    as it is."""
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    new = (new_short, new_long) if w <= h else (new_long, new_short)
+    return img if new == (w, h) else img.resize(new, resample)
+
+
+def center_crop(
+    img: Image.Image,
+    output_size: int,
+    resize_to: int,
+    *,
+    shorter_side: bool = False,
+    resample: Image.Resampling = _BILINEAR,
+) -> Image.Image:
+    """The test-time resize, then torchvision's `CenterCrop(output_size)` (offsets rounded:
+    int(round((S - size) / 2)) on each axis).
+
+    SSGRL (default): resize to resize_to x resize_to (bilinear). `shorter_side`: timm's eval
+    transform, `Resize(resize_to)` (shorter side to resize_to, aspect kept; timm's
+    resize_to = floor(output_size / crop_pct), 256 for 224 at crop_pct 0.875), e.g. bicubic.
+    """
+    if resize_to < output_size:
+        raise ValueError(f"resize to {resize_to} px is smaller than the {output_size} px crop")
+    if shorter_side:
+        img = resize_shorter_side(img, resize_to, resample)
+    else:
+        img = img.resize((resize_to, resize_to), resample)
+    w, h = img.size
+    top = int(round((h - output_size) / 2.0))
+    left = int(round((w - output_size) / 2.0))
+    return img.crop((left, top, left + output_size, top + output_size))
+
+
+# ---------------------------------------------------------------------------------------
+# The timm training transform (timm 0.6.12 `create_transform(is_training=True)`, SigRL:
+# spec sigrl.md §3.3): `RandomResizedCropAndInterpolation`, flip, `rand_augment_transform`.
+
+
+def random_resized_crop_box(
+    width: int,
+    height: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    rng: np.random.Generator,
+) -> tuple[int, int, int, int]:
+    """The (left, top, crop_w, crop_h) of torchvision's / timm's `RandomResizedCrop.get_params`.
+
+    Up to 10 attempts: area = uniform(scale) * width * height, aspect = exp(uniform(log
+    ratio)), w = round(sqrt(area * aspect)), h = round(sqrt(area / aspect)); the first that
+    fits (0 < w <= width, 0 < h <= height) is placed uniformly (top, then left, end points
+    included). Otherwise the fallback: the whole image, narrowed to the nearer end of the ratio
+    range when its own aspect lies outside it, centred (offsets floored).
+
+    Draw order (one `uniform` each for the area and the log-ratio per attempt, then two
+    `integers`) follows timm's; the values come from `rng`, not Python's `random`. timm's own
+    check lacks torchvision's `0 <`, which only matters when a side rounds to 0 px.
+    """
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = rng.uniform(scale[0], scale[1]) * area
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(height - h + 1))
+            left = int(rng.integers(width - w + 1))
+            return left, top, w, h
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def random_resized_crop(
+    img: Image.Image,
+    output_size: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    rng: np.random.Generator,
+    resample: Image.Resampling = _BICUBIC,
+) -> Image.Image:
+    """`RandomResizedCrop(output_size, scale, ratio, interpolation)`: the
+    `random_resized_crop_box` crop, resized to output_size x output_size (torchvision's
+    `resized_crop` on a PIL image: crop, then PIL resize)."""
+    x, y, w, h = random_resized_crop_box(*img.size, scale, ratio, rng)
+    return img.crop((x, y, x + w, y + h)).resize((output_size, output_size), resample)
+
+
+TIMM_LEVEL_DENOM = 10.0  # timm's `_LEVEL_DENOM`: magnitude M maps to level M / 10
+TIMM_TRANSLATE_PCT = 0.45  # timm's `translate_pct` default (TranslateXRel / TranslateYRel)
+# timm's `_RAND_TRANSFORMS` and `_RAND_INCREASING_TRANSFORMS`, in timm's order (the op index
+# decodes through it).
+TIMM_RAND_OPS: tuple[str, ...] = (
+    "AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd",
+    "Color", "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY",
+    "TranslateXRel", "TranslateYRel",
+)  # fmt: skip
+TIMM_RAND_INCREASING_OPS: tuple[str, ...] = (
+    "AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing",
+    "SolarizeIncreasing", "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing",
+    "BrightnessIncreasing", "SharpnessIncreasing", "ShearX", "ShearY",
+    "TranslateXRel", "TranslateYRel",
+)  # fmt: skip
+# Ops whose level function calls timm's `_randomly_negate` (one fair coin per application).
+TIMM_SIGNED_OPS = frozenset(
+    {
+        "Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel", "ColorIncreasing",
+        "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing",
+    }
+)  # fmt: skip
+TIMM_RANDAUGMENT_FORM = (
+    "'rand' then '-'-separated sections m<int> (magnitude, default 10), n<int> (ops per "
+    "image, default 2), mstd<float> (magnitude noise std; > 100: uniform), mmax<int> "
+    "(magnitude clip, default 10), inc<0|1> (increasing ops), p<float> (op probability, "
+    "default 0.5), e.g. 'rand-m9-mstd0.5-inc1'"
+)
+
+
+class TimmRandAugmentConfig(NamedTuple):
+    """A parsed timm RandAugment config string (`parse_timm_randaugment`)."""
+
+    magnitude: int = 10
+    num_layers: int = 2
+    magnitude_std: float = 0.0  # inf: uniform in [0, magnitude]
+    magnitude_max: int = 0  # 0: timm's default upper bound, _LEVEL_DENOM = 10
+    increasing: bool = False
+    prob: float = 0.5
+
+    @property
+    def ops(self) -> tuple[str, ...]:
+        return TIMM_RAND_INCREASING_OPS if self.increasing else TIMM_RAND_OPS
+
+
+def parse_timm_randaugment(config_str: str) -> TimmRandAugmentConfig:
+    """Parse a timm `rand_augment_transform` config string the way timm 0.6.12 does.
+
+    Sections split on '-' after the leading 'rand'; each is a key and the value from its first
+    digit on. Keys: m, n, mstd (> 100 means uniform sampling), mmax, inc, and p (a later timm
+    key: the per-op probability). timm reads `inc` as `bool(val)` of the string, so 'inc0'
+    selects the increasing ops too; leave `inc` out for the plain set. Raises ValueError on
+    anything else: another key, a section without a value (timm skips those silently), the
+    weighted choice 'w' (not implemented here), or a malformed value.
+    """
+    parts = config_str.split("-")
+    if parts[0] != "rand":
+        raise ValueError(f"expected {TIMM_RANDAUGMENT_FORM}")
+    cfg = TimmRandAugmentConfig()
+    for section in parts[1:]:
+        match = re.fullmatch(r"([a-z]+)(\d.*)", section)
+        if match is None:
+            raise ValueError(f"section {section!r}: expected {TIMM_RANDAUGMENT_FORM}")
+        key, val = match.groups()
+        try:
+            if key == "m":
+                cfg = cfg._replace(magnitude=int(val))
+            elif key == "n":
+                cfg = cfg._replace(num_layers=int(val))
+            elif key == "mstd":
+                mstd = float(val)
+                cfg = cfg._replace(magnitude_std=math.inf if mstd > 100 else mstd)
+            elif key == "mmax":
+                cfg = cfg._replace(magnitude_max=int(val))
+            elif key == "inc" and val in ("0", "1"):
+                cfg = cfg._replace(increasing=True)  # timm: bool("0") is True
+            elif key == "p" and 0.0 <= float(val) <= 1.0:
+                cfg = cfg._replace(prob=float(val))
+            else:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"section {section!r}: expected {TIMM_RANDAUGMENT_FORM}") from None
+    return cfg
+
+
+def timm_fill(mean: tuple[float, ...]) -> tuple[int, ...]:
+    """timm's `img_mean` hparam: the fill of the geometric ops, the normalisation mean x 255
+    rounded (ImageNet: (124, 116, 104))."""
+    return tuple(min(255, round(255 * x)) for x in mean)
+
+
+def timm_op_arg(op: str, magnitude: float, negate: bool = False) -> float | int | None:
+    """timm's level function (`LEVEL_TO_ARG`) of `op` at `magnitude` (already noised and
+    clipped); `negate` is `_randomly_negate`'s coin for `TIMM_SIGNED_OPS`. The same float
+    expressions as timm: level = magnitude / 10, then e.g. Rotate level*30 degrees, Shear
+    level*0.3, TranslateXRel level*0.45 of the width, PosterizeIncreasing 4 - int(level*4)
+    bits, SolarizeIncreasing 256 - int(level*256), SolarizeAdd int(level*110), an enhancement
+    level*1.8 + 0.1 or (increasing) max(0.1, 1 +/- level*0.9). None for the ops without one."""
+    level = magnitude / TIMM_LEVEL_DENOM
+    sign = -1 if negate else 1
+    base = op.removesuffix("Increasing")
+    if op in ("AutoContrast", "Equalize", "Invert"):
+        return None
+    if op == "Rotate":
+        return sign * (level * 30.0)
+    if op in ("ShearX", "ShearY"):
+        return sign * (level * 0.3)
+    if op in ("TranslateXRel", "TranslateYRel"):
+        return sign * (level * TIMM_TRANSLATE_PCT)
+    if op == "Posterize":
+        return int(level * 4)
+    if op == "PosterizeIncreasing":
+        return 4 - int(level * 4)
+    if op == "Solarize":
+        return int(level * 256)
+    if op == "SolarizeIncreasing":
+        return 256 - int(level * 256)
+    if op == "SolarizeAdd":
+        return int(level * 110)
+    if base in _ENHANCERS and op != base:
+        return max(0.1, 1.0 + sign * (level * 0.9))
+    if op in _ENHANCERS:
+        return level * 1.8 + 0.1
+    raise ValueError(f"unknown timm RandAugment op {op!r}; expected one of {TIMM_RAND_OPS}")
+
+
+class TimmStep(NamedTuple):
+    """One timm op that fires, with its drawn magnitude (noised, clipped) and sign coin."""
+
+    op: str
+    magnitude: float
+    negate: bool = False
+
+
+def timm_rand_augment_plan(cfg: TimmRandAugmentConfig, rng: np.random.Generator) -> list[TimmStep]:
+    """Draw one image's timm RandAugment (`RandAugment.__call__`, `AugmentOp.__call__`):
+    `num_layers` op indices uniformly WITH replacement, then per chosen op in order: its
+    probability coin (skipped when u > prob, as timm's `random.random() > prob`), the
+    magnitude (gauss(M, mstd), or uniform(0, M) when mstd is inf; clipped to [0, mmax or
+    10]) and, for `TIMM_SIGNED_OPS`, the sign coin (negated when u > 0.5)."""
+    ops = cfg.ops
+    steps = []
+    for index in rng.integers(len(ops), size=cfg.num_layers):
+        op = ops[int(index)]
+        if cfg.prob < 1.0 and rng.random() > cfg.prob:
+            continue
+        magnitude = float(cfg.magnitude)
+        if cfg.magnitude_std == math.inf:
+            magnitude = float(rng.uniform(0.0, magnitude))
+        elif cfg.magnitude_std > 0:
+            magnitude = float(rng.normal(magnitude, cfg.magnitude_std))
+        magnitude = max(0.0, min(magnitude, cfg.magnitude_max or TIMM_LEVEL_DENOM))
+        negate = op in TIMM_SIGNED_OPS and bool(rng.random() > 0.5)
+        steps.append(TimmStep(op, magnitude, negate))
+    return steps
+
+
+def apply_timm_op(
+    img: Image.Image,
+    step: TimmStep,
+    resample: Image.Resampling = _BICUBIC,
+    fill: tuple[int, ...] = AFFINE_FILL,
+) -> Image.Image:
+    """Apply one timm op with fixed parameters: `timm_op_arg`, then the `pil_op` of the op's
+    PIL base (TranslateXRel: pct * width pixels; the Increasing variants: their base op)."""
+    arg = timm_op_arg(step.op, step.magnitude, step.negate)
+    op = step.op.removesuffix("Increasing")
+    if op in ("TranslateXRel", "TranslateYRel"):
+        arg = arg * img.size[0 if op == "TranslateXRel" else 1]
+        op = op.removesuffix("Rel")
+    return pil_op(img, op, arg, resample=resample, fill=tuple(fill))
+
+
+def timm_rand_augment(
+    img: Image.Image,
+    cfg: TimmRandAugmentConfig,
+    rng: np.random.Generator,
+    resample: Image.Resampling = _BICUBIC,
+    fill: tuple[int, ...] = AFFINE_FILL,
+) -> Image.Image:
+    """timm's `rand_augment_transform(config_str, hparams)` on one RGB image, with hparams
+    `interpolation` = `resample` and `img_mean` = `fill` (SigRL: bicubic, `timm_fill` of the
+    ImageNet mean)."""
+    if img.mode != "RGB":
+        raise ValueError(f"timm_rand_augment expects an RGB image, got mode {img.mode!r}")
+    for step in timm_rand_augment_plan(cfg, rng):
+        img = apply_timm_op(img, step, resample, fill)
+    return img

@@ -72,6 +72,9 @@ class Dataset:
     directory: pathlib.Path
     class_names: list[str]
     sources: dict[str, object]
+    # The classes the builder itself holds out of training (NUS-WIDE 'ov': the 81 concepts
+    # after the 925 seen tags), as positions; () when it defines no such split.
+    unseen: tuple[int, ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -114,7 +117,32 @@ def open_dataset(data: ml_collections.ConfigDict) -> Dataset:
         )
     read = tfds.builder_from_directory(builder.data_dir)
     sources = {s: read.as_data_source(split=s) for s in splits}
-    return Dataset(data.name, pathlib.Path(builder.data_dir), class_names, sources)
+    num_seen = info.metadata.get("num_seen") if info.metadata else None
+    unseen = tuple(range(int(num_seen), len(class_names))) if num_seen else ()
+    return Dataset(data.name, pathlib.Path(builder.data_dir), class_names, sources, unseen)
+
+
+def unseen_classes(dataset: Dataset, data: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """Positions of the classes held out of training for zero-shot evaluation:
+    `config.data.unseen_classes` (names), else the data set's own split (`Dataset.unseen`).
+
+    Raises:
+      ConfigError: a name that is not a class of the data set (the valid ones listed).
+    """
+    names = tuple(data.get("unseen_classes", ()))
+    if not names:
+        return dataset.unseen
+    index = {n: i for i, n in enumerate(dataset.class_names)}
+    unknown = [n for n in names if n not in index]
+    if unknown:
+        raise ConfigError(
+            f"config.data.unseen_classes: {', '.join(map(repr, unknown))} not among the classes "
+            f"of {dataset.name} ({', '.join(dataset.class_names[:20])}"
+            f"{', ...' if len(dataset.class_names) > 20 else ''})"
+        )
+    if len(set(names)) == len(dataset.class_names):
+        raise ConfigError("config.data.unseen_classes: every class is unseen; keep some seen")
+    return tuple(sorted(index[n] for n in set(names)))
 
 
 class Subset:
@@ -143,12 +171,14 @@ class TrainingSplit:
         full labels of each example are used).
       holdout: examples held out of the training split (with their full labels) for model
         selection (`config.data.val_fraction`), else None.
+      unseen: positions of the classes held out for zero-shot evaluation (`unseen_classes`).
     """
 
     source: object
     num_classes: int
     observed: np.ndarray | None = None
     holdout: object | None = None
+    unseen: tuple[int, ...] = ()
 
     @property
     def num_examples(self) -> int:
@@ -165,6 +195,7 @@ def training_split(dataset: Dataset, data: ml_collections.ConfigDict) -> Trainin
     from mlgraph.data import observed
 
     source = dataset.sources[data.train_split]
+    unseen = unseen_classes(dataset, data)
     # Configs saved before these fields existed mean neither.
     scheme, fraction = data.get("observed", ""), data.get("val_fraction", 0.0)
     if not 0.0 <= fraction < 1.0:
@@ -174,15 +205,16 @@ def training_split(dataset: Dataset, data: ml_collections.ConfigDict) -> Trainin
         labels = observed.observed_labels(dataset, data.train_split, scheme).astype(np.float32)
     if not fraction:
         if labels is None or labels.any(axis=1).all():
-            return TrainingSplit(source, dataset.num_classes, labels)
+            return TrainingSplit(source, dataset.num_classes, labels, unseen=unseen)
         # Images without a positive have no row in Cole's or Scob's files: left out, as they
         # are from both parts of the held-out cut.
         keep = np.flatnonzero(labels.any(axis=1))
-        return TrainingSplit(Subset(source, keep), dataset.num_classes, labels[keep])
+        return TrainingSplit(Subset(source, keep), dataset.num_classes, labels[keep], unseen=unseen)
     cut = observed.cole_split(dataset, data.train_split, fraction=fraction)
     return TrainingSplit(
         Subset(source, cut.train),
         dataset.num_classes,
         None if labels is None else labels[np.asarray(cut.train, int)],
         Subset(source, cut.val),
+        unseen,
     )

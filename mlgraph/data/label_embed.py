@@ -25,7 +25,8 @@ Encoders (the file written is always float32 [C, E], rows in the order of the cl
   in the scene" (SigRL, sigrl.md §2.2), EOT feature @ text_projection, not normalised.
   OpenAI's tokenizer also runs `ftfy.fix_text`, which only matters for mis-encoded Unicode.
 
-`--template` replaces the prompt ("{}" = the bare name, the default for minilm and bert).
+`--template` (alias `--prompt`) replaces the prompt ("{}" = the bare name, the default for
+minilm and bert).
 Class lists are a text file (one name per line) or a comma-separated list.
 
 `--from_file` instead converts a file of the official repositories to `.npy`
@@ -461,6 +462,8 @@ _VOCAB = flags.DEFINE_string(
 _TEMPLATE = flags.DEFINE_string(
     "template", None, 'prompt with "{}" for the name', flag_values=_FLAGS
 )
+# SigRL's and MKT's name for it ("There is a {} in the scene").
+flags.DEFINE_alias("prompt", "template", flag_values=_FLAGS)
 _FROM_FILE = flags.DEFINE_string(
     "from_file",
     None,

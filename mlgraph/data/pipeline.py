@@ -35,6 +35,16 @@ def _labels(element: dict, num_classes: int) -> np.ndarray:
     return labels
 
 
+def _label_mask(element: dict, num_classes: int) -> np.ndarray:
+    """bool [C]: the (image, class) pairs that count. VOC's `difficult` pairs and the pairs an
+    `ignored` feature marks (label 0 of a +-1/0 source, e.g. NUS-WIDE 'ov') are left out."""
+    mask = np.ones(num_classes, bool)
+    for name in ("difficult", "ignored"):
+        if element.get(name) is not None:
+            mask &= np.asarray(element[name]) == 0
+    return mask
+
+
 class _WithIndex:
     """Adds `index`, the example's position in the split (grain passes the position in the
     repeated stream, hence the modulo)."""
@@ -51,7 +61,12 @@ class TrainTransform(grain.transforms.RandomMap):
     multi-scale crop when `aug.multiscale_crop` lists scales), horizontal flip (p=0.5),
     CutoutPIL when `aug.cutout > 0`, RandAugment when `aug.randaugment`, then scaling to [0, 1]
     and normalisation. All randomness comes from grain's per-example generator.
-    `drop_difficult`: classes present only as VOC difficult objects become negatives."""
+    SigRL's timm chain (sigrl.md §3.3): `aug.random_resized_crop` (a scale range) in place of
+    the resize, `aug.timm_randaugment` (a timm config string) in place of RandAugment, both
+    resampling with `aug.interpolation` (which also applies to the resize and the other crops).
+    `drop_difficult`: classes present only as VOC difficult objects become negatives.
+    An example with an `ignored` feature also gets `label_mask` (bool [C], False = no label
+    for that class); for every other data set the output has no `label_mask`."""
 
     def __init__(
         self,
@@ -85,6 +100,44 @@ class TrainTransform(grain.transforms.RandomMap):
             )
         self.cutout = float(aug.cutout)
         self.randaugment = bool(aug.randaugment)
+        # SigRL's timm options (`.get`: configs saved before they existed still load).
+        interpolation = aug.get("interpolation", "bilinear")
+        if interpolation not in augment.INTERPOLATIONS:
+            raise ConfigError(
+                f"config.data.augment.interpolation='{interpolation}': expected one of "
+                f"{', '.join(augment.INTERPOLATIONS)}"
+            )
+        self.resample = augment.INTERPOLATIONS[interpolation]
+        self.rrc_scale = tuple(float(x) for x in aug.get("random_resized_crop", ()))
+        self.rrc_ratio = tuple(
+            float(x) for x in aug.get("random_resized_crop_ratio", (3 / 4, 4 / 3))
+        )
+        rrc_ranges = (
+            ("random_resized_crop", self.rrc_scale),
+            ("random_resized_crop_ratio", self.rrc_ratio),
+        )
+        for name, value in rrc_ranges if self.rrc_scale else ():
+            if not (len(value) == 2 and 0 < value[0] <= value[1]):
+                raise ConfigError(
+                    f"config.data.augment.{name}={value}: expected (min, max) with "
+                    "0 < min <= max, e.g. (0.08, 1.0) and (3/4, 4/3); () turns the crop off"
+                )
+        if self.rrc_scale and (self.multiscale_crop or self.crop_sides):
+            raise ConfigError(
+                "config.data.augment: random_resized_crop, multiscale_crop and crop_sides are "
+                "alternatives; set one"
+            )
+        timm_ra = aug.get("timm_randaugment", "")
+        try:
+            self.timm_randaugment = augment.parse_timm_randaugment(timm_ra) if timm_ra else None
+        except ValueError as e:
+            raise ConfigError(f"config.data.augment.timm_randaugment='{timm_ra}': {e}") from None
+        if self.timm_randaugment and self.randaugment:
+            raise ConfigError(
+                "config.data.augment: randaugment (randaugment==1.0.2) and timm_randaugment "
+                "are alternatives; set one"
+            )
+        self.timm_fill = augment.timm_fill(mean)
         self.drop_difficult = drop_difficult
         self.mean = np.asarray(mean, np.float32)
         self.std = np.asarray(std, np.float32)
@@ -93,27 +146,38 @@ class TrainTransform(grain.transforms.RandomMap):
         """Augment one decoded example; returns float32 `image` [S, S, 3], `labels` and the
         example's `index` in the split when it has one."""
         img = Image.fromarray(element["image"])
+        size = self.image_size
         if self.multiscale_crop:
             img = augment.multiscale_crop(
-                img, self.image_size, self.multiscale_crop, self.max_distort, rng
+                img, size, self.multiscale_crop, self.max_distort, rng, self.resample
             )
         elif self.crop_sides:
             img = augment.random_side_crop(
-                img, self.image_size, self.crop_resize, self.crop_sides, rng
+                img, size, self.crop_resize, self.crop_sides, rng, self.resample
+            )
+        elif self.rrc_scale:
+            img = augment.random_resized_crop(
+                img, size, self.rrc_scale, self.rrc_ratio, rng, self.resample
             )
         else:
-            img = img.resize((self.image_size, self.image_size), Image.BILINEAR)
+            img = img.resize((size, size), self.resample)
         if self.flip and rng.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         if self.cutout > 0:
             img = augment.cutout(img, self.cutout, rng)
         if self.randaugment:
             img = augment.rand_augment(img, rng)
+        if self.timm_randaugment:
+            img = augment.timm_rand_augment(
+                img, self.timm_randaugment, rng, self.resample, self.timm_fill
+            )
         labels = _labels(element, self.num_classes)
         if self.drop_difficult:
             # SSGRL's VOC training labels: a class seen only as difficult objects is negative.
             labels = labels * (1.0 - np.asarray(element["difficult"], np.float32))
         out = {"image": _normalize(img, self.mean, self.std), "labels": labels}
+        if "ignored" in element:
+            out["label_mask"] = np.asarray(element["ignored"]) == 0
         if "index" in element:  # added by `train_dataset`; absent for a bare example
             out["index"] = element["index"]
         return out
@@ -121,36 +185,80 @@ class TrainTransform(grain.transforms.RandomMap):
 
 class EvalTransform(grain.transforms.Map):
     """Resize to a square and normalise (the papers' test transform: no TTA), or SSGRL's resize
-    then centre crop when `center_crop_from` is set."""
+    then centre crop when `center_crop_from` is set.
 
-    def __init__(self, image_size: int, num_classes: int, mean, std, center_crop_from: int = 0):
+    `resize='shorter'`: timm's test transform instead (SigRL): the shorter side to
+    `center_crop_from` (or image_size when 0), aspect kept, then the centre crop; timm's
+    crop_pct rule gives center_crop_from = floor(image_size / crop_pct), 256 for 224 at 0.875.
+    `interpolation`: 'bilinear' or 'bicubic', for whichever resize runs."""
+
+    def __init__(
+        self,
+        image_size: int,
+        num_classes: int,
+        mean,
+        std,
+        center_crop_from: int = 0,
+        resize: str = "square",
+        interpolation: str = "bilinear",
+    ):
         if center_crop_from and center_crop_from < image_size:
             raise ConfigError(
                 f"config.data.eval_center_crop_from={center_crop_from}: smaller than "
                 f"image_size={image_size}"
             )
+        if resize not in ("square", "shorter"):
+            raise ConfigError(
+                f"config.data.eval_resize='{resize}': expected 'square' (resize to a square) "
+                "or 'shorter' (shorter side, aspect kept, then the centre crop)"
+            )
+        if interpolation not in augment.INTERPOLATIONS:
+            raise ConfigError(
+                f"config.data.eval_interpolation='{interpolation}': expected one of "
+                f"{', '.join(augment.INTERPOLATIONS)}"
+            )
         self.image_size = image_size
         self.num_classes = num_classes
         self.center_crop_from = int(center_crop_from)
+        self.shorter_side = resize == "shorter"
+        self.resample = augment.INTERPOLATIONS[interpolation]
         self.mean = np.asarray(mean, np.float32)
         self.std = np.asarray(std, np.float32)
 
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict, num_classes: int) -> EvalTransform:
+        """The test transform `config.data` asks for (eval_center_crop_from, eval_resize,
+        eval_interpolation; the last two default for configs saved before they existed)."""
+        data = config.data
+        return cls(
+            config.image_size,
+            num_classes,
+            data.mean,
+            data.std,
+            center_crop_from=data.eval_center_crop_from,
+            resize=data.get("eval_resize", "square"),
+            interpolation=data.get("eval_interpolation", "bilinear"),
+        )
+
     def map(self, element: dict) -> dict:
         img = Image.fromarray(element["image"])
-        if self.center_crop_from:
-            img = augment.center_crop(img, self.image_size, self.center_crop_from)
+        if self.center_crop_from or self.shorter_side:
+            img = augment.center_crop(
+                img,
+                self.image_size,
+                self.center_crop_from or self.image_size,
+                shorter_side=self.shorter_side,
+                resample=self.resample,
+            )
         else:
-            img = img.resize((self.image_size, self.image_size), Image.BILINEAR)
-        # VOC marks classes present only as difficult: those (image, class) pairs are left out
-        # of every metric, as the VOC devkit and the papers do.
-        difficult = element.get("difficult")
-        label_mask = (
-            np.ones(self.num_classes, bool) if difficult is None else np.asarray(difficult) == 0
-        )
+            img = img.resize((self.image_size, self.image_size), self.resample)
+        # VOC marks classes present only as difficult, NUS-WIDE 'ov' the pairs without a label:
+        # those (image, class) pairs are left out of every metric, as the VOC devkit, BiAM's
+        # compute_AP and the papers do.
         return {
             "image": _normalize(img, self.mean, self.std),
             "labels": _labels(element, self.num_classes),
-            "label_mask": label_mask,
+            "label_mask": _label_mask(element, self.num_classes),
             "mask": np.bool_(True),
         }
 
@@ -167,7 +275,8 @@ def train_dataset(
     process: tuple[int, int] | None = None,
 ) -> grain.IterDataset:
     """Infinite, shuffled (reshuffled every epoch), augmented batches of this process's shard:
-    `image`, `labels` and `index` (each example's position in `source`).
+    `image`, `labels` and `index` (each example's position in `source`), and `label_mask`
+    (False = no label) when the examples have an `ignored` feature (NUS-WIDE 'ov').
 
     `process` = (index, count) defaults to this JAX process's.
     """
@@ -213,13 +322,7 @@ def eval_batches(
     pc, pi = jax.process_count(), jax.process_index()
     local_bs = local_batch_size(config.eval_batch_size)
     steps = math.ceil(math.ceil(len(source) / pc) / local_bs)
-    transform = EvalTransform(
-        config.image_size,
-        num_classes,
-        config.data.mean,
-        config.data.std,
-        center_crop_from=config.data.eval_center_crop_from,
-    )
+    transform = EvalTransform.from_config(config, num_classes)
     ds = grain.MapDataset.source(source)[pi::pc].map(transform).batch(local_bs)
     it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)))
     shape = (config.image_size, config.image_size, 3)

@@ -35,6 +35,16 @@ May define:
 * `epoch_end(ctx: mlgraph.train.HookContext, state, epoch) -> state`: a host hook run after
   each finished training epoch (pseudo-labels, prototype banks), before the checkpoint of that
   step, so a resumed run sees exactly what an uninterrupted one does.
+* `eval_views(config, extra) -> {name: class positions or None}`: label sets that evaluation
+  scores each with a forward pass of its own, `model(images, label_ids=ids)` (None: every
+  class, the loop's own scores), for models whose scores depend on the queried set (SigRL:
+  'zsl' over the unseen classes, 'gzsl' over all); with `view_metrics(scores, labels, mask)
+  -> {metric: value}` and `view_metric_names()`, logged as `eval/<view>_<metric>` and printed
+  by `mlgraph.evaluate` (whose `--labels FILE` queries any list of names through
+  `model(images, label_embeddings=E)`).
+
+`Model` may define `weights_loaded()`, called after `config.init_from` fills in weights, for
+copies the model derives from them (SigRL's frozen teacher from the CLIP tower).
 
 Models never import config helpers (`mlgraph.config_lib`, `mlgraph.recipes`): recipes import
 models, not the reverse.
@@ -57,7 +67,16 @@ from mlgraph.errors import ConfigError
 # Constructor arguments the builder supplies; every other keyword argument is a config field.
 BUILDER_ARGS = ("num_classes", "image_size", "dtype", "param_dtype", "rngs", "num_train_examples")
 REQUIRED = ("Model", "loss_fn")
-OPTIONAL = ("ema_live_paths", "make_optimizer", "make_train_step", "init_extra", "epoch_end")
+OPTIONAL = (
+    "ema_live_paths",
+    "make_optimizer",
+    "make_train_step",
+    "init_extra",
+    "epoch_end",
+    "eval_views",
+    "view_metrics",
+    "view_metric_names",
+)
 
 
 def method_module(name: str) -> types.ModuleType:

@@ -33,6 +33,8 @@ BACKBONES: dict[str, tuple[str, dict[str, Any]]] = {
     "simple_cnn": ("simple_cnn", {}),
     "vit_b16": ("vit", {"variant": "B/16"}),
     "vit_l16": ("vit", {"variant": "L/16"}),
+    # OpenAI CLIP image towers (SigRL); their `proj` maps tokens into the text space.
+    "clip_vit_b16": ("clip", {"variant": "ViT-B/16"}),
 }
 
 

@@ -1,7 +1,9 @@
 """Throughput figures (never asserted in tests).
 
     python -m mlgraph.bench train --config configs/NAME.py [--steps 20] [--peak_tflops 989]
+    python -m mlgraph.bench train --config configs/salgl_coco.py --against torch [--steps 5]
     python -m mlgraph.bench input --config configs/NAME.py [--batches 20]
+    python -m mlgraph.bench input --config configs/NAME.py --jpegs 64
     python -m mlgraph.bench memory --config configs/NAME.py [--num_classes 1006] [--batch 64]
 
 `memory`: compiles (without running) the train step at `config.batch_size` and the eval
@@ -10,14 +12,23 @@ prints XLA's memory analysis of each (arguments, outputs, temporaries, and their
 donated or aliased bytes: the peak the program needs on one device).
 
 `train`: the jitted train step on synthetic batches of the config's shape: images/s in all and
-per device, step FLOPs from XLA's cost analysis, MFU when the device's peak is given, peak
-device memory where the backend reports it, and eval (forward) images/s.
+per device, step FLOPs from XLA's cost analysis, MFU (the device's peak from --peak_tflops or,
+for H100/H200, A100 and TPU v4/v5e/v5p, from `PEAK_TFLOPS`), XLA's memory analysis of the
+compiled step, peak device memory where the backend reports it, and eval (forward) images/s.
+`--profile DIR` also writes a profiler trace of the timed steps and prints the step's FLOPs by
+part (backbone, encoder, attention, GGNN, ..., forward and backward; loss, optimizer, EMA).
+`--against torch` (SALGL): the same model in plain PyTorch with the same weights and batch,
+timed beside mlgraph's, train step and eval forward, and mlgraph's speed-up
+(`mlgraph.bench_torch`).
 `input`: the grain training pipeline on the config's data set: decoded, augmented images/s, in
-all and per worker process.
+all and per worker process; with `--jpegs N`, no data set: N synthetic COCO-sized JPEGs, each
+JPEG decoder's images/s and pixel difference to PIL, and the config's training chain per
+worker (`mlgraph.bench_input`).
 """
 
 from __future__ import annotations
 
+import sys
 import time
 
 import jax
@@ -25,8 +36,9 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mlgraph import assets, sharding, train
+from mlgraph import assets, sharding, step_cost, train
 from mlgraph.data import cooccurrence, datasets, pipeline
+from mlgraph.errors import MlgraphError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed train steps (after 2 warm-up steps).")
@@ -37,6 +49,18 @@ _CLASSES = flags.DEFINE_integer(
     "Classes of the synthetic batches (the data set's count when the config's assets need it).",
 )
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s of one device, for MFU.")
+_PROFILE = flags.DEFINE_string(
+    "profile", None, "train: write a JAX profiler trace here and print the FLOPs by part."
+)
+_JPEGS = flags.DEFINE_integer(
+    "jpegs",
+    0,
+    "input: time the JPEG decoders and the config's training chain on this many synthetic "
+    "COCO-sized JPEGs, one worker, no data set needed (mlgraph.bench_input); 0 = the data set.",
+)
+_AGAINST = flags.DEFINE_enum(
+    "against", None, ["torch"], "train: time the same model in PyTorch beside mlgraph's."
+)
 _BATCH = flags.DEFINE_integer("batch", 0, "memory: eval batch (0 = config.eval_batch_size).")
 
 
@@ -76,8 +100,31 @@ def synthetic_training(batch_size: int, num_classes: int) -> datasets.TrainingSp
     return datasets.TrainingSplit(range(batch_size), num_classes, observed, unseen=unseen)
 
 
-def bench_train(config, steps: int, num_classes: int, peak_tflops: float) -> dict[str, float]:
-    """Images/s of the train step and of the eval forward pass on synthetic data."""
+# Dense bf16 peak TFLOP/s of one device (vendor figures), for MFU when --peak_tflops is not
+# given; matched against `device_kind` in lower case.
+PEAK_TFLOPS = {
+    "h200": 989.0,
+    "h100": 989.0,
+    "a100": 312.0,
+    "tpu v5p": 459.0,
+    "tpu v5 lite": 197.0,
+    "tpu v5e": 197.0,
+    "tpu v4": 275.0,
+}
+
+
+def peak_tflops_of(device_kind: str) -> float:
+    """The table's peak for a device kind (e.g. 'NVIDIA H100 80GB HBM3'), 0 if unknown."""
+    kind = device_kind.lower()
+    return next((v for k, v in PEAK_TFLOPS.items() if k in kind), 0.0)
+
+
+def bench_train(
+    config, steps: int, num_classes: int, peak_tflops: float, profile_dir: str | None = None
+) -> dict[str, float]:
+    """Images/s of the train step and of the eval forward pass on synthetic data; with
+    `profile_dir`, the step's FLOPs by part (`mlgraph.step_cost`) and a profiler trace of the
+    timed steps."""
     config, num_classes = resolve_assets(config, num_classes)
     mesh = sharding.make_mesh()
     repl, data_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
@@ -100,14 +147,25 @@ def bench_train(config, steps: int, num_classes: int, peak_tflops: float) -> dic
         in_shardings=(state_sh, data_sh),
         out_shardings=(state_sh, repl),
     )
-    flops = (step.lower(state, batch).compile().cost_analysis() or {}).get("flops", 0.0)
+    compiled = step.lower(state, batch).compile()
+    flops = (compiled.cost_analysis() or {}).get("flops", 0.0)
+    memory = _memory(compiled)
     holder = {"state": state}
 
     def one_step():
         holder["state"], m = step(holder["state"], batch)
         return m["loss"]
 
-    seconds = _timed(one_step, steps)
+    if profile_dir:
+        parts, total = step_cost.cost_by_part(
+            train.make_train_step(mod, graphdef, tx, config, 1000), state, batch
+        )
+        print(step_cost.format_table(parts, total))
+        with jax.profiler.trace(profile_dir):
+            seconds = _timed(one_step, steps)
+        print(f"profiler trace: {profile_dir} (open with TensorBoard's profile plugin or Perfetto)")
+    else:
+        seconds = _timed(one_step, steps)
     predict = jax.jit(
         train.make_predict(graphdef, lambda st: ((st["params"], st["rest"]),)),
         in_shardings=(state_sh, data_sh),
@@ -122,8 +180,11 @@ def bench_train(config, steps: int, num_classes: int, peak_tflops: float) -> dic
         "step_tflops": flops / 1e12,
         "eval_images_per_s": b / eval_seconds,
     }
+    peak_tflops = peak_tflops or peak_tflops_of(jax.devices()[0].device_kind)
     if peak_tflops and flops:
+        result["peak_tflops_per_device"] = peak_tflops
         result["mfu_percent"] = 100 * flops / seconds / (peak_tflops * 1e12 * n)
+    result |= {f"step_{k}": v for k, v in memory.items()}
     stats = jax.local_devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         result["peak_memory_gib"] = stats["peak_bytes_in_use"] / 2**30
@@ -217,8 +278,22 @@ def main(argv: list[str]) -> None:
     if len(argv) != 2 or argv[1] not in ("train", "input", "memory"):
         raise app.UsageError("usage: python -m mlgraph.bench train|input|memory --config FILE")
     config = _CONFIG.value
-    if argv[1] == "train":
-        result = bench_train(config, _STEPS.value, _CLASSES.value, _PEAK.value)
+    if argv[1] == "train" and _AGAINST.value == "torch":
+        from mlgraph import bench_torch
+
+        config, num_classes = resolve_assets(config, _CLASSES.value)
+        try:
+            result = bench_torch.bench_against_torch(config, _STEPS.value, num_classes)
+        except MlgraphError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+    elif argv[1] == "train":
+        result = bench_train(config, _STEPS.value, _CLASSES.value, _PEAK.value, _PROFILE.value)
+    elif argv[1] == "input" and _JPEGS.value:
+        from mlgraph import bench_input as input_bench
+
+        print(input_bench.format_table(input_bench.bench_decoders(config, _JPEGS.value)))
+        return
     elif argv[1] == "memory":
         result = bench_memory(config, _CLASSES.value, _BATCH.value)
     else:

@@ -144,6 +144,18 @@ def param_labels(params: nnx.State, opt: ml_collections.ConfigDict) -> nnx.State
     return nnx.map_state(label, params)
 
 
+def split_frozen(params: nnx.State, opt: ml_collections.ConfigDict) -> tuple[nnx.State, nnx.State]:
+    """(frozen, trainable) parameters by `opt.frozen` (regexes over '/'-joined paths; the
+    frozen part is empty when there are none)."""
+    patterns = [re.compile(p) for p in opt.frozen]
+
+    def is_frozen(path, _):
+        name = "/".join(str(p) for p in path)
+        return any(r.fullmatch(name) for r in patterns)
+
+    return params.split(is_frozen, ...)
+
+
 def trainable_size(params: nnx.State, opt: ml_collections.ConfigDict) -> int:
     """The number of parameter values the optimizer trains: those `param_labels` does not
     label 'frozen'."""

@@ -214,6 +214,7 @@ def test_train_on_gcs_resumes_bit_identical_to_a_local_run(gcs, tiny_coco_dir, t
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess  # run alone: see tests/test_multihost.py
 def test_two_processes_write_one_workdir_on_gcs(gcs, tiny_coco_dir):
     """The multi-host run of test_multihost (2 processes x 2 CPU devices, gloo) with its
     workdir in the emulator's bucket: every process reaches it through the same gs:// path."""

@@ -19,15 +19,13 @@ import numpy as np
 import pytest
 from flax import nnx
 from torch_reference import (
-    TorchEncoderLayer,
-    TorchResNetTrunk,
     randomize_batch_norms,
-    torch_sine_table,
 )
 
 from mlgraph import models
 from mlgraph.convert import core
 from mlgraph.convert import salgl as convert_salgl
+from mlgraph.torch_reference import salgl as salgl_reference
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -38,138 +36,14 @@ C, K, E, IMAGE = 6, 3, 10, 96
 
 
 # ----------------------------------------------------------------------------- torch reference
-class TorchResNet(TorchResNetTrunk):
-    """The trunk, returning layer4 as tokens [B, H*W, C] (row-major)."""
-
-    def forward(self, x):
-        return self.layer4_map(x).flatten(2).transpose(1, 2)
-
-
-class TorchEncoder(nn.Module):
-    """`tb`: a list holding the one encoder layer, no final norm."""
-
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.layers = nn.ModuleList([layer])
-
-    def forward(self, x, pos=None):
-        for layer in self.layers:
-            x = layer(x, pos)
-        return x
+def TorchSALGL(backbone, **kwargs) -> salgl_reference.TorchSALGL:  # noqa: N802
+    """The package's torch SALGL at this file's sizes (C classes, K scenes, E-wide embeddings,
+    a small encoder and attention)."""
+    sizes = dict(num_classes=C, num_scenes=K, embed_dim=E, heads=8, ffn_dim=32, att_dim=16)
+    return salgl_reference.TorchSALGL(backbone, **sizes, **kwargs)
 
 
-class TorchPositionEmbedding(nn.Module):
-    """Holds the sine table as the persistent buffer `pe` [1, D, H, W]."""
-
-    def __init__(self, d: int, grid: int):
-        super().__init__()
-        self.register_buffer("pe", torch_sine_table(d, grid))
-
-
-class TorchGGNN(nn.Module):
-    """Gated GNN (salgl.md §1.10), weights shared across steps."""
-
-    def __init__(self, d: int, steps: int, outmess: bool):
-        super().__init__()
-        din = 2 * d if outmess else d
-        for i in (1, 2, 3):
-            setattr(self, f"fc{i}_w", nn.Linear(din, d))
-            setattr(self, f"fc{i}_u", nn.Linear(d, d))
-        self.steps, self.outmess = steps, outmess
-
-    def forward(self, h, a):
-        for _ in range(self.steps):
-            m = torch.bmm(a, h)
-            if self.outmess:
-                m = torch.cat([m, torch.bmm(a.transpose(1, 2), h)], -1)
-            z = torch.sigmoid(self.fc1_w(m) + self.fc1_u(h))
-            r = torch.sigmoid(self.fc2_w(m) + self.fc2_u(h))
-            cand = torch.tanh(self.fc3_w(m) + self.fc3_u(r * h))
-            h = (1 - z) * h + z * cand
-        return h
-
-
-class TorchAttention(nn.Module):
-    """Low-rank bilinear attention, unfolded: the full [B, C, N, A] hidden projection."""
-
-    def __init__(self, d: int, e: int, a: int):
-        super().__init__()
-        self.linear1 = nn.Linear(d, a, bias=False)
-        self.linear2 = nn.Linear(e, a, bias=False)
-        self.hidden_linear = nn.Linear(a, a)
-        self.target_linear = nn.Linear(a, 1)
-
-    def forward(self, x, labels):
-        z = torch.tanh(self.linear1(x)[:, None] * self.linear2(labels)[:, :, None])
-        alpha = self.target_linear(self.hidden_linear(z)).squeeze(-1).softmax(-1)
-        return torch.bmm(alpha, x), alpha
-
-
-class TorchElementWise(nn.Module):
-    """Per-class linear classifier: weight [C, D], bias [C]."""
-
-    def __init__(self, c: int, d: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(c, d).uniform_(-0.3, 0.3))
-        self.bias = nn.Parameter(torch.empty(c).uniform_(-0.3, 0.3))
-
-    def forward(self, x):
-        return (x * self.weight).sum(2) + self.bias
-
-
-class TorchSALGL(nn.Module):
-    """SALGL in eval mode (salgl.md §1), with the official attribute names."""
-
-    def __init__(self, backbone, *, steps, outmess, pos_grid, normalize, ignore_self, soft, random):
-        super().__init__()
-        d = backbone.num_features
-        self.backbone = backbone
-        self.tb = TorchEncoder(TorchEncoderLayer(d, 8, 32))
-        if pos_grid:
-            self.position_embedding = TorchPositionEmbedding(d, pos_grid)
-        if random:
-            self.embeddings = nn.Parameter(torch.randn(C, d))
-        else:
-            self.register_buffer("embeddings", torch.randn(C, E))
-        self.scene_linear = nn.Linear(d, K, bias=False)
-        self.ggnn = TorchGGNN(d, steps, outmess)
-        self.register_buffer("comatrix", torch.zeros(K, C, C))
-        self.attention = TorchAttention(d, self.embeddings.shape[1], 16)
-        self.fc = nn.Sequential(nn.Linear(2 * d if steps > 0 else d, d), nn.Tanh())
-        self.classifier = TorchElementWise(C, d)
-        self.steps, self.pos = steps, bool(pos_grid)
-        self.normalize, self.ignore_self, self.soft = normalize, ignore_self, soft
-
-    def transition(self):
-        t = self.comatrix.transpose(1, 2)
-        p = t / (torch.diagonal(t, dim1=1, dim2=2)[..., None] + 1e-8)
-        if self.ignore_self:
-            p = p * (1 - torch.eye(C))[None]
-        if self.normalize:
-            p = p / (p.sum(-1, keepdim=True) + 1e-8)
-        return p
-
-    def forward(self, images):
-        x = self.backbone(images)
-        pos = self.position_embedding.pe.flatten(2).transpose(1, 2) if self.pos else None
-        x = self.tb(x, pos)
-        probs = self.scene_linear(x.mean(1)).softmax(-1)
-        p = self.transition()
-        if self.soft:
-            adjacency = (probs[:, :, None, None] * p[None]).sum(1)
-        else:
-            adjacency = p[probs.argmax(-1)]
-        labels = self.embeddings[None].repeat(x.shape[0], 1, 1)
-        feats, alphas = self.attention(x, labels)
-        if self.steps > 0:
-            feats = torch.cat([feats, self.ggnn(feats, adjacency)], -1)
-        logits = self.classifier(self.fc(feats))
-        return {
-            "logits": logits,
-            "scene_probs": probs,
-            "att_weights": alphas,
-            "adjacency": adjacency,
-        }
+TorchResNet = salgl_reference.TorchResNet
 
 
 def _randomize_buffers(model: nn.Module, seed: int) -> None:

@@ -8,6 +8,7 @@ import math
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from mlgraph.models import attention, layers
@@ -58,3 +59,31 @@ def test_kernel_init_reaches_every_transformer_matrix_but_the_in_projection():
         assert bound * 0.9 < w.max() <= bound
     # The biases keep torch's Linear init, U(±1/sqrt(fan_in)).
     assert np.abs(np.asarray(layer.linear2.bias[...])).max() <= 1 / math.sqrt(ffn)
+
+
+@pytest.mark.parametrize(
+    "kernel,stride,pad,size",
+    [(7, 2, 3, 33), (1, 1, 0, 14), (1, 2, 0, 14), (3, 1, 1, 9), (3, 2, 1, 15)],
+)
+def test_conv_with_matmul_weight_gradient_equals_lax(kernel, stride, pad, size):
+    """ResNet's convolutions (stem, 1x1, strided 1x1 shortcut, 3x3, strided 3x3 on odd sizes):
+    the same output and gradients as `jax.lax.conv_general_dilated`."""
+    import jax
+
+    rng = np.random.default_rng(kernel * 10 + stride)
+    x = jnp.asarray(rng.standard_normal((2, size, size, 6)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((kernel, kernel, 6, 5)), jnp.float32)
+    dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+    pads = ((pad, pad), (pad, pad))
+
+    def loss(conv):
+        return lambda x, w: (conv(x, w, (stride, stride), pads, dimension_numbers=dn) ** 2).sum()
+
+    want = jax.grad(loss(jax.lax.conv_general_dilated), argnums=(0, 1))(x, w)
+    got = jax.grad(loss(layers.conv_general_dilated), argnums=(0, 1))(x, w)
+    for a, b in zip(want, got, strict=True):
+        # float32 sums in another order: relative to the gradient's scale
+        assert np.abs(np.asarray(b) - np.asarray(a)).max() <= 1e-5 * np.abs(np.asarray(a)).max()
+    out = layers.conv_general_dilated(x, w, (stride, stride), "SAME", dimension_numbers=dn)
+    ref = jax.lax.conv_general_dilated(x, w, (stride, stride), "SAME", dimension_numbers=dn)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-6, atol=1e-5)

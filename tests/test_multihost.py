@@ -15,6 +15,9 @@ from train_helpers import REPO, final_state, wait_for
 from mlgraph.metric_writer import read_metrics
 
 HERE = os.path.dirname(__file__)
+# Cooperating processes (gloo collectives, a shared coordinator): the README's test command runs
+# these alone after the parallel part, since a busy second worker has stalled them.
+pytestmark = pytest.mark.multiprocess
 
 
 def start_workers(data_dir, workdir, total_steps: int = 4) -> list[subprocess.Popen]:

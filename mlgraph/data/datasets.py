@@ -116,7 +116,11 @@ def open_dataset(data: ml_collections.ConfigDict) -> Dataset:
             f"available: {', '.join(info.splits)}"
         )
     read = tfds.builder_from_directory(builder.data_dir)
-    sources = {s: read.as_data_source(split=s) for s in splits}
+    # Images stay JPEG bytes; the pipeline decodes them (images.decode_rgb: PIL's pixels).
+    sources = {
+        s: read.as_data_source(split=s, decoders={"image": tfds.decode.SkipDecoding()})
+        for s in splits
+    }
     num_seen = info.metadata.get("num_seen") if info.metadata else None
     unseen = tuple(range(int(num_seen), len(class_names))) if num_seen else ()
     return Dataset(data.name, pathlib.Path(builder.data_dir), class_names, sources, unseen)

@@ -1,9 +1,12 @@
 """grain input pipelines: shuffled, augmented, process-sharded training batches, and padded,
 masked evaluation batches in which every image counts exactly once.
 
-Decoding happens in the TFDS array_record source (Pillow); resizing and augmentation here, with
-per-example random generators that grain derives from the pipeline seed and the example's
-position, so a restored iterator state reproduces the same batches.
+Decoding happens here when the source hands encoded bytes (a TFDS source opened with
+`tfds.decode.SkipDecoding()` for `image`): `images.decode_rgb`, simplejpeg for JPEGs with
+exactly PIL's pixels; an image the source already decoded (a uint8 array) is used as it is.
+Resizing and augmentation happen here too, with per-example random generators that grain
+derives from the pipeline seed and the example's position, so a restored iterator state
+reproduces the same batches.
 """
 
 from __future__ import annotations
@@ -17,12 +20,24 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from mlgraph.data import augment
+from mlgraph.data import augment, images
 from mlgraph.errors import ConfigError
 
 
 def _normalize(img: Image.Image, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     return (np.asarray(img, np.float32) / 255.0 - mean) / std
+
+
+def _image(element: dict) -> Image.Image:
+    """The example's image as a PIL image: encoded bytes are decoded (`images.decode_rgb`,
+    errors name the image by its `image_id`); a decoded uint8 array is taken as it is."""
+    image = element["image"]
+    if isinstance(image, bytes):
+        image_id = element.get("image_id")
+        if isinstance(image_id, bytes):  # a text image_id read back from TFDS
+            image_id = image_id.decode(errors="replace")
+        image = images.decode_rgb(image, f"image {image_id}")
+    return Image.fromarray(image)
 
 
 def _labels(element: dict, num_classes: int) -> np.ndarray:
@@ -143,9 +158,9 @@ class TrainTransform(grain.transforms.RandomMap):
         self.std = np.asarray(std, np.float32)
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
-        """Augment one decoded example; returns float32 `image` [S, S, 3], `labels` and the
-        example's `index` in the split when it has one."""
-        img = Image.fromarray(element["image"])
+        """Augment one example (image decoded, or encoded bytes); returns float32 `image`
+        [S, S, 3], `labels` and the example's `index` in the split when it has one."""
+        img = _image(element)
         size = self.image_size
         if self.multiscale_crop:
             img = augment.multiscale_crop(
@@ -241,7 +256,7 @@ class EvalTransform(grain.transforms.Map):
         )
 
     def map(self, element: dict) -> dict:
-        img = Image.fromarray(element["image"])
+        img = _image(element)
         if self.center_crop_from or self.shorter_side:
             img = augment.center_crop(
                 img,

@@ -479,7 +479,7 @@ class LayerDecayAdamW:
 
     def __init__(self, config: ml_collections.ConfigDict, total_steps: int, params: nnx.State):
         opt = config.optimizer
-        self.frozen = [optim.path_filter(p) for p in opt.frozen]
+        self.opt = opt
         trainable = self.split(params)[0]
         depth = _depth(params)
         labels = _groups(trainable, config)
@@ -499,8 +499,7 @@ class LayerDecayAdamW:
 
     def split(self, params: nnx.State) -> tuple[nnx.State, nnx.State]:
         """(trainable, frozen) parameters."""
-        is_frozen = lambda path, v: any(f(path, v) for f in self.frozen)  # noqa: E731
-        frozen, trainable = params.split(is_frozen, ...)
+        frozen, trainable = optim.split_frozen(params, self.opt)
         return trainable, frozen
 
     def init(self, params: nnx.State):
@@ -529,7 +528,7 @@ class _Trainable(LayerDecayAdamW):
     parameters only."""
 
     def __init__(self, config, total_steps, params):
-        self.frozen = [optim.path_filter(p) for p in config.optimizer.frozen]
+        self.opt = config.optimizer
         opt = ml_collections.ConfigDict(config.optimizer.to_dict())
         opt.frozen, opt.lr_mults = (), ()
         self.tx = optim.make_optimizer(opt, total_steps, self.split(params)[0])

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mlgraph.models import layers
+
 # Blocks per stage of the torchvision bottleneck ResNets.
 LAYOUTS: dict[int, tuple[int, int, int, int]] = {
     50: (3, 4, 6, 3),
@@ -38,6 +40,7 @@ def _conv(cin, cout, k, stride, pad, *, dtype, param_dtype, rngs) -> nnx.Conv:
         padding=((pad, pad), (pad, pad)),
         use_bias=False,
         kernel_init=_conv_init,
+        conv_general_dilated=layers.conv_general_dilated,  # XLA:CPU's slow weight gradient
         dtype=dtype,
         param_dtype=param_dtype,
         rngs=rngs,

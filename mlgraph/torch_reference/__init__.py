@@ -1,0 +1,28 @@
+"""Plain-PyTorch models with the official code's structure and attribute names, for the parity
+tests and for `python -m mlgraph.bench train --against torch` (torch is optional: install it
+with `pip install torch==2.13.0` or the `convert` extra).
+
+`layers`: torchvision's v1.5 bottleneck and ResNet trunk, DETR's post-norm encoder layer and
+sine table. `salgl`: SALGL (salgl.md §1-§2) in training and evaluation, with the official
+`[B, C, N, A]` attention and the co-occurrence update inside the training forward.
+"""
+
+from __future__ import annotations
+
+from mlgraph.errors import ConfigError
+
+
+def require_torch():
+    """The `torch` module.
+
+    Raises:
+      ConfigError: torch is not installed (with the command that installs the CPU build).
+    """
+    try:
+        import torch
+    except ImportError:
+        raise ConfigError(
+            "this needs PyTorch: pip install torch==2.13.0 (the CPU build), or "
+            "pip install 'mlgraph[convert]'"
+        ) from None
+    return torch

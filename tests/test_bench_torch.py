@@ -21,7 +21,7 @@ RTOL = 1e-4  # the SALGL parity tests' tolerance, relative to the largest |logit
 def _config():
     c = recipes.salgl(dataset="coco2014", backbone="resnet50", image_size=64, num_scenes=3)
     c.batch_size = 2
-    c.model.backbone_kwargs = {"layers": (1, 1, 1, 1)}
+    c.model.backbone_kwargs = {"layers": (1, 1, 1, 1), "width": 8}
     c.model.update(num_steps=1, embed_type="checkpoint", embed_path="", embed_dim=8)
     c.model.update(att_dim=16, ffn_dim=32, pos=True)
     c.init_from = ""

@@ -444,7 +444,7 @@ def check_best_metric(config: ml_collections.ConfigDict, eval_sets: dict) -> Non
     names = set(metrics.metric_names())
     mod = models.method_module(config.model.name)
     if hasattr(mod, "view_metric_names"):
-        names |= {f"{v}_{n}" for v in ("zsl", "gzsl") for n in mod.view_metric_names()}
+        names |= set(mod.view_metric_names())
     names |= {f"ema_{n}" for n in names}
     if f"{prefix}/" not in eval_sets or name not in names:
         raise ConfigError(

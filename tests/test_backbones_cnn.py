@@ -17,6 +17,7 @@ from mlgraph.convert import torchvision_mobilenet_v2, torchvision_resnet
 from mlgraph.convert.pretrained import imagenet_class_names, mobilenet_v2_imagenet_path
 from mlgraph.models import backbones
 from mlgraph.models.backbones import resnet
+from mlgraph.torch_reference.layers import TorchBottleneck
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -25,32 +26,6 @@ RTOL = 1e-4
 
 
 # ----------------------------------------------------------------------------- torch references
-class TorchBottleneck(nn.Module):
-    """torchvision.models.resnet.Bottleneck (v1.5: stride on conv2)."""
-
-    def __init__(self, inp: int, width: int, stride: int):
-        super().__init__()
-        out = width * 4
-        self.conv1 = nn.Conv2d(inp, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = nn.Conv2d(width, out, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(out)
-        self.relu = nn.ReLU()
-        self.downsample = None
-        if stride != 1 or inp != out:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(inp, out, 1, stride, bias=False), nn.BatchNorm2d(out)
-            )
-
-    def forward(self, x):
-        idt = x if self.downsample is None else self.downsample(x)
-        y = self.relu(self.bn1(self.conv1(x)))
-        y = self.relu(self.bn2(self.conv2(y)))
-        return self.relu(self.bn3(self.conv3(y)) + idt)
-
-
 class TorchResNet(nn.Module):
     """torchvision.models.resnet.ResNet with Bottleneck blocks and a configurable stem width."""
 

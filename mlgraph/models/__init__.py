@@ -39,9 +39,9 @@ May define:
   scores each with a forward pass of its own, `model(images, label_ids=ids)` (None: every
   class, the loop's own scores), for models whose scores depend on the queried set (SigRL:
   'zsl' over the unseen classes, 'gzsl' over all); with `view_metrics(scores, labels, mask)
-  -> {metric: value}` and `view_metric_names()`, logged as `eval/<view>_<metric>` and printed
-  by `mlgraph.evaluate` (whose `--labels FILE` queries any list of names through
-  `model(images, label_embeddings=E)`).
+  -> {metric: value}` and `view_metric_names()` (every `<view>_<metric>`), logged as
+  `eval/<view>_<metric>` and printed by `mlgraph.evaluate` (whose `--labels FILE` queries any
+  list of names through `model(images, label_embeddings=E)`).
 
 `Model` may define `weights_loaded()`, called after `config.init_from` fills in weights, for
 copies the model derives from them (SigRL's frozen teacher from the CLIP tower).

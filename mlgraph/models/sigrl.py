@@ -448,7 +448,7 @@ def _path(p) -> str:
     return "/".join(str(getattr(k, "key", k)) for k in p)
 
 
-def _groups(params: nnx.State, config: ml_collections.ConfigDict) -> nnx.State:
+def _groups(params: nnx.State) -> nnx.State:
     """Each trainable parameter's group 'l<id>_decay' / 'l<id>_no_decay' (matrices decayed,
     vectors not: MKT's `param_groups_lrd`). GMC's attention vectors count as matrices: SigRL's
     are `nn.Linear(h, 1)` weights [1, h], decayed (§3.4), held here as vectors [h]."""
@@ -482,19 +482,19 @@ class LayerDecayAdamW:
         self.opt = opt
         trainable = self.split(params)[0]
         depth = _depth(params)
-        labels = _groups(trainable, config)
+        labels = _groups(trainable)
         lr = optim.learning_rate_fn(opt, total_steps)
         decay = float(opt.get("layer_decay", 1.0))
-        transforms = {}
+        transforms, self.scales = {}, {}
         for group in sorted(set(jax.tree.leaves(labels))):
             lid, kind = group[1:].split("_", 1)
             scale = decay ** (depth + 1 - int(lid))
+            self.scales[group] = scale
             wd = opt.weight_decay if kind == "decay" else 0.0
             transforms[group] = optax.inject_hyperparams(optax.adamw)(
                 learning_rate=lambda s, scale=scale: lr(s) * scale,
                 b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=wd,
             )  # fmt: skip
-        self.scales = {g: decay ** (depth + 1 - int(g[1:].split("_")[0])) for g in transforms}
         self.tx = optax.multi_transform(transforms, labels)
 
     def split(self, params: nnx.State) -> tuple[nnx.State, nnx.State]:
@@ -643,7 +643,7 @@ def eval_views(config: ml_collections.ConfigDict, extra: dict) -> dict[str, np.n
     class, the loop's own scores): OV 'zsl' (the unseen classes) and 'gzsl' (all)."""
     if not is_open_vocabulary(config) or "unseen_ids" not in extra:
         return {}
-    return {"zsl": np.asarray(extra["unseen_ids"]), "gzsl": None}
+    return dict(zip(VIEWS, (np.asarray(extra["unseen_ids"]), None), strict=True))
 
 
 def view_metrics(scores: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> dict[str, float]:
@@ -652,6 +652,9 @@ def view_metrics(scores: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> di
     return metrics.zero_shot_metrics(scores, labels > 0.5, mask, ks=metrics.ZERO_SHOT_KS)
 
 
+VIEWS = ("zsl", "gzsl")  # the names `eval_views` gives
+
+
 def view_metric_names() -> list[str]:
-    """The keys of `view_metrics`."""
-    return metrics.zero_shot_metric_names(metrics.ZERO_SHOT_KS)
+    """Every `<view>_<metric>` an evaluation logs (`eval_views`' names x `view_metrics`' keys)."""
+    return [f"{v}_{n}" for v in VIEWS for n in metrics.zero_shot_metric_names(metrics.ZERO_SHOT_KS)]

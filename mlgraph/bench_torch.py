@@ -1,20 +1,29 @@
 """`python -m mlgraph.bench train --against torch`: the same model in plain PyTorch, with the
 same weights, batch and precision, timed beside mlgraph's.
 
-The torch model is the one the parity tests check (`mlgraph.torch_reference`): for SALGL the
-official structure, its `[B, C, N, A]` attention and the co-occurrence update inside the
-training forward. Its random initial weights are converted with `mlgraph.convert.salgl` into
-mlgraph's train state, so both frameworks start from identical parameters. A torch train step
-is what the official loop does per batch: forward with the targets, ASL + the scene-entropy
-terms, backward, AdamW, and the EMA of every state entry; the eval forward runs without
-gradients in eval mode. Float32 on CPU; on CUDA, bfloat16 autocast against mlgraph's
-`config.dtype`.
+The torch models are the ones the parity tests check (`mlgraph.torch_reference`): SALGL with
+the official `[B, C, N, A]` attention and the co-occurrence update inside the training forward;
+SSGRL with the official mode switch (only layer4's batch norms in train mode); Query2Label with
+FrozenBatchNorm2d. Their random initial weights go through the method's converter
+(`mlgraph.convert.<method>`) into mlgraph's train state, so both frameworks start from
+identical parameters, and the parameters `config.optimizer.frozen` freezes in mlgraph (named
+through the converter's table) get no gradient in torch. A torch train step is what the
+official loop does per batch: forward (with the targets for SALGL), `config.loss`, backward,
+the optimizer step (`config.optimizer.name`), and the EMA of every state entry when
+`config.ema.decay` > 0; the eval forward runs without gradients in eval mode. Float32 on CPU;
+on CUDA, bfloat16 autocast against mlgraph's `config.dtype`.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import pathlib
+import re
+import tempfile
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,12 +36,126 @@ from mlgraph.data import datasets
 from mlgraph.errors import ConfigError
 from mlgraph.torch_reference import require_torch
 
-METHODS = ("salgl",)
+
+@dataclasses.dataclass(frozen=True)
+class TorchMethod:
+    """How one method's torch model is built, converted and run.
+
+    Attributes:
+      build: (config, num_classes, mlgraph's state) -> the torch model, randomly initialised
+        (SSGRL takes its word vectors and graph from mlgraph's state).
+      convert: (torch state dict as numpy, config, scratch folder) -> (mlgraph module, its
+        conversion table: mlgraph path -> (torch key, transform)).
+      train_loss: (torch model, images, targets, config) -> the training loss.
+      eval_logits: (torch model, images) -> logits.
+    """
+
+    build: Callable[..., Any]
+    convert: Callable[..., tuple[nnx.Module, dict]]
+    train_loss: Callable[..., Any]
+    eval_logits: Callable[..., Any]
+
+
+def _salgl() -> TorchMethod:
+    from mlgraph.convert import salgl as convert_salgl
+    from mlgraph.torch_reference import salgl as reference
+
+    def convert(sd, config, _scratch):
+        opts = {
+            "num_steps": config.model.num_steps,
+            "num_heads": config.model.heads,
+            "image_size": config.image_size,
+        }
+        module, _ = convert_salgl.convert({f"module.{k}": v for k, v in sd.items()}, opts)
+        return module, convert_salgl.table(module)
+
+    return TorchMethod(
+        build=lambda config, c, _state: reference.from_config(config.model, c, config.image_size),
+        convert=convert,
+        train_loss=lambda tm, x, y, config: reference.salgl_loss(tm(x, y), y, config.loss),
+        eval_logits=lambda tm, x: tm(x)["logits"],
+    )
+
+
+def _ssgrl() -> TorchMethod:
+    from mlgraph.convert import ssgrl as convert_ssgrl
+    from mlgraph.torch_reference import losses
+    from mlgraph.torch_reference import ssgrl as reference
+
+    def build(config, c, state):
+        rest = state["rest"]
+        words, graph = np.asarray(rest["word_features"][...]), np.asarray(rest["graph"][...])
+        return reference.from_config(config.model, c, words, graph)
+
+    def convert(sd, config, scratch: pathlib.Path):
+        # The official checkpoints hold neither: the converter reads them from files.
+        np.save(scratch / "vectors.npy", sd.pop("word_features"))
+        np.save(scratch / "graph.npy", sd.pop("in_matrix"))
+        sd.pop("out_matrix")
+        opts = {
+            "embed_path": str(scratch / "vectors.npy"),
+            "graph_path": str(scratch / "graph.npy"),
+            "image_size": config.image_size,
+            "reset_uses_update_u": config.model.reset_uses_update_u,
+        }
+        module, _ = convert_ssgrl.convert(sd, opts)
+        return module, convert_ssgrl.table(module)
+
+    return TorchMethod(
+        build=build,
+        convert=convert,
+        train_loss=lambda tm, x, y, config: losses.classification(tm(x), y, config.loss),
+        eval_logits=lambda tm, x: tm(x),
+    )
+
+
+def _q2l() -> TorchMethod:
+    from mlgraph.convert import q2l as convert_q2l
+    from mlgraph.torch_reference import losses
+    from mlgraph.torch_reference import q2l as reference
+
+    def convert(sd, config, _scratch):
+        opts = {"num_heads": config.model.num_heads, "image_size": config.image_size}
+        module, _ = convert_q2l.convert(sd, opts)
+        return module, convert_q2l.table(module)
+
+    return TorchMethod(
+        build=lambda config, c, _state: reference.from_config(config.model, c, config.image_size),
+        convert=convert,
+        train_loss=lambda tm, x, y, config: losses.classification(tm(x), y, config.loss),
+        eval_logits=lambda tm, x: tm(x),
+    )
+
+
+METHODS: dict[str, Callable[[], TorchMethod]] = {"salgl": _salgl, "ssgrl": _ssgrl, "q2l": _q2l}
+
+
+def _state_dict(tm) -> dict[str, np.ndarray]:
+    """Parameters, buffers and the plain-tensor attributes SSGRL keeps, as numpy."""
+    sd = {k: v.detach().numpy().copy() for k, v in tm.state_dict().items()}
+    for name in ("word_features", "in_matrix", "out_matrix"):
+        if hasattr(tm, name):
+            sd[name] = getattr(tm, name).numpy().copy()
+    return sd
+
+
+def freeze_like_mlgraph(tm, table: dict, frozen_patterns) -> int:
+    """Turn off the gradient of every torch parameter whose mlgraph path (through the
+    converter's `table`) matches `config.optimizer.frozen`; returns the number of values left
+    trainable."""
+    patterns = [re.compile(p) for p in frozen_patterns]
+    frozen_keys = {
+        key for path, (key, _) in table.items() if any(r.fullmatch(path) for r in patterns)
+    }
+    for name, p in tm.named_parameters():
+        p.requires_grad_(name not in frozen_keys)
+    return sum(p.numel() for p in tm.parameters() if p.requires_grad)
 
 
 def build_pair(config, num_classes: int):
     """(torch model, mlgraph's (module, graphdef, tx, state, config)) with the same weights;
-    the config is the one mlgraph's side was built from (float32 on CPU).
+    the config is the one mlgraph's side was built from (float32 on CPU). The torch model's
+    parameters that mlgraph freezes have `requires_grad` off.
 
     Raises:
       ConfigError: a method without a torch model, or torch not installed.
@@ -47,30 +170,23 @@ def build_pair(config, num_classes: int):
             f"--against torch: config.model.name={config.model.name!r} has no torch model; "
             f"one exists for {', '.join(METHODS)}"
         )
-    from mlgraph.convert import salgl as convert_salgl
-    from mlgraph.torch_reference import salgl as salgl_reference
-
-    torch.manual_seed(config.seed)
-    tm = salgl_reference.from_config(config.model, num_classes, config.image_size)
-    sd = {f"module.{k}": v.detach().numpy() for k, v in tm.state_dict().items()}
-    module, _ = convert_salgl.convert(
-        sd,
-        {
-            "num_steps": config.model.num_steps,
-            "num_heads": config.model.heads,
-            "image_size": config.image_size,
-        },
-    )
-    _, params, rest = nnx.split(module, nnx.Param, ...)
+    method = METHODS[config.model.name]()
     b = config.batch_size
     observed = np.eye(num_classes, dtype=np.float32)[np.arange(b) % num_classes]
     training = datasets.TrainingSplit(range(b), num_classes, observed)
     mod, graphdef, tx, state = train.init_train_state(config, num_classes, 1000, training)
+
+    torch.manual_seed(config.seed)
+    tm = method.build(config, num_classes, state)
+    with tempfile.TemporaryDirectory() as scratch:
+        module, table = method.convert(_state_dict(tm), config, pathlib.Path(scratch))
+    freeze_like_mlgraph(tm, table, config.optimizer.frozen)
+    _, params, rest = nnx.split(module, nnx.Param, ...)
     state["params"] = init_from.fill_from(state["params"], params, "the torch model's weights")
     state["rest"] = init_from.fill_from(state["rest"], rest, "the torch model's buffers")
     state["opt"] = tx.init(state["params"])
     state["ema"] = jax.tree.map(jnp.copy, {"params": state["params"], "rest": state["rest"]})
-    return tm, (mod, graphdef, tx, state, config)
+    return tm, (mod, graphdef, tx, state, config), method
 
 
 def _timed(fn, n: int, sync) -> float:
@@ -84,11 +200,63 @@ def _timed(fn, n: int, sync) -> float:
     return (time.perf_counter() - t0) / n
 
 
+def torch_optimizer(torch, params, opt):
+    """The torch optimizer of `config.optimizer` ('adamw', 'adam' or 'sgd'; learning-rate
+    schedules and multipliers do not change a step's cost and are left out).
+
+    Raises:
+      ConfigError: another optimizer name.
+    """
+    if opt.name == "adamw":
+        return torch.optim.AdamW(
+            params, lr=opt.lr, betas=(opt.b1, opt.b2), eps=opt.eps, weight_decay=opt.weight_decay
+        )
+    if opt.name == "adam":
+        return torch.optim.Adam(params, lr=opt.lr, betas=(opt.b1, opt.b2), eps=opt.eps)
+    if opt.name == "sgd":
+        return torch.optim.SGD(
+            params, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay
+        )
+    raise ConfigError(
+        f"--against torch: config.optimizer.name={opt.name!r}: expected adamw, adam or sgd"
+    )
+
+
+def make_torch_step(tm, method: TorchMethod, config, x, y) -> Callable[[], Any]:
+    """One official training step of `tm` on images `x` [B, 3, H, W] and targets `y`, as a
+    function returning the loss: forward in train mode (bfloat16 autocast on CUDA), the loss,
+    backward, the optimizer on the parameters with a gradient, and the EMA of every floating
+    state entry when `config.ema.decay` > 0 (kept in a copy of the model)."""
+    torch = require_torch()
+    tm.train()
+    optimizer = torch_optimizer(
+        torch, [p for p in tm.parameters() if p.requires_grad], config.optimizer
+    )
+    decay = config.ema.decay
+    ema = copy.deepcopy(tm) if decay > 0 else None
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss = method.train_loss(tm, x, y, config)
+        loss.backward()
+        optimizer.step()
+        if ema is not None:
+            with torch.no_grad():
+                for e, m in zip(ema.state_dict().values(), tm.state_dict().values(), strict=True):
+                    if e.dtype.is_floating_point:
+                        e.mul_(decay).add_(m, alpha=1 - decay)
+        return loss
+
+    return step
+
+
 def bench_against_torch(config, steps: int, num_classes: int) -> dict[str, float]:
     """Train-step and eval-forward images/s of mlgraph and of the torch model, and mlgraph's
     speed as a multiple of torch's (> 1: mlgraph is faster)."""
     torch = require_torch()
-    tm, (mod, graphdef, tx, state, config) = build_pair(config, num_classes)
+    tm, (mod, graphdef, tx, state, config), method = build_pair(config, num_classes)
     mesh = sharding.make_mesh()
     repl, data_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     b, s = config.batch_size, config.image_size
@@ -126,34 +294,15 @@ def bench_against_torch(config, steps: int, num_classes: int) -> dict[str, float
 
     # torch, the official loop's step
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    tm = tm.to(device).train()
-    ema = copy.deepcopy(tm)
+    tm = tm.to(device)
     x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(device)
     y = torch.from_numpy(labels).to(device)
-    opt = config.optimizer
-    optimizer = torch.optim.AdamW(
-        tm.parameters(), lr=opt.lr, betas=(opt.b1, opt.b2), eps=opt.eps,
-        weight_decay=opt.weight_decay,
-    )  # fmt: skip
-    decay = config.ema.decay
+    torch_step = make_torch_step(tm, method, config, x, y)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
-    from mlgraph.torch_reference.salgl import salgl_loss
-
-    def torch_step():
-        optimizer.zero_grad(set_to_none=True)
-        with autocast:
-            loss = salgl_loss(tm(x, y), y, config.loss.lamda)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            for e, m in zip(ema.state_dict().values(), tm.state_dict().values(), strict=True):
-                if e.dtype.is_floating_point:
-                    e.mul_(decay).add_(m, alpha=1 - decay)
-        return loss
 
     def torch_eval():
         with torch.no_grad(), autocast:
-            return tm(x)["logits"]
+            return method.eval_logits(tm, x)
 
     sync = (lambda _: torch.cuda.synchronize()) if device == "cuda" else (lambda _: None)
     torch_train = _timed(torch_step, steps, sync)

@@ -24,18 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from torch_reference import (
-    TorchEncoderLayer,
-    TorchResNetTrunk,
-    randomize_batch_norms,
-    torch_sine_table,
-)
+from torch_reference import randomize_batch_norms
 
 from mlgraph import config_lib, models, optim, recipes, train
 from mlgraph.convert import convert_file, core
 from mlgraph.convert import q2l as convert_q2l
 from mlgraph.convert.__main__ import main
 from mlgraph.errors import ConfigError
+from mlgraph.torch_reference.q2l import TorchQ2L, freeze_batch_norms
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -43,129 +39,6 @@ F = torch.nn.functional
 
 RTOL = 1e-4
 K, IMAGE, WIDTH = 5, 96, 4  # ResNet width 4: layer4 has 128 channels; a 3x3 map at 96 px
-
-
-class FrozenBatchNorm2d(nn.Module):
-    """DETR's FrozenBatchNorm2d: affine and statistics are buffers, eps 1e-5."""
-
-    def __init__(self, bn: nn.BatchNorm2d):
-        super().__init__()
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            self.register_buffer(name, getattr(bn, name).detach().clone())
-
-    def forward(self, x):
-        scale = self.weight * (self.running_var + 1e-5).rsqrt()
-        shift = self.bias - self.running_mean * scale
-        return x * scale[None, :, None, None] + shift[None, :, None, None]
-
-
-def freeze_batch_norms(module: nn.Module) -> None:
-    """Replace every BatchNorm2d under `module` by a FrozenBatchNorm2d with its values."""
-    for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            setattr(module, name, FrozenBatchNorm2d(child))
-        else:
-            freeze_batch_norms(child)
-
-
-class Body(TorchResNetTrunk):
-    """torchvision conv1..layer4 (the IntermediateLayerGetter's `body`), returning layer4."""
-
-
-class BackboneBase(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body = Body((1, 1, 1, 1), WIDTH)
-        self.num_channels = self.body.num_features
-
-
-class PositionEmbeddingSine(nn.Module):
-    """The sine table for a grid x grid map, stored as buffer `pe` (1, D, grid, grid)."""
-
-    def __init__(self, d: int, grid: int):
-        super().__init__()
-        self.register_buffer("pe", torch_sine_table(d, grid))
-
-
-class DecoderLayer(nn.Module):
-    def __init__(self, d, heads, ffn, self_attn: bool):
-        super().__init__()
-        if self_attn:
-            self.self_attn = nn.MultiheadAttention(d, heads, dropout=0.1, batch_first=True)
-            self.norm1 = nn.LayerNorm(d)
-        self.omit_selfattn = not self_attn
-        self.multihead_attn = nn.MultiheadAttention(d, heads, dropout=0.1, batch_first=True)
-        self.linear1, self.linear2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
-        self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d)
-
-    def forward(self, tgt, memory, pos, query_pos):
-        if not self.omit_selfattn:
-            q = k = tgt + query_pos
-            tgt = self.norm1(tgt + self.self_attn(q, k, value=tgt)[0])
-        t2 = self.multihead_attn(query=tgt + query_pos, key=memory + pos, value=memory)[0]
-        tgt = self.norm2(tgt + t2)
-        return self.norm3(tgt + self.linear2(F.relu(self.linear1(tgt))))
-
-
-class Stack(nn.Module):
-    def __init__(self, layers, norm=None):
-        super().__init__()
-        self.layers = nn.ModuleList(layers)
-        if norm is not None:
-            self.norm = norm
-
-
-class Transformer(nn.Module):
-    def __init__(self, d, heads, ffn, enc, dec, keep_first, keep_other):
-        super().__init__()
-        self.encoder = Stack([TorchEncoderLayer(d, heads, ffn) for _ in range(enc)])
-        self.decoder = Stack(
-            [DecoderLayer(d, heads, ffn, keep_first if i == 0 else keep_other) for i in range(dec)],
-            nn.LayerNorm(d),
-        )
-
-    def forward(self, src, query_embed, pos):
-        # Batch-first throughout (the official code is sequence-first; the same computation).
-        b = src.shape[0]
-        memory = src.flatten(2).transpose(1, 2)  # B, HW, D
-        pos = pos.flatten(2).transpose(1, 2)  # 1, HW, D
-        query = query_embed.unsqueeze(0).repeat(b, 1, 1)  # B, K, D
-        for layer in self.encoder.layers:
-            memory = layer(memory, pos)
-        tgt = torch.zeros_like(query)
-        for layer in self.decoder.layers:
-            tgt = layer(tgt, memory, pos, query)
-        return self.decoder.norm(tgt)  # B, K, D
-
-
-class GroupWiseLinear(nn.Module):
-    def __init__(self, k, d):
-        super().__init__()
-        stdv = 1.0 / math.sqrt(d)
-        self.W = nn.Parameter(torch.empty(1, k, d).uniform_(-stdv, stdv))
-        self.b = nn.Parameter(torch.empty(1, k).uniform_(-stdv, stdv))
-
-    def forward(self, x):
-        return (self.W * x).sum(-1) + self.b
-
-
-class TorchQ2L(nn.Module):
-    def __init__(self, d, heads, ffn, enc, dec, keep_input_proj, keep_first, keep_other):
-        super().__init__()
-        base = BackboneBase()
-        grid = IMAGE // 32
-        self.backbone = nn.Sequential(base, PositionEmbeddingSine(d, grid))
-        self.input_proj = (
-            nn.Conv2d(base.num_channels, d, kernel_size=1) if keep_input_proj else nn.Identity()
-        )
-        self.transformer = Transformer(d, heads, ffn, enc, dec, keep_first, keep_other)
-        self.query_embed = nn.Embedding(K, d)
-        self.fc = GroupWiseLinear(K, d)
-
-    def forward(self, images):
-        src = self.backbone[0].body(images)
-        hs = self.transformer(self.input_proj(src), self.query_embed.weight, self.backbone[1].pe)
-        return self.fc(hs)
 
 
 VARIANTS = {
@@ -180,7 +53,18 @@ VARIANTS = {
 def _torch_model(v: dict, seed: int) -> TorchQ2L:
     torch.manual_seed(seed)
     model = TorchQ2L(
-        v["d"], v["heads"], v["ffn"], v["enc"], v["dec"], v["proj"], v["first"], v["other"]
+        (1, 1, 1, 1),
+        WIDTH,
+        num_classes=K,
+        image_size=IMAGE,
+        d=v["d"],
+        heads=v["heads"],
+        ffn=v["ffn"],
+        enc=v["enc"],
+        dec=v["dec"],
+        keep_input_proj=v["proj"],
+        keep_first=v["first"],
+        keep_other=v["other"],
     )
     g = torch.Generator().manual_seed(seed)
     randomize_batch_norms(model, g)

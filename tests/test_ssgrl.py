@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from torch_reference import PYTHON2, TorchResNetTrunk, randomize_batch_norms
+from torch_reference import PYTHON2, randomize_batch_norms
 from train_helpers import TINY_COCO_TRAIN
 
 from mlgraph import models, recipes
@@ -27,6 +27,7 @@ from mlgraph.convert.__main__ import main
 from mlgraph.data import cooccurrence
 from mlgraph.errors import ConfigError
 from mlgraph.models import ssgrl
+from mlgraph.torch_reference.ssgrl import TorchResNet, TorchSSGRL
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -36,103 +37,13 @@ RTOL = 1e-4
 C, E, A, IMAGE = 5, 12, 16, 128
 
 
-class TorchResNet(TorchResNetTrunk):
-    """The official backbone: conv1..layer4 then `avgpool1` (2x2/s2); no fc."""
-
-    def __init__(self, layers, width: int):
-        super().__init__(layers, width)
-        self.avgpool1 = nn.AvgPool2d(2, 2)
-
-    def forward(self, x):
-        return self.avgpool1(self.layer4_map(x))
-
-
-class TorchSemantic(nn.Module):
-    """§1.2: tanh(U f ⊙ V x) -> fc_3 -> fc_a -> softmax over locations -> weighted sum of f."""
-
-    def __init__(self, d: int, e: int, a: int):
-        super().__init__()
-        self.fc_1 = nn.Linear(d, a, bias=False)
-        self.fc_2 = nn.Linear(e, a, bias=False)
-        self.fc_3 = nn.Linear(a, a)
-        self.fc_a = nn.Linear(a, 1)
-
-    def forward(self, fmap, words):
-        b, d, h, w = fmap.shape
-        f = fmap.permute(0, 2, 3, 1).reshape(b, h * w, d)  # [B, N, D]
-        g = torch.tanh(self.fc_1(f)[:, :, None] * self.fc_2(words)[None, None])  # [B, N, C, A]
-        logits = self.fc_a(self.fc_3(g)).squeeze(-1)  # [B, N, C]
-        att = logits.softmax(dim=1)
-        return torch.einsum("bnc,bnk->bck", att, f)
-
-
-class TorchGGNN(nn.Module):
-    """§1.5 with the official reset gate (U_z) unless `paper=True`."""
-
-    def __init__(self, d: int, steps: int, paper: bool):
-        super().__init__()
-        for eq in (3, 4, 5):
-            setattr(self, f"fc_eq{eq}_w", nn.Linear(2 * d, d))
-            setattr(self, f"fc_eq{eq}_u", nn.Linear(d, d))
-        self.steps, self.paper = steps, paper
-
-    def forward(self, h, in_matrix, out_matrix):
-        for _ in range(self.steps):
-            a = torch.cat(
-                [
-                    torch.einsum("cd,bdk->bck", in_matrix, h),
-                    torch.einsum("cd,bdk->bck", out_matrix, h),
-                ],
-                -1,
-            )
-            z = torch.sigmoid(self.fc_eq3_w(a) + self.fc_eq3_u(h))
-            u_r = self.fc_eq4_u if self.paper else self.fc_eq3_u
-            r = torch.sigmoid(self.fc_eq4_w(a) + u_r(h))
-            cand = torch.tanh(self.fc_eq5_w(a) + self.fc_eq5_u(r * h))
-            h = (1 - z) * h + z * cand
-        return h
-
-
-class TorchSSGRL(nn.Module):
-    """The official `SSGRL` module layout; word vectors and M are plain attributes."""
-
-    def __init__(self, words: np.ndarray, graph: np.ndarray, *, paper: bool = False):
-        super().__init__()
-        self.resnet_101 = TorchResNet((1, 1, 1, 1), 4)
-        d = self.resnet_101.num_features
-        self.word_semantic = TorchSemantic(d, words.shape[1], A)
-        self.graph_net = TorchGGNN(d, 3, paper)
-        self.fc_output = nn.Linear(2 * d, d)
-        self.classifiers = TorchElementWise(C, d)
-        self.word_features = torch.from_numpy(words)
-        self.in_matrix = torch.from_numpy(graph)
-        self.out_matrix = torch.from_numpy(graph).t()
-
-    def forward(self, images):
-        h0 = self.word_semantic(self.resnet_101(images), self.word_features)
-        ht = self.graph_net(h0, self.in_matrix, self.out_matrix)
-        return self.classifiers(torch.tanh(self.fc_output(torch.cat([ht, h0], -1))))
-
-
-class TorchElementWise(nn.Module):
-    """`Element_Wise_Layer(C, D)`: weight [C, D], bias [C]."""
-
-    def __init__(self, c: int, d: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(c, d).uniform_(-0.3, 0.3))
-        self.bias = nn.Parameter(torch.empty(c).uniform_(-0.3, 0.3))
-
-    def forward(self, x):
-        return (x * self.weight).sum(2) + self.bias
-
-
 def _torch_model(seed: int, tmp_path, *, paper: bool = False):
     rng = np.random.default_rng(seed)
     words = rng.normal(size=(C, E)).astype(np.float32)
     y = rng.random((40, C)) < 0.5
     graph = cooccurrence.conditional_probability(cooccurrence.counts_from_labels(y))
     torch.manual_seed(seed)
-    model = TorchSSGRL(words, graph, paper=paper)
+    model = TorchSSGRL(TorchResNet((1, 1, 1, 1), 4), words, graph, att_dim=A, paper=paper)
     randomize_batch_norms(model, torch.Generator().manual_seed(seed))
     np.save(tmp_path / "vectors.npy", words)
     np.save(tmp_path / "prob_train.npy", graph)

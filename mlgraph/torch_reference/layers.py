@@ -12,6 +12,9 @@ torch = require_torch()
 nn = torch.nn
 F = torch.nn.functional
 
+# torchvision's block counts per stage.
+RESNET_LAYERS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3), "resnet152": (3, 8, 36, 3)}
+
 
 class TorchBottleneck(nn.Module):
     """torchvision's v1.5 bottleneck (stride on the 3x3 conv)."""
@@ -89,6 +92,19 @@ class TorchEncoderLayer(nn.Module):
         return self.norm2(x + self.dropout2(y))
 
 
+class TorchElementWise(nn.Module):
+    """Per-class linear classifier: weight [C, D], bias [C]."""
+
+    def __init__(self, c: int, d: int):
+        super().__init__()
+        bound = 1.0 / math.sqrt(d)
+        self.weight = nn.Parameter(torch.empty(c, d).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(c).uniform_(-bound, bound))
+
+    def forward(self, x):
+        return (x * self.weight).sum(2) + self.bias
+
+
 def torch_sine_table(d: int, grid: int):
     """DETR's normalised sine table (salgl.md §1.2, ssgrl_mlgcn.md §4.1) in float32:
     [1, D, grid, grid], the y-features first."""
@@ -103,3 +119,20 @@ def torch_sine_table(d: int, grid: int):
         return torch.stack((arg[..., 0::2].sin(), arg[..., 1::2].cos()), dim=4).flatten(3)
 
     return torch.cat((feats(y), feats(x)), dim=3).permute(0, 3, 1, 2)
+
+
+def resnet_stages(model_cfg, method: str) -> tuple[tuple[int, ...], int]:
+    """(blocks per stage, stem width) of the torchvision ResNet `model_cfg.backbone` names,
+    with `backbone_kwargs` layers and width honoured.
+
+    Raises:
+      ValueError: a backbone the torch references do not build.
+    """
+    backbone = model_cfg.backbone
+    if backbone not in RESNET_LAYERS:
+        raise ValueError(
+            f"config.model.backbone={backbone!r}: the torch {method} is built for "
+            f"{', '.join(RESNET_LAYERS)}"
+        )
+    kwargs = dict(model_cfg.get("backbone_kwargs") or {})
+    return tuple(kwargs.get("layers", RESNET_LAYERS[backbone])), kwargs.get("width", 64)

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import math
 
-from mlgraph.torch_reference import require_torch
-from mlgraph.torch_reference.layers import TorchEncoderLayer, TorchResNetTrunk, torch_sine_table
+from mlgraph.torch_reference import losses, require_torch
+from mlgraph.torch_reference.layers import (
+    TorchElementWise,
+    TorchEncoderLayer,
+    TorchResNetTrunk,
+    resnet_stages,
+    torch_sine_table,
+)
 
 torch = require_torch()
 nn = torch.nn
 F = torch.nn.functional
-
-RESNET_LAYERS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3), "resnet152": (3, 8, 36, 3)}
 
 
 class TorchResNet(TorchResNetTrunk):
@@ -85,19 +89,6 @@ class TorchAttention(nn.Module):
         z = torch.tanh(self.linear1(x)[:, None] * self.linear2(labels)[:, :, None])
         alpha = self.target_linear(self.hidden_linear(z)).squeeze(-1).softmax(-1)
         return torch.bmm(alpha, x), alpha
-
-
-class TorchElementWise(nn.Module):
-    """Per-class linear classifier: weight [C, D], bias [C]."""
-
-    def __init__(self, c: int, d: int):
-        super().__init__()
-        bound = 1.0 / math.sqrt(d)
-        self.weight = nn.Parameter(torch.empty(c, d).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.empty(c).uniform_(-bound, bound))
-
-    def forward(self, x):
-        return (x * self.weight).sum(2) + self.bias
 
 
 def _entropy(x):
@@ -193,19 +184,10 @@ class TorchSALGL(nn.Module):
         }
 
 
-def asl_loss(logits, targets, gamma_pos=0.0, gamma_neg=2.0, eps=1e-5):
-    """ASL as SALGL trains with it (§2): the focusing weight without gradient, the per-entry
-    mean scaled by 1000."""
-    p = torch.sigmoid(logits)
-    loss = targets * torch.log(p.clamp(min=eps)) + (1 - targets) * torch.log((1 - p).clamp(min=eps))
-    with torch.no_grad():
-        w = torch.where(targets > 0, (1 - p) ** gamma_pos, p**gamma_neg)
-    return -(loss * w).sum() / logits.shape[0] / logits.shape[1] * 1000
-
-
-def salgl_loss(out, targets, lamda: float = 1.0):
-    """L = ASL + lamda (sample_en + batch_en) (§2, the unofficial reproduction's weights)."""
-    return asl_loss(out["logits"], targets) + lamda * (out["sample_en"] + out["batch_en"])
+def salgl_loss(out, targets, loss_cfg):
+    """L = cls + lamda (sample_en + batch_en) (§2), cls `config.loss` (ASL in the recipes)."""
+    cls = losses.classification(out["logits"], targets, loss_cfg)
+    return cls + loss_cfg.lamda * (out["sample_en"] + out["batch_en"])
 
 
 def from_config(model_cfg, num_classes: int, image_size: int) -> TorchSALGL:
@@ -213,14 +195,7 @@ def from_config(model_cfg, num_classes: int, image_size: int) -> TorchSALGL:
     initialised as torch does (ResNet backbones only, `backbone_kwargs` layers and width
     honoured; `embed_type` 'file' or 'checkpoint' gives a random fixed embedding table of
     width `embed_dim`, 768 when 0)."""
-    backbone = model_cfg.backbone
-    if backbone not in RESNET_LAYERS:
-        raise ValueError(
-            f"config.model.backbone={backbone!r}: the torch SALGL is built for "
-            f"{', '.join(RESNET_LAYERS)}"
-        )
-    kwargs = dict(model_cfg.get("backbone_kwargs") or {})
-    trunk = TorchResNet(kwargs.get("layers", RESNET_LAYERS[backbone]), kwargs.get("width", 64))
+    trunk = TorchResNet(*resnet_stages(model_cfg, "SALGL"))
     return TorchSALGL(
         trunk,
         num_classes=num_classes,

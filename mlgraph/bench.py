@@ -38,7 +38,7 @@ from ml_collections import config_flags
 
 from mlgraph import assets, sharding, step_cost, train
 from mlgraph.data import cooccurrence, datasets, pipeline
-from mlgraph.errors import MlgraphError
+from mlgraph.errors import DataError, MlgraphError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed train steps (after 2 warm-up steps).")
@@ -82,11 +82,17 @@ def resolve_assets(config, num_classes: int):
     set, which must then be built (or be a demo set); its class count replaces `num_classes`.
     """
     model = config.model
-    if (
-        model.get("embed_path") == assets.MINILM
-        or model.get("graph_path") == cooccurrence.TRAIN_LABELS
-    ):
-        dataset = datasets.open_dataset(config.data)
+    named_assets = (("embed_path", assets.MINILM), ("graph_path", cooccurrence.TRAIN_LABELS))
+    named = [f"config.model.{k}='{v}'" for k, v in named_assets if model.get(k) == v]
+    if named:
+        try:
+            dataset = datasets.open_dataset(config.data)
+        except DataError as e:
+            raise DataError(
+                f"{e} (the bench reads it for {' and '.join(named)}; without the data set, point "
+                "them at .npy files or, for SALGL, give --config.model.embed_type=checkpoint "
+                "--config.model.embed_path= --config.model.embed_dim=768, with --num_classes)"
+            ) from None
         return assets.resolve(config, dataset.class_names, dataset.directory), dataset.num_classes
     return assets.resolve(config, [], None), num_classes
 
@@ -277,30 +283,37 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
     if len(argv) != 2 or argv[1] not in ("train", "input", "memory"):
         raise app.UsageError("usage: python -m mlgraph.bench train|input|memory --config FILE")
-    config = _CONFIG.value
-    if argv[1] == "train" and _AGAINST.value == "torch":
-        from mlgraph import bench_torch
-
-        config, num_classes = resolve_assets(config, _CLASSES.value)
-        try:
-            result = bench_torch.bench_against_torch(config, _STEPS.value, num_classes)
-        except MlgraphError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-    elif argv[1] == "train":
-        result = bench_train(config, _STEPS.value, _CLASSES.value, _PEAK.value, _PROFILE.value)
-    elif argv[1] == "input" and _JPEGS.value:
-        from mlgraph import bench_input as input_bench
-
-        print(input_bench.format_table(input_bench.bench_decoders(config, _JPEGS.value)))
+    try:
+        result = _run(argv[1], _CONFIG.value)
+    except MlgraphError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if result is None:
         return
-    elif argv[1] == "memory":
-        result = bench_memory(config, _CLASSES.value, _BATCH.value)
-    else:
-        result = bench_input(config, _BATCHES.value)
     print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}")
     for key, value in result.items():
         print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+
+
+def _run(command: str, config) -> dict | None:
+    """The figures of one bench command (None: it printed its own table)."""
+    if command == "train" and _AGAINST.value == "torch":
+        from mlgraph import bench_torch
+
+        config, num_classes = resolve_assets(config, _CLASSES.value)
+        result = bench_torch.bench_against_torch(config, _STEPS.value, num_classes)
+    elif command == "train":
+        result = bench_train(config, _STEPS.value, _CLASSES.value, _PEAK.value, _PROFILE.value)
+    elif command == "input" and _JPEGS.value:
+        from mlgraph import bench_input as input_bench
+
+        print(input_bench.format_table(input_bench.bench_decoders(config, _JPEGS.value)))
+        return None
+    elif command == "memory":
+        result = bench_memory(config, _CLASSES.value, _BATCH.value)
+    else:
+        result = bench_input(config, _BATCHES.value)
+    return result
 
 
 if __name__ == "__main__":

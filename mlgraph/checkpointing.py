@@ -62,18 +62,23 @@ def save_weights(
     (path / SETTINGS_FILE).write_text(json.dumps(dict(settings or {}), indent=2, sort_keys=True))
 
 
-def load_weights(path: str | pathlib.Path) -> tuple[Any, dict[str, Any]]:
-    """Read a checkpoint written by `save_weights`: returns (pytree of numpy arrays, settings)."""
+def load_weights_settings(path: str | pathlib.Path) -> dict[str, Any]:
+    """The settings of a checkpoint written by `save_weights` ({} when it has none), without
+    reading its arrays."""
     path = paths.path(path)
     if not (path / WEIGHTS_DIR).is_dir():
         raise FileNotFoundError(
             f"{path}: not a mlgraph weights checkpoint (expected a '{WEIGHTS_DIR}/' folder "
             f"written by `python -m mlgraph.convert`)"
         )
-    tree = _restore_item(path / WEIGHTS_DIR)
     settings_file = path / SETTINGS_FILE
-    settings = json.loads(settings_file.read_text()) if settings_file.exists() else {}
-    return tree, settings
+    return json.loads(settings_file.read_text()) if settings_file.exists() else {}
+
+
+def load_weights(path: str | pathlib.Path) -> tuple[Any, dict[str, Any]]:
+    """Read a checkpoint written by `save_weights`: returns (pytree of numpy arrays, settings)."""
+    settings = load_weights_settings(path)
+    return _restore_item(paths.path(path) / WEIGHTS_DIR), settings
 
 
 def load_extra(path: str | pathlib.Path) -> dict[str, Any]:

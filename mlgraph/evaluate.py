@@ -269,7 +269,7 @@ def restore_step(ckpts, step: int | None, abstract, defaults) -> tuple[dict, int
 
 def evaluate_checkpoint(path: str, config: ml_collections.ConfigDict) -> dict:
     """Metrics of a converted weights checkpoint (a whole model) under `config`."""
-    _, settings = checkpointing.load_weights(path)
+    settings = checkpointing.load_weights_settings(path)
     if settings.get("kind") != "model":
         raise ConfigError(
             f"--checkpoint {path}: holds a {settings.get('kind')} ('kind' in settings.json), "

@@ -220,7 +220,7 @@ class Predictor:
         """
         from mlgraph.convert import core
 
-        _, settings = checkpointing.load_weights(path)
+        settings = checkpointing.load_weights_settings(path)
         if settings.get("kind") != "model":
             raise ConfigError(
                 f"--checkpoint {path}: holds a {settings.get('kind')} ('kind' in "

@@ -137,6 +137,12 @@ def create_model(
     compilation, which takes minutes for a ResNet-101 on a CPU host.
     """
     mod = models.method_module(config.model.name)
+    if config.init_from and not init_from.is_workdir(config.init_from):
+        # A weights checkpoint for another architecture is refused before the model is built
+        # (minutes for a ResNet-101 on a CPU host); init_from_weights checks it again.
+        settings = checkpointing.load_weights_settings(config.init_from)
+        if settings.get("kind", "model") == "model":
+            init_from.check_weights_settings(settings, config.model, config.init_from)
 
     def create():
         return models.create(

@@ -62,17 +62,18 @@ def test_kernel_init_reaches_every_transformer_matrix_but_the_in_projection():
 
 
 @pytest.mark.parametrize(
-    "kernel,stride,pad,size",
-    [(7, 2, 3, 33), (1, 1, 0, 14), (1, 2, 0, 14), (3, 1, 1, 9), (3, 2, 1, 15)],
+    "kernel,stride,pad,size,cin",
+    [(7, 2, 3, 33, 3), (1, 1, 0, 14, 6), (1, 2, 0, 14, 6), (3, 1, 1, 9, 3), (3, 2, 1, 15, 3)],
 )
-def test_conv_with_matmul_weight_gradient_equals_lax(kernel, stride, pad, size):
-    """ResNet's convolutions (stem, 1x1, strided 1x1 shortcut, 3x3, strided 3x3 on odd sizes):
-    the same output and gradients as `jax.lax.conv_general_dilated`."""
+def test_conv_with_matmul_weight_gradient_equals_lax(kernel, stride, pad, size, cin):
+    """ResNet's convolutions (stem, 1x1, strided 1x1 shortcut; 3x3 and strided 3x3 on odd sizes,
+    on RGB input so that they take the matmul path too): the same output and gradients as
+    `jax.lax.conv_general_dilated`."""
     import jax
 
     rng = np.random.default_rng(kernel * 10 + stride)
-    x = jnp.asarray(rng.standard_normal((2, size, size, 6)), jnp.float32)
-    w = jnp.asarray(rng.standard_normal((kernel, kernel, 6, 5)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((2, size, size, cin)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((kernel, kernel, cin, 5)), jnp.float32)
     dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
     pads = ((pad, pad), (pad, pad))
 
@@ -87,3 +88,22 @@ def test_conv_with_matmul_weight_gradient_equals_lax(kernel, stride, pad, size):
     out = layers.conv_general_dilated(x, w, (stride, stride), "SAME", dimension_numbers=dn)
     ref = jax.lax.conv_general_dilated(x, w, (stride, stride), "SAME", dimension_numbers=dn)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kernel,cin,matmul", [(1, 64, True), (7, 3, True), (3, 3, True), (3, 64, False)]
+)
+def test_matmul_weight_gradient_only_where_it_is_faster(kernel, cin, matmul):
+    """1x1 kernels and the RGB stem take the matmul weight gradient; a 3x3 kernel on feature
+    maps keeps XLA's convolution, which is as fast or faster there (`_matmul_dw_is_faster`)."""
+    import jax
+
+    x = jnp.ones((1, 8, 8, cin), jnp.float32)
+    w = jnp.ones((kernel, kernel, cin, 4), jnp.float32)
+    dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+    pads = ((kernel // 2, kernel // 2),) * 2
+    grad = jax.grad(
+        lambda w: layers.conv_general_dilated(x, w, (1, 1), pads, dimension_numbers=dn).sum()
+    )
+    jaxpr = str(jax.make_jaxpr(grad)(w))
+    assert ("custom_vjp_call" in jaxpr) == matmul, jaxpr[:300]

@@ -58,7 +58,6 @@ def two_processes(tiny_coco_dir, tmp_path_factory):
     return workdir, finish(start_workers(tiny_coco_dir, workdir, TOTAL))
 
 
-@pytest.mark.slow
 def test_two_processes_equal_one(two_processes, tmp_path, tiny_coco_dir):
     multi_dir, outs = two_processes
     assert "on 4 device(s)" in outs[0]

@@ -473,6 +473,8 @@ def scob_workdir(tiny_coco_dir, tmp_path_factory):
     return workdir
 
 
+# slow: ~60 s, two more Scob runs; exact resume is in CI through test_method_protocol and test_spml
+@pytest.mark.slow
 def test_scob_run_stops_and_resumes_exactly(scob_workdir, tiny_coco_dir, tmp_path):
     from mlgraph import train
 

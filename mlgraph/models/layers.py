@@ -186,6 +186,15 @@ def _conv_matmul_dw_bwd(strides, padding, precision, residuals, ct):
 _conv_matmul_dw.defvjp(_conv_matmul_dw_fwd, _conv_matmul_dw_bwd)
 
 
+def _matmul_dw_is_faster(kernel_shape: tuple[int, ...]) -> bool:
+    """Whether the per-position matmuls beat XLA:CPU's weight-gradient convolution for an HWIO
+    kernel. Measured for ResNet-101's shapes at 224 px, batch 8, 2 threads (forward, input and
+    weight gradient; lax -> matmuls, ms): 1x1 64->256 145 -> 93, the 7x7/2 stem on 3 channels
+    274 -> 223, but 3x3 64 114 -> 155, 3x3 256 41 -> 54 and 3x3 128, 512 and 128/2 even."""
+    kh, kw, cin = kernel_shape[:3]
+    return kh * kw == 1 or cin <= 4
+
+
 def conv_general_dilated(
     lhs,
     rhs,
@@ -200,10 +209,11 @@ def conv_general_dilated(
     **kwargs,
 ):
     """`jax.lax.conv_general_dilated` (the `conv_general_dilated` of `nnx.Conv`) whose weight
-    gradient, on CPU, is a sum of one matmul per kernel position instead of XLA:CPU's
-    weight-gradient convolution, 3-6x slower than the forward pass there (the main cost of a
-    ResNet's backward on CPU). Same values up to float summation order; other backends and
-    grouped, dilated or non-NHWC convolutions take `jax.lax.conv_general_dilated` as it is."""
+    gradient, on CPU, for 1x1 kernels and a stem on RGB input, is a sum of one matmul per kernel
+    position instead of XLA:CPU's weight-gradient convolution, which is several times slower
+    than the forward pass for those shapes (`_matmul_dw_is_faster`: the 3x3 ones gain nothing).
+    Same values up to float summation order; other kernels, other backends and grouped, dilated
+    or non-NHWC convolutions take `jax.lax.conv_general_dilated` as it is."""
     plain = (
         jax.default_backend() != "cpu"
         or feature_group_count != 1
@@ -213,6 +223,7 @@ def conv_general_dilated(
         or kwargs.get("out_sharding") is not None
         or lhs.ndim != 4
         or dimension_numbers != jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+        or not _matmul_dw_is_faster(rhs.shape)
     )
     if plain:
         return jax.lax.conv_general_dilated(

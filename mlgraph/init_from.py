@@ -125,18 +125,14 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def init_from_weights(
-    model: nnx.Module, path: str, model_cfg: ml_collections.ConfigDict | None = None
-) -> None:
+def init_from_weights(model: nnx.Module, path: str) -> None:
     """Fill `model` (or its backbone) from a weights checkpoint written by mlgraph.convert.
 
-    With `model_cfg`, a whole-model checkpoint is first checked against it
-    (`check_weights_settings`).
+    Whether a whole-model checkpoint fits the config is `check_weights_settings`, which
+    `train.create_model` runs before it builds the model.
     """
     tree, settings = checkpointing.load_weights(path)
     kind = settings.get("kind", "model")
-    if kind == "model" and model_cfg is not None:
-        check_weights_settings(settings, model_cfg, path)
     target = model.backbone if kind == "backbone" else model
     state = nnx.state(target)
     try:

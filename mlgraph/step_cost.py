@@ -6,11 +6,11 @@ by the `jax.named_scope` it was traced under (the models and the loop name their
 `optimizer`, `ema`), split into forward and backward where the scope was differentiated
 (`jvp(...)` / `transpose(jvp(...))` in the name stack); equations under no scope are `other`.
 Each part's equations become a function of their own (inputs: the values they read from other
-parts; outputs: the values other parts or the result read), compiled for the same abstract
-inputs, and its FLOPs are XLA's count for its lowered module. The count is taken before XLA's
-optimisations (`Lowered.cost_analysis`): nothing is compiled, so the profile of an R101 step
-takes seconds rather than a compile per part, and the parts add up to the whole step's count
-of the same kind (the tests check 5 %). The compiled step's count, which `bench` prints beside
+parts; outputs: the values other parts or the result read), lowered for the same abstract
+inputs, and its FLOPs are XLA's count for that lowered module, before XLA's optimisations
+(`Lowered.cost_analysis`): nothing is compiled, so the profile of an R101 step takes seconds
+rather than a compile per part, and the parts add up to the whole step's count of the same
+kind (the tests check 5 %). The compiled step's count, which `bench` prints beside
 it, differs by a few percent (fusion and simplification).
 """
 

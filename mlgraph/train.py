@@ -139,7 +139,7 @@ def create_model(
     mod = models.method_module(config.model.name)
     if config.init_from and not init_from.is_workdir(config.init_from):
         # A weights checkpoint for another architecture is refused before the model is built
-        # (minutes for a ResNet-101 on a CPU host); init_from_weights checks it again.
+        # (minutes for a ResNet-101 on a CPU host).
         settings = checkpointing.load_weights_settings(config.init_from)
         if settings.get("kind", "model") == "model":
             init_from.check_weights_settings(settings, config.model, config.init_from)
@@ -160,7 +160,7 @@ def create_model(
         rest = init_from.fill_from(rest, saved["rest"], f"{config.init_from} state")
     elif config.init_from:
         model = nnx.merge(graphdef, params, rest)
-        init_from.init_from_weights(model, config.init_from, config.model)
+        init_from.init_from_weights(model, config.init_from)
         _, params, rest = nnx.split(model, nnx.Param, ...)
     return mod, graphdef, params, rest
 

@@ -1,8 +1,3 @@
 """mlgraph: graph-based multi-label image recognition in JAX/Flax NNX."""
 
-from mlgraph import xla_flags as _xla_flags
-
 __version__ = "0.1.0"
-
-# Before any mlgraph module runs JAX code: XLA reads its flags when the first backend starts.
-_xla_flags.apply_cpu_fusion_flag()

@@ -36,7 +36,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mlgraph import assets, sharding, step_cost, train
+from mlgraph import assets, sharding, step_cost, train, xla_options
 from mlgraph.data import cooccurrence, datasets, pipeline
 from mlgraph.errors import DataError, MlgraphError
 
@@ -152,6 +152,7 @@ def bench_train(
         train.make_train_step(mod, graphdef, tx, config, 1000),
         in_shardings=(state_sh, data_sh),
         out_shardings=(state_sh, repl),
+        compiler_options=xla_options.train_step_options(),
     )
     compiled = step.lower(state, batch).compile()
     flops = (compiled.cost_analysis() or {}).get("flops", 0.0)

@@ -155,7 +155,7 @@ def bench_train(
         # As in training: without it every step allocates a new state (SALGL R101 at 224 px,
         # batch 8, on 2 CPU cores: 1.24 img/s without, 1.6 with).
         donate_argnums=0,
-        compiler_options=xla_options.train_step_options(),
+        compiler_options=xla_options.train_step_options(state["params"], config.optimizer),
     )
     compiled = step.lower(state, batch).compile()
     flops = (compiled.cost_analysis() or {}).get("flops", 0.0)

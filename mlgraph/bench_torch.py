@@ -276,7 +276,7 @@ def bench_against_torch(config, steps: int, num_classes: int) -> dict[str, float
         in_shardings=(state_sh, data_sh),
         out_shardings=(state_sh, repl),
         donate_argnums=0,
-        compiler_options=xla_options.train_step_options(),
+        compiler_options=xla_options.train_step_options(state["params"], config.optimizer),
     )
     holder = {"state": state}
 

@@ -107,3 +107,55 @@ def test_matmul_weight_gradient_only_where_it_is_faster(kernel, cin, matmul):
     )
     jaxpr = str(jax.make_jaxpr(grad)(w))
     assert ("custom_vjp_call" in jaxpr) == matmul, jaxpr[:300]
+
+
+def _largest_fusions(train: bool) -> list[int]:
+    """Operand counts of the two largest fusions XLA:CPU compiles (its default fusions) for a
+    ResNet with a stage of 8 identity blocks: the train gradient, or the eval forward."""
+    import jax
+
+    from mlgraph.models.backbones import resnet
+
+    m = resnet.create(image_size=64, layers=(1, 1, 8, 1), width=16, rngs=nnx.Rngs(0))
+    gdef, params, rest = nnx.split(m, nnx.Param, ...)
+    x = jnp.ones((2, 64, 64, 3))
+
+    def loss(p, r, x):
+        return jnp.mean(nnx.merge(gdef, p, r, copy=True)(x, train=True) ** 2)
+
+    def forward(p, r, x):
+        return nnx.merge(gdef, p, r, copy=True)(x, train=False)
+
+    fn = jax.jit(jax.grad(loss) if train else forward)
+    hlo = fn.lower(params, rest, x).compile().as_text()
+    ops = [
+        line.split(" fusion(", 1)[1].split("), kind")[0].count("%")
+        for line in hlo.splitlines()
+        if " fusion(" in line
+    ]
+    return sorted(ops)[-2:]
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_resnet_blocks_keep_their_output_instead_of_xla_recomputing_it(train, monkeypatch):
+    # Without `materialize_on_cpu` XLA:CPU copies each block's output into every consumer, so
+    # its fusions grow with depth: block k's reads the conv outputs and batch-norm parameters
+    # (or running statistics) of all the blocks before it. The largest train fusion (49
+    # operands) is not on the stream and is the same either way.
+    kept = _largest_fusions(train)
+    monkeypatch.setattr(layers, "materialize_on_cpu", lambda x: x)
+    recomputed = _largest_fusions(train)
+    assert recomputed[0] >= 25, recomputed
+    assert kept[0] <= 16, kept
+
+
+def test_materialize_on_cpu_keeps_values_and_gradients():
+    import jax
+
+    x = jnp.asarray(RNG.standard_normal((3, 4)), jnp.float32).at[0, 1].set(-0.0)
+    np.testing.assert_array_equal(np.asarray(jax.jit(layers.materialize_on_cpu)(x)), x)
+    grad = jax.grad(lambda v: (layers.materialize_on_cpu(v * 2.0) ** 2).sum())(x)
+    np.testing.assert_allclose(np.asarray(grad), 8.0 * np.asarray(x), rtol=1e-6)
+    nan_first = x.at[0, 0].set(jnp.nan)
+    got = np.asarray(jax.jit(layers.materialize_on_cpu)(nan_first))
+    np.testing.assert_array_equal(got, np.asarray(nan_first))

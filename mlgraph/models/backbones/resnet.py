@@ -90,7 +90,8 @@ class Bottleneck(nnx.Module):
         y = self.bn3(self.conv3(y), use_running_average=ura)
         if self.downsample_conv is not None:
             x = self.downsample_bn(self.downsample_conv(x), use_running_average=ura)
-        return nnx.relu(y + x)
+        # Kept in memory, not recomputed by each later block (XLA:CPU's fusion; see the helper).
+        return layers.materialize_on_cpu(nnx.relu(y + x))
 
 
 class ResNet(nnx.Module):

@@ -36,7 +36,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mlgraph import assets, sharding, step_cost, train, xla_options
+from mlgraph import assets, sharding, step_cost, train
 from mlgraph.data import cooccurrence, datasets, pipeline
 from mlgraph.errors import DataError, MlgraphError
 
@@ -155,7 +155,6 @@ def bench_train(
         # As in training: without it every step allocates a new state (SALGL R101 at 224 px,
         # batch 8, on 2 CPU cores: 1.24 img/s without, 1.6 with).
         donate_argnums=0,
-        compiler_options=xla_options.train_step_options(state["params"], config.optimizer),
     )
     compiled = step.lower(state, batch).compile()
     flops = (compiled.cost_analysis() or {}).get("flops", 0.0)

@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from mlgraph import init_from, sharding, train, xla_options
+from mlgraph import init_from, sharding, train
 from mlgraph.data import datasets
 from mlgraph.errors import ConfigError
 from mlgraph.torch_reference import require_torch
@@ -276,7 +276,6 @@ def bench_against_torch(config, steps: int, num_classes: int) -> dict[str, float
         in_shardings=(state_sh, data_sh),
         out_shardings=(state_sh, repl),
         donate_argnums=0,
-        compiler_options=xla_options.train_step_options(state["params"], config.optimizer),
     )
     holder = {"state": state}
 

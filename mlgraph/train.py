@@ -45,7 +45,6 @@ from mlgraph import (
     preemption,
     sharding,
     workdir_lock,
-    xla_options,
 )
 from mlgraph.data import datasets, pipeline
 from mlgraph.errors import ConfigError, WorkdirError
@@ -600,7 +599,6 @@ def _run(config, workdir: epath.Path, signals: preemption.StopSignals) -> dict[s
         in_shardings=(state_sh, data_sh),
         out_shardings=(state_sh, repl),
         donate_argnums=0,
-        compiler_options=xla_options.train_step_options(state["params"], config.optimizer),
     )
     # With decay 0 the EMA is the model, bit for bit: score once and report it for both.
     scored = model_and_ema if config.ema.decay else (lambda st: model_and_ema(st)[:1])

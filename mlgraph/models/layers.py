@@ -215,11 +215,9 @@ def _matmul_dw_is_faster(kernel_shape: tuple[int, ...]) -> bool:
     kernel. Measured for ResNet-101's shapes at 224 px, batch 8, 2 threads (forward, input and
     weight gradient; lax -> matmuls, ms): 1x1 64->256 145 -> 93, the 7x7/2 stem on 3 channels
     274 -> 223, but 3x3 64 114 -> 155, 3x3 256 41 -> 54 and 3x3 128, 512 and 128/2 even.
-    Those figures are under XLA's default fusions. With the train steps' option
-    (`mlgraph.xla_options`) the R101 trunk's train step takes the same time either way (2.13 s
-    with the matmuls, 2.12 s without), but SALGL's whole train step without them spent over
-    12 minutes in YNNPACK's scheduler before its first step ended (stopped there), so they
-    stay."""
+    Those figures are under XLA's default fusions. With YNNPACK's elementwise and reduction
+    fusions on, SALGL's train step without the matmuls spent over 12 minutes in YNNPACK's
+    scheduler before its first step ended (stopped there), so they stay."""
     kh, kw, cin = kernel_shape[:3]
     return kh * kw == 1 or cin <= 4
 

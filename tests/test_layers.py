@@ -110,8 +110,9 @@ def test_matmul_weight_gradient_only_where_it_is_faster(kernel, cin, matmul):
 
 
 def _largest_fusions(train: bool) -> list[int]:
-    """Operand counts of the two largest fusions XLA:CPU compiles (its default fusions) for a
-    ResNet with a stage of 8 identity blocks: the train gradient, or the eval forward."""
+    """Operand counts of the two largest fusions XLA:CPU compiles (with the test process's
+    XLA_FLAGS: -O0 and `mlgraph.xla_options`') for a ResNet with a stage of 8 identity blocks:
+    the train gradient, or the eval forward."""
     import jax
 
     from mlgraph.models.backbones import resnet

@@ -5,6 +5,7 @@
     python -m mlgraph.bench input --config configs/NAME.py [--batches 20]
     python -m mlgraph.bench input --config configs/NAME.py --jpegs 64
     python -m mlgraph.bench memory --config configs/NAME.py [--num_classes 1006] [--batch 64]
+    python -m mlgraph.bench train|input|memory --workdir DIR    (a run's own config)
 
 `memory`: compiles (without running) the train step at `config.batch_size` and the eval
 forward at `--batch` (default `config.eval_batch_size`) over all `--num_classes` labels, and
@@ -36,11 +37,15 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mlgraph import assets, sharding, step_cost, train
+from mlgraph import assets, evaluation, sharding, step_cost, train_state, train_step
+from mlgraph import workdir as workdirs
 from mlgraph.data import cooccurrence, datasets, pipeline
-from mlgraph.errors import DataError, MlgraphError
+from mlgraph.errors import ConfigError, DataError, MlgraphError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "A training workdir: bench the config it was trained with (not --config)."
+)
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed train steps (after 2 warm-up steps).")
 _BATCHES = flags.DEFINE_integer("batches", 20, "Timed input batches (after 2 warm-up).")
 _CLASSES = flags.DEFINE_integer(
@@ -136,7 +141,7 @@ def bench_train(
     repl, data_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     b, s = config.batch_size, config.image_size
     training = synthetic_training(b, num_classes)
-    mod, graphdef, tx, state = train.init_train_state(config, num_classes, 1000, training)
+    mod, graphdef, tx, state = train_state.init_train_state(config, num_classes, 1000, training)
     state = jax.device_put(state, repl)
     state_sh = jax.tree.map(lambda _: repl, state)
     rng = np.random.default_rng(0)
@@ -149,7 +154,7 @@ def bench_train(
         data_sh,
     )
     step = jax.jit(
-        train.make_train_step(mod, graphdef, tx, config, 1000),
+        train_step.make_train_step(mod, graphdef, tx, config, 1000),
         in_shardings=(state_sh, data_sh),
         out_shardings=(state_sh, repl),
         # As in training: without it every step allocates a new state (SALGL R101 at 224 px,
@@ -167,7 +172,7 @@ def bench_train(
 
     if profile_dir:
         parts, total = step_cost.cost_by_part(
-            train.make_train_step(mod, graphdef, tx, config, 1000), state, batch
+            train_step.make_train_step(mod, graphdef, tx, config, 1000), state, batch
         )
         print(step_cost.format_table(parts, total))
         with jax.profiler.trace(profile_dir):
@@ -176,7 +181,7 @@ def bench_train(
     else:
         seconds = _timed(one_step, steps)
     predict = jax.jit(
-        train.make_predict(graphdef, lambda st: ((st["params"], st["rest"]),)),
+        evaluation.make_predict(graphdef, evaluation.live),
         in_shardings=(state_sh, data_sh),
         out_shardings=(data_sh,),
     )
@@ -229,7 +234,7 @@ def bench_memory(config, num_classes: int, eval_batch: int) -> dict[str, float]:
     b, s = config.batch_size, config.image_size
     eval_batch = eval_batch or config.eval_batch_size
     training = synthetic_training(b, num_classes)
-    mod, graphdef, tx, state = train.init_train_state(config, num_classes, 1000, training)
+    mod, graphdef, tx, state = train_state.abstract_train_state(config, num_classes, 1000, training)
     abstract = lambda tree, sh: jax.tree.map(  # noqa: E731
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), tree
     )
@@ -241,14 +246,14 @@ def bench_memory(config, num_classes: int, eval_batch: int) -> dict[str, float]:
         "index": np.zeros((b,), np.int32),
     }
     step = jax.jit(
-        train.make_train_step(mod, graphdef, tx, config, 1000),
+        train_step.make_train_step(mod, graphdef, tx, config, 1000),
         in_shardings=(state_sh, data_sh),
         out_shardings=(state_sh, repl),
         donate_argnums=0,
     )
     train_mem = _memory(step.lower(state_abs, abstract(batch, data_sh)).compile())
     predict = jax.jit(
-        train.make_predict(graphdef, lambda st: ((st["params"], st["rest"]),)),
+        evaluation.make_predict(graphdef, evaluation.live),
         in_shardings=(state_sh, data_sh),
         out_shardings=(data_sh,),
     )
@@ -285,9 +290,11 @@ def main(argv: list[str]) -> None:
     """Entry point after flag parsing."""
     logging.set_verbosity(logging.WARNING)
     if len(argv) != 2 or argv[1] not in ("train", "input", "memory"):
-        raise app.UsageError("usage: python -m mlgraph.bench train|input|memory --config FILE")
+        raise app.UsageError(
+            "usage: python -m mlgraph.bench train|input|memory --config FILE (or --workdir DIR)"
+        )
     try:
-        result = _run(argv[1], _CONFIG.value)
+        result = _run(argv[1], _config())
     except MlgraphError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -296,6 +303,17 @@ def main(argv: list[str]) -> None:
     print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}")
     for key, value in result.items():
         print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+
+
+def _config():
+    """The config to bench: `--config`'s, or the one `--workdir`'s run was trained with.
+
+    Raises:
+      ConfigError: neither or both given.
+    """
+    if (_CONFIG.value is None) == (_WORKDIR.value is None):
+        raise ConfigError("give exactly one of --config FILE or --workdir DIR")
+    return _CONFIG.value if _WORKDIR.value is None else workdirs.read_config(_WORKDIR.value)
 
 
 def _run(command: str, config) -> dict | None:

@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from mlgraph import init_from, sharding, train
+from mlgraph import checkpointing, evaluation, sharding, train_state, train_step
 from mlgraph.data import datasets
 from mlgraph.errors import ConfigError
 from mlgraph.torch_reference import require_torch
@@ -174,7 +174,7 @@ def build_pair(config, num_classes: int):
     b = config.batch_size
     observed = np.eye(num_classes, dtype=np.float32)[np.arange(b) % num_classes]
     training = datasets.TrainingSplit(range(b), num_classes, observed)
-    mod, graphdef, tx, state = train.init_train_state(config, num_classes, 1000, training)
+    mod, graphdef, tx, state = train_state.init_train_state(config, num_classes, 1000, training)
 
     torch.manual_seed(config.seed)
     tm = method.build(config, num_classes, state)
@@ -182,8 +182,8 @@ def build_pair(config, num_classes: int):
         module, table = method.convert(_state_dict(tm), config, pathlib.Path(scratch))
     freeze_like_mlgraph(tm, table, config.optimizer.frozen)
     _, params, rest = nnx.split(module, nnx.Param, ...)
-    state["params"] = init_from.fill_from(state["params"], params, "the torch model's weights")
-    state["rest"] = init_from.fill_from(state["rest"], rest, "the torch model's buffers")
+    state["params"] = checkpointing.fill_from(state["params"], params, "the torch model's weights")
+    state["rest"] = checkpointing.fill_from(state["rest"], rest, "the torch model's buffers")
     state["opt"] = tx.init(state["params"])
     state["ema"] = jax.tree.map(jnp.copy, {"params": state["params"], "rest": state["rest"]})
     return tm, (mod, graphdef, tx, state, config), method
@@ -272,7 +272,7 @@ def bench_against_torch(config, steps: int, num_classes: int) -> dict[str, float
         {"image": images, "labels": labels, "index": np.arange(b, dtype=np.int32)}, data_sh
     )
     step = jax.jit(
-        train.make_train_step(mod, graphdef, tx, config, 1000),
+        train_step.make_train_step(mod, graphdef, tx, config, 1000),
         in_shardings=(state_sh, data_sh),
         out_shardings=(state_sh, repl),
         donate_argnums=0,
@@ -284,7 +284,7 @@ def bench_against_torch(config, steps: int, num_classes: int) -> dict[str, float
         return m["loss"]
 
     predict = jax.jit(
-        train.make_predict(graphdef, lambda st: ((st["params"], st["rest"]),)),
+        evaluation.make_predict(graphdef, evaluation.live),
         in_shardings=(state_sh, data_sh),
         out_shardings=(data_sh,),
     )

@@ -21,17 +21,18 @@ import logging
 import pathlib
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 
 from mlgraph import paths
-from mlgraph.errors import WorkdirError, warn
+from mlgraph.errors import ConfigError, WorkdirError, warn
 
 WEIGHTS_DIR = "weights"
 EXTRA_DIR = "extra"
@@ -100,6 +101,33 @@ def _restore_item(item: pathlib.Path) -> Any:
     return jax.tree.map(np.asarray, tree)
 
 
+def _names(path) -> tuple[str, ...]:
+    """A pytree path as plain names, whatever the container types (dicts, lists, State)."""
+    return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def fill_from(target: Any, saved: Any, what: str, field: str = "config.init_from") -> Any:
+    """`target` (e.g. a model's abstract state) with every leaf replaced by the leaf of `saved`
+    (a restored tree of nested dicts) at the same path, in the target's dtype.
+
+    Raises:
+      ConfigError: naming `field` and `what`, for a leaf missing from `saved` or of another
+        shape.
+    """
+    found = {_names(p): v for p, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
+
+    def pick(path, leaf):
+        value = found.get(_names(path))
+        if value is None or tuple(value.shape) != tuple(leaf.shape):
+            raise ConfigError(
+                f"{field}: {what} has no {'/'.join(_names(path))} of shape "
+                f"{tuple(leaf.shape)} (found {None if value is None else tuple(value.shape)})"
+            )
+        return jnp.asarray(value, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(pick, target)
+
+
 BEST_METRIC = "best"  # the saved metric checkpoints are ranked by (config.best_metric's value)
 
 
@@ -165,6 +193,30 @@ def _everywhere(ok: bool) -> bool:
     if jax.process_count() == 1:
         return ok
     return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def first_readable(
+    steps: Sequence[int], read: Callable[[int], Any]
+) -> tuple[int | None, Any, list[tuple[int, str]]]:
+    """`read(step)` of the first of `steps` that every process reads.
+
+    Returns:
+      (its step, what `read` gave, [(step, reason) of each step before it that failed]); the
+      step and value are None when none could be read.
+    """
+    failed = []
+    for step in steps:
+        reason, value = None, None
+        try:
+            value = read(step)
+        except Exception as e:  # any read failure: truncated, emptied, missing files
+            reason = describe_error(e)
+        if reason is not None:
+            _quiet_abandoned_reads()
+        if _everywhere(reason is None):
+            return step, value, failed
+        failed.append((step, reason or "unreadable on another process"))
+    return None, None, failed
 
 
 class TrainCheckpoints:
@@ -354,19 +406,9 @@ class TrainCheckpoints:
           (its step, its state, [(step, reason) of each step before it that failed]); the step
           and state are None when none could be read.
         """
-        failed = []
-        for step in steps:
-            reason, state = None, None
-            try:
-                state = self.restore(step, abstract_state, data_iterator, defaults)
-            except Exception as e:  # any read failure: truncated, emptied, missing files
-                reason = describe_error(e)
-            if reason is not None:
-                _quiet_abandoned_reads()
-            if _everywhere(reason is None):
-                return step, state, failed
-            failed.append((step, reason or "unreadable on another process"))
-        return None, None, failed
+        return first_readable(
+            steps, lambda step: self.restore(step, abstract_state, data_iterator, defaults)
+        )
 
     def restore_latest(
         self, abstract_state: Any, data_iterator=None, defaults: Mapping[str, Any] | None = None
@@ -394,24 +436,53 @@ class TrainCheckpoints:
             self.manager.reload()
         return step, state
 
+    def read(
+        self, step: int, parts: Sequence[str] | None = None, sharding: Any = None
+    ) -> dict[str, Any]:
+        """The top-level entries `parts` (default: all) of the train state saved at `step`, as
+        arrays on `sharding` (default: this host's first device), the rest left unread; the
+        structure comes from the checkpoint itself, so no state needs to be built first.
+
+        Raises:
+          WorkdirError: a part the checkpoint does not hold.
+        """
+        meta = dict(self.manager.item_metadata(step)["state"])
+        parts = list(meta) if parts is None else list(parts)
+        missing = [p for p in parts if p not in meta]
+        if missing:
+            raise WorkdirError(
+                f"{self.directory / str(step)}: the saved state has no {', '.join(missing)} "
+                f"(it holds {', '.join(meta)})"
+            )
+        # Readable whatever devices (or hosts) wrote the checkpoint.
+        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = {
+            p: jax.tree.map(
+                lambda m: (
+                    jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding)
+                    if hasattr(m, "shape")
+                    else m
+                ),
+                meta[p],
+            )
+            for p in parts
+        }
+        # The manager's handler reads whole states; a PyTree read of the same files may leave
+        # parts out (the optimizer state, twice the parameters, is not needed to use a model).
+        with ocp.PyTreeCheckpointer() as ckptr:
+            return ckptr.restore(
+                self.directory / str(step) / "state",
+                args=ocp.args.PyTreeRestore(
+                    item=target,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                    partial_restore=True,
+                ),
+            )
+
     def read_state(self, step: int) -> Any:
-        """The train state saved at `step` as host numpy arrays, without a target structure
-        (for inspection and tests; training restores with `restore`)."""
-        meta = self.manager.item_metadata(step)["state"]
-        # Onto one local device: readable whatever devices (or hosts) wrote the checkpoint.
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = jax.tree.map(
-            lambda m: (
-                jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)
-                if hasattr(m, "shape")
-                else m
-            ),
-            meta,
-        )
-        restored = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
-        )
-        return jax.tree.map(np.asarray, restored["state"])
+        """The whole train state saved at `step` as host numpy arrays (for inspection and
+        tests; training restores with `restore`)."""
+        return jax.tree.map(np.asarray, self.read(step))
 
     def close(self) -> None:
         """Finish pending writes and release the manager."""

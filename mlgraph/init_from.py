@@ -9,70 +9,40 @@ import json
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
-from mlgraph import checkpointing, paths
+from mlgraph import checkpointing, paths, workdir
 from mlgraph.errors import ConfigError
 
 
 def is_workdir(path: str) -> bool:
     """Whether `path` is a training workdir (a `config.init_from` that continues a run's
     model, such as the second phase of the SPML linear-init protocol)."""
-    p = paths.path(path, "config.init_from")
-    return (p / "config.json").is_file() and (p / "checkpoints").is_dir()
+    return workdir.is_run(paths.path(path, "config.init_from"))
 
 
 def read_workdir_state(path: str, model_cfg: ml_collections.ConfigDict) -> dict:
-    """The train state of workdir `path`'s best checkpoint (else its latest), as numpy.
+    """The live model and per-example state (`params`, `rest`, `extra`) of training workdir
+    `path` at the step `mlgraph.workdir`'s policy picks (the best, else the newest readable),
+    as numpy.
 
     Fields that change no weight (e.g. `frozen_bn`, frozen in a linear phase) may differ; a
-    weight of another shape is an error when it is filled in (`fill_from`).
+    weight of another shape is an error when it is filled in (`checkpointing.fill_from`).
 
     Raises:
-      ConfigError: the workdir trained another method, or has no checkpoint.
+      ConfigError: the workdir trained another method.
+      WorkdirError: it has no readable checkpoint.
     """
-    workdir = paths.path(path, "config.init_from")
-    saved = json.loads((workdir / "config.json").read_text()).get("model", {})
+    saved = workdir.read_config(path, "config.init_from").get("model", {})
     if saved.get("name") != model_cfg.name:
         raise ConfigError(
             f"config.init_from={path}: the workdir trained a {saved.get('name')!r} model, but "
             f"config.model.name={model_cfg.name!r}"
         )
-    ckpts = checkpointing.TrainCheckpoints(workdir / "checkpoints")
-    step = ckpts.best_step() or ckpts.latest_step()
-    try:
-        if step is None:
-            raise ConfigError(f"config.init_from={path}: the workdir has no checkpoint yet")
-        return ckpts.read_state(step)
-    finally:
-        ckpts.close()
-
-
-def _names(path) -> tuple[str, ...]:
-    """A pytree path as plain names, whatever the container types (dicts, lists, State)."""
-    return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
-
-
-def fill_from(target: Any, saved: Any, what: str) -> Any:
-    """`target` with every leaf replaced by the leaf of `saved` at the same path.
-
-    Raises:
-      ConfigError: a leaf missing from `saved` or of another shape.
-    """
-    found = {_names(p): v for p, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
-
-    def pick(path, leaf):
-        value = found.get(_names(path))
-        if value is None or tuple(value.shape) != tuple(leaf.shape):
-            raise ConfigError(
-                f"config.init_from: {what} has no {'/'.join(_names(path))} of shape "
-                f"{tuple(leaf.shape)} (found {None if value is None else tuple(value.shape)})"
-            )
-        return jnp.asarray(value, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(pick, target)
+    state, _ = workdir.read_state(path, parts=("params", "rest", "extra"), flag="config.init_from")
+    return jax.tree.map(np.asarray, state)
 
 
 def carry_extra(extra: dict, saved: dict) -> dict:
@@ -85,7 +55,9 @@ def carry_extra(extra: dict, saved: dict) -> dict:
     out = dict(extra)
     for name, value in extra.items():
         if not name.endswith("_opt") and name in saved:
-            out[name] = fill_from(value, saved[name], f"the workdir's extra state {name!r}")
+            out[name] = checkpointing.fill_from(
+                value, saved[name], f"the workdir's extra state {name!r}"
+            )
     return out
 
 
@@ -129,7 +101,7 @@ def init_from_weights(model: nnx.Module, path: str) -> None:
     """Fill `model` (or its backbone) from a weights checkpoint written by mlgraph.convert.
 
     Whether a whole-model checkpoint fits the config is `check_weights_settings`, which
-    `train.create_model` runs before it builds the model.
+    `train_state.create_model` runs before it builds the model.
     """
     tree, settings = checkpointing.load_weights(path)
     kind = settings.get("kind", "model")

@@ -40,10 +40,11 @@ from flax import nnx
 from ml_collections import config_flags
 from PIL import Image
 
-from mlgraph import checkpointing, cli, config_lib, init_from, models
+from mlgraph import checkpointing, cli, config_lib
 from mlgraph import paths as storage
 from mlgraph.data import images as image_files
-from mlgraph.errors import ConfigError, MlgraphError, WorkdirError, warn
+from mlgraph.errors import ConfigError, MlgraphError, warn
+from mlgraph.workdir import open_run
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -153,50 +154,17 @@ class Predictor:
         class_names: Sequence[str] | str | pathlib.Path | None = None,
         batch_size: int = 32,
     ) -> Predictor:
-        """The model (`ema`: its EMA) of a training workdir at `step` (default: the best step,
-        else the latest), under the run's config; class names from its data set unless given
-        (a list, or a file of one name a line).
+        """The model (`ema`: its EMA) of a training workdir at `step` (by default the best
+        step; `mlgraph.workdir`'s step policy), under the run's config; class names from its
+        data set unless given (a list, or a file of one name a line).
 
         Raises:
           WorkdirError: no such workdir, no checkpoint, or a step that cannot be read.
         """
-        from mlgraph import assets, evaluate
-        from mlgraph.data import datasets
-
-        workdir = storage.path(workdir, "--workdir")
-        config = evaluate.workdir_config(workdir)
-        dataset = datasets.open_dataset(config.data)
-        names = _class_names(class_names) or list(dataset.class_names)
-        config = assets.resolve(config, dataset.class_names, dataset.directory)
-        ckpts = checkpointing.TrainCheckpoints(workdir / "checkpoints")
-        try:
-            step = ckpts.pick_step(step)
-            try:
-                saved = ckpts.read_state(step)
-            except Exception as e:  # a damaged checkpoint: one line, and what to do
-                raise WorkdirError(
-                    f"{ckpts.directory}: step {step} cannot be read "
-                    f"({checkpointing.describe_error(e)}); saved steps: {ckpts.all_steps()}; "
-                    "pick another "
-                    "with --step N"
-                ) from None
-        finally:
-            ckpts.close()
-        training = datasets.training_split(dataset, config.data)
-        abstract = nnx.eval_shape(
-            lambda: models.create(
-                config,
-                num_classes=dataset.num_classes,
-                rngs=nnx.Rngs(0),
-                num_train_examples=training.num_examples,
-            )
-        )
-        graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-        source = saved["ema"] if ema else saved
-        what = f"{workdir} step {step}{' EMA' if ema else ''}"
-        params = init_from.fill_from(params, source["params"], f"{what} params")
-        rest = init_from.fill_from(rest, source["rest"], f"{what} state")
-        return cls(graphdef, params, rest, _check(names, dataset.num_classes), config, batch_size)
+        run = open_run(workdir, step, ema)
+        names = _class_names(class_names) or list(run.dataset.class_names)
+        names = _check(names, run.dataset.num_classes)
+        return cls(run.graphdef, run.params, run.rest, names, run.config, batch_size)
 
     @classmethod
     def from_checkpoint(
@@ -238,7 +206,7 @@ class Predictor:
             module = core.load_converted(path)
             graphdef, params, rest = nnx.split(module, nnx.Param, ...)
         else:
-            from mlgraph import assets, train
+            from mlgraph import assets, train_state
 
             config = ml_collections.ConfigDict(config.to_dict())
             config.init_from = str(path)
@@ -249,7 +217,7 @@ class Predictor:
                 dataset = datasets.open_dataset(config.data)
                 names = names or list(dataset.class_names)
                 config = assets.resolve(config, dataset.class_names, dataset.directory)
-            _, graphdef, params, rest = train.create_model(config, settings["num_classes"])
+            _, graphdef, params, rest = train_state.create_model(config, settings["num_classes"])
         if not names:
             raise ConfigError(
                 f"--checkpoint {path}: no class names (its settings.json has none); pass "

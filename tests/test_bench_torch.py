@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mlgraph import bench_torch, optim, recipes, train
+from mlgraph import bench_torch, optim, recipes, train_step
 from mlgraph.errors import ConfigError
 
 torch = pytest.importorskip("torch")
@@ -92,7 +92,7 @@ def test_ssgrl_train_steps_give_the_same_loss_and_update(tmp_path):
     labels = (rng.random((4, 5)) < 0.4).astype(np.float32)
     before = np.asarray(state["params"]["classifiers"]["weight"][...])
     batch = {"image": images, "labels": labels, "index": np.arange(4, dtype=np.int32)}
-    new_state, metrics = jax.jit(train.make_train_step(mod, graphdef, tx, built, 1000))(
+    new_state, metrics = jax.jit(train_step.make_train_step(mod, graphdef, tx, built, 1000))(
         state, batch
     )
     x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())

@@ -18,6 +18,7 @@ import pytest
 from train_helpers import REPO, final_state, tiny_config
 
 from mlgraph import evaluate, paths, train
+from mlgraph import workdir as workdirs
 from mlgraph.errors import StorageError, WorkdirError
 from mlgraph.metric_writer import read_metrics
 
@@ -122,7 +123,7 @@ def test_cloud_workdir_without_the_extra_is_one_line(monkeypatch):
         importlib.util, "find_spec", lambda name, *a: None if name == "gcsfs" else real(name, *a)
     )
     with pytest.raises(StorageError) as e:
-        train.create_workdir("gs://bucket/run")
+        workdirs.create("gs://bucket/run")
     assert str(e.value) == (
         "--workdir gs://bucket/run: gs:// paths need the gcsfs backend; install it with "
         "pip install 'mlgraph[gcs]'"
@@ -172,7 +173,7 @@ def test_append_and_lock_primitives_on_gcs(gcs):
 
 def test_workdir_in_a_missing_bucket_is_one_line(gcs):
     with pytest.raises(WorkdirError) as e:
-        train.create_workdir("gs://no-such-bucket/run")
+        workdirs.create("gs://no-such-bucket/run")
     assert str(e.value) == (
         "--workdir gs://no-such-bucket/run: bucket gs://no-such-bucket does not exist (or these "
         "credentials cannot see it); create it with gcloud storage buckets create "

@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 from train_helpers import REPO, fake_assets, load_config
 
-from mlgraph import models, train
+from mlgraph import models, train_state
 
 NUM_CLASSES = {"coco2014": 80, "voc2007": 20, "voc2012": 20, "nuswide": 81}
 CONFIGS = sorted(p.stem for p in (REPO / "configs").glob("*.py"))
@@ -35,7 +35,7 @@ def test_config_builds(name, tmp_path: pathlib.Path):
     fake_assets(c, num_classes, tmp_path)
     model = nnx.eval_shape(lambda: models.create(c, num_classes=num_classes, rngs=nnx.Rngs(0)))
     params = nnx.state(model, nnx.Param)
-    tx = train.make_optimizer(models.method_module(c.model.name), c, 1000, params)
+    tx = train_state.make_optimizer(models.method_module(c.model.name), c, 1000, params)
     jax.eval_shape(tx.init, params)
     images = jax.ShapeDtypeStruct((2, c.image_size, c.image_size, 3), np.float32)
     out = nnx.eval_shape(lambda m, x: m(x), model, images)

@@ -22,7 +22,7 @@ from torch_reference import (
     randomize_batch_norms,
 )
 
-from mlgraph import models
+from mlgraph import evaluation, models, train_state
 from mlgraph.convert import core
 from mlgraph.convert import salgl as convert_salgl
 from mlgraph.torch_reference import salgl as salgl_reference
@@ -399,7 +399,7 @@ def test_predict_on_a_converted_checkpoint_scores_as_evaluate(tmp_path):
     --checkpoint` builds, with the scene probabilities."""
     from PIL import Image
 
-    from mlgraph import config_lib, predict, recipes, train
+    from mlgraph import config_lib, predict, recipes
     from mlgraph.convert import convert_file
 
     ckpt = _experiment(tmp_path, _torch_model(1, **SOFT_MODEL), SOFT_YAML)
@@ -410,9 +410,9 @@ def test_predict_on_a_converted_checkpoint_scores_as_evaluate(tmp_path):
     config.model = recipes.model_config("salgl", **fields)
     config.image_size = settings["image_size"]
     config.init_from = str(out)
-    _, graphdef, params, rest = train.create_model(config, C)
+    _, graphdef, params, rest = train_state.create_model(config, C)
     images = _images(5, 1)
-    (want,) = jax.jit(train.make_predict(graphdef, lambda s: ((s[0], s[1]),)))(
+    (want,) = jax.jit(evaluation.make_predict(graphdef, lambda s: ((s[0], s[1]),)))(
         (params, rest), images
     )
     names = [f"class {i}" for i in range(C)]

@@ -5,7 +5,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mlgraph import config_lib, optim, recipes
+from mlgraph import config_lib, optim, recipes, train_state, train_step
 
 torch = pytest.importorskip("torch")
 
@@ -206,8 +206,6 @@ def test_only_trainable_parameters_are_differentiated_with_the_same_updates():
     import optax
     from flax import nnx
 
-    from mlgraph import train
-
     c = recipes.demo_config()
     c.image_size, c.batch_size = 32, 4
     c.optimizer.frozen = ("backbone/.*",)
@@ -215,14 +213,14 @@ def test_only_trainable_parameters_are_differentiated_with_the_same_updates():
         "baseline", backbone="simple_cnn", backbone_kwargs={"widths": (8, 16, 32)}
     )
     c.init_from = ""
-    mod, graphdef, tx, state = train.init_train_state(c, 5, 10)
+    mod, graphdef, tx, state = train_state.init_train_state(c, 5, 10)
     rng = np.random.default_rng(0)
     batch = {
         "image": rng.standard_normal((4, 32, 32, 3)).astype(np.float32),
         "labels": (rng.random((4, 5)) < 0.4).astype(np.float32),
         "index": np.arange(4, dtype=np.int32),
     }
-    step = jax.jit(train.make_train_step(mod, graphdef, tx, c, 10))
+    step = jax.jit(train_step.make_train_step(mod, graphdef, tx, c, 10))
     new, _ = step(state, batch)
 
     def full_gradient_step(state, batch):  # what the step did before: grads of every param
@@ -255,7 +253,7 @@ def test_only_trainable_parameters_are_differentiated_with_the_same_updates():
                 count += convolutions(sub)
         return count
 
-    step_fn = train.make_train_step(mod, graphdef, tx, c, 10)
+    step_fn = train_step.make_train_step(mod, graphdef, tx, c, 10)
     # simple_cnn (8, 16, 32): 3 stages of 2 convolutions; the full gradient adds 6 weight
     # gradients and 5 input gradients (the first layer's input is the image).
     assert convolutions(jax.make_jaxpr(step_fn)(state, batch).jaxpr) == 6

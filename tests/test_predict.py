@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 
-import jax
 import numpy as np
 import pytest
 from train_helpers import tiny_config
 
-from mlgraph import predict, sharding, train
-from mlgraph.data import datasets
+from mlgraph import evaluation, predict, train
 
 STEPS = 2
 
@@ -28,20 +26,16 @@ def workdir(tiny_coco_dir, tmp_path_factory):
 def eval_scores(config, workdir) -> dict[int, np.ndarray]:
     """The EMA's scores of every evaluation image by image id, as training's evaluation
     computes them (the data set's stored pixels, the pipeline's transform)."""
-    from mlgraph import checkpointing, evaluate
+    from mlgraph import models
+    from mlgraph.workdir import open_run
 
-    dataset = datasets.open_dataset(config.data)
-    mesh = sharding.make_mesh()
-    training = datasets.training_split(dataset, config.data)
-    _, graphdef, _, state = train.init_train_state(config, dataset.num_classes, STEPS, training)
-    ckpts = checkpointing.TrainCheckpoints(workdir / "checkpoints")
-    repl = sharding.replicated(mesh)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), state)
-    state, _ = evaluate.restore_step(ckpts, STEPS, abstract, None)
-    ckpts.close()
-    p = jax.jit(train.make_predict(graphdef, train.model_and_ema))
-    source = dataset.sources[config.data.eval_split]
-    result = train.evaluate_scores(p, state, source, config, dataset.num_classes, mesh)
+    run = open_run(workdir, STEPS)
+    mod = models.method_module(run.config.model.name)
+    scorer = evaluation.Scorer(
+        mod, run.config, run.graphdef, run.mesh, run.state, run.dataset.num_classes
+    )
+    source = run.dataset.sources[config.data.eval_split]
+    result = scorer.scores(run.state, source)
     ids = [int(source[i]["image_id"]) for i in range(len(source))]
     return dict(zip(ids, result["scores"][1], strict=True))
 

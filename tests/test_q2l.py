@@ -26,7 +26,7 @@ import pytest
 from flax import nnx
 from torch_reference import randomize_batch_norms
 
-from mlgraph import config_lib, models, optim, recipes, train
+from mlgraph import config_lib, models, optim, recipes, train_state, train_step
 from mlgraph.convert import convert_file, core
 from mlgraph.convert import q2l as convert_q2l
 from mlgraph.convert.__main__ import main
@@ -253,14 +253,14 @@ def test_frozen_batch_norm_affine_is_never_trained():
         ffn_dim=64,
     )
     assert tuple(c.optimizer.frozen) == recipes.Q2L_FROZEN_BACKBONE
-    mod, graphdef, tx, state = train.init_train_state(c, 3, 10)
+    mod, graphdef, tx, state = train_state.init_train_state(c, 3, 10)
     rng = np.random.default_rng(0)
     batch = {
         "image": jnp.asarray(rng.normal(size=(4, 64, 64, 3)), jnp.float32),
         "labels": jnp.asarray(rng.random((4, 3)) < 0.5, jnp.float32),
         "index": jnp.arange(4),
     }
-    new, _ = jax.jit(train.make_train_step(mod, graphdef, tx, c, 10))(state, batch)
+    new, _ = jax.jit(train_step.make_train_step(mod, graphdef, tx, c, 10))(state, batch)
 
     def flat(tree):
         return {"/".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(tree)}
@@ -404,7 +404,7 @@ def test_training_from_a_converted_checkpoint_checks_the_architecture(tmp_path):
         num_heads=v["heads"],
         ffn_dim=v["ffn"],
     )
-    _, _, params, _ = train.create_model(c, K)
+    _, _, params, _ = train_state.create_model(c, K)
     np.testing.assert_array_equal(
         np.asarray(params["query_embed"][...]),
         np.asarray(_torch_model(v, 3).query_embed.weight.detach()),
@@ -412,14 +412,14 @@ def test_training_from_a_converted_checkpoint_checks_the_architecture(tmp_path):
     # Same shapes, other head count: the outputs would differ silently, so it is refused.
     c.model.num_heads = 8
     with pytest.raises(ConfigError) as e:
-        train.create_model(c, K)
+        train_state.create_model(c, K)
     assert str(e.value) == (
         f"config.init_from={tmp_path / 'w'}: the checkpoint's model differs from config.model in "
         "num_heads (checkpoint 4, config 8); set these config.model fields as in its settings.json"
     )
     c.model = recipes.model_config("mlgcn", embed_dim=4)
     with pytest.raises(ConfigError) as e:
-        train.create_model(c, K)
+        train_state.create_model(c, K)
     assert str(e.value) == (
         f"config.init_from={tmp_path / 'w'}: holds a 'q2l' model, but config.model.name='mlgcn'"
     )

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mlgraph import losses, optim
+from mlgraph import losses, optim, train_state
 from mlgraph.convert import core
 from mlgraph.convert import scob as convert_scob
 from mlgraph.models import cam, scob
@@ -497,7 +497,7 @@ def test_scob_run_stops_and_resumes_exactly(scob_workdir, tiny_coco_dir, tmp_pat
     filled = once["extra"]["bank"]["filled"]
     assert 0 < filled.sum() <= min(16, 2 * 4)
     # The momentum branch never moves under the faithful bug; the online branch does.
-    _, _, init, _ = train.create_model(_run_config(tiny_coco_dir), num_classes=4)
+    _, _, init, _ = train_state.create_model(_run_config(tiny_coco_dir), num_classes=4)
     for branch, moved in (("fm2_14", False), ("fm1_14", True)):
         saved = once["params"][branch]["feat_conv"]["kernel"]["value"]
         assert (not np.array_equal(saved, init[branch]["feat_conv"]["kernel"][...])) == moved

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 from train_helpers import tiny_config
 
-from mlgraph import evaluate, optim, recipes, train
+from mlgraph import evaluate, evaluation, optim, recipes, train, train_state, train_step
 from mlgraph.data import datasets
 from mlgraph.errors import ConfigError
 from mlgraph.models import sigrl
@@ -75,7 +75,7 @@ def test_open_vocabulary_run_logs_zsl_and_gzsl_and_evaluate_reproduces_them(
     for view in ("zsl", "gzsl"):
         for key, value in results["views"][view].items():
             assert value == pytest.approx(evals[0][f"eval/{view}_{key}"], abs=1e-9), (view, key)
-    table_text = evaluate.format_views(results["views"])
+    table_text = evaluation.format_views(results["views"])
     assert table_text.splitlines()[0].split() == [
         "view", "mAP", "P@3", "R@3", "F1@3", "P@5", "R@5", "F1@5",
     ]  # fmt: skip
@@ -114,8 +114,8 @@ def _state(data_dir, tmp_path):
     c.optimizer.frozen = sigrl.frozen_patterns(0, cnn=True)
     dataset = datasets.open_dataset(c.data)
     training = datasets.training_split(dataset, c.data)
-    mod, graphdef, tx, state = train.init_train_state(c, 4, 10, training)
-    step = jax.jit(train.make_train_step(mod, graphdef, tx, c, 10))
+    mod, graphdef, tx, state = train_state.init_train_state(c, 4, 10, training)
+    step = jax.jit(train_step.make_train_step(mod, graphdef, tx, c, 10))
     return c, dataset, state, step, tx
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mlgraph import recipes, step_cost, train
+from mlgraph import recipes, step_cost, train_state, train_step
 
 
 def test_part_of_reads_the_scope_and_the_direction():
@@ -23,14 +23,14 @@ def _salgl():
     c.model.backbone_kwargs = {"widths": (16, 32, 64)}
     c.model.update(num_steps=1, embed_type="random", embed_path="", att_dim=16, ffn_dim=32)
     c.init_from = ""
-    mod, graphdef, tx, state = train.init_train_state(c, 5, 10)
+    mod, graphdef, tx, state = train_state.init_train_state(c, 5, 10)
     rng = np.random.default_rng(0)
     batch = {
         "image": rng.standard_normal((2, 64, 64, 3)).astype(np.float32),
         "labels": (rng.random((2, 5)) < 0.4).astype(np.float32),
         "index": np.arange(2, dtype=np.int32),
     }
-    return train.make_train_step(mod, graphdef, tx, c, 10), state, batch
+    return train_step.make_train_step(mod, graphdef, tx, c, 10), state, batch
 
 
 def test_parts_of_a_salgl_step_sum_to_the_whole_step():

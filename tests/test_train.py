@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from train_helpers import REPO, final_state, tiny_config
 
-from mlgraph import checkpointing, recipes, train
+from mlgraph import checkpointing, evaluation, recipes, train, train_state, train_step
 from mlgraph.data import datasets, demo
 from mlgraph.metric_writer import read_metrics
 
@@ -152,7 +152,7 @@ def test_evaluate_restores_same_metrics(data_dir, tmp_path):
         assert value == pytest.approx(last[f"eval/{name}"], abs=1e-9), name
     for name, value in result["ema"].items():
         assert value == pytest.approx(last[f"eval/ema_{name}"], abs=1e-9), name
-    table = evaluate.format_table({"model": result["model"], "ema": result["ema"]})
+    table = evaluation.format_table({"model": result["model"], "ema": result["ema"]})
     assert table.splitlines()[0].split()[:4] == ["model", "mAP", "mAP_ni", "CP"]
     assert f"{result['ema']['mAP']:7.2f}".strip() in table.splitlines()[2]
 
@@ -166,11 +166,11 @@ def test_ema_update_averages_or_copies_live():
     live = {"params": {"w": jnp.ones(2)}, "rest": {"comatrix": {"value": jnp.full(3, 5.0)}}}
     config = tiny_config("/unused")
     config.model = recipes.model_config("salgl", comat_ema=True)
-    averaged = train.ema_update(ema, live, 0.9, salgl.ema_live_paths(config))
+    averaged = train_step.ema_update(ema, live, 0.9, salgl.ema_live_paths(config))
     np.testing.assert_allclose(averaged["rest"]["comatrix"]["value"], 0.5)
     np.testing.assert_allclose(averaged["params"]["w"], 0.1, rtol=1e-6)
     config.model = recipes.model_config("salgl", comat_ema=False)
-    copied = train.ema_update(ema, live, 0.9, salgl.ema_live_paths(config))
+    copied = train_step.ema_update(ema, live, 0.9, salgl.ema_live_paths(config))
     np.testing.assert_allclose(copied["rest"]["comatrix"]["value"], 5.0)
     np.testing.assert_allclose(copied["params"]["w"], 0.1, rtol=1e-6)
 
@@ -185,7 +185,7 @@ def test_evaluate_converted_checkpoint(data_dir, tmp_path):
 
     config = tiny_config(data_dir)
     dataset = datasets.open_dataset(config.data)
-    _, graphdef, params, rest = train.create_model(config, dataset.num_classes)
+    _, graphdef, params, rest = train_state.create_model(config, dataset.num_classes)
     # Distinct weights from a fresh init, so that loading them is what is measured.
     params = jax.tree.map(lambda x: x + 0.05 * np.sign(np.asarray(x) + 0.01), params)
     model = nnx.merge(graphdef, params, rest)

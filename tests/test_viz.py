@@ -332,5 +332,5 @@ def test_module_entry_point_exit_status(salgl_workdir, tmp_path):
     )
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1] == (
-        f"error: --workdir {tmp_path / 'missing'}: no such folder"
+        f"error: --workdir {tmp_path / 'missing'}: does not exist"
     )

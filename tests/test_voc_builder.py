@@ -234,7 +234,7 @@ def test_difficult_pairs_left_out_of_metrics(voc2007):
     """The eval pipeline turns `difficult` into a label mask and the metrics honour it."""
     import ml_collections
 
-    from mlgraph import config_lib, metrics, train
+    from mlgraph import config_lib, evaluation, metrics
     from mlgraph.data import pipeline
 
     _, _, builder = voc2007
@@ -255,12 +255,12 @@ def test_difficult_pairs_left_out_of_metrics(voc2007):
     # masked, it is no false positive; unmasked, it costs overall precision.
     scores = labels * 0.9 + 0.05
     scores[ids.index("000001"), NAMES.index("person")] = 1.0
-    with_mask = train.eval_metrics(
+    with_mask = evaluation.eval_metrics(
         {"scores": [scores], "labels": labels, "label_mask": label_mask}, prefixes=("",)
     )
     assert with_mask["mAP"] == pytest.approx(100.0)
     assert with_mask["OP"] == pytest.approx(100.0)
-    unmasked = train.eval_metrics({"scores": [scores], "labels": labels}, prefixes=("",))
+    unmasked = evaluation.eval_metrics({"scores": [scores], "labels": labels}, prefixes=("",))
     assert unmasked["OP"] == pytest.approx(100.0 * 4 / 5)
     assert metrics.mean_average_precision(scores, labels > 0.5, label_mask) == pytest.approx(100)
 

@@ -2,8 +2,8 @@
 
 A method is one module `mlgraph/models/<name>.py`, found by `config.model.name` (a name with a
 dot is imported as it is: a method kept outside the package, such as the tests' toy). The training
-loop (`mlgraph.train`), `evaluate`, `bench`, the converters and the tests reach it only through
-the names below.
+loop (`mlgraph.train`, `train_state`, `train_step`), `evaluation`, `bench`, the converters and
+the tests reach it only through the names below.
 
 Must define:
 
@@ -25,9 +25,9 @@ May define:
   `rest/...`) the EMA model takes live instead of averaging (SALGL's counts with comat_ema off).
 * `make_optimizer(config, total_steps, params)`: an object with `init(params)` for the
   optimizer state `state["opt"]` (default: `mlgraph.optim.make_optimizer`, one optax chain).
-* `make_train_step(ctx: mlgraph.train.StepContext)`: its own `(state, batch) -> (state,
+* `make_train_step(ctx: mlgraph.train_step.StepContext)`: its own `(state, batch) -> (state,
   metrics)` step, jitted by the loop (several optimizer updates, parameter groups that skip a
-  step); default `mlgraph.train.default_train_step`.
+  step); default `mlgraph.train_step.default_train_step`.
 * `init_extra(config, training: mlgraph.data.datasets.TrainingSplit)`: a pytree of arrays
   kept as `state["extra"]`, checkpointed and restored with the rest of the state (per-example
   label matrices `[N_train, C]` indexed by `batch["index"]`, such as the observed single
@@ -123,6 +123,12 @@ def field_defaults(name: str) -> dict[str, Any]:
         # Mapping defaults (an immutable empty `backbone_kwargs`) become plain dicts.
         fields[arg] = dict(p.default) if isinstance(p.default, Mapping) else p.default
     return fields
+
+
+def takes_num_train_examples(name: str) -> bool:
+    """Whether method `name`'s `Model` is built with the size of the training split (for
+    per-example state such as ROLE's label matrix)."""
+    return "num_train_examples" in _parameters(method_module(name).Model)
 
 
 def _plain(value: Any) -> Any:

@@ -23,7 +23,6 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from mlgraph import paths as storage
 from mlgraph.errors import ConfigError, DataError, WorkdirError
 from mlgraph.viz.heatmap import (
     cooccurrence_prob,
@@ -67,27 +66,17 @@ def read_comatrix(
 ) -> tuple[np.ndarray, int]:
     """(comatrix [K, C, C] float64, step) saved in `workdir`'s training checkpoints.
 
-    `step` defaults to the best step by EMA mAP (else the latest); `ema` picks the EMA model's
-    counts (else the live model's). `purpose` names what needs them, for the error message.
+    `step` follows `mlgraph.workdir`'s step policy (by default the best step, else the newest
+    readable); `ema` picks the EMA model's counts (else the live model's). `purpose` names what
+    needs them, for the error message.
 
     Raises:
-      WorkdirError: no checkpoints, a step that is not saved, or a checkpoint without
-        `comatrix` (not a SALGL run).
+      WorkdirError: no checkpoints, a step that is not saved or readable, or a checkpoint
+        without `comatrix` (not a SALGL run).
     """
-    from mlgraph import checkpointing
+    from mlgraph import workdir as workdirs
 
-    workdir = storage.path(workdir, "--workdir")
-    ckpt_dir = workdir / "checkpoints"
-    if not workdir.is_dir():
-        raise WorkdirError(f"--workdir {workdir}: no such folder")
-    if not ckpt_dir.is_dir():
-        raise WorkdirError(f"--workdir {workdir}: no checkpoints in {ckpt_dir}")
-    ckpts = checkpointing.TrainCheckpoints(ckpt_dir)
-    try:
-        step = ckpts.pick_step(step)
-        state = ckpts.read_state(step)
-    finally:
-        ckpts.close()
+    state, step = workdirs.read_state(workdir, step, parts=("ema" if ema else "rest",))
     which = "the EMA model" if ema else "the model"
     holder = state.get("ema", {}) if ema else state
     comatrix = _unwrap(holder.get("rest", {}).get("comatrix"))
@@ -126,10 +115,10 @@ def read_class_names(
     """
     if classes_file:
         return read_classes_file(classes_file), None
+    from mlgraph import workdir as workdirs
     from mlgraph.data import datasets
-    from mlgraph.evaluate import workdir_config
 
-    config = workdir_config(storage.path(workdir, "--workdir"))
+    config = workdirs.read_config(workdir)
     return list(datasets.open_dataset(config.data).class_names), config
 
 

@@ -153,22 +153,23 @@ def draw(
       WorkdirError: a workdir that did not train Scob (or has no checkpoint).
       DataError: an unreadable image; ConfigError: an unknown class name.
     """
-    from mlgraph import evaluate
+    from mlgraph import workdir as workdirs
 
     if not images:
         raise ConfigError("cam: no IMAGE given (python -m mlgraph.viz cam --workdir DIR IMAGE...)")
-    run = evaluate.restore_workdir(workdir, step)
-    if run.config.model.name != "scob":
+    method = workdirs.read_config(workdir).model.name
+    if method != "scob":
         raise WorkdirError(
-            f"--workdir {workdir}: trained {run.config.model.name!r}; the cam figures need a "
-            "Scob run (config.model.name='scob')"
+            f"--workdir {workdir}: trained {method!r}; the cam figures need a Scob run "
+            "(config.model.name='scob')"
         )
+    run = workdirs.open_run(workdir, step, ema=False)
     names = list(class_names or run.dataset.class_names)
     if len(names) != run.dataset.num_classes:
         raise ConfigError(
             f"--classes_file: {len(names)} names for a model of {run.dataset.num_classes} classes"
         )
-    model = nnx.merge(run.graphdef, run.state["params"], run.state["rest"])
+    model = run.model()
     size = run.config.image_size
     out_dir = storage.as_given(out_dir, "--output")
     out_dir.mkdir(parents=True, exist_ok=True)

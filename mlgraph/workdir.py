@@ -1,0 +1,317 @@
+"""A training run's folder: its config, its checkpoints, and the one way to open its model.
+
+    DIR/config.json       the run's config (written by training, compared on resume)
+    DIR/metrics.jsonl     one JSON object a line (`mlgraph.metric_writer`)
+    DIR/checkpoints/      Orbax training checkpoints (`mlgraph.checkpointing.TrainCheckpoints`)
+
+Every command that reads a run (`evaluate`, `predict`, `viz`, `bench --workdir` and a training
+workdir as `config.init_from`) opens it here, so a damaged workdir gets the same answer from
+each. The step policy:
+
+* by default the best step (by `config.best_metric`), else the newest; a step that cannot be
+  read (a truncated or emptied file) is named in one `warning:` line and the next newest
+  readable one is used;
+* `--step N` is that step exactly, or a one-line error naming the saved steps.
+
+Reading never moves or repairs anything (a training run does that when it resumes:
+`checkpointing.TrainCheckpoints.restore_latest`), and never initialises a model: the model is
+built abstractly (`nnx.eval_shape`) and the arrays come from the checkpoint, whose own metadata
+gives their structure; the optimizer state is left on disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_collections
+from etils import epath
+from flax import nnx
+
+from mlgraph import assets, checkpointing, models, paths, sharding
+from mlgraph.data import datasets
+from mlgraph.errors import WorkdirError, warn
+
+CONFIG_FILE = "config.json"
+CHECKPOINTS = "checkpoints"
+# Fields that may change between a run and its resumption without changing what is computed
+# (skip_nonfinite: a run stopped by a non-finite step may resume skipping such steps).
+RESUMABLE_CHANGES = (
+    "stop_at_step",
+    "data.worker_count",
+    "data.prefetch",
+    "log_every_steps",
+    "keep_checkpoints",
+    "optimizer.skip_nonfinite",
+)
+# What using a model needs of the saved train state (the optimizer state is not read).
+MODEL_PARTS = ("params", "rest", "ema", "extra", "step")
+
+
+# ---------------------------------------------------------------------------------------------
+# The folder and its config
+# ---------------------------------------------------------------------------------------------
+def create(workdir: str | pathlib.Path) -> epath.Path:
+    """`workdir` as an absolute path (local) or as given (cloud), created if needed (a local
+    parent folder must exist; object stores have no folders to check).
+
+    Raises:
+      StorageError: a cloud workdir without its storage backend installed.
+      WorkdirError: the parent of a local workdir, or the bucket of a cloud one, does not
+        exist.
+    """
+    workdir = paths.path(workdir, "--workdir")
+    if not paths.is_cloud(workdir) and not workdir.parent.is_dir():
+        raise WorkdirError(f"--workdir {workdir}: parent folder {workdir.parent} does not exist")
+    try:
+        workdir.mkdir(exist_ok=True)  # in a bucket: a no-op that checks the bucket exists
+    except FileNotFoundError:
+        if not paths.is_cloud(workdir):
+            raise
+        bucket = paths.bucket(workdir)
+        raise WorkdirError(
+            f"--workdir {workdir}: bucket {bucket} does not exist (or these credentials cannot "
+            f"see it); create it with gcloud storage buckets create {bucket}"
+        ) from None
+    return workdir
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _read_saved(workdir: epath.Path) -> dict | None:
+    """The parsed config.json of `workdir`, upgraded to today's fields; None without one."""
+    path = workdir / CONFIG_FILE
+    if not path.exists():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except ValueError as e:
+        raise WorkdirError(f"{path}: not JSON ({e}); it records the run's config") from None
+    return upgrade_config(saved)
+
+
+def upgrade_config(saved: dict) -> dict:
+    """A config.json written by an earlier mlgraph, in today's fields (a config of today is
+    returned as it is): what a run computes is unchanged by the rewrite."""
+    return saved
+
+
+def record_config(workdir: epath.Path, config: ml_collections.ConfigDict) -> None:
+    """Write `config` to `workdir/config.json` (process 0), or, when a run is there already,
+    check that it is the same run.
+
+    Raises:
+      WorkdirError: the workdir holds a run of another config (the differing fields named).
+    """
+    current = json.loads(config.to_json_best_effort())
+    previous = _read_saved(workdir)
+    if previous is not None:
+        a, b = _flatten(previous), _flatten(current)
+        changed = sorted(
+            k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES
+        )
+        if changed:
+            raise WorkdirError(
+                f"--workdir {workdir}: holds a run of a different config (fields "
+                f"{', '.join(changed)} differ); use a new workdir"
+            )
+    if jax.process_index() == 0:
+        (workdir / CONFIG_FILE).write_text(json.dumps(current, indent=2, sort_keys=True))
+
+
+def read_config(workdir: str | pathlib.Path, flag: str = "--workdir") -> ml_collections.ConfigDict:
+    """The config `workdir`'s run was trained with (`flag` names the argument in errors).
+
+    Raises:
+      WorkdirError: no such folder, or no config.json in it (not a training workdir).
+    """
+    workdir = paths.path(workdir, flag)
+    if not workdir.is_dir():
+        raise WorkdirError(f"{flag} {workdir}: does not exist")
+    saved = _read_saved(workdir)
+    if saved is None:
+        raise WorkdirError(f"{flag} {workdir}: no {CONFIG_FILE}; not a training workdir")
+    return ml_collections.ConfigDict(saved)
+
+
+def is_run(path: str | pathlib.Path) -> bool:
+    """Whether `path` is a training workdir (a config.json and a checkpoints folder)."""
+    p = paths.path(path)
+    return (p / CONFIG_FILE).is_file() and (p / CHECKPOINTS).is_dir()
+
+
+# ---------------------------------------------------------------------------------------------
+# The step policy
+# ---------------------------------------------------------------------------------------------
+def step_order(ckpts: checkpointing.TrainCheckpoints, step: int | None) -> list[int]:
+    """The steps to try, in order: `step` alone, or the best step then the others newest
+    first.
+
+    Raises:
+      WorkdirError: no checkpoints, or `step` is not saved (the saved ones are listed).
+    """
+    ckpts.pick_step(step)  # no checkpoint at all, or a --step not saved: one line
+    if step is not None:
+        return [step]
+    best = ckpts.best_step()  # None when no step was evaluated
+    return sorted(ckpts.all_steps(), key=lambda s: (s == best, s), reverse=True)
+
+
+def read_state(
+    workdir: str | pathlib.Path,
+    step: int | None = None,
+    parts: Sequence[str] = MODEL_PARTS,
+    sharding: Any = None,
+    flag: str = "--workdir",
+) -> tuple[dict, int]:
+    """(the `parts` of the train state saved in `workdir` at the step the policy picks, that
+    step), as arrays on `sharding` (default: this host's first device). Parts a checkpoint of
+    an earlier version lacks are left out.
+
+    Raises:
+      WorkdirError: no checkpoints, a step not saved, or no readable step (`step` given: that
+        one).
+    """
+    workdir = paths.path(workdir, flag)
+    directory = workdir / CHECKPOINTS
+    if not workdir.is_dir():
+        raise WorkdirError(f"{flag} {workdir}: does not exist")
+    if not directory.is_dir():
+        raise WorkdirError(f"{flag} {workdir}: no checkpoints in {directory}")
+    ckpts = checkpointing.TrainCheckpoints(directory)
+    try:
+        order = step_order(ckpts, step)
+
+        def read(s: int) -> dict:
+            saved = ckpts.manager.item_metadata(s)["state"]
+            return ckpts.read(s, [p for p in parts if p in saved], sharding)
+
+        found, state, failed = checkpointing.first_readable(order, read)
+        saved_steps = ", ".join(map(str, sorted(ckpts.all_steps())))
+    finally:
+        ckpts.close()
+    if found is None:
+        reasons = "; ".join(f"step {s}: {r}" for s, r in failed)
+        raise WorkdirError(
+            f"{directory}: cannot read {reasons}; saved steps: {saved_steps}"
+            + ("; pick another with --step N" if step is not None else "")
+        )
+    for bad, reason in failed:
+        warn(
+            f"checkpoint step {bad} in {directory} cannot be read ({reason}); using step "
+            f"{found} instead (saved steps: {saved_steps})"
+        )
+    return state, int(found)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model of a run
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A training run's model as saved at one step, on this host's devices (replicated).
+
+    Attributes:
+      workdir: the run's folder.
+      config: its config, with asset names resolved to files and `init_from` cleared (the
+        checkpoint holds the weights).
+      dataset: its opened data set (class names, evaluation split).
+      graphdef: the model's graph definition.
+      state: `params`, `rest` (the live model), `ema` ({params, rest}), `extra` (the method's
+        per-example state, {} if none) and `step`, as training saved them, in the model's
+        state structure; no optimizer state.
+      step: the step read.
+      mesh: the device mesh the arrays are replicated over.
+      ema: whether `params`/`rest`/`model()` are the EMA model's (else the live model's).
+    """
+
+    workdir: epath.Path
+    config: ml_collections.ConfigDict
+    dataset: datasets.Dataset
+    graphdef: nnx.GraphDef
+    state: dict
+    step: int
+    mesh: Any
+    ema: bool = True
+
+    @property
+    def params(self) -> Any:
+        """The chosen model's parameters (`ema`: the EMA's)."""
+        return (self.state["ema"] if self.ema else self.state)["params"]
+
+    @property
+    def rest(self) -> Any:
+        """The chosen model's other state (batch statistics, buffers)."""
+        return (self.state["ema"] if self.ema else self.state)["rest"]
+
+    def model(self) -> nnx.Module:
+        """The chosen model as an `nnx.Module`."""
+        return nnx.merge(self.graphdef, self.params, self.rest)
+
+
+def abstract_model(
+    config: ml_collections.ConfigDict, dataset: datasets.Dataset
+) -> tuple[nnx.GraphDef, Any, Any]:
+    """(graphdef, abstract params, abstract rest) of `config`'s model on `dataset`: shapes and
+    dtypes only (`nnx.eval_shape`), nothing initialised."""
+    num_train = None
+    if models.takes_num_train_examples(config.model.name):
+        num_train = datasets.training_split(dataset, config.data).num_examples
+    abstract = nnx.eval_shape(
+        lambda: models.create(
+            config, num_classes=dataset.num_classes, rngs=nnx.Rngs(0), num_train_examples=num_train
+        )
+    )
+    return nnx.split(abstract, nnx.Param, ...)
+
+
+def open_run(
+    workdir: str | pathlib.Path,
+    step: int | None = None,
+    ema: bool = True,
+    *,
+    mesh: Any = None,
+    flag: str = "--workdir",
+) -> Run:
+    """The model of the training run in `workdir` at `step` (the step policy of this module),
+    its config and its data set; `ema` picks the EMA model as `Run.model()`.
+
+    Raises:
+      WorkdirError: not a training workdir, no checkpoints, no readable step.
+      DataError: its data set is not built here.
+      ConfigError: the checkpoint's arrays do not fit the model its config describes.
+    """
+    workdir = paths.path(workdir, flag)
+    config = read_config(workdir, flag)
+    config.init_from = ""  # the checkpoint holds the weights
+    dataset = datasets.open_dataset(config.data)
+    config = assets.resolve(config, dataset.class_names, dataset.directory)
+    graphdef, params, rest = abstract_model(config, dataset)
+    mesh = mesh or sharding.make_mesh()
+    saved, found = read_state(workdir, step, sharding=sharding.replicated(mesh), flag=flag)
+    where = f"{workdir} step {found}"
+
+    def fill(tree: dict, what: str) -> dict:
+        return {
+            "params": checkpointing.fill_from(params, tree["params"], f"{what} params", flag),
+            "rest": checkpointing.fill_from(rest, tree["rest"], f"{what} state", flag),
+        }
+
+    state = fill(saved, where)
+    state["ema"] = fill(saved["ema"], f"{where} EMA") if "ema" in saved else dict(state)
+    state["extra"] = saved.get("extra", {})
+    state["step"] = saved.get("step", found)
+    return Run(workdir, config, dataset, graphdef, state, found, mesh, ema)
+

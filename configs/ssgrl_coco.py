@@ -10,7 +10,7 @@ vectors: the paper's 300-d GloVe file (--config.model.embed_path=vectors.npy) or
 the offline MiniLM ('minilm'); graph: P(j | i) from the training labels ('train_labels'), or
 the official prob_train.npy.
 
-Train and test transforms are the official ones (data.augment.crop_resize / crop_sides,
+Train and test transforms are the official ones (data.augment = 'ssgrl',
 data.eval_center_crop_from).
 
     python -m mlgraph.convert --source torchvision_resnet --input resnet101.pth \

@@ -17,7 +17,7 @@ def get_config(arg=None):
     """The config; `arg` accepts `runlocal=True` for a few-step smoke run."""
     args = config_lib.parse_arg(arg, runlocal=False)
     c = recipes.demo_config(args.runlocal)
-    c.data.augment.flip = False  # SSGRL's chain has no flip
+    c.data.augment = "resize"  # SSGRL's chain has no flip
     c.optimizer.name = "adam"
     c.optimizer.schedule = "constant"
     c.optimizer.lr = 1e-4

@@ -31,6 +31,7 @@ images/s to one accelerator).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import io
 import time
@@ -41,7 +42,7 @@ import numpy as np
 import PIL
 from PIL import Image
 
-from mlgraph.data import images, pipeline
+from mlgraph.data import augment, images, pipeline
 
 COCO_SIZE = (640, 480)  # width, height of most COCO 2014 images
 COCO_QUALITY = 90
@@ -69,9 +70,9 @@ PHOTOS = (
 DECODERS = ("pil", "simplejpeg", "opencv", "pillow-simd", "mlgraph")
 # The decoders the training chain is timed after: the old one and the pipeline's.
 CHAIN_DECODERS = ("pil", "mlgraph")
-# TrainTransform features switched on one by one for the per-stage times, after the
-# crop/resize and normalisation that every chain has.
-STAGES = ("flip", "cutout", "randaugment", "timm_randaugment")
+# The `augment.Chain` fields switched on one by one for the per-stage times, after the
+# crop/resize and normalisation that every chain has, with the value that turns each off.
+STAGES = {"flip": False, "cutout": 0.0, "randaugment": None}
 
 Decoder = Callable[[bytes], np.ndarray]
 
@@ -196,11 +197,14 @@ def _best_rates(fns: dict[str, Callable[[], object]], count: int, repeats: int) 
     return {name: count / seconds for name, seconds in best.items()}
 
 
-def _transform(config, num_classes: int, aug=None) -> pipeline.TrainTransform:
+def _transform(
+    config, num_classes: int, chain: augment.Chain | None = None
+) -> pipeline.TrainTransform:
+    """The TrainTransform of `chain`, by default the one `config.data.augment` names."""
     data = config.data
-    return pipeline.TrainTransform(
-        config.image_size, num_classes, aug or data.augment, data.mean, data.std
-    )
+    if chain is None:
+        chain = augment.chain(data.augment)
+    return pipeline.TrainTransform(config.image_size, num_classes, chain, data.mean, data.std)
 
 
 def _chain_pass(transform, decode, files: list[bytes], num_classes: int, seed: int) -> None:
@@ -214,23 +218,20 @@ def _chain_pass(transform, decode, files: list[bytes], num_classes: int, seed: i
 
 def _stage_ms(config, arrays, num_classes: int, repeats: int, seed: int) -> dict[str, float]:
     """ms per image of the chain's stages: the crop/resize + normalisation every chain has,
-    then each of `STAGES` that the config switches on, as the difference it makes."""
-    on = config.data.augment.to_dict()
-    off = {"flip": False, "cutout": 0.0, "randaugment": False, "timm_randaugment": ""}
-    active = [s for s in STAGES if on.get(s)]
-    aug = ml_collections.ConfigDict(on)
-    for s in active:
-        aug[s] = off[s]
+    then each of `STAGES` that the config's chain has on, as the difference it makes."""
+    full = augment.chain(config.data.augment)
+    active = [s for s, off in STAGES.items() if getattr(full, s) != off]
+    chain = dataclasses.replace(full, **{s: STAGES[s] for s in active})
     labels = np.zeros(num_classes, np.float32)
 
     def run(t) -> None:
         for i, x in enumerate(arrays):
             t.random_map({"image": x, "labels": labels}, np.random.default_rng([seed, i]))
 
-    chains = {"resize+normalise": _transform(config, num_classes, aug)}
+    chains = {"resize+normalise": _transform(config, num_classes, chain)}
     for s in active:
-        aug = ml_collections.ConfigDict({**aug.to_dict(), s: on[s]})
-        chains[s] = _transform(config, num_classes, aug)
+        chain = dataclasses.replace(chain, **{s: getattr(full, s)})
+        chains[s] = _transform(config, num_classes, chain)
     rates = _best_rates(
         {name: lambda t=t: run(t) for name, t in chains.items()}, len(arrays), repeats
     )

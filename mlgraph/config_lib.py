@@ -77,28 +77,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.eval_split = "val"
     c.data.worker_count = 0  # grain worker processes; 0 = in the main process
     c.data.prefetch = 2
-    c.data.augment = ml_collections.ConfigDict()
-    c.data.augment.flip = True
-    c.data.augment.cutout = 0.0  # CutoutPIL factor (SALGL: 0.5); 0 = off
-    c.data.augment.randaugment = False  # randaugment==1.0.2's RandAugment() (SALGL: True)
-    # ML-GCN's MultiScaleCrop instead of the plain resize: crop scales of the shorter side
-    # (ML-GCN: (1.0, 0.875, 0.75, 0.66, 0.5)) and the largest scale-index gap between w and h.
-    c.data.augment.multiscale_crop = ()
-    c.data.augment.max_distort = 2
-    # SSGRL's crop instead of the plain resize: resize to `crop_resize` (e.g. 640), random crop
-    # of a side from `crop_sides` (e.g. 640, 576, 512, 384, 320), resize to image_size.
-    c.data.augment.crop_resize = 0
-    c.data.augment.crop_sides = ()
-    # torchvision/timm RandomResizedCrop instead of the plain resize (SigRL): the crop's area
-    # range as a share of the image (SigRL: (0.08, 1.0)) and its aspect-ratio range; () = off.
-    c.data.augment.random_resized_crop = ()
-    c.data.augment.random_resized_crop_ratio = (3 / 4, 4 / 3)
-    # Resampling of the train resize / crops and of timm RandAugment's geometric ops:
-    # 'bilinear' or 'bicubic' (SigRL). randaugment==1.0.2's ops keep their own.
-    c.data.augment.interpolation = "bilinear"
-    # timm's RandAugment, a timm config string (SigRL: 'rand-m9-mstd0.5-inc1'; sections m, n,
-    # mstd, mmax, inc, p), filling with the data mean x 255; '' = off. Not with randaugment.
-    c.data.augment.timm_randaugment = ""
+    # The training chain, by name: one row of `mlgraph.data.augment.CHAINS` ('resize',
+    # 'resize_flip', 'salgl', 'q2l', 'ssgrl', 'mlgcn', 'timm'), each defined there once.
+    c.data.augment = "resize_flip"
     # Test transform: resize to this side, then centre-crop image_size (SSGRL: 640; SigRL:
     # 256 = floor(224 / timm's crop_pct 0.875)); 0 = a plain resize to image_size.
     c.data.eval_center_crop_from = 0

@@ -141,8 +141,7 @@ def _asl_one_cycle(dataset: str, builder_config: str | None, image_size: int):
     128 for 80 epochs, AdamW (wd 1e-2) one-cycle to 1e-4, EMA 0.9997, Cutout 0.5 + RandAugment,
     ASL, bfloat16 compute."""
     c = _paper_base(dataset, builder_config, image_size)
-    c.data.augment.cutout = 0.5
-    c.data.augment.randaugment = True
+    c.data.augment = "salgl"
     c.batch_size = 128
     c.eval_batch_size = 128
     c.num_epochs = 80.0
@@ -177,9 +176,7 @@ def ssgrl(*, dataset: str, builder_config: str | None = None) -> ml_collections.
     random side crop from {640, 576, 512, 384, 320}, no flip; test: centre crop from 640), Adam
     1e-5 at a constant rate on layer4 and the head, batch 4, 200 epochs, BCE, no EMA."""
     c = _paper_base(dataset, builder_config, 576)
-    c.data.augment.flip = False
-    c.data.augment.crop_resize = 640
-    c.data.augment.crop_sides = (640, 576, 512, 384, 320)
+    c.data.augment = "ssgrl"
     c.data.eval_center_crop_from = 640
     c.batch_size = 4
     c.eval_batch_size = 16
@@ -218,8 +215,7 @@ def mlgcn(*, dataset: str) -> ml_collections.ConfigDict:
     sizes, where that fixed window covers the top-left 14x14 alone, and is what converted
     official checkpoints record (`mlgraph.convert.mlgcn`)."""
     c = _paper_base(dataset, None, 448)
-    c.data.augment.multiscale_crop = (1.0, 0.875, 0.75, 0.66, 0.5)
-    c.data.augment.max_distort = 2
+    c.data.augment = "mlgcn"
     c.batch_size = 32
     c.eval_batch_size = 64
     c.num_epochs = 20.0
@@ -262,7 +258,7 @@ def q2l(
     best of model and EMA is kept), resize + Cutout 0.5 + RandAugment (no flip), ASL gamma- 2;
     conv1 and layer1 and every batch norm frozen."""
     c = _asl_one_cycle(dataset, builder_config, image_size)
-    c.data.augment.flip = False
+    c.data.augment = "q2l"
     c.optimizer.frozen = Q2L_FROZEN_BACKBONE
     c.model = model_config("q2l", backbone="resnet101")
     return c
@@ -414,11 +410,6 @@ def scob(*, dataset: str, protocol: str = "scob") -> ml_collections.ConfigDict:
 
 # SigRL's OV recipe (sigrl.md §3.3-§3.5) and its SPML mode (§4.4).
 SIGRL_FIX_LAYER = 10
-SIGRL_AUGMENT = dict(
-    random_resized_crop=(0.08, 1.0),
-    interpolation="bicubic",
-    timm_randaugment="rand-m9-mstd0.5-inc1",
-)
 
 
 def sigrl_ov(*, dataset: str = "nuswide_ov") -> ml_collections.ConfigDict:
@@ -438,7 +429,7 @@ def sigrl_ov(*, dataset: str = "nuswide_ov") -> ml_collections.ConfigDict:
     c.num_epochs = 20.0
     c.eval_every_epochs = 1.0
     c.log_every_steps = 100
-    c.data.augment.update(SIGRL_AUGMENT)
+    c.data.augment = "timm"
     c.data.eval_center_crop_from = 256
     c.data.eval_resize = "shorter"
     c.data.eval_interpolation = "bicubic"

@@ -4,16 +4,20 @@ TrainTransform chain (spec salgl.md §3.4)."""
 from __future__ import annotations
 
 import collections
+import dataclasses
+import json
 
 import grain
 import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, ImageOps
 from skimage import data as skdata
+from train_helpers import REPO, load_config
 
 from mlgraph.config_lib import IMAGENET_MEAN, IMAGENET_STD, base_config
 from mlgraph.data import augment as A
 from mlgraph.data.pipeline import TrainTransform
+from mlgraph.errors import ConfigError
 
 Step = A.RandAugmentStep
 
@@ -281,10 +285,10 @@ def test_cutout_random_fill_is_one_colour():
 # --- the TrainTransform chain ------------------------------------------------------------
 
 
-def _aug(cutout: float, randaugment: bool):
-    aug = base_config().data.augment
-    aug.cutout, aug.randaugment = cutout, randaugment
-    return aug
+def _aug(cutout: float, randaugment: bool) -> A.Chain:
+    """base_config's square resize + flip, with this cutout and RandAugment (or none)."""
+    randaugment = A.RandAugment() if randaugment else None
+    return A.Chain(geometry=A.Resize(), flip=True, cutout=cutout, randaugment=randaugment)
 
 
 def _element():
@@ -389,9 +393,7 @@ def test_multiscale_crop_boxes_are_mlgcns(size, input_size, distort):
 
 def test_multiscale_crop_in_the_train_chain():
     element = _element()  # 64 x 48
-    aug = _aug(0.0, False)
-    aug.flip = False
-    aug.multiscale_crop = MLGCN_SCALES
+    aug = A.Chain(geometry=A.MultiScaleCrop(MLGCN_SCALES, 2), flip=False)
     t = TrainTransform(40, 3, aug, IMAGENET_MEAN, IMAGENET_STD)
     mean, std = np.asarray(IMAGENET_MEAN), np.asarray(IMAGENET_STD)
     for seed in range(4):
@@ -435,12 +437,9 @@ def test_ssgrl_random_side_crop_and_center_crop():
 
 def test_ssgrl_crop_settings_in_the_pipeline():
     from mlgraph.data.pipeline import EvalTransform
-    from mlgraph.errors import ConfigError
 
     element = _element()
-    aug = _aug(0.0, False)
-    aug.flip = False
-    aug.crop_resize, aug.crop_sides = 40, (40, 36, 32)
+    aug = A.Chain(geometry=A.SideCrop(40, (40, 36, 32)), flip=False)
     out = TrainTransform(36, 3, aug, IMAGENET_MEAN, IMAGENET_STD).random_map(
         element, np.random.default_rng(0)
     )
@@ -449,18 +448,203 @@ def test_ssgrl_crop_settings_in_the_pipeline():
     want = A.center_crop(Image.fromarray(element["image"]), 36, 40)
     mean, std = np.asarray(IMAGENET_MEAN), np.asarray(IMAGENET_STD)
     np.testing.assert_allclose(ev["image"], (np.asarray(want) / 255.0 - mean) / std, atol=1e-5)
-    aug.crop_sides = ()
     with pytest.raises(ConfigError) as e:
-        TrainTransform(36, 3, aug, IMAGENET_MEAN, IMAGENET_STD)
+        A.SideCrop(40, ())
     assert str(e.value) == (
-        "config.data.augment.crop_resize and crop_sides go together (SSGRL: 640 and "
-        "(640, 576, 512, 384, 320)); got 40 and ()"
+        "SideCrop.sides=(): expected one or more crop sides (SSGRL: (640, 576, 512, 384, 320) "
+        "from resize=640)"
     )
-    aug.crop_sides = (48,)
-    with pytest.raises(ConfigError, match=r"crop_sides=\(48,\): larger than crop_resize=40"):
-        TrainTransform(36, 3, aug, IMAGENET_MEAN, IMAGENET_STD)
-    aug.crop_sides, aug.multiscale_crop = (40,), (1.0, 0.5)
-    with pytest.raises(ConfigError, match="multiscale_crop and crop_sides are alternatives"):
-        TrainTransform(36, 3, aug, IMAGENET_MEAN, IMAGENET_STD)
+    with pytest.raises(ConfigError, match=r"SideCrop.sides=\(48,\): larger than resize=40"):
+        A.SideCrop(40, (48,))
     with pytest.raises(ConfigError, match="eval_center_crop_from=30: smaller than image_size=36"):
         EvalTransform(36, 3, IMAGENET_MEAN, IMAGENET_STD, center_crop_from=30)
+
+
+# ---------------------------------------------------------------- the named chains
+
+SSGRL_SIDES = (640, 576, 512, 384, 320)
+BILINEAR, BICUBIC = Image.Resampling.BILINEAR, Image.Resampling.BICUBIC
+TIMM_CFG = A.parse_timm_randaugment("rand-m9-mstd0.5-inc1")
+
+
+def _flip(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    return img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
+
+
+def _resize(img: Image.Image) -> Image.Image:
+    return img.resize((40, 40), BILINEAR)
+
+
+# Each row of CHAINS written out with the ops, in the old TrainTransform's order (resize/crop,
+# flip, cutout, randaugment, timm randaugment), at 40 px.
+BY_HAND = {
+    "resize": lambda img, rng: _resize(img),
+    "resize_flip": lambda img, rng: _flip(_resize(img), rng),
+    "salgl": lambda img, rng: A.rand_augment(A.cutout(_flip(_resize(img), rng), 0.5, rng), rng),
+    "q2l": lambda img, rng: A.rand_augment(A.cutout(_resize(img), 0.5, rng), rng),
+    "ssgrl": lambda img, rng: A.random_side_crop(img, 40, 640, SSGRL_SIDES, rng, BILINEAR),
+    "mlgcn": lambda img, rng: _flip(A.multiscale_crop(img, 40, MLGCN_SCALES, 2, rng), rng),
+    "timm": lambda img, rng: A.timm_rand_augment(
+        _flip(A.random_resized_crop(img, 40, (0.08, 1.0), (3 / 4, 4 / 3), rng, BICUBIC), rng),
+        TIMM_CFG,
+        rng,
+        BICUBIC,
+        A.timm_fill(IMAGENET_MEAN),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(A.CHAINS))
+def test_each_chain_is_its_ops_in_order(name):
+    assert set(BY_HAND) == set(A.CHAINS)
+    element = _element()
+    t = TrainTransform(40, 3, A.chain(name), IMAGENET_MEAN, IMAGENET_STD)
+    mean, std = np.asarray(IMAGENET_MEAN), np.asarray(IMAGENET_STD)
+    outs = set()
+    for seed in range(8):
+        out = t.random_map(element, np.random.default_rng(seed))["image"]
+        want = BY_HAND[name](Image.fromarray(element["image"]), np.random.default_rng(seed))
+        # One grey level is 1/(255 std) >= 0.017 after normalising: atol 1e-5 means equal pixels.
+        np.testing.assert_allclose(out, (np.asarray(want) / 255.0 - mean) / std, atol=1e-5)
+        outs.add(out.tobytes())
+    # The draws do something: the plain resize has one output, the flip alone two.
+    assert len(outs) == {"resize": 1, "resize_flip": 2}.get(name, 8)
+
+
+def test_chain_rows():
+    c = A.CHAINS
+    assert c["resize"] == A.Chain(geometry=A.Resize(), flip=False)
+    assert c["resize_flip"] == A.chain(base_config().data.augment)
+    assert c["salgl"] == _aug(0.5, True)
+    assert c["q2l"] == dataclasses.replace(c["salgl"], flip=False)
+    assert c["ssgrl"].geometry == A.SideCrop(640, SSGRL_SIDES) and not c["ssgrl"].flip
+    assert c["mlgcn"].geometry == A.MultiScaleCrop(MLGCN_SCALES, 2) and c["mlgcn"].flip
+    assert c["timm"].geometry == A.RandomResizedCrop((0.08, 1.0), (0.75, 1.3333333333333333))
+    assert c["timm"].randaugment.parsed == TIMM_CFG
+    assert c["timm"].interpolation == "bicubic"
+    # Strings that parse alike behave alike, so they compare equal.
+    assert A.TimmRandAugment("rand-m9-mstd0.5-inc1") == A.TimmRandAugment("rand-inc1-mstd0.5-m9")
+
+
+def test_recipes_and_configs_name_their_chains():
+    from mlgraph import recipes
+
+    assert base_config().data.augment == "resize_flip"
+    salgl = recipes.salgl(dataset="coco2014", image_size=448, backbone="resnet101", num_scenes=6)
+    assert salgl.data.augment == "salgl"
+    assert recipes.q2l(dataset="coco2014", image_size=448).data.augment == "q2l"
+    assert recipes.ssgrl(dataset="coco2014").data.augment == "ssgrl"
+    assert recipes.mlgcn(dataset="coco2014").data.augment == "mlgcn"
+    assert recipes.sigrl_ov().data.augment == "timm"
+    assert load_config("ssgrl_demo").data.augment == "resize"
+    for path in sorted((REPO / "configs").glob("*.py")):
+        A.chain(load_config(path.stem).data.augment)  # every config names a chain
+
+
+def test_unknown_chain_name():
+    with pytest.raises(ConfigError) as e:
+        A.chain("nope")
+    assert str(e.value) == (
+        "config.data.augment='nope': unknown; expected one of resize, resize_flip, salgl, q2l, "
+        "ssgrl, mlgcn, timm"
+    )
+
+
+def test_chain_values_are_checked():
+    def error(build) -> str:
+        with pytest.raises(ConfigError) as e:
+            build()
+        return str(e.value)
+
+    assert error(lambda: A.Chain(geometry=A.Resize(), flip=True, cutout=1.5)) == (
+        "Chain.cutout=1.5: expected a share of the image side in [0, 1] (SALGL: 0.5; 0 = off)"
+    )
+    assert error(lambda: A.Chain(geometry=A.RandAugment(), flip=True)) == (
+        "Chain.geometry=RandAugment(): expected Resize, MultiScaleCrop, SideCrop or "
+        "RandomResizedCrop"
+    )
+    assert error(lambda: A.Chain(geometry=A.Resize(), flip=True, randaugment=A.Resize())) == (
+        "Chain.randaugment=Resize(): expected None, RandAugment() or TimmRandAugment(config)"
+    )
+    assert error(lambda: A.MultiScaleCrop((1.0, 0.0))) == (
+        "MultiScaleCrop.scales=(1.0, 0.0): expected shares of the shorter side in (0, 1], e.g. "
+        "ML-GCN's (1.0, 0.875, 0.75, 0.66, 0.5)"
+    )
+    assert error(lambda: A.MultiScaleCrop((1.0,), -1)) == (
+        "MultiScaleCrop.max_distort=-1: expected a scale-index gap >= 0 (ML-GCN: 2)"
+    )
+    with pytest.raises(TypeError, match="chain: expected an augment.Chain, got str"):
+        TrainTransform(40, 3, "salgl", IMAGENET_MEAN, IMAGENET_STD)
+
+
+# `config.data.augment` of each old recipe, as a saved config.json gives it back (lists).
+OLD_DEFAULTS = {
+    "flip": True,
+    "cutout": 0.0,
+    "randaugment": False,
+    "multiscale_crop": (),
+    "max_distort": 2,
+    "crop_resize": 0,
+    "crop_sides": (),
+    "random_resized_crop": (),
+    "random_resized_crop_ratio": (3 / 4, 4 / 3),
+    "interpolation": "bilinear",
+    "timm_randaugment": "",
+}
+OLD_RECIPES = {
+    "resize": dict(flip=False),
+    "resize_flip": {},
+    "salgl": dict(cutout=0.5, randaugment=True),
+    "q2l": dict(cutout=0.5, randaugment=True, flip=False),
+    "ssgrl": dict(flip=False, crop_resize=640, crop_sides=SSGRL_SIDES),
+    "mlgcn": dict(multiscale_crop=MLGCN_SCALES, max_distort=2),
+    "timm": dict(
+        random_resized_crop=(0.08, 1.0),
+        interpolation="bicubic",
+        timm_randaugment="rand-m9-mstd0.5-inc1",
+    ),
+}
+
+
+def _saved(**switches) -> dict:
+    return json.loads(json.dumps({**OLD_DEFAULTS, **switches}))
+
+
+@pytest.mark.parametrize("name", list(OLD_RECIPES))
+def test_chain_name_of_old_recipes(name):
+    saved = _saved(**OLD_RECIPES[name])
+    assert isinstance(saved["crop_sides"], list)
+    assert A.chain_name_of(saved) == name
+
+
+def test_chain_name_of_fills_defaults_and_ignores_unused_switches():
+    # Saved before the SigRL switches existed.
+    old = {k: v for k, v in _saved(cutout=0.5, randaugment=True).items() if "random" not in k}
+    del old["interpolation"]
+    assert A.chain_name_of(old) == "salgl"
+    assert A.chain_name_of({}) == "resize_flip"
+    assert A.chain_name_of(_saved(max_distort=3)) == "resize_flip"  # no multiscale crop
+    assert A.chain_name_of(_saved(random_resized_crop_ratio=[0.5, 2.0], flip=False)) == "resize"
+
+
+def test_chain_name_of_no_match():
+    with pytest.raises(ConfigError) as e:
+        A.chain_name_of({"flip": True, "cutout": 0.3})
+    assert str(e.value) == (
+        "config.data.augment={'flip': True, 'cutout': 0.3} (switches saved by an earlier "
+        "version): no chain in mlgraph.data.augment.CHAINS behaves so; the chains: resize, "
+        "resize_flip, salgl, q2l, ssgrl, mlgcn, timm"
+    )
+    unmatched = [
+        _saved(interpolation="bicubic"),
+        _saved(multiscale_crop=MLGCN_SCALES, max_distort=1),
+        _saved(crop_resize=640, crop_sides=[640, 576]),
+        _saved(**OLD_RECIPES["timm"], randaugment=True),  # alternatives the old code refused
+        _saved(multiscale_crop=[1.0], random_resized_crop=[0.08, 1.0]),
+        _saved(timm_randaugment="rand-m9-w0"),  # does not parse
+        _saved(crop_resize=640),  # crop_sides missing
+        {"flip": True, "colour_jitter": 0.4},  # not an old switch
+    ]
+    for saved in unmatched:
+        with pytest.raises(ConfigError, match="no chain in mlgraph.data.augment.CHAINS"):
+            A.chain_name_of(saved)

@@ -11,7 +11,7 @@ from PIL import Image
 from train_helpers import tiny_config
 
 from mlgraph import bench_input, recipes
-from mlgraph.data import datasets, images, pipeline
+from mlgraph.data import augment, datasets, images, pipeline
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,8 @@ def salgl_config(image_size: int = 64):
 def test_pipeline_decodes_encoded_images_to_the_same_batches(coco_files):
     """Bytes in (a source opened with SkipDecoding) give exactly the outputs of PIL's arrays."""
     c = salgl_config()
-    train = pipeline.TrainTransform(64, 3, c.data.augment, c.data.mean, c.data.std)
+    chain = augment.chain(c.data.augment)
+    train = pipeline.TrainTransform(64, 3, chain, c.data.mean, c.data.std)
     evaluate = pipeline.EvalTransform(64, 3, c.data.mean, c.data.std)
     labels = np.array([1, 0, 1], np.uint8)
     for i, data in enumerate(coco_files[:3]):

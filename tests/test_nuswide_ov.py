@@ -10,7 +10,7 @@ from image_fixture import assert_image
 from nuswide_fixture import CONCEPTS, Entry, write_nuswide, write_tags
 
 from mlgraph import config_lib, recipes
-from mlgraph.data import datasets, pipeline
+from mlgraph.data import augment, datasets, pipeline
 from mlgraph.errors import DataError
 
 # Not alphabetical on purpose; sky, water, zebra and person are also concepts.
@@ -285,7 +285,7 @@ def test_pipeline_label_mask(tmp_path):
     out = pipeline.EvalTransform(32, 13, mean, std).map(element)
     np.testing.assert_array_equal(out["label_mask"], want)
     np.testing.assert_array_equal(out["labels"], np.asarray(H5_TEST["cat_0006_16.jpg"]) == 1)
-    aug = config_lib.base_config().data.augment
+    aug = augment.chain(config_lib.base_config().data.augment)
     train_out = pipeline.TrainTransform(32, 13, aug, mean, std).random_map(
         element, np.random.default_rng(0)
     )

@@ -421,22 +421,23 @@ def test_eval_config_errors():
 # --- the training chain -----------------------------------------------------------------
 
 
-def _sigrl_aug():
-    aug = base_config().data.augment
-    aug.random_resized_crop = (0.08, 1.0)
-    aug.interpolation = "bicubic"
-    aug.timm_randaugment = SIGRL
-    return aug
+def _sigrl_aug() -> A.Chain:
+    return A.Chain(
+        geometry=A.RandomResizedCrop((0.08, 1.0)),
+        flip=True,
+        randaugment=A.TimmRandAugment(SIGRL),
+        interpolation="bicubic",
+    )
 
 
 def test_defaults_are_off():
-    aug = base_config().data.augment
-    assert aug.random_resized_crop == () and aug.timm_randaugment == ""
+    aug = A.chain(base_config().data.augment)
+    assert aug.geometry == A.Resize() and aug.randaugment is None
     assert aug.interpolation == "bilinear"
     data = base_config().data
     assert (data.eval_resize, data.eval_interpolation) == ("square", "bilinear")
     t = TrainTransform(32, 3, aug, IMAGENET_MEAN, IMAGENET_STD)
-    assert t.timm_randaugment is None and t.rrc_scale == ()
+    assert t.chain.randaugment is None and t.chain.geometry == A.Resize()
 
 
 def test_train_chain_is_rrc_flip_randaugment():
@@ -458,38 +459,27 @@ def test_train_chain_is_rrc_flip_randaugment():
 
 
 def test_train_config_errors():
-    def error(**fields):
-        aug = base_config().data.augment
-        for key, value in fields.items():
-            aug[key] = value
+    def error(build) -> str:
         with pytest.raises(ConfigError) as e:
-            TrainTransform(32, 3, aug, IMAGENET_MEAN, IMAGENET_STD)
+            build()
         return str(e.value)
 
-    assert error(timm_randaugment="rand-m9-w0") == (
-        "config.data.augment.timm_randaugment='rand-m9-w0': section 'w0': expected 'rand' then "
+    assert error(lambda: A.TimmRandAugment("rand-m9-w0")) == (
+        "TimmRandAugment.config='rand-m9-w0': section 'w0': expected 'rand' then "
         "'-'-separated sections m<int> (magnitude, default 10), n<int> (ops per image, default "
         "2), mstd<float> (magnitude noise std; > 100: uniform), mmax<int> (magnitude clip, "
         "default 10), inc<0|1> (increasing ops), p<float> (op probability, default 0.5), e.g. "
         "'rand-m9-mstd0.5-inc1'"
     )
-    assert error(timm_randaugment="m9-mstd0.5").startswith(
-        "config.data.augment.timm_randaugment='m9-mstd0.5': expected 'rand' then"
+    assert error(lambda: A.TimmRandAugment("m9-mstd0.5")).startswith(
+        "TimmRandAugment.config='m9-mstd0.5': expected 'rand' then"
     )
-    assert error(timm_randaugment=SIGRL, randaugment=True) == (
-        "config.data.augment: randaugment (randaugment==1.0.2) and timm_randaugment are "
-        "alternatives; set one"
+    assert error(lambda: A.Chain(geometry=A.Resize(), flip=True, interpolation="random")) == (
+        "Chain.interpolation='random': expected one of bilinear, bicubic"
     )
-    assert error(interpolation="random") == (
-        "config.data.augment.interpolation='random': expected one of bilinear, bicubic"
+    assert error(lambda: A.RandomResizedCrop((0.08,))).startswith(
+        "RandomResizedCrop.scale=(0.08,): expected (min, max) with 0 < min <= max"
     )
-    assert error(random_resized_crop=(0.08,)).startswith(
-        "config.data.augment.random_resized_crop=(0.08,): expected (min, max) with 0 < min <= max"
-    )
-    assert "random_resized_crop_ratio=(1.5, 0.5)" in error(
-        random_resized_crop=(0.08, 1.0), random_resized_crop_ratio=(1.5, 0.5)
-    )
-    assert error(random_resized_crop=(0.08, 1.0), multiscale_crop=(1.0, 0.5)) == (
-        "config.data.augment: random_resized_crop, multiscale_crop and crop_sides are "
-        "alternatives; set one"
+    assert "RandomResizedCrop.ratio=(1.5, 0.5)" in error(
+        lambda: A.RandomResizedCrop((0.08, 1.0), (1.5, 0.5))
     )

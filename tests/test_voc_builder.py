@@ -270,13 +270,13 @@ def test_train_difficult_negative_drops_difficult_only_classes(voc2007):
     import ml_collections
 
     from mlgraph import config_lib
-    from mlgraph.data import pipeline
+    from mlgraph.data import augment, pipeline
     from mlgraph.errors import ConfigError
 
     _, _, builder = voc2007
     source = builder.as_data_source(split="train")
     element = next(source[i] for i in range(len(source)) if source[i]["image_id"] == b"000005")
-    aug = config_lib.base_config().data.augment
+    aug = augment.chain(config_lib.base_config().data.augment)
     mean, std = config_lib.IMAGENET_MEAN, config_lib.IMAGENET_STD
     for drop, want in ((False, ["chair", "person"]), (True, ["chair"])):
         t = pipeline.TrainTransform(32, len(NAMES), aug, mean, std, drop_difficult=drop)

@@ -16,6 +16,11 @@ e.g. 'rand-m9-mstd0.5-inc1') and the shorter-side test resize (`center_crop(...,
 shorter_side=True)`). Both RandAugments apply their ops through one `pil_op` per PIL op; they
 differ in the op lists, magnitude rules, resampling and fill.
 
+The training chains that combine these, at the end of the file: `Chain` (one geometric step,
+flip, cutout, one RandAugment, interpolation) and `CHAINS`, every chain by the name
+`config.data.augment` gives (`chain(name)`; `chain_name_of` maps the switch dict that configs
+saved by earlier versions hold to its name).
+
 Reference for `rand_augment`: the source of the wheel `randaugment-1.0.2-py3-none-any.whl`
 (module `randaugment/randaugment.py`, read via `pip download randaugment==1.0.2 --no-deps`; its
 `SubPolicy` op table is the DeepVoltaire/AutoAugment one). What it does, per image:
@@ -46,12 +51,16 @@ index, both op coins, then each applied op's own parameters.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
+
+from mlgraph.errors import ConfigError
 
 # The package's `RandAugment.get_trans_list()` order: the pair index decodes through it.
 RAND_AUGMENT_OPS: tuple[str, ...] = (
@@ -621,3 +630,276 @@ def timm_rand_augment(
     for step in timm_rand_augment_plan(cfg, rng):
         img = apply_timm_op(img, step, resample, fill)
     return img
+
+
+# ---------------------------------------------------------------------------------------
+# Training chains. `config.data.augment` names one row of `CHAINS`; `pipeline.TrainTransform`
+# runs it: the geometric step to the output size, flip, cutout, then a RandAugment, each
+# drawing from the example's generator in that order. Each step is a frozen dataclass that
+# checks its values when built, and a Chain holds one geometric step and at most one
+# RandAugment, so alternatives cannot be combined.
+
+
+@dataclasses.dataclass(frozen=True)
+class Resize:
+    """A square resize to the output size (SALGL, Query2Label, the single-positive methods)."""
+
+    def apply(
+        self, img: Image.Image, size: int, rng: np.random.Generator, resample: Image.Resampling
+    ) -> Image.Image:
+        """The image resized to size x size; draws nothing from `rng`."""
+        return img.resize((size, size), resample)
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiScaleCrop:
+    """ML-GCN's `MultiScaleCrop` (`multiscale_crop`): crop sides `scales` of the shorter side,
+    width and height at most `max_distort` scale indices apart."""
+
+    scales: tuple[float, ...]
+    max_distort: int = 2
+
+    def __post_init__(self) -> None:
+        # Tuples: JSON gives lists back, and a frozen step must hash.
+        object.__setattr__(self, "scales", tuple(float(x) for x in self.scales))
+        if not self.scales or not all(0 < s <= 1 for s in self.scales):
+            raise ConfigError(
+                f"MultiScaleCrop.scales={self.scales}: expected shares of the shorter side in "
+                "(0, 1], e.g. ML-GCN's (1.0, 0.875, 0.75, 0.66, 0.5)"
+            )
+        if self.max_distort < 0:
+            raise ConfigError(
+                f"MultiScaleCrop.max_distort={self.max_distort}: expected a scale-index gap >= 0 "
+                "(ML-GCN: 2)"
+            )
+
+    def apply(
+        self, img: Image.Image, size: int, rng: np.random.Generator, resample: Image.Resampling
+    ) -> Image.Image:
+        """`multiscale_crop` of the image to size x size."""
+        return multiscale_crop(img, size, self.scales, self.max_distort, rng, resample)
+
+
+@dataclasses.dataclass(frozen=True)
+class SideCrop:
+    """SSGRL's crop (`random_side_crop`): resize to `resize` x `resize`, a random square of a
+    side drawn from `sides`, resized to the output size."""
+
+    resize: int
+    sides: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sides", tuple(int(x) for x in self.sides))
+        if not self.sides or min(self.sides) <= 0:
+            raise ConfigError(
+                f"SideCrop.sides={self.sides}: expected one or more crop sides (SSGRL: "
+                "(640, 576, 512, 384, 320) from resize=640)"
+            )
+        if max(self.sides) > self.resize:
+            raise ConfigError(f"SideCrop.sides={self.sides}: larger than resize={self.resize}")
+
+    def apply(
+        self, img: Image.Image, size: int, rng: np.random.Generator, resample: Image.Resampling
+    ) -> Image.Image:
+        """`random_side_crop` of the image to size x size."""
+        return random_side_crop(img, size, self.resize, self.sides, rng, resample)
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomResizedCrop:
+    """torchvision's / timm's `RandomResizedCrop` (`random_resized_crop`): the crop's area as a
+    share of the image drawn from `scale`, its aspect ratio (log-uniformly) from `ratio`."""
+
+    scale: tuple[float, float]
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+    def __post_init__(self) -> None:
+        for name in ("scale", "ratio"):
+            value = tuple(float(x) for x in getattr(self, name))
+            object.__setattr__(self, name, value)
+            if not (len(value) == 2 and 0 < value[0] <= value[1]):
+                raise ConfigError(
+                    f"RandomResizedCrop.{name}={value}: expected (min, max) with "
+                    "0 < min <= max, e.g. (0.08, 1.0) and (3/4, 4/3)"
+                )
+
+    def apply(
+        self, img: Image.Image, size: int, rng: np.random.Generator, resample: Image.Resampling
+    ) -> Image.Image:
+        """`random_resized_crop` of the image to size x size."""
+        return random_resized_crop(img, size, self.scale, self.ratio, rng, resample)
+
+
+@dataclasses.dataclass(frozen=True)
+class RandAugment:
+    """randaugment==1.0.2's `RandAugment()` (`rand_augment`; SALGL, Query2Label)."""
+
+    def apply(
+        self,
+        img: Image.Image,
+        rng: np.random.Generator,
+        resample: Image.Resampling,
+        fill: tuple[int, ...],
+    ) -> Image.Image:
+        """`rand_augment` of the image; its ops keep the package's own resampling and fill."""
+        return rand_augment(img, rng)
+
+
+@dataclasses.dataclass(frozen=True)
+class TimmRandAugment:
+    """timm's `rand_augment_transform(config)` (`timm_rand_augment`; SigRL:
+    'rand-m9-mstd0.5-inc1'). Two strings that parse alike compare equal: they behave alike."""
+
+    config: str = dataclasses.field(compare=False)
+    parsed: TimmRandAugmentConfig = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "parsed", parse_timm_randaugment(self.config))
+        except ValueError as e:
+            raise ConfigError(f"TimmRandAugment.config='{self.config}': {e}") from None
+
+    def apply(
+        self,
+        img: Image.Image,
+        rng: np.random.Generator,
+        resample: Image.Resampling,
+        fill: tuple[int, ...],
+    ) -> Image.Image:
+        """`timm_rand_augment` of the image with the chain's resampling and `fill`."""
+        return timm_rand_augment(img, self.parsed, rng, resample, fill)
+
+
+Geometry = Resize | MultiScaleCrop | SideCrop | RandomResizedCrop
+AnyRandAugment = RandAugment | TimmRandAugment
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Chain:
+    """One training chain: `geometry` (a resize or a crop to the output size), a horizontal
+    flip with p=0.5 when `flip`, CutoutPIL of factor `cutout` (0 = off), one `randaugment`
+    (None = off), and the `interpolation` of the resize/crop and of timm's geometric ops."""
+
+    geometry: Geometry
+    flip: bool
+    cutout: float = 0.0
+    randaugment: AnyRandAugment | None = None
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.geometry, Geometry):
+            raise ConfigError(
+                f"Chain.geometry={self.geometry!r}: expected Resize, MultiScaleCrop, SideCrop "
+                "or RandomResizedCrop"
+            )
+        if not 0 <= self.cutout <= 1:
+            raise ConfigError(
+                f"Chain.cutout={self.cutout}: expected a share of the image side in [0, 1] "
+                "(SALGL: 0.5; 0 = off)"
+            )
+        if self.randaugment is not None and not isinstance(self.randaugment, AnyRandAugment):
+            raise ConfigError(
+                f"Chain.randaugment={self.randaugment!r}: expected None, RandAugment() or "
+                "TimmRandAugment(config)"
+            )
+        if self.interpolation not in INTERPOLATIONS:
+            raise ConfigError(
+                f"Chain.interpolation='{self.interpolation}': expected one of "
+                f"{', '.join(INTERPOLATIONS)}"
+            )
+
+
+# Every training chain, by the name `config.data.augment` gives.
+CHAINS: dict[str, Chain] = {
+    "resize": Chain(geometry=Resize(), flip=False),
+    # The single-positive protocol, Scob, the demos and the baseline (base_config's default).
+    "resize_flip": Chain(geometry=Resize(), flip=True),
+    # ASL's training code, which SALGL follows (spec salgl.md §3.4).
+    "salgl": Chain(geometry=Resize(), flip=True, cutout=0.5, randaugment=RandAugment()),
+    # The official Query2Label code: ASL's chain without the flip (ssgrl_mlgcn.md §4.1).
+    "q2l": Chain(geometry=Resize(), flip=False, cutout=0.5, randaugment=RandAugment()),
+    # ssgrl_mlgcn.md §1.7.
+    "ssgrl": Chain(geometry=SideCrop(640, (640, 576, 512, 384, 320)), flip=False),
+    # ssgrl_mlgcn.md §3.1.
+    "mlgcn": Chain(geometry=MultiScaleCrop((1.0, 0.875, 0.75, 0.66, 0.5), 2), flip=True),
+    # SigRL's timm 0.6.12 `create_transform(is_training=True)` (sigrl.md §3.3).
+    "timm": Chain(
+        geometry=RandomResizedCrop((0.08, 1.0), (3 / 4, 4 / 3)),
+        flip=True,
+        randaugment=TimmRandAugment("rand-m9-mstd0.5-inc1"),
+        interpolation="bicubic",
+    ),
+}
+
+
+def chain(name: str) -> Chain:
+    """The row of `CHAINS` that `config.data.augment` names."""
+    if not isinstance(name, str) or name not in CHAINS:
+        raise ConfigError(
+            f"config.data.augment='{name}': unknown; expected one of {', '.join(CHAINS)}"
+        )
+    return CHAINS[name]
+
+
+# What `config.data.augment` held before it named a chain: switches, with their defaults then.
+OLD_SWITCHES: dict[str, Any] = {
+    "flip": True,
+    "cutout": 0.0,
+    "randaugment": False,
+    "multiscale_crop": (),
+    "max_distort": 2,
+    "crop_resize": 0,
+    "crop_sides": (),
+    "random_resized_crop": (),
+    "random_resized_crop_ratio": (3 / 4, 4 / 3),
+    "interpolation": "bilinear",
+    "timm_randaugment": "",
+}
+
+
+def _chain_of_switches(saved: Mapping[str, Any]) -> Chain | None:
+    """The chain the old switch-reading TrainTransform ran for `saved`; None where it refused
+    the switches (alternatives combined) or they are not switches it knew. Raises ConfigError
+    for values a Chain rejects."""
+    if set(saved) - set(OLD_SWITCHES):
+        return None
+    s = {**OLD_SWITCHES, **saved}
+    geometries = []
+    if s["multiscale_crop"]:
+        geometries.append(MultiScaleCrop(s["multiscale_crop"], int(s["max_distort"])))
+    if s["crop_resize"] or s["crop_sides"]:
+        geometries.append(SideCrop(int(s["crop_resize"]), s["crop_sides"]))
+    if s["random_resized_crop"]:
+        ratio = s["random_resized_crop_ratio"]
+        geometries.append(RandomResizedCrop(s["random_resized_crop"], ratio))
+    randaugments = [RandAugment()] if s["randaugment"] else []
+    if s["timm_randaugment"]:
+        randaugments.append(TimmRandAugment(s["timm_randaugment"]))
+    if len(geometries) > 1 or len(randaugments) > 1:
+        return None
+    return Chain(
+        geometry=geometries[0] if geometries else Resize(),
+        flip=bool(s["flip"]),
+        cutout=float(s["cutout"]),
+        randaugment=randaugments[0] if randaugments else None,
+        interpolation=s["interpolation"],
+    )
+
+
+def chain_name_of(saved: Mapping[str, Any]) -> str:
+    """The name of the `CHAINS` row that behaves as the switch dict `config.data.augment` held
+    in a config saved by an earlier version (e.g. a workdir's config.json; lists for tuples).
+    Switches the dict lacks take their old defaults (`OLD_SWITCHES`), and switches the old
+    chain ignored (max_distort without multiscale_crop, ...) do not count.
+    Raises ConfigError naming the switches when no chain matches."""
+    try:
+        found = _chain_of_switches(saved)
+    except ConfigError:
+        found = None
+    for name, row in CHAINS.items():
+        if row == found:
+            return name
+    raise ConfigError(
+        f"config.data.augment={dict(saved)} (switches saved by an earlier version): no chain in "
+        f"mlgraph.data.augment.CHAINS behaves so; the chains: {', '.join(CHAINS)}"
+    )

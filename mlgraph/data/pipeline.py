@@ -81,13 +81,12 @@ class _WithIndex:
 
 
 class TrainTransform(grain.transforms.RandomMap):
-    """SALGL's training chain (spec salgl.md §3.4): square bilinear resize (or ML-GCN's
-    multi-scale crop when `aug.multiscale_crop` lists scales), horizontal flip (p=0.5),
-    CutoutPIL when `aug.cutout > 0`, RandAugment when `aug.randaugment`, then scaling to [0, 1]
-    and normalisation. All randomness comes from grain's per-example generator.
-    SigRL's timm chain (sigrl.md §3.3): `aug.random_resized_crop` (a scale range) in place of
-    the resize, `aug.timm_randaugment` (a timm config string) in place of RandAugment, both
-    resampling with `aug.interpolation` (which also applies to the resize and the other crops).
+    """A training chain (`augment.Chain`, the row of `augment.CHAINS` that config.data.augment
+    names), then scaling to [0, 1] and normalisation. The chain's steps run in a fixed order:
+    its geometric step (square resize or crop) to image_size, horizontal flip (p=0.5) when
+    `chain.flip`, CutoutPIL when `chain.cutout > 0`, then its RandAugment; the resize/crop and
+    timm RandAugment's geometric ops resample with `chain.interpolation`, timm's fill with the
+    data mean x 255. All randomness comes from grain's per-example generator.
     `drop_difficult`: classes present only as VOC difficult objects become negatives.
     An example with an `ignored` feature also gets `label_mask` (bool [C], False = no label
     for that class); for every other data set the output has no `label_mask`."""
@@ -96,72 +95,18 @@ class TrainTransform(grain.transforms.RandomMap):
         self,
         image_size: int,
         num_classes: int,
-        aug: ml_collections.ConfigDict,
+        chain: augment.Chain,
         mean,
         std,
         drop_difficult: bool = False,
     ):
+        if not isinstance(chain, augment.Chain):
+            raise TypeError(f"chain: expected an augment.Chain, got {type(chain).__name__}")
         self.image_size = image_size
         self.num_classes = num_classes
-        self.flip = bool(aug.flip)
-        self.multiscale_crop = tuple(float(x) for x in aug.multiscale_crop)
-        self.max_distort = int(aug.max_distort)
-        self.crop_resize = int(aug.crop_resize)
-        self.crop_sides = tuple(int(x) for x in aug.crop_sides)
-        if bool(self.crop_resize) != bool(self.crop_sides):
-            raise ConfigError(
-                "config.data.augment.crop_resize and crop_sides go together (SSGRL: 640 and "
-                f"(640, 576, 512, 384, 320)); got {self.crop_resize} and {self.crop_sides}"
-            )
-        if self.crop_sides and max(self.crop_sides) > self.crop_resize:
-            raise ConfigError(
-                f"config.data.augment.crop_sides={self.crop_sides}: larger than "
-                f"crop_resize={self.crop_resize}"
-            )
-        if self.crop_sides and self.multiscale_crop:
-            raise ConfigError(
-                "config.data.augment: multiscale_crop and crop_sides are alternatives; set one"
-            )
-        self.cutout = float(aug.cutout)
-        self.randaugment = bool(aug.randaugment)
-        # SigRL's timm options (`.get`: configs saved before they existed still load).
-        interpolation = aug.get("interpolation", "bilinear")
-        if interpolation not in augment.INTERPOLATIONS:
-            raise ConfigError(
-                f"config.data.augment.interpolation='{interpolation}': expected one of "
-                f"{', '.join(augment.INTERPOLATIONS)}"
-            )
-        self.resample = augment.INTERPOLATIONS[interpolation]
-        self.rrc_scale = tuple(float(x) for x in aug.get("random_resized_crop", ()))
-        self.rrc_ratio = tuple(
-            float(x) for x in aug.get("random_resized_crop_ratio", (3 / 4, 4 / 3))
-        )
-        rrc_ranges = (
-            ("random_resized_crop", self.rrc_scale),
-            ("random_resized_crop_ratio", self.rrc_ratio),
-        )
-        for name, value in rrc_ranges if self.rrc_scale else ():
-            if not (len(value) == 2 and 0 < value[0] <= value[1]):
-                raise ConfigError(
-                    f"config.data.augment.{name}={value}: expected (min, max) with "
-                    "0 < min <= max, e.g. (0.08, 1.0) and (3/4, 4/3); () turns the crop off"
-                )
-        if self.rrc_scale and (self.multiscale_crop or self.crop_sides):
-            raise ConfigError(
-                "config.data.augment: random_resized_crop, multiscale_crop and crop_sides are "
-                "alternatives; set one"
-            )
-        timm_ra = aug.get("timm_randaugment", "")
-        try:
-            self.timm_randaugment = augment.parse_timm_randaugment(timm_ra) if timm_ra else None
-        except ValueError as e:
-            raise ConfigError(f"config.data.augment.timm_randaugment='{timm_ra}': {e}") from None
-        if self.timm_randaugment and self.randaugment:
-            raise ConfigError(
-                "config.data.augment: randaugment (randaugment==1.0.2) and timm_randaugment "
-                "are alternatives; set one"
-            )
-        self.timm_fill = augment.timm_fill(mean)
+        self.chain = chain
+        self.resample = augment.INTERPOLATIONS[chain.interpolation]
+        self.fill = augment.timm_fill(mean)
         self.drop_difficult = drop_difficult
         self.mean = np.asarray(mean, np.float32)
         self.std = np.asarray(std, np.float32)
@@ -169,32 +114,14 @@ class TrainTransform(grain.transforms.RandomMap):
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
         """Augment one example (image decoded, or encoded bytes); returns float32 `image`
         [S, S, 3], `labels` and the example's `index` in the split when it has one."""
-        img = _image(element)
-        size = self.image_size
-        if self.multiscale_crop:
-            img = augment.multiscale_crop(
-                img, size, self.multiscale_crop, self.max_distort, rng, self.resample
-            )
-        elif self.crop_sides:
-            img = augment.random_side_crop(
-                img, size, self.crop_resize, self.crop_sides, rng, self.resample
-            )
-        elif self.rrc_scale:
-            img = augment.random_resized_crop(
-                img, size, self.rrc_scale, self.rrc_ratio, rng, self.resample
-            )
-        else:
-            img = img.resize((size, size), self.resample)
-        if self.flip and rng.random() < 0.5:
+        chain = self.chain
+        img = chain.geometry.apply(_image(element), self.image_size, rng, self.resample)
+        if chain.flip and rng.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        if self.cutout > 0:
-            img = augment.cutout(img, self.cutout, rng)
-        if self.randaugment:
-            img = augment.rand_augment(img, rng)
-        if self.timm_randaugment:
-            img = augment.timm_rand_augment(
-                img, self.timm_randaugment, rng, self.resample, self.timm_fill
-            )
+        if chain.cutout > 0:
+            img = augment.cutout(img, chain.cutout, rng)
+        if chain.randaugment is not None:
+            img = chain.randaugment.apply(img, rng, self.resample, self.fill)
         labels = _labels(element, self.num_classes)
         if self.drop_difficult:
             # SSGRL's VOC training labels: a class seen only as difficult objects is negative.
@@ -322,10 +249,9 @@ def train_dataset(
             f"config.data.train_difficult='negative': data set '{data.name}' has no 'difficult' "
             "feature (voc2007 and voc2012 have)"
         )
+    chain = augment.chain(data.augment)
     ds = ds.random_map(
-        TrainTransform(
-            config.image_size, num_classes, data.augment, data.mean, data.std, drop_difficult
-        )
+        TrainTransform(config.image_size, num_classes, chain, data.mean, data.std, drop_difficult)
     )
     ds = ds[pi::pc]
     ds = ds.batch(config.batch_size // pc, drop_remainder=True)

@@ -37,8 +37,9 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mlgraph import assets, sharding, step_cost, train
-from mlgraph.data import cooccurrence, datasets, pipeline
+from mlgraph.data import datasets, pipeline
 from mlgraph.errors import DataError, MlgraphError
+from mlgraph.labels import cooccurrence
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed train steps (after 2 warm-up steps).")

@@ -39,7 +39,7 @@ from mlgraph import (
 )
 from mlgraph.data import datasets
 from mlgraph.errors import ConfigError, MlgraphError, WorkdirError, warn
-from mlgraph.models.common import load_embeddings
+from mlgraph.labels.embeddings import load_embeddings
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir to evaluate.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the best by EMA mAP).")
@@ -50,7 +50,7 @@ _LABELS = flags.DEFINE_string(
     "labels", None, "Open-vocabulary models: a file of label names (one a line) queried together."
 )
 _LABEL_EMBEDDINGS = flags.DEFINE_string(
-    "label_embeddings", None, "With --labels: their embeddings, a .npy [K, E] (label_embed)."
+    "label_embeddings", None, "With --labels: their embeddings, a .npy [K, E] (mlgraph.labels)."
 )
 
 # (metric key, column header): mAP_ni is ML-GCN's non-interpolated mAP.
@@ -163,14 +163,14 @@ def evaluate_labels(
 ) -> dict:
     """Score the evaluation split with the label names of `labels_file` queried together (an
     open-vocabulary model's test-time label set), their embeddings from `embeddings_file`
-    (.npy [K, E], e.g. `python -m mlgraph.data.label_embed --encoder clip ...`) or, for a run
+    (.npy [K, E], e.g. `python -m mlgraph.labels --encoder clip ...`) or, for a run
     trained on MiniLM vectors, embedded with MiniLM. The zero-shot table is computed over the
     names that are classes of the data set (the others have no ground truth).
 
     Raises:
       ConfigError: a model that takes no label set, missing or mismatched embeddings.
     """
-    from mlgraph.data import label_embed
+    from mlgraph.labels import encoders
 
     run = restore_workdir(workdir, step)
     config, dataset, state, mesh = run.config, run.dataset, run.state, run.mesh
@@ -181,19 +181,19 @@ def evaluate_labels(
             "are queried by open-vocabulary models (sigrl)"
         )
     try:
-        names = label_embed.read_class_names(labels_file)
-    except label_embed.LabelEmbedError as e:
+        names = encoders.read_class_names(labels_file)
+    except encoders.LabelEmbedError as e:
         raise ConfigError(f"--labels {e}") from None
     width = int(state["rest"]["label_embeddings"].shape[1])
     if embeddings_file:
         table = load_embeddings(embeddings_file, len(names), width)
     elif config.model.get("embed_path", "").endswith(assets.MINILM_FILE):
-        table = label_embed.embed_labels(names, "minilm")
+        table = encoders.embed_labels(names, "minilm")
     else:
         raise ConfigError(
             f"--labels {labels_file}: give --label_embeddings FILE.npy, the names embedded as "
             f"the training labels were ({config.model.get('embed_path')}), e.g. python -m "
-            "mlgraph.data.label_embed --encoder clip --weights CLIP_TEXT --vocab "
+            "mlgraph.labels --encoder clip --weights CLIP_TEXT --vocab "
             f"bpe_simple_vocab_16e6.txt.gz --classes {labels_file} --output FILE.npy"
         )
     if table.shape != (len(names), width):

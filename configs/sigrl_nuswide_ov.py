@@ -6,7 +6,7 @@ on the 81 concepts (ZSL) and on all 1,006 labels (GZSL), with the official code'
     python -m mlgraph.convert --source openai_clip --input ViT-B-16.pt --output CLIP_VIS
     python -m mlgraph.convert --source openai_clip --input ViT-B-16.pt --output CLIP_TEXT \\
         --option tower=text
-    python -m mlgraph.data.label_embed --encoder clip --weights CLIP_TEXT \\
+    python -m mlgraph.labels --encoder clip --weights CLIP_TEXT \\
         --vocab bpe_simple_vocab_16e6.txt.gz --prompt "There is a {} in the scene" \\
         --dataset nuswide --builder_config ov --data_dir DATA --output label_emb.npy
     python -m mlgraph.main --config configs/sigrl_nuswide_ov.py --workdir DIR \\

@@ -6,14 +6,14 @@ batch 1, the best epoch by the clean validation mAP (20 % of the training split)
 
     python -m mlgraph.data.build coco2014 --manual_dir RAW --data_dir DATA
     python -m mlgraph.convert --source openai_clip --input ViT-B-16.pt --output CLIP_VIS
-    python -m mlgraph.data.label_embed --encoder clip --weights CLIP_TEXT \\
+    python -m mlgraph.labels --encoder clip --weights CLIP_TEXT \\
         --vocab bpe_simple_vocab_16e6.txt.gz --dataset coco2014 --data_dir DATA --output emb.npy
     python -m mlgraph.main --config configs/sigrl_spml_coco.py --workdir DIR \\
         --config.data.data_dir=DATA --config.init_from=CLIP_VIS --config.model.embed_path=emb.npy
 
 The label embeddings must be 512-d CLIP ViT-B/16 text features (the shipped 768-d VLPL files
 are ViT-L/14 features and do not fit, §8 S3); the SPML prompt is unknown, the OV prompt "There
-is a {} in the scene" is the label_embed default for clip. Deviation: images are resized to
+is a {} in the scene" is the mlgraph.labels default for clip. Deviation: images are resized to
 224 directly, where the code resizes to 448 and then 2x2-averages the normalised tensor.
 Expected: SigRL's SPML numbers were not retrievable (§7.1); for scale, EM with ResNet-50 at
 448 px reaches 70.70 (VLPL's table).

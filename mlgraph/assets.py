@@ -19,8 +19,11 @@ import tempfile
 import ml_collections
 import numpy as np
 
-from mlgraph.data import cooccurrence, demo
+from mlgraph.data import demo
+from mlgraph.data.cooccurrence import train_counts
 from mlgraph.errors import ConfigError
+from mlgraph.labels import encoders
+from mlgraph.labels.cooccurrence import TRAIN_LABELS
 
 MINILM = "minilm"
 MINILM_FILE = "label_embed_minilm.npy"  # the file that `MINILM` resolves to
@@ -32,9 +35,7 @@ def label_embeddings(class_names: list[str], directory: pathlib.Path) -> pathlib
     """MiniLM embeddings [C, 384] of `class_names`, written once to `directory`."""
     path = directory / MINILM_FILE
     if not path.exists():
-        from mlgraph.data import label_embed
-
-        table = label_embed.embed_labels(class_names, "minilm")
+        table = encoders.embed_labels(class_names, "minilm")
         with tempfile.NamedTemporaryFile(dir=directory, suffix=".npy", delete=False) as f:
             np.save(f, table.astype(np.float32))
         os.replace(f.name, path)  # atomic: a reader never sees half a file
@@ -64,6 +65,22 @@ def offline_weights(name: str) -> pathlib.Path:
     return out
 
 
+def resolve_graph(
+    config: ml_collections.ConfigDict, data_dir: str | os.PathLike
+) -> ml_collections.ConfigDict:
+    """`config` with `model.graph_path == "train_labels"` replaced by the cached counts file of
+    the training split (`config.data.train_split`) of the data set built in `data_dir`.
+
+    Other values (a path, or "" for a graph filled from a checkpoint) are left as they are; the
+    input is never modified.
+    """
+    if config.model.get("graph_path") != TRAIN_LABELS:
+        return config
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model.graph_path = str(train_counts(data_dir, config.data.train_split))
+    return config
+
+
 def resolve(
     config: ml_collections.ConfigDict, class_names: list[str], data_dir: pathlib.Path | None
 ) -> ml_collections.ConfigDict:
@@ -73,5 +90,4 @@ def resolve(
         config.model.embed_path = str(label_embeddings(class_names, data_dir))
     if config.init_from.startswith(OFFLINE_PREFIX):
         config.init_from = str(offline_weights(config.init_from[len(OFFLINE_PREFIX) :]))
-    # graph_path='train_labels': the label co-occurrence counts of the training split.
-    return cooccurrence.resolve(config, data_dir)
+    return resolve_graph(config, data_dir)

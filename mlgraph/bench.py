@@ -39,7 +39,8 @@ from ml_collections import config_flags
 
 from mlgraph import assets, evaluation, sharding, step_cost, train_state, train_step
 from mlgraph import workdir as workdirs
-from mlgraph.data import cooccurrence, datasets, pipeline
+from mlgraph.data import datasets, pipeline
+from mlgraph.labels import cooccurrence
 from mlgraph.errors import ConfigError, DataError, MlgraphError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")

@@ -2,11 +2,10 @@
 
 `absl.app.run` parses the process-wide `flags.FLAGS`, and two modules defining the same name
 there (`--workdir`, `--output`, `--data_dir`) is a DuplicateFlagError as soon as both are
-imported into one process: tests import several entry points, and `mlgraph.assets` imports
-`mlgraph.data.label_embed` as a library. So these entry points keep their flags in a
-`flags.FlagValues` of their own and parse an argument list with `parse`, which keeps the
-conventions their users rely on: `-h`/`--help`, `--no-NAME` for a boolean flag (absl's own
-spelling `--noNAME` works too), and bad usage as one `app.UsageError` line.
+imported into one process, as the tests import several entry points. So these entry points
+keep their flags in a `flags.FlagValues` of their own and parse an argument list with `parse`,
+which keeps the conventions their users rely on: `-h`/`--help`, `--no-NAME` for a boolean flag
+(absl's own spelling `--noNAME` works too), and bad usage as one `app.UsageError` line.
 
 Also here, for every entry point: `quiet_logs`, which keeps other libraries' INFO logs out of
 the commands' output, and `load_problem`, why a `--config` file did not load.

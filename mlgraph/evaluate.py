@@ -27,7 +27,7 @@ from ml_collections import config_flags
 from mlgraph import assets, checkpointing, cli, evaluation, models, paths, sharding, train_state
 from mlgraph.data import datasets
 from mlgraph.errors import ConfigError, MlgraphError
-from mlgraph.models.common import load_embeddings
+from mlgraph.labels.embeddings import load_embeddings
 from mlgraph.workdir import open_run
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir to evaluate.")
@@ -39,7 +39,7 @@ _LABELS = flags.DEFINE_string(
     "labels", None, "Open-vocabulary models: a file of label names (one a line) queried together."
 )
 _LABEL_EMBEDDINGS = flags.DEFINE_string(
-    "label_embeddings", None, "With --labels: their embeddings, a .npy [K, E] (label_embed)."
+    "label_embeddings", None, "With --labels: their embeddings, a .npy [K, E] (mlgraph.labels)."
 )
 
 
@@ -93,7 +93,7 @@ def evaluate_labels(
 ) -> dict:
     """Score the evaluation split with the label names of `labels_file` queried together (an
     open-vocabulary model's test-time label set), their embeddings from `embeddings_file`
-    (.npy [K, E], e.g. `python -m mlgraph.data.label_embed --encoder clip ...`) or, for a run
+    (.npy [K, E], e.g. `python -m mlgraph.labels --encoder clip ...`) or, for a run
     trained on MiniLM vectors, embedded with MiniLM. The zero-shot table is computed over the
     names that are classes of the data set (the others have no ground truth).
 
@@ -138,11 +138,11 @@ def evaluate_labels(
 
 def _label_names(labels_file: str) -> list[str]:
     """The label names of a `--labels` file, one a line."""
-    from mlgraph.data import label_embed
+    from mlgraph.labels import encoders
 
     try:
-        return label_embed.read_class_names(labels_file)
-    except label_embed.LabelEmbedError as e:
+        return encoders.read_class_names(labels_file)
+    except encoders.LabelEmbedError as e:
         raise ConfigError(f"--labels {e}") from None
 
 
@@ -153,18 +153,18 @@ def _label_table(config, names, embeddings_file, labels_file, state) -> np.ndarr
     Raises:
       ConfigError: no embeddings to be had, or a table of another shape.
     """
-    from mlgraph.data import label_embed
+    from mlgraph.labels import encoders
 
     width = int(state["rest"]["label_embeddings"].shape[1])
     if embeddings_file:
         table = load_embeddings(embeddings_file, len(names), width)
     elif config.model.get("embed_path", "").endswith(assets.MINILM_FILE):
-        table = label_embed.embed_labels(names, "minilm")
+        table = encoders.embed_labels(names, "minilm")
     else:
         raise ConfigError(
             f"--labels {labels_file}: give --label_embeddings FILE.npy, the names embedded as "
             f"the training labels were ({config.model.get('embed_path')}), e.g. python -m "
-            "mlgraph.data.label_embed --encoder clip --weights CLIP_TEXT --vocab "
+            "mlgraph.labels --encoder clip --weights CLIP_TEXT --vocab "
             f"bpe_simple_vocab_16e6.txt.gz --classes {labels_file} --output FILE.npy"
         )
     if table.shape != (len(names), width):

@@ -255,7 +255,7 @@ def test_weights_predictions_figures_and_label_files_on_gcs(gcs):
     import matplotlib.pyplot as plt
 
     from mlgraph import checkpointing, predict
-    from mlgraph.data import array_files
+    from mlgraph.labels import arrays
 
     weights = f"gs://{BUCKET}/weights/tiny"
     tree = {"dense": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}}
@@ -283,6 +283,6 @@ def test_weights_predictions_figures_and_label_files_on_gcs(gcs):
     buffer = io.BytesIO()
     np.save(buffer, np.eye(3, dtype=np.float32))
     vectors.write_bytes(buffer.getvalue())
-    kind, table = array_files.read_label_file(os.fspath(vectors), "config.model.embed_path")
-    assert kind == array_files.MATRIX
+    kind, table = arrays.read_label_file(os.fspath(vectors), "config.model.embed_path")
+    assert kind == arrays.MATRIX
     np.testing.assert_array_equal(table, np.eye(3))

@@ -1,4 +1,4 @@
-"""On-device photometric augmentation (mlgraph.data.device_augment) against independent
+"""On-device photometric augmentation (mlgraph.models.device_augment) against independent
 references: Python's colorsys for the hue shift, scipy for the reflect-padded blur, the blend
 formulas of torchvision's ColorJitter, and the gate frequencies and blue-std typo of Scob's
 strong augmentation (scob_spml.md §3.5)."""
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from mlgraph.data import device_augment as da
+from mlgraph.models import device_augment as da
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

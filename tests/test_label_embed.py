@@ -1,5 +1,6 @@
-"""Label embeddings: MiniLM against sentence-transformers, the CLI, the SALGL BERT recipe and
-the CLIP tokenizer/encoder path, on tiny converted encoders written to disk."""
+"""Label embeddings: MiniLM against sentence-transformers, the CLI (`python -m mlgraph.labels`),
+the SALGL BERT recipe and the CLIP tokenizer/encoder path, on tiny converted encoders written to
+disk; and the layering of `mlgraph.labels`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import html
 import importlib.util
 import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,14 +19,16 @@ from flax import nnx
 from mlgraph import checkpointing
 from mlgraph.convert import bert as bert_convert
 from mlgraph.convert import openai_clip
-from mlgraph.data import label_embed
+from mlgraph.labels import encoders
+from mlgraph.labels.__main__ import dataset_class_names, main
 
+WORKTREE = pathlib.Path(__file__).resolve().parents[1]
 NAMES = ["person", "traffic light", "hair drier", "dining table", "cat", "tv monitor"]
 
 
 @pytest.fixture(scope="module")
 def minilm_embeddings():
-    return label_embed.embed_labels(NAMES)
+    return encoders.embed_labels(NAMES)
 
 
 def test_minilm_matches_sentence_transformers(minilm_embeddings, monkeypatch):
@@ -42,22 +47,64 @@ def test_cli_writes_minilm_file(tmp_path, minilm_embeddings, capsys):
     classes = tmp_path / "labels.txt"
     classes.write_text("\n".join(NAMES[:4]) + "\n\n")
     out = tmp_path / "minilm.npy"
-    assert label_embed.main(["--classes", str(classes), "--output", str(out)]) == 0
+    assert main(["--classes", str(classes), "--output", str(out)]) == 0
     emb = np.load(out)
     assert emb.shape == (4, 384) and emb.dtype == np.float32
     np.testing.assert_allclose(emb, minilm_embeddings[:4], atol=1e-6)
     assert f"{out}: 4 classes x 384 (minilm)" in capsys.readouterr().out
 
 
+def test_module_help_names_the_command():
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlgraph.labels", "--help"],
+        cwd=WORKTREE,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("usage: python -m mlgraph.labels (--classes CLASSES")
+    assert "python -m mlgraph.labels --from_file FILE --output OUTPUT" in proc.stdout
+
+
+def loaded_after(*modules: str) -> set[str]:
+    """The mlgraph modules a fresh interpreter holds after importing `modules`."""
+    code = f"import sys, {', '.join(modules)}; print(*(m for m in sys.modules if 'mlgraph' in m))"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=WORKTREE, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return under(set(proc.stdout.split()), "mlgraph")
+
+
+def under(names: set[str], *packages: str) -> set[str]:
+    """The names that are one of `packages` or inside one."""
+    return {n for n in names if any(n == p or n.startswith(p + ".") for p in packages)}
+
+
+def test_imports_point_down():
+    """The label files import only the small neutral modules; data never imports the CLI
+    helpers, converters or models; the models and the encoders never import `mlgraph.data` or
+    the CLI helpers."""
+    files = loaded_after("mlgraph.labels.arrays", "mlgraph.labels.embeddings")
+    neutral = {"mlgraph", "mlgraph.xla_options", "mlgraph.errors", "mlgraph.paths"}
+    assert files - under(files, "mlgraph.labels") <= neutral | {"mlgraph.textfiles"}
+    data = loaded_after("mlgraph.data.cooccurrence")
+    assert not under(data, "mlgraph.cli", "mlgraph.convert", "mlgraph.models")
+    upper = loaded_after("mlgraph.labels.encoders", "mlgraph.models.mlgcn", "mlgraph.models.scob")
+    assert "mlgraph.models.device_augment" in upper
+    assert not under(upper | loaded_after("mlgraph.models.ssgrl"), "mlgraph.cli", "mlgraph.data")
+
+
 def test_read_class_names(tmp_path):
-    assert label_embed.read_class_names("cat, dog ,traffic light") == [
+    assert encoders.read_class_names("cat, dog ,traffic light") == [
         "cat",
         "dog",
         "traffic light",
     ]
     missing = tmp_path / "nope.txt"
-    with pytest.raises(label_embed.LabelEmbedError, match=f"{missing}: no such class-list file"):
-        label_embed.read_class_names(str(missing))
+    with pytest.raises(encoders.LabelEmbedError, match=f"{missing}: no such class-list file"):
+        encoders.read_class_names(str(missing))
 
 
 def test_from_file_errors_are_one_line(tmp_path, capsys):
@@ -68,11 +115,11 @@ def test_from_file_errors_are_one_line(tmp_path, capsys):
         ("missing.pkl", "no such file"),
     ):
         argv = ["--from_file", str(tmp_path / source), "--output", str(out)]
-        assert label_embed.main(argv) == 2
+        assert main(argv) == 2
         assert capsys.readouterr().err == f"error: --from_file={tmp_path / source}: {message}\n"
     assert not out.exists()
     argv = ["--from_file", str(tmp_path / "flat.npy"), "--classes", "cat", "--output", str(out)]
-    assert label_embed.main(argv) == 2
+    assert main(argv) == 2
     assert "Exactly one of (classes, dataset, from_file)" in capsys.readouterr().err
 
 
@@ -82,14 +129,14 @@ def test_missing_encoder_weights_name_the_path(tmp_path, capsys):
     weights = tmp_path / "no_such_bert"
     argv = ["--classes", "cat", "--output", str(tmp_path / "e.npy"), "--encoder", "bert"]
     argv += ["--weights", str(weights), "--vocab", str(vocab)]
-    assert label_embed.main(argv) == 2
+    assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {weights}: not a mlgraph weights checkpoint")
     assert not (tmp_path / "e.npy").exists()
-    with pytest.raises(label_embed.LabelEmbedError, match="the bert encoder needs --weights"):
-        label_embed.embed_labels(["cat"], "bert", vocab=vocab)
-    with pytest.raises(label_embed.LabelEmbedError, match=f"{tmp_path / 'v.txt'}: no such file"):
-        label_embed.embed_labels(["cat"], "bert", weights=weights, vocab=tmp_path / "v.txt")
+    with pytest.raises(encoders.LabelEmbedError, match="the bert encoder needs --weights"):
+        encoders.embed_labels(["cat"], "bert", vocab=vocab)
+    with pytest.raises(encoders.LabelEmbedError, match=f"{tmp_path / 'v.txt'}: no such file"):
+        encoders.embed_labels(["cat"], "bert", weights=weights, vocab=tmp_path / "v.txt")
 
 
 # ------------------------------------------------------------------------- SALGL's BERT recipe
@@ -141,7 +188,7 @@ def test_bert_recipe_cls_or_single_wordpiece(tmp_path):
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("\n".join(BERT_VOCAB) + "\n")
     names = ["Cat", "traffic light", "hair drier", "tv"]
-    emb = label_embed.embed_labels(
+    emb = encoders.embed_labels(
         names, "bert", weights=tmp_path / "bert", vocab=vocab
     )  # fmt: skip
     assert emb.shape == (4, 16) and emb.dtype == np.float32
@@ -158,8 +205,8 @@ def test_bert_recipe_cls_or_single_wordpiece(tmp_path):
         hidden = forward(module, np.array([ids]))  # one name, unpadded
         np.testing.assert_allclose(row, np.asarray(hidden)[0, pick], atol=1e-5)
     vocab.write_text("\n".join(BERT_VOCAB + ["extra"]) + "\n")
-    with pytest.raises(label_embed.LabelEmbedError, match="has 14 tokens but the encoder's"):
-        label_embed.embed_labels(names, "bert", weights=tmp_path / "bert", vocab=vocab)
+    with pytest.raises(encoders.LabelEmbedError, match="has 14 tokens but the encoder's"):
+        encoders.embed_labels(names, "bert", weights=tmp_path / "bert", vocab=vocab)
 
 
 # ---------------------------------------------------------------------------- CLIP tokenizer
@@ -174,7 +221,7 @@ SYNTH_MERGES = [
 def reference_clip_encode(text: str, bpe_lines: list[str]) -> list[int]:
     """OpenAI's `SimpleTokenizer.encode` (without ftfy), written out as a reference."""
     regex = pytest.importorskip("regex")
-    byte_encoder = label_embed.bytes_to_unicode()
+    byte_encoder = encoders.bytes_to_unicode()
     merges = [tuple(m.split()) for m in bpe_lines]
     vocab = list(byte_encoder.values())
     vocab = vocab + [c + "</w>" for c in vocab] + ["".join(m) for m in merges]
@@ -202,7 +249,7 @@ def reference_clip_encode(text: str, bpe_lines: list[str]) -> list[int]:
 
     text = regex.sub(r"\s+", " ", html.unescape(html.unescape(text))).strip().lower()
     ids = []
-    for token in regex.findall(label_embed.CLIP_PATTERN, text, regex.IGNORECASE):
+    for token in regex.findall(encoders.CLIP_PATTERN, text, regex.IGNORECASE):
         token = "".join(byte_encoder[b] for b in token.encode("utf-8"))
         ids += [encoder[t] for t in bpe(token)]
     return ids
@@ -217,7 +264,7 @@ def synthetic_bpe(tmp_path_factory):
 
 
 def test_clip_tokenizer_matches_reference_bpe(synthetic_bpe):
-    tok = label_embed.clip_tokenizer(synthetic_bpe)
+    tok = encoders.clip_tokenizer(synthetic_bpe)
     assert tok.get_vocab_size() == 512 + len(SYNTH_MERGES) + 2
     rng = np.random.default_rng(0)
     alphabet = list("thecatdogisnrligs  ,.!'0129é")
@@ -227,12 +274,12 @@ def test_clip_tokenizer_matches_reference_bpe(synthetic_bpe):
         assert tok.encode(html.unescape(text).strip()).ids == reference_clip_encode(
             text, SYNTH_MERGES
         ), text
-    ids = label_embed.clip_tokenize(tok, ["There is a cat"], context_length=8)
+    ids = encoders.clip_tokenize(tok, ["There is a cat"], context_length=8)
     sot, eot = 512 + len(SYNTH_MERGES), 513 + len(SYNTH_MERGES)
     body = reference_clip_encode("There is a cat", SYNTH_MERGES)
     np.testing.assert_array_equal(ids[0], [sot, *body, eot] + [0] * (6 - len(body)))
-    with pytest.raises(label_embed.LabelEmbedError, match="exceed the CLIP context length 4"):
-        label_embed.clip_tokenize(tok, ["There is a cat"], context_length=4)
+    with pytest.raises(encoders.LabelEmbedError, match="exceed the CLIP context length 4"):
+        encoders.clip_tokenize(tok, ["There is a cat"], context_length=4)
 
 
 def find_real_clip_bpe() -> pathlib.Path | None:
@@ -252,11 +299,11 @@ def test_clip_tokenizer_on_openai_vocabulary():
     path = find_real_clip_bpe()
     if path is None:
         pytest.skip("no bpe_simple_vocab_16e6.txt.gz installed (clip-openai / open-clip-torch)")
-    tok = label_embed.clip_tokenizer(path)
+    tok = encoders.clip_tokenizer(path)
     assert tok.get_vocab_size() == 49408
     # Ids from OpenAI's SimpleTokenizer on the same file.
     texts = ["There is a traffic light in the scene", "There is a hair drier in the scene"]
-    ids = label_embed.clip_tokenize(tok, texts)
+    ids = encoders.clip_tokenize(tok, texts)
     assert ids.shape == (2, 77)
     np.testing.assert_array_equal(
         ids[:, :10],
@@ -298,7 +345,7 @@ def test_clip_encoder_end_to_end(tmp_path, synthetic_bpe):
     sd = {k: rng.normal(0, 0.3, s).astype(np.float32) for k, s in sd.items()}
     module, settings = openai_clip.convert(sd, {"tower": "text", "num_heads": 4})
     save_converted(module, settings, tmp_path / "clip_text")
-    emb = label_embed.embed_labels(
+    emb = encoders.embed_labels(
         ["cat", "dog"], "clip", weights=tmp_path / "clip_text", vocab=synthetic_bpe
     )
     sot, eot = vocab_size - 2, vocab_size - 1
@@ -319,12 +366,12 @@ def test_dataset_names_and_glove(tmp_path):
 
     write_coco(tmp_path / "raw", {"train": [[1]], "val": [[4]]})
     datasets.build("coco2014", tmp_path / "raw", tmp_path / "built")
-    names = label_embed.dataset_class_names("coco2014", str(tmp_path / "built"))
+    names = dataset_class_names("coco2014", str(tmp_path / "built"))
     assert names == ["person", "motorcycle", "train", "cat"]
     vectors = tmp_path / "glove.txt"
     vectors.write_text("person 1 0 0\nmotorcycle 0 2 0\ntrain 0 0 3\ncat 1 1 1\nhot 4 4 4\n")
     out = tmp_path / "g.npy"
-    code = label_embed.main(
+    code = main(
         [
             "--dataset",
             "coco2014",
@@ -342,9 +389,9 @@ def test_dataset_names_and_glove(tmp_path):
     np.testing.assert_array_equal(
         np.load(out), np.array([[1, 0, 0], [0, 2, 0], [0, 0, 3], [1, 1, 1]], np.float32)
     )
-    two_words = label_embed.embed_labels(["hot cat"], "glove", vocab=vectors)
+    two_words = encoders.embed_labels(["hot cat"], "glove", vocab=vectors)
     np.testing.assert_array_equal(two_words, [[2.5, 2.5, 2.5]])
-    with pytest.raises(label_embed.LabelEmbedError, match=r"glove.txt: no vector for dog"):
-        label_embed.embed_labels(["dog"], "glove", vocab=vectors)
-    with pytest.raises(label_embed.LabelEmbedError, match="data set 'coco2014' is not built"):
-        label_embed.dataset_class_names("coco2014", str(tmp_path / "nothing"))
+    with pytest.raises(encoders.LabelEmbedError, match=r"glove.txt: no vector for dog"):
+        encoders.embed_labels(["dog"], "glove", vocab=vectors)
+    with pytest.raises(encoders.LabelEmbedError, match="data set 'coco2014' is not built"):
+        dataset_class_names("coco2014", str(tmp_path / "nothing"))

@@ -24,10 +24,11 @@ from mlgraph import models, recipes
 from mlgraph.convert import core, io
 from mlgraph.convert import mlgcn as convert_mlgcn
 from mlgraph.convert.__main__ import main
-from mlgraph.data import array_files, cooccurrence, label_embed
 from mlgraph.errors import ConfigError
+from mlgraph.labels import arrays, cooccurrence
+from mlgraph.labels.__main__ import main as labels_main
+from mlgraph.labels.embeddings import load_embeddings
 from mlgraph.models import mlgcn
-from mlgraph.models.common import load_embeddings
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -211,7 +212,7 @@ def test_official_pickles_read_as_their_npy_forms(tmp_path, capsys):
     converted = (("voc_glove_word2vec", E, "word vectors"), ("voc_adj", C, "co-occurrence counts"))
     for name, width, what in converted:
         src, dst = tmp_path / f"{name}.pkl", tmp_path / f"{name}.npy"
-        assert label_embed.main(["--from_file", str(src), "--output", str(dst)]) == 0
+        assert labels_main(["--from_file", str(src), "--output", str(dst)]) == 0
         assert capsys.readouterr().out == f"{dst}: {C} x {width} {what} from {src}\n"
     field = "config.model.embed_path"
     for path in ("voc_glove_word2vec.pkl", "voc_glove_word2vec.npy"):
@@ -264,7 +265,7 @@ def test_official_pickles_read_as_their_npy_forms(tmp_path, capsys):
         pickle.dump({"adj": adj, "nums": nums[:-1]}, f)
     with pytest.raises(ConfigError, match=r"'adj' has shape \(6, 6\) and 'nums' 5 entries"):
         cooccurrence.load_counts(tmp_path / "bad_adj.pkl", C, "graph")
-    assert array_files.read_label_file(tmp_path / "voc_adj.pkl", "f")[0] == array_files.COUNTS
+    assert arrays.read_label_file(tmp_path / "voc_adj.pkl", "f")[0] == arrays.COUNTS
 
 
 def test_correlation_matches_gen_a_and_gen_adj(tmp_path):

@@ -1,6 +1,6 @@
 """SigRL through the training loop, evaluate and the CLI: the open-vocabulary run logs ZSL and
 GZSL tables, `evaluate` reproduces them and scores a label file, the batch filter, the
-schedule, the label-set errors, label_embed's `--prompt`."""
+schedule, the label-set errors, `python -m mlgraph.labels --prompt`."""
 
 from __future__ import annotations
 
@@ -193,16 +193,15 @@ def test_unseen_class_names_are_checked_and_the_ov_loss_needs_them(tiny_coco_dir
 
 
 def test_label_embed_prompt_is_the_template(tmp_path):
-    from mlgraph.data import label_embed
+    from mlgraph.labels import encoders
+    from mlgraph.labels.__main__ import main
 
     out = tmp_path / "e.npy"
-    status = label_embed.main(
-        ["--classes", "cat,horse", "--prompt", "a photo of a {}", "--output", str(out)]
-    )
+    status = main(["--classes", "cat,horse", "--prompt", "a photo of a {}", "--output", str(out)])
     assert status == 0
-    expected = label_embed.embed_labels(["cat", "horse"], "minilm", template="a photo of a {}")
+    expected = encoders.embed_labels(["cat", "horse"], "minilm", template="a photo of a {}")
     np.testing.assert_allclose(np.load(out), expected, rtol=1e-6)
-    assert not np.allclose(expected, label_embed.embed_labels(["cat", "horse"], "minilm"))
+    assert not np.allclose(expected, encoders.embed_labels(["cat", "horse"], "minilm"))
 
 
 CLIP_TINY = dict(variant=None, width=32, depth=3, num_heads=2, patch_size=16, embed_dim=EMBED)

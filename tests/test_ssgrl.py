@@ -20,12 +20,12 @@ from flax import nnx
 from torch_reference import PYTHON2, randomize_batch_norms
 from train_helpers import TINY_COCO_TRAIN
 
-from mlgraph import models, recipes
+from mlgraph import assets, models, recipes
 from mlgraph.convert import core, io
 from mlgraph.convert import ssgrl as convert_ssgrl
 from mlgraph.convert.__main__ import main
-from mlgraph.data import cooccurrence
 from mlgraph.errors import ConfigError
+from mlgraph.labels import cooccurrence
 from mlgraph.models import ssgrl
 from mlgraph.torch_reference.ssgrl import TorchResNet, TorchSSGRL
 
@@ -232,6 +232,7 @@ def test_train_labels_resolution_and_graph_files(tiny_coco_dir):
     import ml_collections
 
     from mlgraph.data import datasets
+    from mlgraph.data.cooccurrence import split_labels
 
     cfg = ml_collections.ConfigDict(
         {
@@ -240,11 +241,11 @@ def test_train_labels_resolution_and_graph_files(tiny_coco_dir):
         }
     )
     built = datasets.make_builder("coco2014", tiny_coco_dir, "").data_dir
-    resolved = cooccurrence.resolve(cfg, built)
+    resolved = assets.resolve_graph(cfg, built)
     assert cfg.model.graph_path == "train_labels"  # the input is not modified
     path = resolved.model.graph_path
     assert path.endswith("cooccurrence_train.npz")
-    labels = cooccurrence.split_labels(built, "train")
+    labels = split_labels(built, "train")
     assert labels.shape == (TINY_COCO_TRAIN, 4)
     counts = cooccurrence.load_counts(path, 4, "graph")
     np.testing.assert_array_equal(counts, labels.T @ labels)

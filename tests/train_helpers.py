@@ -66,7 +66,7 @@ def fake_assets(c, num_classes: int, tmp_path: pathlib.Path) -> None:
     import numpy as np
 
     from mlgraph import assets
-    from mlgraph.data import cooccurrence
+    from mlgraph.labels import cooccurrence
 
     if c.model.get("embed_path") == assets.MINILM:
         np.save(tmp_path / "e.npy", np.zeros((num_classes, 384), np.float32))

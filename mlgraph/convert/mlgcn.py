@@ -33,8 +33,8 @@ from flax import nnx
 
 from mlgraph.convert import core, torchvision_resnet
 from mlgraph.errors import ConfigError
+from mlgraph.labels.embeddings import load_embeddings
 from mlgraph.models import mlgcn
-from mlgraph.models.common import load_embeddings
 
 OPTIONS = {"embed_path": "", "image_size": 448, "prefix": "module."}
 IGNORED = [r".*num_batches_tracked"]

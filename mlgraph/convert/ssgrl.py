@@ -35,8 +35,8 @@ from flax import nnx
 from mlgraph import models
 from mlgraph.convert import core, torchvision_resnet
 from mlgraph.errors import ConfigError
+from mlgraph.labels.embeddings import load_embeddings
 from mlgraph.models import ssgrl
-from mlgraph.models.common import load_embeddings
 
 OPTIONS = {
     "embed_path": "",

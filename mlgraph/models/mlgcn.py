@@ -31,15 +31,10 @@ import numpy as np
 from flax import nnx
 
 from mlgraph import losses
-from mlgraph.data import cooccurrence
 from mlgraph.errors import ConfigError
-from mlgraph.models.common import (
-    NO_KWARGS,
-    Buffer,
-    check_graph_resolved,
-    cnn_backbone,
-    word_vectors,
-)
+from mlgraph.labels import cooccurrence
+from mlgraph.labels.embeddings import check_graph_resolved, word_vectors
+from mlgraph.models.common import NO_KWARGS, Buffer, cnn_backbone
 from mlgraph.models.layers import uniform_init
 
 POOLS = ("global", "official")
@@ -134,7 +129,7 @@ class MLGCN(nnx.Module):
           embed_path: word vectors [C, E] (a .npy, .npz or pickled array such as ML-GCN's
             *_glove_word2vec.pkl), "minilm" (assets), or "" = zeros [C, embed_dim] filled from
             a converted checkpoint.
-          graph_path: co-occurrence counts (.npz from mlgraph.data.cooccurrence, ML-GCN's adj
+          graph_path: co-occurrence counts (.npz from mlgraph.labels.cooccurrence, ML-GCN's adj
             .pkl, or a .npy of the counts), "train_labels", or "" = A filled from a converted
             checkpoint.
           tau: binarisation threshold of P(j | i). p: re-weighting (the code's 0.25; the paper

@@ -25,17 +25,14 @@ from flax import nnx
 
 from mlgraph import losses
 from mlgraph.errors import ConfigError
+from mlgraph.labels.embeddings import load_embeddings
 from mlgraph.models import backbones
 from mlgraph.models.attention import (
     LowRankBilinearAttention,
     TransformerEncoderLayer,
     sine_position_encoding,
 )
-from mlgraph.models.common import (  # noqa: F401 (Buffer re-exported)
-    NO_KWARGS,
-    Buffer,
-    load_embeddings,
-)
+from mlgraph.models.common import NO_KWARGS, Buffer  # noqa: F401 (Buffer re-exported)
 from mlgraph.models.graph import (
     GatedGNN,
     comatrix_to_prob,

@@ -19,7 +19,7 @@ One iteration (`make_train_step`), on a batch with one observed positive y_b per
    (`mlgraph.models.cam`; one `jax.grad` for the batch, the backbone outside the gradient),
    giving the salient patches of both grids (corners off, threshold 0.5);
 3. keys k = fm2 on the clean view with those masks (dropout on, no gradient); queries
-   u = projector(fm1 on Scob's strong augmentation, `mlgraph.data.device_augment`, same masks);
+   u = projector(fm1 on Scob's strong augmentation, `mlgraph.models.device_augment`, same masks);
    InfoNCE against one prototype per class from this epoch's bank (`losses.prototype_infonce`)
    x lambda_cl; one Adam step of the groups it reaches (linear parts, transformers, projector);
 4. the prototype bank takes this batch's keys with their pre-update confidence p_{b, y_b}.
@@ -55,9 +55,8 @@ import ml_collections
 from flax import nnx
 
 from mlgraph import losses
-from mlgraph.data import device_augment
 from mlgraph.errors import ConfigError
-from mlgraph.models import cam
+from mlgraph.models import cam, device_augment
 from mlgraph.models.attention import TransformerEncoderLayer
 from mlgraph.models.common import NO_KWARGS, cnn_backbone
 from mlgraph.models.layers import torch_linear, uniform_init

@@ -44,8 +44,9 @@ from flax import nnx
 
 from mlgraph import losses, metrics, optim
 from mlgraph.errors import ConfigError
+from mlgraph.labels.embeddings import load_embeddings
 from mlgraph.models import backbones
-from mlgraph.models.common import NO_KWARGS, Buffer, load_embeddings
+from mlgraph.models.common import NO_KWARGS, Buffer
 from mlgraph.models.layers import torch_linear, uniform_init
 
 OV_LOSS = "sigrl"
@@ -256,7 +257,7 @@ class SigRL(nnx.Module):
         """Args (the `config.model` fields):
         backbone, backbone_kwargs: the token backbone (`clip_vit_b16`: SigRL's tower).
         frozen_bn: a CNN backbone's batch norm keeps its running statistics.
-        embed_path: label embeddings [C, E] (a .npy from `mlgraph.data.label_embed`, e.g.
+        embed_path: label embeddings [C, E] (a .npy from `python -m mlgraph.labels`, e.g.
           CLIP ViT-B/16 text features of "There is a {} in the scene"; "minilm" for the
           offline MiniLM vectors); '' = zeros, filled by a converted checkpoint.
         embed_dim: E, the label-embedding width (checked against the file; CLIP's `proj`).
@@ -331,7 +332,7 @@ class SigRL(nnx.Module):
             raise ConfigError(
                 "config.model.embed_path: the loaded weights hold no label embeddings (all "
                 "zero); give the class names' text features, e.g. python -m "
-                "mlgraph.data.label_embed --encoder clip ... --output E.npy"
+                "mlgraph.labels --encoder clip ... --output E.npy"
             )
         if not self.distill:
             return

@@ -25,16 +25,11 @@ import numpy as np
 from flax import nnx
 
 from mlgraph import losses
-from mlgraph.data import array_files, cooccurrence
 from mlgraph.errors import ConfigError
+from mlgraph.labels import arrays, cooccurrence
+from mlgraph.labels.embeddings import check_graph_resolved, word_vectors
 from mlgraph.models.attention import LowRankBilinearAttention
-from mlgraph.models.common import (
-    NO_KWARGS,
-    Buffer,
-    check_graph_resolved,
-    cnn_backbone,
-    word_vectors,
-)
+from mlgraph.models.common import NO_KWARGS, Buffer, cnn_backbone
 from mlgraph.models.graph import GatedGNN
 from mlgraph.models.layers import ElementWiseLinear, torch_linear
 
@@ -52,7 +47,7 @@ def load_graph(path: str, num_classes: int, diagonal: str = "one") -> np.ndarray
     if pathlib.Path(path).suffix != ".npy":
         counts = cooccurrence.load_counts(path, num_classes, field)
         return cooccurrence.conditional_probability(counts, diagonal)
-    _, graph = array_files.read_label_file(path, field)
+    _, graph = arrays.read_label_file(path, field)
     if graph.shape != (num_classes, num_classes):
         raise ConfigError(
             f"{field}={path}: holds an array of shape {graph.shape}; expected "
@@ -102,7 +97,7 @@ class SSGRL(nnx.Module):
           embed_path: word vectors [C, E] (a .npy, .npz or pickled array), "minilm" (assets),
             or "" = zeros [C, embed_dim] to be filled from a converted checkpoint.
           graph_path: the graph M: a .npy [C, C] used as is (official prob_train.npy), a counts
-            file (.npz from mlgraph.data.cooccurrence, ML-GCN's adj .pkl) turned into P(j | i),
+            file (.npz from mlgraph.labels.cooccurrence, ML-GCN's adj .pkl) turned into P(j | i),
             "train_labels", or "" = zeros to be filled from a converted checkpoint.
           graph_diagonal: diagonal of P(j | i) built from counts: 'one' or 'zero'.
           att_dim: d1 = d2 of the semantic decoupling. num_steps: GGNN steps T.

@@ -1,6 +1,6 @@
 """BERT encoder (post-LN) in Flax NNX: all-MiniLM-L6-v2 (6 x 384, 12 heads) and bert-base.
 
-Used to compute label embeddings (`mlgraph.data.label_embed`), never trained here, so there is
+Used to compute label embeddings (`mlgraph.labels.encoders`), never trained here, so there is
 no dropout. Layer structure as in HF `BertModel`: embeddings (word + learned position + token
 type) -> LayerNorm; each layer: x = LN(x + dense(attn(x))), x = LN(x + out(gelu(inter(x)))),
 LayerNorm eps 1e-12, exact (erf) GELU.

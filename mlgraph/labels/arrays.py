@@ -2,7 +2,7 @@
 co-occurrence counts [C, C], in the formats users hold them.
 
 * `.npy`: the array itself (SSGRL's `vectors.npy`, `prob_train.npy`; what
-  `python -m mlgraph.data.label_embed` writes).
+  `python -m mlgraph.labels` writes).
 * `.npz`: co-occurrence counts under 'counts' (`cooccurrence.save_counts`), or a single array.
 * `.pkl`: the pickles the official ML-GCN repository ships (ssgrl_mlgcn.md §3.1):
   `data/{coco,voc}/*_glove_word2vec.pkl`, a pickled float32 ndarray [C, 300], and

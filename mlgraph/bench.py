@@ -40,8 +40,8 @@ from ml_collections import config_flags
 from mlgraph import assets, evaluation, sharding, step_cost, train_state, train_step
 from mlgraph import workdir as workdirs
 from mlgraph.data import datasets, pipeline
-from mlgraph.labels import cooccurrence
 from mlgraph.errors import ConfigError, DataError, MlgraphError
+from mlgraph.labels import cooccurrence
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string(

@@ -314,4 +314,3 @@ def open_run(
     state["extra"] = saved.get("extra", {})
     state["step"] = saved.get("step", found)
     return Run(workdir, config, dataset, graphdef, state, found, mesh, ema)
-

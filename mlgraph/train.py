@@ -526,6 +526,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
 
 
 def _run(config, workdir: epath.Path, signals: preemption.StopSignals) -> dict[str, float]:
+    # The method's complete loss settings (its `Loss` defaults, then config.loss), on a copy:
+    # a field the method does not have fails here, and config.json records what trains.
+    config = config.copy_and_resolve_references()
+    config.loss = models.loss_settings(config)
     # --- workdir -------------------------------------------------------------------------
     workdir = prepare_workdir(workdir, config)
     if config.keep_checkpoints < 1:

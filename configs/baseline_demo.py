@@ -27,7 +27,7 @@ def get_config(arg=None):
     c.optimizer.lr = 3e-3
     c.optimizer.weight_decay = 1e-4
     c.ema.decay = 0.99
-    c.loss = recipes.loss_config("bce")
+    c.loss = recipes.loss_config("baseline", name="bce")
     c.model = recipes.model_config(
         "baseline", backbone="simple_cnn", backbone_kwargs={"widths": (32, 64, 128, 256)}
     )

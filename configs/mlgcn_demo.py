@@ -18,7 +18,7 @@ def get_config(arg=None):
     c = recipes.demo_config(args.runlocal)
     c.optimizer.lr = 1e-3
     c.optimizer.weight_decay = 1e-4
-    c.loss = recipes.loss_config("bce")
+    c.loss = recipes.loss_config("mlgcn", name="bce")
     c.model = recipes.model_config(
         "mlgcn",
         backbone="mobilenet_v2",

@@ -25,7 +25,7 @@ def get_config(arg=None):
     args = config_lib.parse_arg(arg, runlocal=False)
     c = recipes.demo_config(args.runlocal)
     c.optimizer.lr = 3e-4
-    c.loss = recipes.loss_config("asl")
+    c.loss = recipes.loss_config("salgl", name="asl")
     c.model = recipes.model_config(
         "salgl",
         backbone="mobilenet_v2",

@@ -37,6 +37,6 @@ def get_config(arg=None):
     c.eval_every_epochs = 0.0 if args.runlocal else 1.0
     c.ema.decay = 0.0
     recipes.scob_optimizer(c)
-    c.loss = recipes.scob_loss(expected_num_pos=2.4)
+    c.loss = recipes.loss_config("scob", name="scob", expected_num_pos=2.4)
     c.model = recipes.model_config("scob", backbone="mobilenet_v2", dim=128, ffn_dim=512)
     return c

@@ -33,7 +33,7 @@ def get_config(arg=None):
     c.optimizer.warmup_fraction = 0.1
     c.optimizer.min_lr = 1e-6
     c.optimizer.frozen = recipes.sigrl_model.frozen_patterns(0, cnn=True)
-    c.loss = recipes.loss_config("sigrl", distill_weight=0.0)
+    c.loss = recipes.loss_config("sigrl", name="sigrl", distill_weight=0.0)
     c.model = recipes.model_config(
         "sigrl",
         backbone="mobilenet_v2",

@@ -37,7 +37,7 @@ def get_config(arg=None):
     c.data.val_fraction = 0.2
     c.best_metric = "val/spml_mAP"
     c.loss = recipes.loss_config(
-        args.loss, expected_num_pos=2.4, alpha=0.1, beta=0.2, warmup_epochs=3
+        "spml", name=args.loss, expected_num_pos=2.4, alpha=0.1, beta=0.2, warmup_epochs=3
     )
     c.model = recipes.model_config("spml", backbone="mobilenet_v2", frozen_bn=True)
     return c

@@ -22,7 +22,7 @@ def get_config(arg=None):
     c.optimizer.schedule = "constant"
     c.optimizer.lr = 1e-4
     c.optimizer.weight_decay = 0.0
-    c.loss = recipes.loss_config("bce")
+    c.loss = recipes.loss_config("ssgrl", name="bce")
     c.model = recipes.model_config(
         "ssgrl",
         backbone="mobilenet_v2",

@@ -135,28 +135,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.ema.decay = 0.9997
     c.ema.live = ()  # regexes of state paths the EMA model takes live (not averaged)
 
-    # The training objective's settings (each method's `loss_fn` reads the ones it uses).
-    c.loss = ml_collections.ConfigDict()
-    c.loss.name = "bce"  # 'bce' or 'asl'
-    c.loss.gamma_pos = 0.0  # ASL focusing of positives
-    c.loss.gamma_neg = 2.0  # ASL focusing of negatives
-    c.loss.clip = 0.0  # ASL probability margin of negatives; 0 = off
-    c.loss.eps = 1e-5  # ASL log clamp
-    c.loss.lamda = 1.0  # SALGL: weight of the scene entropy terms
-    c.loss.rank_weight = 1.0  # SigRL: the ranking loss over the seen labels
-    c.loss.distill_weight = 1.0  # SigRL: the L1 distillation to the frozen CLIP teacher
-    # The single-positive losses (mlgraph.models.spml; scob_spml.md §2):
-    c.loss.ls_coef = 0.1  # AN-LS's label smoothing s
-    c.loss.expected_num_pos = 1.5  # EPR and ROLE's K, positives per image (VOC 1.5, COCO 2.9)
-    c.loss.alpha = 0.2  # EM's entropy weight (Zhou: VOC 0.2, COCO 0.1, NUS 0.1)
-    c.loss.beta = 0.02  # EM+APL's pseudo-negative weight (Zhou: VOC 0.02, COCO 0.9, NUS 0.2)
-    c.loss.warmup_epochs = 5  # EM+APL: pseudo-labelling after each epoch from this one on
-    c.loss.neg_proportion = 0.9  # EM+APL: share of each class's unknowns made negative overall
-    c.loss.label_lr_mult = 10.0  # ROLE: the label estimator's learning rate / the network's
-
-    # config.model holds the method's constructor arguments (mlgraph.models, recipes.model_config).
+    # The method's constructor arguments, which the recipes fill in with their defaults
+    # (`recipes.model_config(NAME, ...)`, the method's `Model` fields, `config.model.name` = NAME).
     c.model = ml_collections.ConfigDict()
-    c.model.name = "baseline"
+    # The training objective's settings, which the recipes fill in (`recipes.loss_config(NAME,
+    # ...)`, the method's `Loss` fields); training completes them with the method's defaults
+    # (`mlgraph.models.loss_settings`).
+    c.loss = ml_collections.ConfigDict()
     return c
 
 

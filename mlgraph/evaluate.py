@@ -184,6 +184,8 @@ def evaluate_checkpoint(path: str, config: ml_collections.ConfigDict) -> dict:
         )
     config = ml_collections.ConfigDict(config.to_dict())
     config.init_from = str(path)
+    # As training: the method's loss defaults under config.loss (init_extra reads them).
+    config.loss = models.loss_settings(config)
     dataset = datasets.open_dataset(config.data)
     mesh = sharding.make_mesh()
     config = assets.resolve(config, dataset.class_names, dataset.directory)

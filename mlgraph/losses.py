@@ -4,10 +4,15 @@
 The classification losses take logits [B, C] and targets [B, C] in {0, 1} and return a scalar.
 The SPML losses (Cole et al. 2021, Zhou et al. 2022) take logits [B, C] and *observed* targets
 [B, C] in which 0 means unknown; see `spml_loss` below.
+
+The `config.loss` field sets the methods share are declared here as frozen dataclasses
+(`ClassificationLoss`, `SinglePositiveLoss`); a method's `Loss` (the protocol in
+`mlgraph.models`) uses or extends one of them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -59,6 +64,17 @@ def asl(
 
 
 LOSSES = ("asl", "bce")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassificationLoss:
+    """`config.loss` of a method trained with `classification` (BCE or ASL on full labels)."""
+
+    name: str = "bce"  # the loss: 'bce' or 'asl' (`LOSSES`)
+    gamma_pos: float = 0.0  # ASL focusing of positives
+    gamma_neg: float = 2.0  # ASL focusing of negatives
+    clip: float = 0.0  # ASL probability margin of negatives; 0 = off
+    eps: float = 1e-5  # ASL log clamp
 
 
 def classification(logits: jax.Array, targets: jax.Array, loss_cfg) -> jax.Array:
@@ -319,6 +335,23 @@ def full_bce(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 SPML_LOSSES = ("an", "an_ls", "wan", "epr", "role", "em", "em_apl", "full")
+
+
+@dataclasses.dataclass(frozen=True)
+class SinglePositiveLoss:
+    """`config.loss` of a method trained with `spml_loss` on observed single positives
+    (scob_spml.md §2); each loss reads only its own fields."""
+
+    # The loss, one of `SPML_LOSSES`; 'an' (every unknown a negative) is the protocol's
+    # baseline and reads none of the fields below.
+    name: str = "an"
+    ls_coef: float = 0.1  # AN-LS's label smoothing s
+    expected_num_pos: float = 1.5  # EPR and ROLE's K, positives per image (VOC 1.5, COCO 2.9)
+    alpha: float = 0.2  # EM's entropy weight (Zhou: VOC 0.2, COCO 0.1, NUS 0.1)
+    beta: float = 0.02  # EM+APL's pseudo-negative weight (Zhou: VOC 0.02, COCO 0.9, NUS 0.2)
+    warmup_epochs: int = 5  # EM+APL: pseudo-labelling after each epoch from this one on
+    neg_proportion: float = 0.9  # EM+APL: share of each class's unknowns made negative overall
+    label_lr_mult: float = 10.0  # ROLE: the label estimator's learning rate / the network's
 
 
 def spml_loss(

@@ -70,21 +70,15 @@ def model_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(defaults | overrides)
 
 
-def loss_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
-    """`config.loss` named `name` ('bce', 'asl', ...), the base fields with `overrides`.
+def loss_config(method: str, /, **overrides: Any) -> ml_collections.ConfigDict:
+    """`config.loss` of method `method`: every field of its `Loss` with its default, and
+    `overrides` applied (`models.loss_config`), e.g. `loss_config("salgl", gamma_neg=4.0)` or
+    `loss_config("spml", name="role", expected_num_pos=2.9)`.
 
     Raises:
-      ConfigError: for a field `config.loss` does not have.
+      ConfigError: for a field the method's loss does not have (the valid ones are listed).
     """
-    c = config_lib.base_config().loss
-    unknown = sorted(set(overrides) - set(c))
-    if unknown:
-        raise ConfigError(
-            f"config.loss: unknown field(s) {', '.join(unknown)}; valid: {', '.join(sorted(c))}"
-        )
-    c.name = name
-    c.update(overrides)
-    return c
+    return models.loss_config(method, **overrides)
 
 
 def demo_config(runlocal: bool = False) -> ml_collections.ConfigDict:
@@ -139,7 +133,7 @@ def _paper_base(dataset: str, builder_config: str | None, image_size: int):
 def _asl_one_cycle(dataset: str, builder_config: str | None, image_size: int):
     """What the SALGL and Query2Label recipes share (both follow ASL's training code): batch
     128 for 80 epochs, AdamW (wd 1e-2) one-cycle to 1e-4, EMA 0.9997, Cutout 0.5 + RandAugment,
-    ASL, bfloat16 compute."""
+    bfloat16 compute; each recipe sets its method's loss (ASL in both)."""
     c = _paper_base(dataset, builder_config, image_size)
     c.data.augment = "salgl"
     c.batch_size = 128
@@ -151,7 +145,6 @@ def _asl_one_cycle(dataset: str, builder_config: str | None, image_size: int):
     c.optimizer.lr = 1e-4
     c.optimizer.weight_decay = 1e-2
     c.ema.decay = 0.9997
-    c.loss = loss_config("asl")
     return c
 
 
@@ -164,6 +157,7 @@ def salgl(
     normalize. Label embeddings default to the offline MiniLM ('minilm'); the paper's BERT
     vectors are a file: --config.model.embed_path=bert.npy."""
     c = _asl_one_cycle(dataset, None, image_size)
+    c.loss = loss_config("salgl", name="asl")
     c.model = model_config(
         "salgl", backbone=backbone, num_scenes=num_scenes, embed_type="file", embed_path="minilm"
     )
@@ -191,7 +185,7 @@ def ssgrl(*, dataset: str, builder_config: str | None = None) -> ml_collections.
     c.optimizer.weight_decay = 0.0
     c.optimizer.frozen = ("backbone/(conv1|bn1|layer1|layer2|layer3)/.*",)
     c.ema.decay = 0.0  # no EMA in the official code (ema_mAP then equals mAP)
-    c.loss = loss_config("bce")
+    c.loss = loss_config("ssgrl", name="bce")
     c.model = model_config(
         "ssgrl",
         backbone="resnet101",
@@ -230,7 +224,7 @@ def mlgcn(*, dataset: str) -> ml_collections.ConfigDict:
     c.optimizer.clip_grad_norm = 10.0
     c.optimizer.lr_mults = (("backbone/.*", 0.1),)
     c.ema.decay = 0.0
-    c.loss = loss_config("bce")
+    c.loss = loss_config("mlgcn", name="bce")
     c.model = model_config(
         "mlgcn",
         backbone="resnet101",
@@ -260,6 +254,7 @@ def q2l(
     c = _asl_one_cycle(dataset, builder_config, image_size)
     c.data.augment = "q2l"
     c.optimizer.frozen = Q2L_FROZEN_BACKBONE
+    c.loss = loss_config("q2l", name="asl")
     c.model = model_config("q2l", backbone="resnet101")
     return c
 
@@ -312,7 +307,8 @@ def spml(
     c.best_metric = "val/spml_mAP"
     c.early_stop = loss in ("em", "em_apl")
     c.loss = loss_config(
-        loss,
+        "spml",
+        name=loss,
         expected_num_pos=s["k"],
         alpha=s["alpha"],
         beta=s["beta"],
@@ -330,30 +326,14 @@ def spml(
 
 
 # Scob's expected positives per image K (its own code: 1.5 on VOC, 3.9 on COCO, scob_spml.md
-# §3.4), and the official settings of its contrastive objective and its five Adam groups.
+# §3.4), and the official settings of its five Adam groups (those of its contrastive objective
+# are the defaults of `mlgraph.models.scob.Loss`).
 SCOB_K: dict[str, float] = {"voc2012": 1.5, "voc2007": 1.5, "coco2014": 3.9}
 COLE_K: dict[str, float] = {"voc2012": 1.5, "voc2007": 1.5, "coco2014": 2.9}  # §1.2
-SCOB_LOSS = dict(
-    cl_weight=0.1, cl_temperature=1.0, hard_correlation=True, exclude_own_prototype=False
-)
 SCOB_GROUP_LR = dict(
     linear=1e-3, transformer=4e-5, projector=1e-2, classifier=1e-3, label_estimator=1e-2
 )
 SCOB_PROTOCOLS = ("scob", "cole")
-
-
-def scob_loss(expected_num_pos: float, **overrides: Any) -> ml_collections.ConfigDict:
-    """`config.loss` of Scob: K, lambda_cl (`cl_weight`), tau (`cl_temperature`), and the
-    official-behaviour flags `hard_correlation` and `exclude_own_prototype`."""
-    c = loss_config("scob", expected_num_pos=expected_num_pos)
-    unknown = sorted(set(overrides) - set(SCOB_LOSS))
-    if unknown:
-        raise ConfigError(
-            f"config.loss: unknown Scob field(s) {', '.join(unknown)}; valid: "
-            f"{', '.join(sorted(SCOB_LOSS))}"
-        )
-    c.update(SCOB_LOSS | overrides)
-    return c
 
 
 def scob_optimizer(c: ml_collections.ConfigDict) -> None:
@@ -403,7 +383,7 @@ def scob(*, dataset: str, protocol: str = "scob") -> ml_collections.ConfigDict:
     c.ema.decay = 0.0  # none in the official code (ema_ metrics equal the model's)
     scob_optimizer(c)
     k = SCOB_K[dataset] if protocol == "scob" else COLE_K[dataset]
-    c.loss = scob_loss(k)
+    c.loss = loss_config("scob", name="scob", expected_num_pos=k)
     c.model = model_config("scob", backbone="resnet50")
     return c
 
@@ -443,7 +423,7 @@ def sigrl_ov(*, dataset: str = "nuswide_ov") -> ml_collections.ConfigDict:
     c.optimizer.frozen = sigrl_model.frozen_patterns(SIGRL_FIX_LAYER)
     c.ema.decay = 0.0
     c.best_metric = "eval/zsl_mAP"
-    c.loss = loss_config("sigrl", rank_weight=1.0, distill_weight=1.0)
+    c.loss = loss_config("sigrl", name="sigrl", rank_weight=1.0, distill_weight=1.0)
     c.model = model_config(
         "sigrl", backbone="clip_vit_b16", distill=True, teacher_from_block=SIGRL_FIX_LAYER
     )
@@ -466,6 +446,6 @@ def sigrl_spml(*, dataset: str) -> ml_collections.ConfigDict:
     c.image_size = 224
     c.batch_size = 1
     c.early_stop = False  # SigRL trains its 10 epochs and keeps the best by val mAP
-    c.loss = loss_config("em", alpha=SIGRL_SPML_ALPHA[dataset])
+    c.loss = loss_config("sigrl", name="em", alpha=SIGRL_SPML_ALPHA[dataset])
     c.model = model_config("sigrl", backbone="clip_vit_b16", distill=False)
     return c

@@ -31,6 +31,7 @@ from mlgraph import (
     config_lib,
     divergence,
     evaluation,
+    models,
     optim,
     preemption,
     sharding,
@@ -86,11 +87,16 @@ def log(message: str) -> None:
 # Set up
 # ---------------------------------------------------------------------------------------------
 def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """`config` with its method's complete loss settings, after the checks that need no data.
+    """A copy of `config` with its method's complete loss settings (its `Loss` defaults, then
+    `config.loss`, so that config.json records what trains), after the checks that need no
+    data.
 
     Raises:
-      ConfigError: a setting no run can use (the field named).
+      ConfigError: a setting no run can use (the field named), or a loss field the method
+        does not have.
     """
+    config = config.copy_and_resolve_references()
+    config.loss = models.loss_settings(config)
     if config.keep_checkpoints < 1:
         raise ConfigError(
             f"config.keep_checkpoints={config.keep_checkpoints}: expected at least 1 (the "

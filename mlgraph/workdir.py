@@ -21,6 +21,7 @@ gives their structure; the optimizer state is left on disk.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import pathlib
@@ -33,8 +34,8 @@ from etils import epath
 from flax import nnx
 
 from mlgraph import assets, checkpointing, models, paths, sharding
-from mlgraph.data import datasets
-from mlgraph.errors import WorkdirError, warn
+from mlgraph.data import augment, datasets
+from mlgraph.errors import ConfigError, WorkdirError, warn
 
 CONFIG_FILE = "config.json"
 CHECKPOINTS = "checkpoints"
@@ -103,8 +104,26 @@ def _read_saved(workdir: epath.Path) -> dict | None:
 
 
 def upgrade_config(saved: dict) -> dict:
-    """A config.json written by an earlier mlgraph, in today's fields (a config of today is
-    returned as it is): what a run computes is unchanged by the rewrite."""
+    """A config.json written by an earlier mlgraph, in today's fields (a config of today comes
+    back as it was); what the run computes is unchanged by the rewrite:
+
+    * `data.augment` as a dict of switches becomes the name of the chain they make
+      (`augment.chain_name_of`; a combination no chain makes is kept, and resuming the run
+      then names the differing fields);
+    * `loss` held every method's fields; the method reads only those of its `Loss`, which are
+      kept (with the defaults of any it lacked).
+    """
+    saved = copy.deepcopy(saved)
+    data = saved.get("data") or {}
+    if isinstance(data.get("augment"), dict):
+        try:
+            data["augment"] = augment.chain_name_of(data["augment"])
+        except ConfigError:
+            pass
+    method = (saved.get("model") or {}).get("name")
+    if method and isinstance(saved.get("loss"), dict):
+        declared = models.loss_defaults(method)
+        saved["loss"] = declared | {k: v for k, v in saved["loss"].items() if k in declared}
     return saved
 
 

@@ -1,24 +1,35 @@
 """The method protocol (`mlgraph.models`): every method module defines what it must, builds
-from its demo and paper configs, and its loss runs; a toy method using every optional part
-(two optimizers, its own step, per-example state, an epoch hook) trains, stops, resumes and
-ends bit-identical to an uninterrupted run; checkpoints at `checkpoint_every_steps`."""
+from its demo and paper configs, and its loss runs; its `Loss` declares every `config.loss`
+field its code reads, and a field it lacks is a ConfigError (`models.loss_settings`); a toy
+method using every optional part (two optimizers, its own step, per-example state, an epoch
+hook) trains, stops, resumes and ends bit-identical to an uninterrupted run; checkpoints at
+`checkpoint_every_steps`."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import pathlib
 import pkgutil
+import re
 
 import jax
 import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
-from train_helpers import TINY_COCO_TRAIN, fake_assets, final_run, load_config, tiny_config
+from train_helpers import (
+    REPO,
+    TINY_COCO_TRAIN,
+    fake_assets,
+    final_run,
+    load_config,
+    tiny_config,
+)
 
 import mlgraph.models
-from mlgraph import checkpointing, models, recipes, train
+from mlgraph import checkpointing, losses, models, recipes, train
 from mlgraph.errors import ConfigError
 
 # Modules of mlgraph/models that hold shared parts, not methods.
@@ -123,7 +134,179 @@ def test_unknown_field_and_module_are_config_errors():
     ):
         models.method_module("graph")
     with pytest.raises(ConfigError, match="config.loss: unknown field"):
-        recipes.loss_config("asl", gama_neg=1.0)
+        recipes.loss_config("salgl", gama_neg=1.0)
+
+
+# ---------------------------------------------------------------------------------- config.loss
+# Each method's loss names, every one of which its loss_fn must run with the defaults alone.
+LOSS_NAMES = {
+    "baseline": losses.LOSSES,
+    "salgl": losses.LOSSES,
+    "ssgrl": losses.LOSSES,
+    "mlgcn": losses.LOSSES,
+    "q2l": losses.LOSSES,
+    "spml": losses.SPML_LOSSES,
+    "scob": ("scob",),
+    "sigrl": ("sigrl", "em"),
+}
+DEFAULT_LOSS_NAME = {
+    "baseline": "bce",
+    "salgl": "asl",
+    "ssgrl": "bce",
+    "mlgcn": "bce",
+    "q2l": "asl",
+    "spml": "an",
+    "scob": "scob",
+    "sigrl": "sigrl",
+}
+
+
+def test_every_method_declares_its_loss():
+    assert sorted(LOSS_NAMES) == sorted(DEFAULT_LOSS_NAME) == METHODS
+    for name in METHODS:
+        cls = models.method_module(name).Loss
+        assert dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen, name
+        defaults = models.loss_defaults(name)
+        assert defaults["name"] == DEFAULT_LOSS_NAME[name], name
+        assert defaults == dataclasses.asdict(cls()), name
+        # Every field survives config.json.
+        assert json.loads(json.dumps(defaults)) == json.loads(
+            models.loss_config(name).to_json_best_effort()
+        )
+    classification = ("name", "gamma_pos", "gamma_neg", "clip", "eps")
+    assert tuple(models.loss_defaults("ssgrl")) == classification
+    assert tuple(models.loss_defaults("salgl")) == (*classification, "lamda")
+    assert models.loss_defaults("sigrl") == dataclasses.asdict(losses.SinglePositiveLoss()) | {
+        "name": "sigrl",
+        "rank_weight": 1.0,
+        "distill_weight": 1.0,
+    }
+    assert models.loss_defaults("scob") == {
+        "name": "scob",
+        "expected_num_pos": 1.5,
+        "cl_weight": 0.1,
+        "cl_temperature": 1.0,
+        "hard_correlation": True,
+        "exclude_own_prototype": False,
+    }
+    # A method without `Loss` (the toy) has the classification loss's fields.
+    assert models.loss_defaults("toy.method") == dataclasses.asdict(losses.ClassificationLoss())
+
+
+def test_misspelt_loss_field_is_a_config_error_listing_the_valid_ones():
+    with pytest.raises(ConfigError) as e:
+        recipes.loss_config("salgl", gama_neg=1.0)
+    assert str(e.value) == (
+        "config.loss: unknown field(s) gama_neg of salgl's loss; valid fields: clip, eps, "
+        "gamma_neg, gamma_pos, lamda, name"
+    )
+    with pytest.raises(ConfigError) as e:
+        models.loss_config("scob", alpha=0.1, cl_wieght=1.0)
+    assert str(e.value) == (
+        "config.loss: unknown field(s) alpha, cl_wieght of scob's loss; valid fields: "
+        "cl_temperature, cl_weight, exclude_own_prototype, expected_num_pos, "
+        "hard_correlation, name"
+    )
+    c = recipes.loss_config("spml", name="role", expected_num_pos=2.9)
+    assert (c.name, c.expected_num_pos, c.alpha) == ("role", 2.9, 0.2)
+
+
+def test_loss_settings_fill_missing_fields_and_refuse_foreign_ones():
+    # An older config without `lamda`: the method's default fills it in.
+    c = ml_collections.ConfigDict({"model": {"name": "salgl"}, "loss": {"gamma_neg": 4.0}})
+    assert models.loss_settings(c).to_dict() == {
+        "name": "asl",
+        "gamma_pos": 0.0,
+        "gamma_neg": 4.0,
+        "clip": 0.0,
+        "eps": 1e-5,
+        "lamda": 1.0,
+    }
+    assert c.loss.to_dict() == {"gamma_neg": 4.0}  # the config itself is not modified
+    # An empty (or absent) config.loss is the method's defaults.
+    c = ml_collections.ConfigDict({"model": {"name": "scob"}, "loss": {}})
+    assert models.loss_settings(c).to_dict() == models.loss_defaults("scob")
+    c = ml_collections.ConfigDict({"model": {"name": "q2l"}})
+    assert models.loss_settings(c).to_dict() == models.loss_defaults("q2l")
+    # SALGL's lamda on SSGRL was accepted and ignored; now it is refused.
+    c = load_config("ssgrl_demo")
+    c.loss.lamda = 2.0
+    with pytest.raises(ConfigError) as e:
+        models.loss_settings(c)
+    assert str(e.value) == (
+        "config.loss: unknown field(s) lamda of ssgrl's loss; valid fields: clip, eps, "
+        "gamma_neg, gamma_pos, name"
+    )
+    with pytest.raises(ConfigError, match="config.model.name: missing"):
+        models.loss_settings(ml_collections.ConfigDict({"loss": {}}))
+
+
+def test_training_refuses_a_loss_field_the_method_lacks(tmp_path):
+    c = tiny_config(tmp_path / "no_data")
+    c.loss.alpha = 0.2  # an SPML field on the baseline
+    with pytest.raises(ConfigError, match=r"^config.loss: unknown field\(s\) alpha of baseline"):
+        train.run(c, tmp_path / "w")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_loss_fn_runs_on_the_loss_defaults_alone(method, tmp_path):
+    """Every `config.loss` field the method's loss reads, for each of its loss names, is a
+    field of its `Loss`: the loss runs on `loss_settings` of a config.loss naming the loss
+    and nothing else."""
+    c = load_config(CONFIGS[method][0])
+    num_classes = recipes.DATASETS["demo" if c.data.demo else c.data.name].num_classes
+    fake_assets(c, num_classes, tmp_path)
+    model = nnx.eval_shape(lambda: models.create(c, num_classes=num_classes, rngs=nnx.Rngs(0)))
+    images = jax.ShapeDtypeStruct((2, c.image_size, c.image_size, 3), np.float32)
+    out = dict(nnx.eval_shape(lambda m, x: m(x), model, images))
+    if "global" in out:  # SigRL's distillation term reads its weight only with a teacher
+        out.setdefault("teacher", out["global"])
+    rng = np.random.default_rng(0)
+    outputs = {
+        k: rng.uniform(0.1, 0.9, v.shape).astype(v.dtype)
+        if k == "scene_probs"
+        else rng.normal(size=v.shape).astype(v.dtype)
+        for k, v in out.items()
+    }
+    batch = {
+        "labels": (rng.random((2, num_classes)) < 0.3).astype(np.float32),
+        "index": np.arange(2, dtype=np.int32),
+        "observed": np.eye(num_classes, dtype=np.float32)[[0, 1]],
+        "label_logits": rng.normal(size=(2, num_classes)).astype(np.float32),
+    }
+    mod = models.method_module(method)
+    for name in LOSS_NAMES[method]:
+        config = ml_collections.ConfigDict({"model": c.model.to_dict(), "loss": {}})
+        config.loss = models.loss_settings(config)
+        config.loss.name = name
+        config.loss.lock()  # a field the defaults lack is an AttributeError, not a new field
+        loss, aux = mod.loss_fn(outputs, batch, config)
+        assert np.shape(loss) == () and np.isfinite(float(loss)), name
+        assert all(np.isfinite(float(v)) for v in aux.values()), name
+
+
+CLASSIFICATION = ("baseline", "salgl", "ssgrl", "mlgcn", "q2l")  # `losses.classification`
+# Where `config.loss` is read outside `loss_fn` (hooks, optimizers, train steps, the SPML and
+# classification losses, the torch references): each field read there must be one of the
+# fields of the methods that run that code.
+LOSS_READS = {
+    **{f"mlgraph/models/{m}.py": (r"(?:\bconfig\.loss|\bcfg)\.(\w+)", (m,)) for m in METHODS},
+    "mlgraph/losses.py:classification": (r"\bloss_cfg\.(\w+)", CLASSIFICATION),
+    "mlgraph/losses.py:spml": (r"\bcfg\.(\w+)", ("spml", "sigrl")),
+    "mlgraph/torch_reference/losses.py": (r"\bloss_cfg\.(\w+)", CLASSIFICATION),
+    "mlgraph/torch_reference/salgl.py": (r"\bloss_cfg\.(\w+)", ("salgl",)),
+}
+
+
+@pytest.mark.parametrize("where", sorted(LOSS_READS))
+def test_every_loss_field_read_is_declared(where):
+    pattern, methods = LOSS_READS[where]
+    source = (REPO / where.partition(":")[0]).read_text()
+    read = set(re.findall(pattern, source))
+    assert read, f"{where}: no config.loss reads found (the pattern is out of date)"
+    for method in methods:
+        missing = read - set(models.loss_defaults(method))
+        assert not missing, f"{where} reads config.loss.{missing} that {method}'s Loss lacks"
 
 
 # ------------------------------------------------------------------------------- toy method

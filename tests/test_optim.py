@@ -209,6 +209,7 @@ def test_only_trainable_parameters_are_differentiated_with_the_same_updates():
     c = recipes.demo_config()
     c.image_size, c.batch_size = 32, 4
     c.optimizer.frozen = ("backbone/.*",)
+    c.loss = recipes.loss_config("baseline")
     c.model = recipes.model_config(
         "baseline", backbone="simple_cnn", backbone_kwargs={"widths": (8, 16, 32)}
     )

@@ -249,7 +249,7 @@ def test_loss_fn_combines_classification_and_scene_terms():
     y = jnp.asarray([[1, 0, 0, 1], [0, 1, 0, 0], [1, 1, 1, 0]], jnp.float32)
     outputs = {"logits": logits, "sample_en": jnp.float32(1.25), "batch_en": jnp.float32(0.5)}
     config = ml_collections.ConfigDict(
-        {"loss": recipes.loss_config("asl", lamda=2.0, gamma_neg=3.0)}
+        {"loss": recipes.loss_config("salgl", name="asl", lamda=2.0, gamma_neg=3.0)}
     )
     total, aux = salgl.loss_fn(outputs, {"labels": y}, config)
     cls = float(losses.asl(logits, y, gamma_neg=3.0))
@@ -287,7 +287,7 @@ def test_config_errors(tmp_path, embed_file):
         build(embed_type="glove")
     with pytest.raises(ConfigError, match="loss.name='focal': expected one of asl, bce"):
         outputs = {"logits": jnp.zeros((1, C)), "sample_en": 0.0, "batch_en": 0.0}
-        config = ml_collections.ConfigDict({"loss": recipes.loss_config("focal")})
+        config = ml_collections.ConfigDict({"loss": recipes.loss_config("salgl", name="focal")})
         salgl.loss_fn(outputs, {"labels": jnp.zeros((1, C))}, config)
     with pytest.raises(ConfigError, match="image_size=80: position codes need a multiple of 32"):
         config = _config(embed_file, image_size=80, pos=True)

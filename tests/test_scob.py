@@ -448,7 +448,7 @@ def _run_config(data_dir, **changes):
     recipes.scob_protocol(c, "cole")
     c.ema.decay = 0.0
     recipes.scob_optimizer(c)
-    c.loss = recipes.scob_loss(2.0)
+    c.loss = recipes.loss_config("scob", expected_num_pos=2.0)
     c.model = recipes.model_config(
         "scob",
         backbone="resnet50",

@@ -32,8 +32,7 @@ def _config(data_dir, tmp_path, steps=4):
     c.optimizer.schedule = "warmup_cosine"
     c.optimizer.warmup_fraction = 0.25
     c.optimizer.lr = 1e-3
-    c.loss.name = "sigrl"
-    c.loss.distill_weight = 0.0
+    c.loss = recipes.loss_config("sigrl", name="sigrl", distill_weight=0.0)
     table = np.random.default_rng(0).standard_normal((4, EMBED)).astype(np.float32)
     np.save(tmp_path / "emb.npy", table)
     c.model = recipes.model_config(
@@ -243,7 +242,7 @@ def test_spml_mode_trains_on_single_positives_with_em(tiny_coco_dir, tmp_path):
     c.data.unseen_classes = ()
     c.data.observed = "cole"
     c.best_metric = "eval/spml_mAP"
-    c.loss = recipes.loss_config("em", alpha=0.2)
+    c.loss = recipes.loss_config("sigrl", name="em", alpha=0.2)
     c.optimizer.name = "adam"
     c.optimizer.schedule = "constant"
     c.optimizer.weight_decay = 0.0

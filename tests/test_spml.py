@@ -27,7 +27,9 @@ def _config(data_dir, loss: str, **changes):
     c.optimizer.name = "adam"
     c.optimizer.schedule = "constant"
     c.optimizer.lr = 1e-2
-    c.loss = recipes.loss_config(loss, expected_num_pos=2.0, alpha=0.1, beta=0.5, warmup_epochs=1)
+    c.loss = recipes.loss_config(
+        "spml", name=loss, expected_num_pos=2.0, alpha=0.1, beta=0.5, warmup_epochs=1
+    )
     c.model = recipes.model_config(
         "spml", backbone="simple_cnn", backbone_kwargs={"widths": (8, 16)}
     )
@@ -142,6 +144,7 @@ def test_linear_init_continues_from_the_linear_phase(tiny_coco_dir, tmp_path):
     assert counts == [1]
     other = _config(tiny_coco_dir, "role", total_steps=1)
     other.model = recipes.model_config("baseline")
+    other.loss = recipes.loss_config("baseline")
     other.init_from = str(tmp_path / "linear")
     with pytest.raises(ConfigError, match="the workdir trained a 'spml' model, but"):
         train.run(other, tmp_path / "other")

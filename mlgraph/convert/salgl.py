@@ -36,7 +36,7 @@ import numpy as np
 import yaml
 from flax import nnx
 
-from mlgraph import models, recipes
+from mlgraph import models
 from mlgraph.convert import core, timm_vit, torch_transformer, torchvision_resnet
 from mlgraph.models import salgl
 
@@ -199,8 +199,10 @@ def infer_settings(
     if pos and "vit" in backbone:
         raise core.ConversionError("position_embedding.pe with a ViT backbone is not supported")
 
-    # Settings the weights and the yaml leave open: SALGL's field defaults and SALGL's loss.
-    defaults = models.field_defaults("salgl") | {"loss": "asl"} | dict(recipes.loss_config("asl"))
+    # Settings the weights and the yaml leave open: SALGL's field defaults and its loss's
+    # (`models.salgl.Loss`; the yaml spells the loss's name `loss`).
+    loss_defaults = models.loss_defaults("salgl")
+    defaults = models.field_defaults("salgl") | {"loss": loss_defaults.pop("name")} | loss_defaults
     r = core.SettingsResolver(config_yaml, read_config_yaml, defaults=defaults)
     r.check("num_scenes", int, k)
     r.check("num_classes", int, c)

@@ -21,6 +21,12 @@ Must define:
 
 May define:
 
+* `Loss`: a frozen dataclass whose fields (each with a default and a comment) *are* the
+  method's `config.loss` fields and their defaults (`loss_defaults`, `loss_config`); the
+  training loop fills in the defaults a config leaves out and refuses a field `Loss` lacks
+  (`loss_settings`). Shared field sets live in `mlgraph.losses` (`ClassificationLoss`,
+  `SinglePositiveLoss`) for a method to use or subclass; without `Loss`, a method has
+  `losses.ClassificationLoss`'s fields.
 * `ema_live_paths(config) -> tuple[str, ...]`: state paths (regexes over `params/...`,
   `rest/...`) the EMA model takes live instead of averaging (SALGL's counts with comat_ema off).
 * `make_optimizer(config, total_steps, params)`: an object with `init(params)` for the
@@ -52,6 +58,7 @@ models, not the reverse.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import types
@@ -62,8 +69,11 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from mlgraph import losses
 from mlgraph.errors import ConfigError
 
+# The `config.loss` fields of a method that defines no `Loss`.
+DEFAULT_LOSS = losses.ClassificationLoss
 # Constructor arguments the builder supplies; every other keyword argument is a config field.
 BUILDER_ARGS = ("num_classes", "image_size", "dtype", "param_dtype", "rngs", "num_train_examples")
 REQUIRED = ("Model", "loss_fn")
@@ -191,3 +201,64 @@ def create(
         rngs=rngs,
         num_train_examples=num_train_examples,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# config.loss: the method's `Loss` dataclass
+# ---------------------------------------------------------------------------------------------
+def loss_defaults(name: str) -> dict[str, Any]:
+    """The `config.loss` fields of method `name` with their defaults: those of its `Loss`
+    dataclass (`DEFAULT_LOSS`'s for a method without one).
+
+    Raises:
+      ConfigError: unknown method.
+      TypeError: a `Loss` that is not a dataclass, or a field of it without a default.
+    """
+    cls = getattr(method_module(name), "Loss", DEFAULT_LOSS)
+    if not (inspect.isclass(cls) and dataclasses.is_dataclass(cls)):
+        raise TypeError(f"{name}: Loss must be a dataclass (the protocol in mlgraph.models)")
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            fields[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            fields[f.name] = f.default_factory()
+        else:
+            raise TypeError(f"{name}: config.loss field {f.name!r} of Loss has no default")
+    return fields
+
+
+def loss_config(name: str, /, **overrides: Any) -> ml_collections.ConfigDict:
+    """`config.loss` of method `name`: every field of its `Loss` with its default, and
+    `overrides` applied (so every field can be overridden on the command line). `name` is
+    positional only: `name=` among the overrides is the loss's own, e.g.
+    `loss_config("spml", name="role")`.
+
+    Raises:
+      ConfigError: unknown method, or fields its `Loss` does not have (valid ones listed).
+    """
+    defaults = loss_defaults(name)
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise ConfigError(
+            f"config.loss: unknown field(s) {', '.join(unknown)} of {name}'s loss; "
+            f"valid fields: {', '.join(sorted(defaults))}"
+        )
+    return ml_collections.ConfigDict(defaults | overrides)
+
+
+def loss_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The complete loss settings of `config`: its method's (`config.model.name`) `Loss`
+    defaults, then the fields `config.loss` sets. A config that predates a field still runs
+    with its default; a field the method does not read is refused instead of ignored.
+
+    Raises:
+      ConfigError: no method named, or a `config.loss` field its `Loss` does not have.
+    """
+    name = config.model.get("name") if config.get("model") is not None else None
+    if not name:
+        raise ConfigError("config.model.name: missing; it names a module in mlgraph/models/")
+    given = config.get("loss") or {}
+    if isinstance(given, ml_collections.ConfigDict):
+        given = given.to_dict()
+    return loss_config(name, **dict(given))

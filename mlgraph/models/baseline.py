@@ -46,6 +46,10 @@ class Baseline(nnx.Module):
         return {"logits": self.head(tokens.mean(axis=1)).astype(jnp.float32)}
 
 
+# `config.loss`: BCE by default, or ASL (`losses.classification`).
+Loss = losses.ClassificationLoss
+
+
 def loss_fn(outputs: dict, batch: dict, config) -> tuple[jax.Array, dict[str, jax.Array]]:
     """`config.loss` (BCE over every (image, class) entry by default)."""
     loss = losses.classification(outputs["logits"], batch["labels"], config.loss)

@@ -187,6 +187,10 @@ class MLGCN(nnx.Module):
         return {"logits": logits.astype(jnp.float32)}
 
 
+# `config.loss`: the official BCE by default, or ASL (`losses.classification`).
+Loss = losses.ClassificationLoss
+
+
 def loss_fn(outputs: dict, batch: dict, config) -> tuple[jax.Array, dict[str, jax.Array]]:
     """`config.loss` (the official: mean BCE; `MultiLabelSoftMarginLoss` equals it for 0/1
     targets)."""

@@ -18,6 +18,7 @@ the rest.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -164,6 +165,14 @@ class Query2Label(nnx.Module):
             t = layer(t, x, pos=pos, query_pos=queries, train=train, rngs=rngs)
         t = self.decoder_norm(t)
         return {"logits": self.fc(t).astype(jnp.float32), "label_feats": t}
+
+
+@dataclasses.dataclass(frozen=True)
+class Loss(losses.ClassificationLoss):
+    """`config.loss` of Query2Label: `losses.classification`, ASL by default (the official
+    loss, ssgrl_mlgcn.md §4.1)."""
+
+    name: str = "asl"  # 'asl' (the official) or 'bce'
 
 
 def loss_fn(outputs: dict, batch: dict, config) -> tuple[jax.Array, dict[str, jax.Array]]:

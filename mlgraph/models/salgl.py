@@ -15,6 +15,7 @@ EMA-averaged, never optimized.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -236,6 +237,15 @@ class SALGL(nnx.Module):
 def ema_live_paths(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     """With `comat_ema` off the EMA model uses the live co-occurrence counts (spec §3.1)."""
     return () if config.model.get("comat_ema", True) else (r"rest/comatrix(/.*)?",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Loss(losses.ClassificationLoss):
+    """`config.loss` of SALGL: the classification loss (ASL in the paper's recipe) and the
+    weight of the scene entropy terms."""
+
+    name: str = "asl"  # 'asl' (the paper's) or 'bce'
+    lamda: float = 1.0  # weight of the scene entropy terms (sample_en + batch_en); spelt as SALGL
 
 
 def loss_fn(outputs: dict, batch: dict, config) -> tuple[jax.Array, dict[str, jax.Array]]:

@@ -44,6 +44,7 @@ as in the official checkpoints, whose keys `mlgraph.convert.scob` maps by renami
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Mapping
@@ -307,6 +308,24 @@ class Scob(nnx.Module):
 
 
 Model = Scob
+
+
+@dataclasses.dataclass(frozen=True)
+class Loss:
+    """`config.loss` of Scob (scob_spml.md §3.4, §3.6): the classification objective's K and
+    the contrastive objective's settings, the official code's values by default."""
+
+    name: str = "scob"  # a label only: Scob trains its one objective
+    # K, the expected positives per image of the EPR terms (Scob's code: 1.5 VOC, 3.9 COCO).
+    expected_num_pos: float = 1.5
+    cl_weight: float = 0.1  # lambda_cl, the weight of the contrastive loss
+    cl_temperature: float = 1.0  # tau, the InfoNCE temperature
+    # R < 1 set to 0, so the co-occurrence weighting of the prototypes is the identity (the
+    # official code's); False: negatives weighted by 1 - R[y_b, c]^2 of the label estimator.
+    hard_correlation: bool = True
+    # Each image's own-class prototype left out of the softmax; False (the official code's):
+    # it stays in at logit 0.
+    exclude_own_prototype: bool = False
 
 
 def loss_fn(outputs: dict, batch: dict, config) -> tuple[jax.Array, dict[str, jax.Array]]:

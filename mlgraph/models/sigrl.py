@@ -31,6 +31,7 @@ single-positive losses, e.g. 'em'): the same model, logits = s, the observed sin
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -539,6 +540,16 @@ class _Trainable(LayerDecayAdamW):
 # ---------------------------------------------------------------------------------------------
 # Label sets, loss, step
 # ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Loss(losses.SinglePositiveLoss):
+    """`config.loss` of SigRL: `OV_LOSS` (open vocabulary: ranking + distillation) or 'em'
+    (its SPML mode, with the single-positive fields of `losses.SinglePositiveLoss`)."""
+
+    name: str = OV_LOSS  # 'sigrl' (open vocabulary) or 'em' (single positives)
+    rank_weight: float = 1.0  # weight of the ranking loss over the seen labels
+    distill_weight: float = 1.0  # weight of the L1 distillation to the frozen CLIP teacher
+
+
 def is_open_vocabulary(config: ml_collections.ConfigDict) -> bool:
     """OV training (ranking + distillation over the seen labels) or a single-positive loss."""
     return config.loss.name == OV_LOSS

@@ -32,6 +32,10 @@ from mlgraph import losses, optim, pseudo_labels
 from mlgraph.errors import ConfigError
 from mlgraph.models.baseline import Baseline as Model  # noqa: F401 (the protocol's Model)
 
+# `config.loss`: the SPML loss (`losses.SPML_LOSSES`, 'an' by default) and the fields its loss,
+# ROLE's estimator and EM+APL's pseudo-labelling read.
+Loss = losses.SinglePositiveLoss
+
 
 def loss_fn(outputs: dict, batch: dict, config) -> tuple[jax.Array, dict[str, jax.Array]]:
     """`config.loss.name` of the logits against the batch's observed labels (`observed`; the

@@ -184,6 +184,10 @@ class SSGRL(nnx.Module):
         }
 
 
+# `config.loss`: the official BCE by default, or ASL (`losses.classification`).
+Loss = losses.ClassificationLoss
+
+
 def loss_fn(outputs: dict, batch: dict, config) -> tuple[jax.Array, dict[str, jax.Array]]:
     """`config.loss` (the official: mean BCE over every (image, class) entry)."""
     loss = losses.classification(outputs["logits"], batch["labels"], config.loss)

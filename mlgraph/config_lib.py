@@ -69,10 +69,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.init_from = ""  # a weights checkpoint written by `python -m mlgraph.convert`
 
     c.data = ml_collections.ConfigDict()
-    c.data.name = "coco2014"  # tfds builder name in mlgraph.data
-    c.data.builder_config = ""  # e.g. 'nonempty' / 'all' for coco2014; '' = the builder's default
+    # A row of mlgraph.data.registry ('demo' and 'digits_mosaic' are built on first use).
+    c.data.name = "coco2014"
+    c.data.builder_config = ""  # e.g. 'all' for coco2014; '' = the data set's own
     c.data.data_dir = ""  # where built datasets live ('' = $MLGRAPH_DATA or ~/mlgraph_data)
-    c.data.demo = ""  # 'demo' or 'digits-mosaic': build the embedded data set on first use
     c.data.train_split = "train"
     c.data.eval_split = "val"
     c.data.worker_count = 0  # grain worker processes; 0 = in the main process

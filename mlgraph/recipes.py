@@ -1,55 +1,35 @@
-"""The recipes the configs in `configs/` are made of: the data sets' table, a method's
-`config.model` and `config.loss`, the demo settings, and the papers' training recipes.
+"""The recipes the configs in `configs/` are made of: a data set's fields (from
+`mlgraph.data.registry`), a method's `config.model` and `config.loss`, the demo settings, and the
+papers' training recipes.
 
 Configs import this module; models never do (the method protocol in `mlgraph.models`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import ml_collections
 
 from mlgraph import config_lib, models
+from mlgraph.data import registry
 from mlgraph.errors import ConfigError
 from mlgraph.models import sigrl as sigrl_model
 
 
-@dataclasses.dataclass(frozen=True)
-class DataSet:
-    """A built data set as configs use it: the builder, its default builder config, the splits
-    the papers train and test on, and the number of classes."""
-
-    name: str
-    builder_config: str
-    train_split: str
-    eval_split: str
-    num_classes: int
-
-
-DATASETS: dict[str, DataSet] = {
-    "coco2014": DataSet("coco2014", "nonempty", "train", "val", 80),
-    "voc2007": DataSet("voc2007", "", "trainval", "test", 20),
-    "voc2012": DataSet("voc2012", "", "train", "val", 20),
-    "nuswide": DataSet("nuswide", "", "train", "test", 81),
-    "nuswide_ov": DataSet("nuswide", "ov", "train", "test", 1006),
-    # The embedded demo set (mlgraph.data.demo), written in the COCO-2014 layout.
-    "demo": DataSet("coco2014", "nonempty", "train", "val", 13),
-}
-
-
 def set_data(c: ml_collections.ConfigDict, dataset: str, builder_config: str | None = None) -> None:
-    """Point `c.data` at `dataset` (a key of `DATASETS`); `builder_config` overrides its
-    default (e.g. COCO's 'all' for the recipes that keep unlabelled images)."""
-    if dataset not in DATASETS:
-        raise ConfigError(f"data set {dataset!r}: unknown; known: {', '.join(sorted(DATASETS))}")
-    d = DATASETS[dataset]
-    c.data.name = d.name
-    c.data.builder_config = d.builder_config if builder_config is None else builder_config
-    c.data.train_split = d.train_split
-    c.data.eval_split = d.eval_split
-    c.data.demo = "demo" if dataset == "demo" else ""
+    """Point `c.data` at `dataset` (a row of `mlgraph.data.registry`) and its splits;
+    `builder_config` overrides its default (e.g. COCO's 'all' for the recipes that keep
+    unlabelled images).
+
+    Raises:
+      ConfigError: an unknown data set (the known ones listed).
+    """
+    row = registry.get(dataset)
+    c.data.name = row.name
+    c.data.builder_config = row.builder_config if builder_config is None else builder_config
+    c.data.train_split = row.train_split
+    c.data.eval_split = row.eval_split
 
 
 def model_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:

@@ -107,6 +107,7 @@ def upgrade_config(saved: dict) -> dict:
     """A config.json written by an earlier mlgraph, in today's fields (a config of today comes
     back as it was); what the run computes is unchanged by the rewrite:
 
+    * `data.demo` ('demo', 'digits-mosaic') becomes the data set's name (`data.name`);
     * `data.augment` as a dict of switches becomes the name of the chain they make
       (`augment.chain_name_of`; a combination no chain makes is kept, and resuming the run
       then names the differing fields);
@@ -115,6 +116,10 @@ def upgrade_config(saved: dict) -> dict:
     """
     saved = copy.deepcopy(saved)
     data = saved.get("data") or {}
+    if "demo" in data:  # the embedded sets were a flag on the COCO builder's name
+        demo = data.pop("demo")
+        if demo:
+            data["name"] = demo.replace("-", "_")
     if isinstance(data.get("augment"), dict):
         try:
             data["augment"] = augment.chain_name_of(data["augment"])

@@ -14,11 +14,10 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from train_helpers import REPO, fake_assets, load_config
+from train_helpers import REPO, fake_assets, load_config, num_classes_of
 
 from mlgraph import models, train_state
 
-NUM_CLASSES = {"coco2014": 80, "voc2007": 20, "voc2012": 20, "nuswide": 81}
 CONFIGS = sorted(p.stem for p in (REPO / "configs").glob("*.py"))
 
 
@@ -31,7 +30,7 @@ def test_the_issue_configs_exist():
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_builds(name, tmp_path: pathlib.Path):
     c = load_config(name)
-    num_classes = 13 if c.data.demo == "demo" else NUM_CLASSES[c.data.name]
+    num_classes = num_classes_of(c)
     fake_assets(c, num_classes, tmp_path)
     model = nnx.eval_shape(lambda: models.create(c, num_classes=num_classes, rngs=nnx.Rngs(0)))
     params = nnx.state(model, nnx.Param)

@@ -25,6 +25,7 @@ from train_helpers import (
     fake_assets,
     final_run,
     load_config,
+    num_classes_of,
     tiny_config,
 )
 
@@ -89,7 +90,7 @@ def test_method_module_follows_the_protocol(name):
 def test_method_builds_from_its_configs_and_its_loss_runs(method, config_name, tmp_path):
     c = load_config(config_name)
     assert c.model.name == method
-    num_classes = recipes.DATASETS["demo" if c.data.demo else c.data.name].num_classes
+    num_classes = num_classes_of(c)
     fake_assets(c, num_classes, tmp_path)
     model = nnx.eval_shape(lambda: models.create(c, num_classes=num_classes, rngs=nnx.Rngs(0)))
     images = jax.ShapeDtypeStruct((2, c.image_size, c.image_size, 3), np.float32)
@@ -254,7 +255,7 @@ def test_loss_fn_runs_on_the_loss_defaults_alone(method, tmp_path):
     field of its `Loss`: the loss runs on `loss_settings` of a config.loss naming the loss
     and nothing else."""
     c = load_config(CONFIGS[method][0])
-    num_classes = recipes.DATASETS["demo" if c.data.demo else c.data.name].num_classes
+    num_classes = num_classes_of(c)
     fake_assets(c, num_classes, tmp_path)
     model = nnx.eval_shape(lambda: models.create(c, num_classes=num_classes, rngs=nnx.Rngs(0)))
     images = jax.ShapeDtypeStruct((2, c.image_size, c.image_size, 3), np.float32)

@@ -35,7 +35,7 @@ def config_of(data_dir, **changes):
 
 # The same config as `config_of`, on the command line.
 CLI_FLAGS = [
-    "--config.data.demo=",
+    "--config.data.name=coco2014",
     "--config.image_size=32",
     "--config.batch_size=16",
     "--config.eval_batch_size=16",

@@ -66,7 +66,7 @@ def run_cli(workdir, data_dir, devices, *extra):
         str(REPO / "configs/baseline_demo.py"),
         "--workdir",
         str(workdir),
-        "--config.data.demo=",
+        "--config.data.name=coco2014",
         f"--config.data.data_dir={data_dir}",
         "--config.image_size=32",
         "--config.batch_size=16",

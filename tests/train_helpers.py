@@ -48,7 +48,7 @@ def tiny_coco(root: pathlib.Path) -> pathlib.Path:
 def tiny_config(data_dir: pathlib.Path, total_steps: int = 6):
     """baseline_demo shrunk to a few steps of a tiny CNN on the tiny set."""
     c = load_config("baseline_demo")
-    c.data.demo = ""
+    c.data.name = "coco2014"
     c.data.data_dir = str(data_dir)
     c.image_size = 32
     c.batch_size = 16
@@ -58,6 +58,13 @@ def tiny_config(data_dir: pathlib.Path, total_steps: int = 6):
     c.log_every_steps = 1
     c.model.backbone_kwargs.widths = (8, 16)
     return c
+
+
+def num_classes_of(c) -> int:
+    """The class count of the data set `c.data` names (the configs' checks)."""
+    from mlgraph.data import registry
+
+    return registry.get(c.data.name).num_classes
 
 
 def fake_assets(c, num_classes: int, tmp_path: pathlib.Path) -> None:

@@ -1,6 +1,10 @@
 """Build a data set once from the user's raw download into array_record files.
 
-    python -m mlgraph.data.build coco2014 --manual_dir RAW --data_dir OUT [--config all] [--strict]
+    python -m mlgraph.data.build NAME --manual_dir RAW --data_dir OUT [--config all] [--strict]
+
+NAME is a data set of `mlgraph.data.registry` (coco2014, voc2007, voc2012, nuswide, nuswide_ov,
+custom); --config overrides its builder config (coco2014: nonempty, all; nuswide: concepts81,
+ov).
 
 Unreadable images are reported by path and skipped (counted in the summary), or with --strict
 stop the build. Building again into the same folder reuses what is there.
@@ -15,12 +19,14 @@ import numpy as np
 from absl import app, flags, logging
 
 from mlgraph import paths
-from mlgraph.data import datasets
+from mlgraph.data import datasets, registry
 from mlgraph.errors import MlgraphError, StorageError
 
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Folder of the raw download.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the built data set is written.")
-_CONFIG = flags.DEFINE_string("config", "", "Builder config (e.g. coco2014: nonempty, all).")
+_CONFIG = flags.DEFINE_string(
+    "config", "", "Builder config (default: the data set's; e.g. coco2014: nonempty, all)."
+)
 _STRICT = flags.DEFINE_bool("strict", False, "Stop at the first unreadable image.")
 flags.mark_flags_as_required(["manual_dir", "data_dir"])
 
@@ -46,7 +52,8 @@ def summarize(name: str, builder) -> str:
 def main(argv: list[str]) -> None:
     """Entry point after flag parsing."""
     if len(argv) != 2:
-        raise app.UsageError(f"give one data set name: {', '.join(sorted(datasets.BUILDERS))}")
+        buildable = [r.name for r in registry.DATASETS.values() if not r.demo]
+        raise app.UsageError(f"give one data set name: {', '.join(sorted(buildable))}")
     logging.set_verbosity(logging.WARNING)
     try:
         if paths.is_cloud(_DATA_DIR.value):

@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mlgraph.data import builder_lib, images
-from mlgraph.errors import DataError
+from mlgraph.errors import ConfigError, DataError
 
 SPLITS = {"train": "train2014", "val": "val2014"}
 
@@ -137,3 +137,36 @@ class Coco2014(builder_lib.MultiLabelBuilder):
                 continue
             yield im["id"], {"image": data, "labels": y, "image_id": im["id"]}
         self.info.metadata["skipped"][split] = skipped
+
+
+def source_order(root: pathlib.Path, split: str):
+    """The raw files' order of `split` that the single-positive draws need
+    (`observed.SourceOrder`): the instances JSON's image order (Scob's rows), category order
+    (Cole's classes) and each image's annotations in order (Scob's label sets).
+
+    Raises:
+      ConfigError: an unknown split.
+      DataError: a missing or malformed annotation file, named.
+    """
+    from mlgraph.data.observed import SourceOrder
+
+    if split not in SPLITS:
+        raise ConfigError(f"coco2014 split '{split}': expected one of {', '.join(SPLITS)}")
+    path = root / "annotations" / f"instances_{SPLITS[split]}.json"
+    if not path.is_file():
+        raise DataError(f"{path}: annotation file not found")
+    # Unsorted: Cole's class order and Scob's image order are the file's own.
+    doc = load_instances(path)
+    names = {c["id"]: c["name"] for c in doc["categories"]}
+    annotations: dict[int, list[str]] = {}
+    for ann in doc["annotations"]:
+        if ann["category_id"] not in names:
+            raise DataError(
+                f"{path}: annotation {ann.get('id')} names unknown category_id {ann['category_id']}"
+            )
+        annotations.setdefault(ann["image_id"], []).append(names[ann["category_id"]])
+    return SourceOrder(
+        image_ids=tuple(im["id"] for im in doc["images"]),
+        class_names=tuple(c["name"] for c in doc["categories"]),
+        annotations={k: tuple(v) for k, v in annotations.items()},
+    )

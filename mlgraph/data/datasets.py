@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
 import pathlib
 
@@ -12,16 +11,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mlgraph import paths
+from mlgraph.data import registry
 from mlgraph.errors import ConfigError, DataError, StorageError
-
-# name -> "module:Class" of its TFDS builder.
-BUILDERS = {
-    "coco2014": "mlgraph.data.coco:Coco2014",
-    "voc2007": "mlgraph.data.voc:Voc2007",
-    "voc2012": "mlgraph.data.voc:Voc2012",
-    "nuswide": "mlgraph.data.nuswide:NusWide",
-    "custom": "mlgraph.data.custom:Custom",
-}
 
 
 def default_data_dir() -> pathlib.Path:
@@ -30,19 +21,18 @@ def default_data_dir() -> pathlib.Path:
 
 
 def builder_class(name: str) -> type:
-    """The TFDS builder class registered under `name`."""
-    if name not in BUILDERS:
-        raise ConfigError(f"data set '{name}': unknown; known: {', '.join(sorted(BUILDERS))}")
-    module, cls = BUILDERS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    """The TFDS builder class of data set `name` (a row of `mlgraph.data.registry`)."""
+    return registry.get(name).builder_class()
 
 
 def make_builder(name: str, data_dir: str | pathlib.Path, builder_config: str = "", **kwargs):
-    """A builder instance for `name` (array_record files) rooted at `data_dir`."""
-    cls = builder_class(name)
+    """A builder instance for data set `name` (array_record files) rooted at `data_dir`, in
+    `builder_config` (default: the data set's own, e.g. 'ov' for nuswide_ov)."""
+    row = registry.get(name)
+    builder_config = builder_config or row.builder_config
     if builder_config:
         kwargs["config"] = builder_config
-    return cls(data_dir=str(data_dir), file_format="array_record", **kwargs)
+    return row.builder_class()(data_dir=str(data_dir), file_format="array_record", **kwargs)
 
 
 def build(
@@ -82,11 +72,17 @@ class Dataset:
 
 
 def open_dataset(data: ml_collections.ConfigDict) -> Dataset:
-    """Open the data set `config.data` names; the embedded demo sets are built on first use."""
-    if data.demo:
+    """Open the data set `config.data` names; the embedded demo sets are built on first use.
+
+    Raises:
+      ConfigError: an unknown data set or split.
+      DataError: a data set that is not built in `config.data.data_dir`.
+    """
+    row = registry.get(data.name)
+    if row.demo:
         from mlgraph.data import demo
 
-        manual_dir = demo.ensure_demo(data.demo)
+        manual_dir = demo.ensure_demo(row.demo)
         data_dir = manual_dir.parent / f"{manual_dir.name}-tfds"
         builder = build(data.name, manual_dir, data_dir, data.builder_config)
     else:
@@ -108,6 +104,12 @@ def open_dataset(data: ml_collections.ConfigDict) -> Dataset:
     class_names = list(info.metadata.get("class_names", [])) if info.metadata else []
     if not class_names:
         raise DataError(f"{builder.data_dir}: metadata has no class_names; rebuild the data set")
+    if row.num_classes is not None and len(class_names) != row.num_classes:
+        raise DataError(
+            f"{builder.data_dir}: holds {len(class_names)} classes, but data set "
+            f"'{row.name}' has {row.num_classes} (mlgraph.data.registry); build it again, or "
+            "name the data set it is"
+        )
     splits = {data.train_split, data.eval_split}
     missing = [s for s in splits if s not in info.splits]
     if missing:
@@ -123,7 +125,7 @@ def open_dataset(data: ml_collections.ConfigDict) -> Dataset:
     }
     num_seen = info.metadata.get("num_seen") if info.metadata else None
     unseen = tuple(range(int(num_seen), len(class_names))) if num_seen else ()
-    return Dataset(data.name, pathlib.Path(builder.data_dir), class_names, sources, unseen)
+    return Dataset(row.name, pathlib.Path(builder.data_dir), class_names, sources, unseen)
 
 
 def unseen_classes(dataset: Dataset, data: ml_collections.ConfigDict) -> tuple[int, ...]:

@@ -507,3 +507,19 @@ class NusWide(builder_lib.MultiLabelBuilder):
                 continue
             yield entry, {"image": data, **features, "image_id": entry}
         self.info.metadata["skipped"][split] = skipped
+
+
+def source_order(root: pathlib.Path, split: str):
+    """The raw files' image order the single-positive draws need (`observed.SourceOrder`):
+    ImageList/Imagelist.txt's, which Cole's rows follow.
+
+    Raises:
+      DataError: the list file is missing.
+    """
+    from mlgraph.data.observed import SourceOrder
+
+    del split  # one list for both splits
+    path = root / "ImageList" / "Imagelist.txt"
+    if not path.is_file():
+        raise DataError(f"{path}: image list not found")
+    return SourceOrder(image_ids=tuple(read_list(path)))

@@ -21,11 +21,12 @@ Which images have a row (both schemes)
     positives are ``labels & ~difficult``, Cole's and Scob's). So on COCO (config ``all``) and
     VOC, images without a positive are left out of the rows, exactly as there: their observed
     row is all zero and they are in neither part of :func:`cole_split`. NUS-WIDE's builder
-    already drops such images. For a custom data set no source says what to do, so an image
+    already drops such images. For the other data sets (custom ones, and any registered with
+    ``spml_rules='ids'`` in `mlgraph.data.registry`) no source says what to do, so an image
     without a positive is an error naming it.
 
-Row order (spec §1.2, §3.9), per data set (the demo sets are built by the COCO builder, so they
-follow the COCO rules)
+Row order (spec §1.2, §3.9), by the data set's ``spml_rules`` in `mlgraph.data.registry` (the
+demo sets are built by the COCO builder, so they follow the COCO rules)
     ============  =================================================  ==========================
     data set      Cole                                               Scob
     ============  =================================================  ==========================
@@ -35,7 +36,7 @@ follow the COCO rules)
                                                                      classes 0..19 over the
                                                                      per-class lists (*)
     NUS-WIDE      ``ImageList/Imagelist.txt`` order (*)              as Cole (mlgraph's rule)
-    custom        image ids sorted as strings (mlgraph's rule)       as Cole (mlgraph's rule)
+    others (ids)  image ids sorted as strings (mlgraph's rule)       as Cole (mlgraph's rule)
     ============  =================================================  ==========================
 
     (*) The built TFDS data set does not keep this order (TFDS stores examples in its own
@@ -56,7 +57,7 @@ Class order
     depends on the order the indices were added, so a real Python set is built by adding them in
     the order of the image's annotations in the JSON (from ``source_order``; without it, in the
     builder's class order: a documented fallback). VOC label lists are ascending; for NUS-WIDE
-    and custom (no Scob code exists) ascending in the builder's class order.
+    and the others (no Scob code exists) ascending in the builder's class order.
 
 Images the build skipped
     A build that skipped unreadable images (``info.metadata['skipped']``) has no row for them,
@@ -91,6 +92,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from mlgraph.data import registry
 from mlgraph.errors import ConfigError, DataError
 
 SCHEMES = ("cole", "scob")
@@ -99,26 +101,18 @@ SCOB_SEED = 114514
 VAL_FRACTION = 0.2
 FORMAT_LINE = "# mlgraph single-positive observed labels, format 1"
 
-# TFDS builder name -> the family whose row and class rules apply (the demo sets are coco2014).
-FAMILIES = {
-    "coco2014": "coco",
-    "voc2007": "voc",
-    "voc2012": "voc",
-    "nus_wide": "nuswide",
-    "custom": "custom",
-}
 # The header's description of each rule, so that a user reading the file knows what was done.
 COLE_ROWS = {
     "coco": "image ids sorted as strings (Cole's format_coco.py)",
     "voc": "image file names <id>.jpg sorted (Cole's format_pascal.py)",
     "nuswide": "the order of ImageList/Imagelist.txt (Cole: the provided files' order)",
-    "custom": "image ids sorted as strings (mlgraph's rule for custom data sets)",
+    "ids": "image ids sorted as strings (mlgraph's rule where no published code draws)",
 }
 SCOB_ROWS = {
     "coco": "the images order of the instances JSON (Scob's data/coco.py)",
     "voc": "first appearance in the per-class lists, classes 0..19 (Scob's data/voc.py)",
     "nuswide": "as Cole's (mlgraph's rule: Scob has no NUS-WIDE loader)",
-    "custom": "as Cole's (mlgraph's rule: Scob has no custom loader)",
+    "ids": "as Cole's (mlgraph's rule: Scob has no loader for this data set)",
 }
 FALLBACKS = {
     ("cole", "nuswide"): "image ids sorted as strings, not known to be Imagelist.txt's order",
@@ -255,56 +249,24 @@ class SourceOrder:
 
 
 def read_source_order(name: str, manual_dir: str | os.PathLike, split: str) -> SourceOrder:
-    """The :class:`SourceOrder` of `split` of data set `name` ("coco2014", "voc2007",
-    "voc2012", "nuswide") from its raw download folder (the build's ``manual_dir``).
+    """The :class:`SourceOrder` of `split` of data set `name` (a row of
+    `mlgraph.data.registry` with a `raw_order` reader: coco2014, voc2007, voc2012, nuswide ...)
+    from its raw download folder (the build's ``manual_dir``).
 
     Raises:
-      ConfigError: a data set whose order the built data keeps (custom) or an unknown split.
+      ConfigError: a data set whose order the built data keeps (no `raw_order` in its row) or
+        an unknown split.
       DataError: a missing or malformed raw file, named.
     """
-    root = pathlib.Path(manual_dir)
-    if name == "coco2014":
-        from mlgraph.data import coco
-
-        if split not in coco.SPLITS:
-            raise ConfigError(f"coco2014 split '{split}': expected one of {', '.join(coco.SPLITS)}")
-        path = root / "annotations" / f"instances_{coco.SPLITS[split]}.json"
-        if not path.is_file():
-            raise DataError(f"{path}: annotation file not found")
-        # Unsorted: Cole's class order and Scob's image order are the file's own.
-        doc = coco.load_instances(path)
-        names = {c["id"]: c["name"] for c in doc["categories"]}
-        annotations: dict[int, list[str]] = {}
-        for ann in doc["annotations"]:
-            if ann["category_id"] not in names:
-                raise DataError(
-                    f"{path}: annotation {ann.get('id')} names unknown category_id "
-                    f"{ann['category_id']}"
-                )
-            annotations.setdefault(ann["image_id"], []).append(names[ann["category_id"]])
-        return SourceOrder(
-            image_ids=tuple(im["id"] for im in doc["images"]),
-            class_names=tuple(c["name"] for c in doc["categories"]),
-            annotations={k: tuple(v) for k, v in annotations.items()},
+    row = registry.get(name)
+    reader = row.raw_order_reader()
+    if reader is None:
+        readers = [r.name for r in registry.DATASETS.values() if r.raw_order]
+        raise ConfigError(
+            f"data set '{name}': no raw order to read (the built data set has all its rules "
+            f"need); data sets with one: {', '.join(readers)}"
         )
-    if name in ("voc2007", "voc2012"):
-        from mlgraph.data import voc
-
-        path = root / "VOCdevkit" / f"VOC{name[3:]}" / "ImageSets" / "Main" / f"{split}.txt"
-        if not path.is_file():
-            raise DataError(f"{path}: image list not found")
-        return SourceOrder(image_ids=tuple(voc.read_split_ids(path)))
-    if name == "nuswide":
-        from mlgraph.data import nuswide
-
-        path = root / "ImageList" / "Imagelist.txt"
-        if not path.is_file():
-            raise DataError(f"{path}: image list not found")
-        return SourceOrder(image_ids=tuple(nuswide.read_list(path)))
-    raise ConfigError(
-        f"data set '{name}': no raw order to read (the built data set has all its rules need); "
-        "known: coco2014, voc2007, voc2012, nuswide"
-    )
+    return reader(pathlib.Path(manual_dir), split)
 
 
 # ------------------------------------------------------------------------ the built split
@@ -324,7 +286,8 @@ class BuiltSplit:
 
     @property
     def family(self) -> str:
-        return FAMILIES[self.name]
+        """The row and class rules of its data set (`registry.SPML_RULES`)."""
+        return registry.by_builder(self.name).spml_rules
 
 
 def _directory(data: str | os.PathLike | object) -> pathlib.Path:
@@ -351,8 +314,11 @@ def read_built_split(data: str | os.PathLike | object, split: str) -> BuiltSplit
         raise DataError(f"{directory}: not a built data set (no dataset_info.json)")
     builder = tfds.builder_from_directory(str(directory))
     name = builder.info.name
-    if name not in FAMILIES:
-        raise DataError(f"{directory}: data set '{name}' has no observed-label rules")
+    if registry.by_builder(name) is None:
+        raise DataError(
+            f"{directory}: data set '{name}' has no row in mlgraph.data.registry, so no "
+            "observed-label rules"
+        )
     if split not in builder.info.splits:
         raise ConfigError(
             f"split '{split}' not in {directory}; available: {', '.join(builder.info.splits)}"
@@ -408,7 +374,7 @@ def _source_positions(built: BuiltSplit, order: Sequence, rows: set[int]) -> lis
 def cole_rows(built: BuiltSplit, source: SourceOrder | None = None) -> list[int]:
     """Source positions of the images with a positive, in Cole's row order (module docstring)."""
     rows = np.flatnonzero(built.positives.any(axis=1)).tolist()
-    if built.family == "custom" and len(rows) != len(built.image_ids):
+    if built.family == "ids" and len(rows) != len(built.image_ids):
         first = int(np.flatnonzero(~built.positives.any(axis=1))[0])
         raise DataError(
             f"{built.directory}: image {built.image_ids[first]} of split '{built.split}' has "
@@ -668,7 +634,7 @@ def read_observed(
         out[p, column[name]] = 1
         rows.append(p)
     need = set(np.flatnonzero(built.positives.any(axis=1)).tolist())
-    if built.family == "custom":
+    if built.family == "ids":
         need = set(range(len(built.image_ids)))
     missing = sorted(need - set(line_of))
     if missing:

@@ -133,6 +133,21 @@ class VocBase(builder_lib.MultiLabelBuilder, skip_registration=True):
         return root / "VOCdevkit" / f"VOC{cls.YEAR}"
 
     @classmethod
+    def source_order(cls, root: pathlib.Path, split: str):
+        """The raw files' image order of `split` the single-positive draws need
+        (`observed.SourceOrder`): ImageSets/Main/<split>.txt's, which Scob's rows follow.
+
+        Raises:
+          DataError: the list file is missing.
+        """
+        from mlgraph.data.observed import SourceOrder
+
+        path = cls.devkit(root) / "ImageSets" / "Main" / f"{split}.txt"
+        if not path.is_file():
+            raise DataError(f"{path}: image list not found")
+        return SourceOrder(image_ids=tuple(read_split_ids(path)))
+
+    @classmethod
     def check_manual_dir(cls, root: str | pathlib.Path) -> pathlib.Path:
         """`root` as a path; a DataError names every VOC file or folder it lacks."""
         base = f"VOCdevkit/VOC{cls.YEAR}"

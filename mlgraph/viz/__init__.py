@@ -165,7 +165,7 @@ def demo_scene_notes(
 ) -> list[str] | None:
     """Title notes naming the closest true demo scene per learned scene, when the workdir was
     trained on the embedded 'demo' set (whose `scenes.json` is on disk); else None."""
-    if config is None or config.data.get("demo", "") != "demo":
+    if config is None or config.data.name != "demo":
         return None
     from mlgraph.data import demo
 

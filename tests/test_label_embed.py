@@ -67,35 +67,6 @@ def test_module_help_names_the_command():
     assert "python -m mlgraph.labels --from_file FILE --output OUTPUT" in proc.stdout
 
 
-def loaded_after(*modules: str) -> set[str]:
-    """The mlgraph modules a fresh interpreter holds after importing `modules`."""
-    code = f"import sys, {', '.join(modules)}; print(*(m for m in sys.modules if 'mlgraph' in m))"
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=WORKTREE, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return under(set(proc.stdout.split()), "mlgraph")
-
-
-def under(names: set[str], *packages: str) -> set[str]:
-    """The names that are one of `packages` or inside one."""
-    return {n for n in names if any(n == p or n.startswith(p + ".") for p in packages)}
-
-
-def test_imports_point_down():
-    """The label files import only the small neutral modules; data never imports the CLI
-    helpers, converters or models; the models and the encoders never import `mlgraph.data` or
-    the CLI helpers."""
-    files = loaded_after("mlgraph.labels.arrays", "mlgraph.labels.embeddings")
-    neutral = {"mlgraph", "mlgraph.xla_options", "mlgraph.errors", "mlgraph.paths"}
-    assert files - under(files, "mlgraph.labels") <= neutral | {"mlgraph.textfiles"}
-    data = loaded_after("mlgraph.data.cooccurrence")
-    assert not under(data, "mlgraph.cli", "mlgraph.convert", "mlgraph.models")
-    upper = loaded_after("mlgraph.labels.encoders", "mlgraph.models.mlgcn", "mlgraph.models.scob")
-    assert "mlgraph.models.device_augment" in upper
-    assert not under(upper | loaded_after("mlgraph.models.ssgrl"), "mlgraph.cli", "mlgraph.data")
-
-
 def test_read_class_names(tmp_path):
     assert encoders.read_class_names("cat, dog ,traffic light") == [
         "cat",

@@ -34,7 +34,7 @@ from mlgraph import checkpointing, losses, models, recipes, train
 from mlgraph.errors import ConfigError
 
 # Modules of mlgraph/models that hold shared parts, not methods.
-SHARED = {"attention", "backbones", "cam", "common", "graph", "layers"}
+SHARED = {"attention", "backbones", "cam", "common", "device_augment", "graph", "layers"}
 METHODS = sorted(
     m.name for m in pkgutil.iter_modules(mlgraph.models.__path__) if m.name not in SHARED
 )

@@ -9,8 +9,8 @@ import pytest
 from image_fixture import assert_image
 from nuswide_fixture import CONCEPTS, Entry, write_nuswide, write_tags
 
-from mlgraph import config_lib, recipes
-from mlgraph.data import augment, datasets, pipeline
+from mlgraph import config_lib
+from mlgraph.data import augment, datasets, nuswide, pipeline, registry
 from mlgraph.errors import DataError
 
 # Not alphabetical on purpose; sky, water, zebra and person are also concepts.
@@ -163,7 +163,14 @@ def test_default_config_unchanged(tmp_path):
     assert builder.info.metadata["class_names"] == CONCEPTS
     assert "ignored" not in builder.info.features
     assert sorted(read_split(builder, "train")) == ["actor/0001_11.jpg", "beach/0004_14.jpg"]
-    assert recipes.DATASETS["nuswide_ov"] == recipes.DataSet("nuswide", "ov", "train", "test", 1006)
+    row = registry.get("nuswide_ov")
+    assert (row.builder_class(), row.builder_config, row.train_split, row.eval_split) == (
+        nuswide.NusWide,
+        "ov",
+        "train",
+        "test",
+    )
+    assert row.num_classes == 1006
 
 
 def test_tag_list_at_root_and_strict(tmp_path):

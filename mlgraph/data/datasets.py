@@ -104,12 +104,6 @@ def open_dataset(data: ml_collections.ConfigDict) -> Dataset:
     class_names = list(info.metadata.get("class_names", [])) if info.metadata else []
     if not class_names:
         raise DataError(f"{builder.data_dir}: metadata has no class_names; rebuild the data set")
-    if row.num_classes is not None and len(class_names) != row.num_classes:
-        raise DataError(
-            f"{builder.data_dir}: holds {len(class_names)} classes, but data set "
-            f"'{row.name}' has {row.num_classes} (mlgraph.data.registry); build it again, or "
-            "name the data set it is"
-        )
     splits = {data.train_split, data.eval_split}
     missing = [s for s in splits if s not in info.splits]
     if missing:

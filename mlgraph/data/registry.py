@@ -30,7 +30,8 @@ class DataSet:
       builder: its TFDS builder class, as 'module:Class'.
       train_split: the split the papers train on.
       eval_split: the split the papers test on.
-      num_classes: C, or None when the user's files decide (a custom data set).
+      num_classes: C as the papers use it (a build from other files may hold another
+        count), or None when the user's files decide (a custom data set).
       builder_config: the builder config ('' = the builder's default).
       demo: the embedded data set written on first use (`mlgraph.data.demo`), '' for a data
         set built from the user's download.

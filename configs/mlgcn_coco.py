@@ -1,4 +1,5 @@
-"""ML-GCN (Chen et al., CVPR 2019) on coco2014, the official code's recipe (ssgrl_mlgcn.md §3.1).
+"""ML-GCN (Chen et al., CVPR 2019) on coco2014, the official code's recipe
+(docs/ssgrl_mlgcn.md §3.1).
 
 ResNet-101 at 448 px, global max pooling (pool='global', at 448 px the same as the released
 MaxPool2d(14, 14); see recipes.mlgcn), two bias-free graph convolutions (300/E -> 1024 -> 2048,

@@ -1,4 +1,5 @@
-"""Query2Label (Liu et al., 2021) on coco2014, the official R101-448 recipe (ssgrl_mlgcn.md §4.1).
+"""Query2Label (Liu et al., 2021) on coco2014, the official R101-448 recipe
+(docs/ssgrl_mlgcn.md §4.1).
 
 ResNet-101 (ImageNet) with every batch norm frozen and conv1 + layer1 not trained; the layer4
 map (14x14 at 448 px) is the memory; transformer d 2048, 4 heads, FFN 8192, 1 encoder + 2

@@ -7,7 +7,8 @@ metrics leave the difficult-only pairs out.
     python -m mlgraph.main --config configs/q2l_voc2007.py --workdir DIR \
         --config.data.data_dir=DATA --config.init_from=WEIGHTS
 
-Expected: the Q2L paper reports VOC 2007; the figure was not verified here (spec §5.2).
+Expected: the Q2L paper reports VOC 2007; the figure was not verified here
+(docs/ssgrl_mlgcn.md §5.2).
 """
 
 from mlgraph import config_lib, recipes

@@ -1,6 +1,6 @@
 """SALGL (Zhu et al., ICCV 2023) on coco2014: resnet101 at 576px, K=6 scenes.
 
-Recipe of spec salgl.md §3 (mlgraph.recipes.salgl). Build the data set once, convert the
+Recipe of docs/salgl.md §3 (mlgraph.recipes.salgl). Build the data set once, convert the
 ImageNet backbone, then train (resumes from the workdir):
 
     python -m mlgraph.data.build coco2014 --manual_dir RAW --data_dir DATA

@@ -1,6 +1,6 @@
 """SALGL (Zhu et al., ICCV 2023) on voc2007: resnet101 at 448px, K=6 scenes.
 
-Recipe of spec salgl.md §3 (mlgraph.recipes.salgl). Build the data set once, convert the
+Recipe of docs/salgl.md §3 (mlgraph.recipes.salgl). Build the data set once, convert the
 ImageNet backbone, then train (resumes from the workdir):
 
     python -m mlgraph.data.build voc2007 --manual_dir RAW --data_dir DATA
@@ -9,7 +9,7 @@ ImageNet backbone, then train (resumes from the workdir):
     python -m mlgraph.main --config configs/salgl_voc2007.py --workdir DIR \
         --config.data.data_dir=DATA --config.init_from=WEIGHTS
 
-Expected: no published VOC 2007 figure was found (spec salgl.md §8).
+Expected: no published VOC 2007 figure was found (docs/salgl.md §8).
 """
 
 from mlgraph import config_lib, recipes

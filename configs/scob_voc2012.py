@@ -1,5 +1,5 @@
 """Scob (Chen, Zhao and Li, IJCV 2023) on VOC 2012, the official recipe (mlgraph.recipes.scob;
-scob_spml.md §3):
+docs/scob_spml.md §3):
 
     python -m mlgraph.data.build voc2012 --manual_dir RAW --data_dir DATA
     python -m mlgraph.convert --source torchvision_resnet --input resnet50-0676ba61.pth \
@@ -26,7 +26,7 @@ the first iteration of each official epoch runs its classification pass with the
 batch norm in eval mode (and, after the first epoch, dropout off), which mlgraph does not copy;
 batch norm's running variance is updated with the biased batch variance (torch: unbiased).
 
-Expected: the paper's VOC 2012 figure could not be read here (scob_spml.md §5.3). For scale, on
+Expected: the paper's VOC 2012 figure could not be read here (docs/scob_spml.md §5.3). For scale, on
 Cole's protocol: ROLE 87.9, EM (Zhou) 89.09 mAP.
 """
 

@@ -1,6 +1,6 @@
 """SigRL (ICME 2025), open vocabulary on NUS-WIDE: train on the 925 seen tags, test zero-shot
 on the 81 concepts (ZSL) and on all 1,006 labels (GZSL), with the official code's defaults
-(sigrl.md §3.5; mlgraph.recipes.sigrl_ov).
+(docs/sigrl.md §3.5; mlgraph.recipes.sigrl_ov).
 
     python -m mlgraph.data.build nuswide --config ov --manual_dir RAW --data_dir DATA
     python -m mlgraph.convert --source openai_clip --input ViT-B-16.pt --output CLIP_VIS
@@ -22,7 +22,7 @@ label files with img_names.pkl / test_img_names.pkl. `ViT-B-16.pt` is OpenAI's J
 Logged per evaluation (every epoch, on the test split as the official code does): eval/zsl_mAP,
 eval/zsl_{P,R,F1}_at{3,5}, and the same for gzsl (BiAM's AP: a class without positives counts
 0; overall P/R/F1 over each image's top K). The kept checkpoint is the best eval/zsl_mAP.
-Expected: SigRL's tables were not retrievable (sigrl.md §7.1); none is claimed here.
+Expected: SigRL's tables were not retrievable (docs/sigrl.md §7.1); none is claimed here.
 Memory: SDA and VFR run as scans over `config.model.class_chunk` (64) labels with rematerialised
 chunk bodies; `python -m mlgraph.bench memory --config configs/sigrl_nuswide_ov.py
 --num_classes 1006 --batch 64` prints what the train step and a GZSL eval step need.

@@ -1,5 +1,5 @@
 """SigRL's single-positive mode on COCO 2014: the CLIP ViT-B/16 SigRL model fully
-fine-tuned with the EM loss on Cole et al.'s single positives (sigrl.md §4;
+fine-tuned with the EM loss on Cole et al.'s single positives (docs/sigrl.md §4;
 mlgraph.recipes.sigrl_spml). The released SPML code does not run (§8 S1-S6); this is what it
 intends: logits = the fused score, sigmoid, EM (alpha 0.1), Adam lr 1e-5, 10 epochs of
 batch 1, the best epoch by the clean validation mAP (20 % of the training split).

@@ -1,5 +1,5 @@
 """Single-positive multi-label learning (SPML) on COCO 2014: Cole et al.'s protocol with
-Zhou et al.'s hyper-parameters (mlgraph.recipes.spml; scob_spml.md §1-§2).
+Zhou et al.'s hyper-parameters (mlgraph.recipes.spml; docs/scob_spml.md §1-§2).
 
 The protocol, the loss argument (`an`, `an_ls`, `wan`, `epr`, `role`, `em`, `em_apl`, or the
 full-label oracle `full`) and the linear-init mode are described in `recipes.spml`:

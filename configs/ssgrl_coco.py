@@ -1,4 +1,5 @@
-"""SSGRL (Chen et al., ICCV 2019) on coco2014 with the official code's recipe (ssgrl_mlgcn.md §1.7).
+"""SSGRL (Chen et al., ICCV 2019) on coco2014 with the official code's recipe
+(docs/ssgrl_mlgcn.md §1.7).
 
 ResNet-101 at 576 px with the extra 2x2 average pool (9x9 locations); conv1..layer3 frozen with
 their batch norm in eval mode, layer4 and the head trained (layer4 batch norm in train mode);

@@ -340,7 +340,7 @@ SPML_LOSSES = ("an", "an_ls", "wan", "epr", "role", "em", "em_apl", "full")
 @dataclasses.dataclass(frozen=True)
 class SinglePositiveLoss:
     """`config.loss` of a method trained with `spml_loss` on observed single positives
-    (scob_spml.md §2); each loss reads only its own fields."""
+    (docs/scob_spml.md §2); each loss reads only its own fields."""
 
     # The loss, one of `SPML_LOSSES`; 'an' (every unknown a negative) is the protocol's
     # baseline and reads none of the fields below.
@@ -406,7 +406,7 @@ def spml_loss(
 
 
 # ---------------------------------------------------------------------------------------------
-# Scob (scob_spml.md §3.4, §3.6). Scob's networks output probabilities, so these take p and q.
+# Scob (docs/scob_spml.md §3.4, §3.6). Scob's networks output probabilities, so these take p and q.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -428,7 +428,7 @@ def scob_classification(
     probs: jax.Array, label_probs: jax.Array, observed: jax.Array, expected_num_pos: float
 ) -> jax.Array:
     """Scob's ROLE-style objective of the classifier's probabilities p [B, C] and the label
-    estimator's q [B, C] (scob_spml.md §3.4):
+    estimator's q [B, C] (docs/scob_spml.md §3.4):
 
       L = 1/2 [BCE(p, sg(q)) + EPR(p) + BCE(q, sg(p)) + EPR(q)],
 
@@ -458,7 +458,7 @@ def prototype_infonce(
     temperature: float = 1.0,
     exclude: jax.Array | None = None,
 ) -> jax.Array:
-    """Scob's InfoNCE against class prototypes (`loss_contrastive_infonce`, scob_spml.md §3.6).
+    """Scob's InfoNCE against class prototypes (`loss_contrastive_infonce`, docs/scob_spml.md §3.6).
 
     With u, k and P L2-normalised (a zero prototype stays zero), per image b:
 
@@ -486,7 +486,7 @@ def prototype_infonce(
 
 
 # ---------------------------------------------------------------------------------------------
-# SigRL's open-vocabulary objective (sigrl.md §3.1)
+# SigRL's open-vocabulary objective (docs/sigrl.md §3.1)
 # ---------------------------------------------------------------------------------------------
 def ranking(
     scores: jax.Array, positive: jax.Array, negative: jax.Array, weights: jax.Array | None = None

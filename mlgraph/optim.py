@@ -67,7 +67,7 @@ def learning_rate_fn(opt: ml_collections.ConfigDict, total_steps: int) -> Callab
 
 
 def warmup_cosine(total_steps: int, lr: float, min_lr: float, warmup_fraction: float) -> Callable:
-    """MKT's `adjust_learning_rate` per iteration (SigRL §3.4), in steps: lr · s / W for
+    """MKT's `adjust_learning_rate` per iteration (docs/sigrl.md §3.4), in steps: lr · s / W for
     s < W = warmup_fraction · total, then min_lr + (lr − min_lr) · ½ (1 + cos(π (s − W) /
     (total − W)))."""
     if not 0.0 <= warmup_fraction < 1.0:

@@ -131,7 +131,7 @@ def _asl_one_cycle(dataset: str, builder_config: str | None, image_size: int):
 def salgl(
     *, dataset: str, image_size: int, backbone: str, num_scenes: int, mode: str = "full"
 ) -> ml_collections.ConfigDict:
-    """The recipe that reproduced SALGL's COCO numbers (spec salgl.md §3): AdamW 1e-4, wd 1e-2,
+    """The recipe that reproduced SALGL's COCO numbers (docs/salgl.md §3): AdamW 1e-4, wd 1e-2,
     one-cycle (pct 0.2, beta1 cycled) over 80 epochs of batch 128, EMA 0.9997 selecting the best
     checkpoint, ASL (gamma- 2), resize + flip + Cutout 0.5 + RandAugment, hard scenes, outmess,
     normalize. Label embeddings default to the offline MiniLM ('minilm'); the paper's BERT
@@ -146,7 +146,7 @@ def salgl(
 
 
 def ssgrl(*, dataset: str, builder_config: str | None = None) -> ml_collections.ConfigDict:
-    """The official SSGRL recipe (ssgrl_mlgcn.md §1.7): ResNet-101 at 576 px (resize 640,
+    """The official SSGRL recipe (docs/ssgrl_mlgcn.md §1.7): ResNet-101 at 576 px (resize 640,
     random side crop from {640, 576, 512, 384, 320}, no flip; test: centre crop from 640), Adam
     1e-5 at a constant rate on layer4 and the head, batch 4, 200 epochs, BCE, no EMA."""
     c = _paper_base(dataset, builder_config, 576)
@@ -177,16 +177,16 @@ def ssgrl(*, dataset: str, builder_config: str | None = None) -> ml_collections.
 
 
 def mlgcn(*, dataset: str) -> ml_collections.ConfigDict:
-    """ML-GCN's official recipe (ssgrl_mlgcn.md §3.1): ResNet-101 at 448 px, the GCN over
+    """ML-GCN's official recipe (docs/ssgrl_mlgcn.md §3.1): ResNet-101 at 448 px, the GCN over
     gen_A of the training labels, BCE; train images through MultiScaleCrop (scales 1 to 0.5 of
     the shorter side, max_distort 2) and flip; SGD (momentum 0.9, L2 1e-4) at lr 0.1 for the GCN
     and 0.01 (lrp 0.1) for the backbone, gradients clipped to norm 10, batch 32, 20 epochs at a
     constant rate (the official x0.1 step is at epoch 30, after the end).
 
-    Pooling: pool='global', a true global max. It is the paper's global max pooling, the spec's
-    choice for a reimplementation (ssgrl_mlgcn.md §3.1, §7), and at this recipe's 448 px (a 14x14
-    layer4 map) exactly the released code's MaxPool2d(14, 14); 'official' only differs at other
-    sizes, where that fixed window covers the top-left 14x14 alone, and is what converted
+    Pooling: pool='global', a true global max. It is the paper's global max pooling, the choice
+    of docs/ssgrl_mlgcn.md §3.1 and §7 for a reimplementation, and at this recipe's 448 px (a
+    14x14 layer4 map) exactly the released code's MaxPool2d(14, 14); 'official' only differs at
+    other sizes, where that fixed window covers the top-left 14x14 alone, and is what converted
     official checkpoints record (`mlgraph.convert.mlgcn`)."""
     c = _paper_base(dataset, None, 448)
     c.data.augment = "mlgcn"
@@ -227,7 +227,7 @@ Q2L_FROZEN_BACKBONE = (
 def q2l(
     *, dataset: str, image_size: int, builder_config: str | None = None
 ) -> ml_collections.ConfigDict:
-    """The official Query2Label R101 recipe (ssgrl_mlgcn.md §4.1): AdamW (wd 1e-2) under
+    """The official Query2Label R101 recipe (docs/ssgrl_mlgcn.md §4.1): AdamW (wd 1e-2) under
     one-cycle to 1e-4 (pct 0.2, beta1 cycled 0.85-0.95), batch 128, 80 epochs, EMA 0.9997 (the
     best of model and EMA is kept), resize + Cutout 0.5 + RandAugment (no flip), ASL gamma- 2;
     conv1 and layer1 and every batch norm frozen."""
@@ -239,7 +239,7 @@ def q2l(
     return c
 
 
-# Zhou et al.'s hyper-parameters (scob_spml.md §1.7) and the expected positives per image K
+# Zhou et al.'s hyper-parameters (docs/scob_spml.md §1.7) and the expected positives per image K
 # (§1.2), by data set.
 SPML_SETTINGS: dict[str, dict[str, Any]] = {
     "voc2012": dict(batch_size=8, lr=1e-5, alpha=0.2, beta=0.02, warmup_epochs=5, k=1.5),
@@ -251,7 +251,7 @@ SPML_SETTINGS: dict[str, dict[str, Any]] = {
 def spml(
     *, dataset: str, loss: str, observed: str = "cole", mode: str = "end_to_end"
 ) -> ml_collections.ConfigDict:
-    """The single-positive protocol of Cole et al. (scob_spml.md §1.3-§1.6) with Zhou et al.'s
+    """The single-positive protocol of Cole et al. (docs/scob_spml.md §1.3-§1.6) with Zhou et al.'s
     hyper-parameters (§1.7): ResNet-50 (ImageNet) + global average pooling + a linear layer at
     448 px, resize + flip only; Adam without weight decay or schedule, 10 epochs end to end; one
     observed positive per training image (`observed`: 'cole', seed 1200), 20 % of the training
@@ -305,11 +305,12 @@ def spml(
     return c
 
 
-# Scob's expected positives per image K (its own code: 1.5 on VOC, 3.9 on COCO, scob_spml.md
+# Scob's expected positives per image K (its own code: 1.5 on VOC, 3.9 on COCO, docs/scob_spml.md
 # §3.4), and the official settings of its five Adam groups (those of its contrastive objective
 # are the defaults of `mlgraph.models.scob.Loss`).
 SCOB_K: dict[str, float] = {"voc2012": 1.5, "voc2007": 1.5, "coco2014": 3.9}
-COLE_K: dict[str, float] = {"voc2012": 1.5, "voc2007": 1.5, "coco2014": 2.9}  # §1.2
+# Cole's K: docs/scob_spml.md §1.2.
+COLE_K: dict[str, float] = {"voc2012": 1.5, "voc2007": 1.5, "coco2014": 2.9}
 SCOB_GROUP_LR = dict(
     linear=1e-3, transformer=4e-5, projector=1e-2, classifier=1e-3, label_estimator=1e-2
 )
@@ -344,7 +345,7 @@ def scob_protocol(c: ml_collections.ConfigDict, protocol: str) -> None:
 
 
 def scob(*, dataset: str, protocol: str = "scob") -> ml_collections.ConfigDict:
-    """The official Scob recipe (scob_spml.md §3.8): frozen ImageNet ResNet-50 at 448 px
+    """The official Scob recipe (docs/scob_spml.md §3.8): frozen ImageNet ResNet-50 at 448 px
     (resize + flip), batch 8, 20 epochs, the five-group Adam (`scob_optimizer`), lambda_cl 0.1,
     tau 1, 2 bank entries per class, an evaluation each epoch, no EMA; the official code's
     behaviour in every flag. `protocol`: see `scob_protocol`; under Scob's, VOC 2007 trains on
@@ -368,7 +369,7 @@ def scob(*, dataset: str, protocol: str = "scob") -> ml_collections.ConfigDict:
     return c
 
 
-# SigRL's OV recipe (sigrl.md §3.3-§3.5) and its SPML mode (§4.4).
+# SigRL's OV recipe (docs/sigrl.md §3.3-§3.5) and its SPML mode (§4.4).
 SIGRL_FIX_LAYER = 10
 
 
@@ -414,8 +415,8 @@ SIGRL_SPML_ALPHA = {"voc2012": 0.2, "coco2014": 0.1}
 
 
 def sigrl_spml(*, dataset: str) -> ml_collections.ConfigDict:
-    """SigRL's SPML mode (§4): the same model fully fine-tuned (nothing frozen, no layer
-    decay, no weight decay, no teacher), logits = the fused score, EM loss (alpha 0.2 VOC /
+    """SigRL's SPML mode (docs/sigrl.md §4): the same model fully fine-tuned (nothing frozen, no
+    layer decay, no weight decay, no teacher), logits = the fused score, EM loss (alpha 0.2 VOC /
     0.1 COCO) on Cole's single positives, Adam lr 1e-5 constant, 10 epochs of batch 1, 224 px,
     20 % of the training split held out with clean labels to pick the epoch."""
     if dataset not in SIGRL_SPML_ALPHA:

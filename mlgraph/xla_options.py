@@ -1,13 +1,13 @@
 """The XLA:CPU option mlgraph sets before JAX starts its backends: YNNPACK fusions for matrix
 products and reductions, and none for elementwise ops.
 
-Why: measured on 2 CPU cores, 224 px, float32, with each ResNet block's output kept in memory
-(`layers.materialize_on_cpu`), XLA's default fusions against this option: R101 trunk train
-fwd+bwd at batch 8, 2.51 -> 2.03 s (PyTorch: 1.6 s); its eval forward, 0.55 -> 0.40 s;
-MobileNetV2 train at batch 4, 0.37 -> 0.27 s; ViT-B/16 train at batch 4, 1.78 and 1.82 s (the
-same within noise). YNNPACK's elementwise fusions as well (`LIBRARY_FUSION_TYPE_ELTWISE`) are
-slower (R101 trunk 2.14 s, eval 0.49 s, ViT 2.21 s) and multiply XLA's temporaries (SALGL
-eval at 448 px, batch 128: 4.2 -> 44.8 GiB). Other backends ignore `xla_cpu_*` options.
+Why: timed on CPU in float32, with each ResNet block's output kept in memory
+(`layers.materialize_on_cpu`), this option against XLA's default fusions makes the R101
+trunk's train step and eval forward and MobileNetV2's train step faster, and ViT-B/16's train
+step the same within noise (`python -m mlgraph.bench train` times a config's step). YNNPACK's
+elementwise fusions as well (`LIBRARY_FUSION_TYPE_ELTWISE`) are slower and multiply XLA's
+temporaries (SALGL's eval at 448 px, batch 128, by an order of magnitude). Other backends ignore
+`xla_cpu_*` options.
 
 XLA reads `XLA_FLAGS` once, when JAX initialises its first backend, and aborts the process on
 an option it does not know. So the option is added only for the jaxlib versions it was checked

@@ -10,7 +10,7 @@ import tempfile
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # XLA's compilations shared by every run of the session, the subprocesses' too (they inherit
-# the environment): compiling a model's initialisation takes ~10 s on CPU, and nearly every
+# the environment): compiling a model's initialisation is slow on CPU, and nearly every
 # training test compiles the same tiny one again.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="mlgraph-test-xla-cache-")
@@ -18,9 +18,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 # XLA's LLVM optimisations off for the tests (the subprocesses inherit it): they run tiny shapes,
-# where compiling is nearly all of a test's time, and -O0 compiles about twice as fast (the
-# Query2Label tests: 150 s -> 100 s); convolutions and matrix products are library calls at any
-# level, and every parity tolerance holds. A level already in XLA_FLAGS is kept.
+# where compiling is nearly all of a test's time, and -O0 compiles much faster; convolutions
+# and matrix products are library calls at any level, and every parity tolerance holds. A level
+# already in XLA_FLAGS is kept.
 _xla_flags = os.environ.get("XLA_FLAGS", "")
 if "--xla_backend_optimization_level" not in _xla_flags:
     os.environ["XLA_FLAGS"] = f"{_xla_flags} --xla_backend_optimization_level=0".strip()

@@ -1,4 +1,4 @@
-"""A plain-torch Scob written from scob_spml.md §3.2 and §4 with the official module names and
+"""A plain-torch Scob written from docs/scob_spml.md §3.2 and §4 with the official module names and
 registration order, so that its `state_dict()` has the official key layout, the duplicate
 `linear_parts` / `transformer_parts` registrations included; and a checkpoint file as the
 official `chinopie` framework saves it."""

@@ -1,4 +1,4 @@
-"""A plain-torch SigRL written from sigrl.md §2 with the official module names, so that its
+"""A plain-torch SigRL written from docs/sigrl.md §2 with the official module names, so that its
 `state_dict()` has the key layout of a SigRL checkpoint (§2.6, §6): the CLIP tower's parts at the
 top level (`conv1`, `class_embedding`, `positional_embedding`, `ln_pre`, `transformer.resblocks.i`,
 `ln_post`, `projection_dist` = CLIP's `visual.proj`), the unused `projection` MLP, SDA
@@ -27,7 +27,7 @@ F = torch.nn.functional
 
 # ---------------------------------------------------------------------------------- GMC (labml)
 class GraphAttentionV2Layer(nn.Module):
-    """labml's `GraphAttentionV2Layer` with `share_weights=True` (§2.3): `linear_r` is
+    """labml's `GraphAttentionV2Layer` with `share_weights=True` (docs/sigrl.md §2.3): `linear_r` is
     `linear_l`, one attention vector `attn` for all heads, LeakyReLU 0.2, softmax over j."""
 
     def __init__(self, in_features, out_features, n_heads, is_concat=True, dropout=0.6):
@@ -74,7 +74,7 @@ class GATv2(nn.Module):
 
 # ------------------------------------------------------------------------------------- SVFR
 class SemanticDecoupling(nn.Module):
-    """SDA (§2.4a): M_c = Σ_p softmax_p(fc3(tanh(F_p ⊙ H_c))) ⊙ F_p."""
+    """SDA (docs/sigrl.md §2.4a): M_c = Σ_p softmax_p(fc3(tanh(F_p ⊙ H_c))) ⊙ F_p."""
 
     def __init__(self, dim):
         super().__init__()
@@ -87,7 +87,7 @@ class SemanticDecoupling(nn.Module):
 
 
 class DecouplingSemantic(nn.Module):
-    """The fusion fc1 ([T ‖ Ĥ] -> O, no bias) and VFR (§2.4c-d):
+    """The fusion fc1 ([T ‖ Ĥ] -> O, no bias) and VFR (docs/sigrl.md §2.4c-d):
     M̂_p = F_p ⊙ Σ_c softmax_p(fc3(tanh(F_p ⊙ O_c)))."""
 
     def __init__(self, dim):
@@ -107,14 +107,15 @@ class DecouplingSemantic(nn.Module):
 
 
 def channel_mixing(m, h):
-    """§2.4b as the official code writes it, the batch Frobenius norms included:
+    """docs/sigrl.md §2.4b as the official code writes it, the batch Frobenius norms included:
     Q = normalize(ReLU(Mᵀ H / (‖M‖ ‖H‖)), rows); T = M Q."""
     q = (m.permute(0, 2, 1) @ h) / (m.norm() * h.norm())
     return m @ F.normalize(F.relu(q), dim=-1)
 
 
 def fused_score(rebuilt, glob, h, topk):
-    """§2.5: ½ (s_loc/‖s_loc‖ + s_glob/‖s_glob‖), s_loc = mean of the top-k patches of M̂·H."""
+    """docs/sigrl.md §2.5: ½ (s_loc/‖s_loc‖ + s_glob/‖s_glob‖), s_loc = mean of the top-k
+    patches of M̂·H."""
     s_loc = torch.topk(rebuilt @ h.t(), k=topk, dim=1)[0].mean(dim=1)
     s_glob = glob @ h.t()
     return (
@@ -124,8 +125,9 @@ def fused_score(rebuilt, glob, h, topk):
 
 # ------------------------------------------------------------------------------------ CLIPVIT
 class CLIPVIT(nn.Module):
-    """SigRL's OV model (`models/clip_vit.py`, §2): a CLIP visual tower's parts at the top level,
-    the unused `projection` MLP, `projection_dist` (CLIP's proj), SDA, fusion + VFR, GATv2."""
+    """SigRL's OV model (`models/clip_vit.py`, docs/sigrl.md §2): a CLIP visual tower's parts at
+    the top level, the unused `projection` MLP, `projection_dist` (CLIP's proj), SDA, fusion +
+    VFR, GATv2."""
 
     def __init__(self, *, image, patch, width, layers, heads, embed, gat_hidden=128,
                  gat_heads=4, topk=16, dropout=0.3):  # fmt: skip

@@ -1,5 +1,5 @@
 """SALGL training augmentations: RandAugment (randaugment==1.0.2 behaviour), CutoutPIL and the
-TrainTransform chain (spec salgl.md §3.4)."""
+TrainTransform chain (docs/salgl.md §3.4)."""
 
 from __future__ import annotations
 
@@ -302,7 +302,7 @@ def test_train_transform_chain_order():
     mean, std = np.asarray(IMAGENET_MEAN), np.asarray(IMAGENET_STD)
     for seed in range(6):
         out = on.random_map(element, np.random.default_rng(seed))
-        # The spec's order, written out with the same generator.
+        # The order of docs/salgl.md §3.4, written out with the same generator.
         rng = np.random.default_rng(seed)
         img = Image.fromarray(element["image"]).resize((size, size), Image.BILINEAR)
         if rng.random() < 0.5:

@@ -182,7 +182,7 @@ def test_workdir_in_a_missing_bucket_is_one_line(gcs):
     assert not paths.path("gs://no-such-bucket").exists()  # and it was not created
 
 
-# ~30 s: three short trainings, two of them checkpointing through the emulator's HTTP server.
+# slow: three short trainings, two of them checkpointing through the emulator's HTTP server.
 @pytest.mark.slow
 def test_train_on_gcs_resumes_bit_identical_to_a_local_run(gcs, tiny_coco_dir, tmp_path):
     local = tmp_path / "local"

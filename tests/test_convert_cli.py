@@ -180,7 +180,7 @@ def test_tables_cover_every_variable():
         lambda: torchvision_resnet.resnet.create(image_size=448, depth=101, rngs=nnx.Rngs(0))
     )
     rt = torchvision_resnet.table(r101, prefix="backbone.")
-    assert len(rt) == 624 - 104  # SALGL spec §7.2: 624 backbone entries, 104 num_batches_tracked
+    assert len(rt) == 624 - 104  # docs/salgl.md §7.2: 624 backbone entries, 104 num_batches_tracked
     assert rt["layer3/22/bn3/scale"][0] == "backbone.layer3.22.bn3.weight"
 
 

@@ -1,7 +1,8 @@
-"""Official SALGL checkpoint -> mlgraph SALGL, against a plain-torch SALGL written from the spec.
+"""Official SALGL checkpoint -> mlgraph SALGL, against a plain-torch SALGL written from
+docs/salgl.md.
 
-The torch model below follows salgl.md §1 and the checkpoint layout of §7.2 (the official module
-names: `backbone` a torchvision-style ResNet, `tb.layers.0` a DETR post-norm layer around
+The torch model below follows docs/salgl.md §1 and the checkpoint layout of §7.2 (the official
+module names: `backbone` a torchvision-style ResNet, `tb.layers.0` a DETR post-norm layer around
 `nn.MultiheadAttention`, `position_embedding.pe`, `embeddings`, `comatrix`, `scene_linear`,
 `ggnn.fc{1,2,3}_{w,u}`, `attention.*`, `fc.0`, `classifier`). Its backbone is reduced (one or
 two blocks per stage, width 4, so D = 128) and every weight, BatchNorm statistic and

@@ -20,7 +20,7 @@ from demo_config_worker import NUM_TEST, STEPS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NAMES = ("ssgrl_demo", "mlgcn_demo", "q2l_demo")
-# slow: ~160 s, three trainings from an empty cache.
+# slow: three trainings from an empty cache.
 pytestmark = pytest.mark.slow
 
 

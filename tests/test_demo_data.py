@@ -314,7 +314,7 @@ def test_bad_split_and_missing_file(tmp_path):
 
 @pytest.mark.slow
 def test_full_default_demo(tmp_path):
-    """The default demo (2000 train / 500 test, 128 px) as ensure_demo writes it (~10-20 s)."""
+    """The default demo (2000 train / 500 test, 128 px) as ensure_demo writes it."""
     root = demo.write_demo(tmp_path)
     s = demo.summary(root)
     train, val = s["splits"]["train"], s["splits"]["val"]

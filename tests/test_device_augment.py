@@ -1,7 +1,7 @@
 """On-device photometric augmentation (mlgraph.models.device_augment) against independent
 references: Python's colorsys for the hue shift, scipy for the reflect-padded blur, the blend
 formulas of torchvision's ColorJitter, and the gate frequencies and blue-std typo of Scob's
-strong augmentation (scob_spml.md §3.5)."""
+strong augmentation (docs/scob_spml.md §3.5)."""
 
 from __future__ import annotations
 

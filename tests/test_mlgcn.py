@@ -1,12 +1,13 @@
-"""ML-GCN: official-layout checkpoint -> mlgraph ML-GCN, against a plain-torch ML-GCN from the spec.
+"""ML-GCN: official-layout checkpoint -> mlgraph ML-GCN, against a plain-torch ML-GCN written from
+docs/ssgrl_mlgcn.md.
 
-The torch model follows ssgrl_mlgcn.md §3 with the official names: `features` (a Sequential
+The torch model follows docs/ssgrl_mlgcn.md §3 with the official names: `features` (a Sequential
 conv1, bn1, relu, maxpool, layer1..4 of a reduced torchvision-style ResNet), `pooling`
 (MaxPool2d over the whole map), `gc1`/`gc2` (bias-free GraphConvolution, weight (in, out)),
 `relu` (LeakyReLU 0.2) and the Parameter `A` from `gen_A`; `gen_adj` each forward. The
-correlation statistics are checked against `gen_A`/`gen_adj` written from the spec. The
-released code's pooling is `MaxPool2d(14, 14)`, a global max at 448 px only: the parity tests
-run at 448 px, and at 576 px (an 18x18 map) against that fixed window.
+correlation statistics are checked against `gen_A`/`gen_adj` written from docs/ssgrl_mlgcn.md
+§3.1. The released code's pooling is `MaxPool2d(14, 14)`, a global max at 448 px only: the
+parity tests run at 448 px, and at 576 px (an 18x18 map) against that fixed window.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ GMP_IMAGE = 448  # a 14x14 map: the released MaxPool2d(14, 14) is a global max
 
 
 def gen_a(adj: np.ndarray, nums: np.ndarray, t: float, p: float = 0.25) -> np.ndarray:
-    """The official `gen_A` steps (§3.1) on {'adj', 'nums'}."""
+    """The official `gen_A` steps (docs/ssgrl_mlgcn.md §3.1) on {'adj', 'nums'}."""
     a = adj / nums[:, None]
     a[a < t] = 0
     a[a >= t] = 1

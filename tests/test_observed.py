@@ -1,6 +1,5 @@
 """Single-positive observed labels (mlgraph.data.observed) against Cole's and Scob's procedures,
-each written again here from the spec (scob_spml.md §1.2-§1.4, §3.9), independently of the
-module."""
+each written again here from docs/scob_spml.md §1.2-§1.4 and §3.9, independently of the module."""
 
 import json
 import pathlib
@@ -16,12 +15,12 @@ from voc_fixture import Img, Obj, write_voc
 from mlgraph.data import datasets, observed
 from mlgraph.errors import ConfigError, DataError
 
-# ------------------------------------------------------------- the procedures, from the spec
+# ------------------------------------------------- the procedures, from docs/scob_spml.md
 
 
 def cole_reference(labels, seed=1200, negative_shuffle=True):
-    """Spec §1.3: 0 -> -1, fresh RandomState(seed), per row shuffle the +1 indices in place and
-    keep the first, then shuffle the -1 indices too (the hidden draw)."""
+    """docs/scob_spml.md §1.3: 0 -> -1, fresh RandomState(seed), per row shuffle the +1 indices
+    in place and keep the first, then shuffle the -1 indices too (the hidden draw)."""
     y = np.where(np.asarray(labels) == 0, -1, 1)
     rng = np.random.RandomState(seed)
     out = np.zeros(y.shape, np.uint8)
@@ -36,7 +35,8 @@ def cole_reference(labels, seed=1200, negative_shuffle=True):
 
 
 def scob_reference(label_lists, seed=114514):
-    """Spec §3.9: random.seed(114514), then random.choice(labels) per image in list order."""
+    """docs/scob_spml.md §3.9: random.seed(114514), then random.choice(labels) per image in list
+    order."""
     random.seed(seed)
     return [random.choice(labels) for labels in label_lists]
 
@@ -178,7 +178,8 @@ def data_lines(path):
 
 
 def cole_coco_expected():
-    """Cole's format_coco.py + generate_observed_labels.py on COCO_ANNS, from the spec."""
+    """Cole's format_coco.py + generate_observed_labels.py on COCO_ANNS, from docs/scob_spml.md
+    §1.2-§1.3."""
     ids = [int(s) for s in sorted({str(i) for i, _ in COCO_ANNS})]
     column = {c: k for k, (c, _) in enumerate(CATEGORIES)}
     y = np.zeros((len(ids), len(CATEGORIES)), np.uint8)

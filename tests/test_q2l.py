@@ -1,6 +1,6 @@
 """Query2Label: official-layout checkpoint -> mlgraph Query2Label, against a plain-torch Q2L.
 
-The torch model follows ssgrl_mlgcn.md §4.1 with the official names (§4.2): `backbone` a
+The torch model follows docs/ssgrl_mlgcn.md §4.1 with the official names (§4.2): `backbone` a
 Sequential of the ResNet wrapper (`.body`, FrozenBatchNorm2d) and the position module (buffer
 `pe`, DETR's normalised sine table), `input_proj` (Identity or a 1x1 conv),
 `transformer.encoder.layers` / `transformer.decoder.layers` (DETR post-norm layers on

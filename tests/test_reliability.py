@@ -93,7 +93,7 @@ def test_sigterm_checkpoints_and_resumes_exactly(tiny_coco_dir, uninterrupted, t
     assert_same_run(tmp_path / "w", uninterrupted)
 
 
-# slow: ~11 s of subprocess runs; SIGTERM's checkpoint and resume are in CI
+# slow: subprocess runs; SIGTERM's checkpoint and resume are in CI
 @pytest.mark.slow
 def test_second_sigint_exits_at_once(tiny_coco_dir, tmp_path):
     proc = start_cli(tmp_path / "w", tiny_coco_dir)
@@ -119,7 +119,7 @@ def _tensorboard_events(path) -> list[bytes]:
     return records
 
 
-# slow: ~25 s of subprocess runs; test_stale_lock_of_a_lost_machine takes a lock over in CI
+# slow: subprocess runs; test_stale_lock_of_a_lost_machine takes a lock over in CI
 @pytest.mark.slow
 def test_kill9_resume_takes_over_the_lock_and_logs_each_step_once(
     tiny_coco_dir, uninterrupted, tmp_path, capsys

@@ -95,7 +95,7 @@ _forward = nnx.jit(
 
 # ------------------------------------------------------------------------------ parameter count
 def test_parameter_count_of_the_coco_setting(tmp_path):
-    """R101, K = 6, C = 80, E = 768, outmess: 117,948,561 (salgl.md §1.14), part by part."""
+    """R101, K = 6, C = 80, E = 768, outmess: 117,948,561 (docs/salgl.md §1.14), part by part."""
     np.save(tmp_path / "bert.npy", np.zeros((80, 768)))
     config = _config(str(tmp_path / "bert.npy"), image_size=448)
     model = nnx.eval_shape(lambda: models.create(config, num_classes=80, rngs=nnx.Rngs(0)))
@@ -120,7 +120,7 @@ def test_parameter_count_of_the_coco_setting(tmp_path):
 
 
 def test_parameter_count_of_vit_large_at_448():
-    """ViT-L/16 at 448: 326,730,753 + 1024 K + 1025 C (salgl.md §1.14)."""
+    """ViT-L/16 at 448: 326,730,753 + 1024 K + 1025 C (docs/salgl.md §1.14)."""
     config = _config("", image_size=448, backbone="vit_l16", embed_type="checkpoint")
     config.model.embed_dim = 768
     model = nnx.eval_shape(lambda: models.create(config, num_classes=20, rngs=nnx.Rngs(0)))
@@ -187,7 +187,7 @@ def test_comatrix_counts_the_global_batch_in_training_only(tiny):
     want = np.asarray(graph.cooccurrence_update(out["scene_probs"], y, soft=False))
     np.testing.assert_array_equal(counts, want)
     assert counts.sum() == float((np.asarray(y).sum(1) ** 2).sum())
-    # The batch's own labels are counted before its adjacency is built (salgl.md §1.7).
+    # The batch's own labels are counted before its adjacency is built (docs/salgl.md §1.7).
     probs = graph.comatrix_to_prob(jnp.asarray(counts), normalize=True, ignore_self=False)
     adjacency = graph.sample_adjacency(probs, out["scene_probs"], soft=False)
     np.testing.assert_allclose(np.asarray(out["adjacency"]), np.asarray(adjacency), rtol=1e-6)
@@ -203,7 +203,7 @@ def test_comatrix_counts_the_global_batch_in_training_only(tiny):
 
 @pytest.mark.parametrize("soft", [False, True])
 def test_scene_head_gets_classification_gradient_only_in_soft_mode(tiny, soft):
-    """Hard assignment: the scene head learns only from the entropy terms (salgl.md §1.9)."""
+    """Hard assignment: the scene head learns only from the entropy terms (docs/salgl.md §1.9)."""
     _, model = tiny
     model = nnx.clone(model)
     model.soft = soft

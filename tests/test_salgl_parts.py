@@ -1,4 +1,4 @@
-"""SALGL's parts against numpy references written from the equations of salgl.md §1-§2.
+"""SALGL's parts against numpy references written from the equations of docs/salgl.md §1-§2.
 
 Co-occurrence update (hard and soft, and on 8 simulated devices against 1), transition
 matrices, adjacency sampling, the gated GNN, the per-class classifier, low-rank bilinear
@@ -207,7 +207,7 @@ def test_element_wise_linear():
 
 # ----------------------------------------------------------------------------------- attention
 def _unfolded_attention(prm, x, labels):
-    """salgl.md §1.6 literally, with the [B, C, N, A] hidden projection and both biases."""
+    """docs/salgl.md §1.6 literally, with the [B, C, N, A] hidden projection and both biases."""
     u = x @ prm["linear1/kernel"]  # [B, N, A]
     w = labels @ prm["linear2/kernel"]  # [C, A]
     z = np.tanh(u[:, None, :, :] * w[None, :, None, :])

@@ -1,7 +1,7 @@
 """Scob (mlgraph.models.scob): parity of its transformers and heads with plain torch, its
 Grad-CAM++ against numpy, the prototype bank's rules and the InfoNCE against hand-computed
 values, torch Adam's skip-on-None semantics per group, the official checkpoint converter, the
-parameter counts of scob_spml.md §3.2, and a tiny run that stops and resumes exactly."""
+parameter counts of docs/scob_spml.md §3.2, and a tiny run that stops and resumes exactly."""
 
 from __future__ import annotations
 
@@ -123,7 +123,7 @@ def _numpy_resize_linear(img: np.ndarray, size: int) -> np.ndarray:
 
 
 def _numpy_gradcam_pp(a: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """§3.3 steps 3-4 on one image's [K, h, w] activations and gradients."""
+    """docs/scob_spml.md §3.3 steps 3-4 on one image's [K, h, w] activations and gradients."""
     s = a.sum(axis=(1, 2))
     alpha = g**2 / (2 * g**2 + s[:, None, None] * g**3 + 1e-6)
     alpha = np.where(g != 0, alpha, 0)
@@ -473,7 +473,7 @@ def scob_workdir(tiny_coco_dir, tmp_path_factory):
     return workdir
 
 
-# slow: ~60 s, two more Scob runs; exact resume is in CI through test_method_protocol and test_spml
+# slow: two more Scob runs; exact resume is in CI through test_method_protocol and test_spml
 @pytest.mark.slow
 def test_scob_run_stops_and_resumes_exactly(scob_workdir, tiny_coco_dir, tmp_path):
     from mlgraph import train

@@ -1,5 +1,5 @@
 """SigRL (`mlgraph.models.sigrl`, its losses, `--source sigrl`) against the plain-torch SigRL of
-`sigrl_reference` (written from sigrl.md §2) on the same random weights, in float32:
+`sigrl_reference` (written from docs/sigrl.md §2) on the same random weights, in float32:
 max|jax - torch| / max|torch| < 1e-4. Also: SDA/VFR chunked over classes equal unchunked
 (values and gradients), the layer-wise lr groups and frozen set of §3.4 on the full-size
 model (abstract), and OpenAI's TorchScript archive read by `--source openai_clip`.
@@ -350,8 +350,8 @@ def test_converter_without_label_embeddings_and_errors(torch_sigrl, tmp_path):
 
 
 def test_full_size_reference_layout_and_settings():
-    """The full-size reference has §2.6's parameter count; its settings are the registered
-    CLIP ViT-B/16 tower with SigRL's GMC (128 = 4 heads x 32), E = 512."""
+    """The full-size reference has the parameter count of docs/sigrl.md §2.6; its settings are
+    the registered CLIP ViT-B/16 tower with SigRL's GMC (128 = 4 heads x 32), E = 512."""
     sd = {
         k: v.detach().numpy()
         for k, v in sigrl_reference.CLIPVIT(
@@ -413,13 +413,13 @@ def test_l1_distillation_matches_torch():
     assert float(got) == pytest.approx(float(want), rel=1e-6)
 
 
-# ----------------------------------------------------------------------------- §3.4 groups
+# ----------------------------------------------------------------- docs/sigrl.md §3.4 groups
 def _path(p) -> str:
     return "/".join(str(getattr(k, "key", k)) for k in p)
 
 
 def test_layer_decay_groups_and_frozen_set_of_the_full_model():
-    """sigrl.md §3.4 on CLIP ViT-B/16 (abstract): frozen = patch conv, class/positional
+    """docs/sigrl.md §3.4 on CLIP ViT-B/16 (abstract): frozen = patch conv, class/positional
     embeddings, ln_pre, blocks 0-9 and the teacher; lr scale 0.65^2 for block 10, 0.65 for
     block 11, 1 for ln_post, proj and the heads; weight decay 0.05 on matrices (SigRL's a1, a2
     are [1, h] matrices), none on vectors."""
@@ -449,8 +449,8 @@ def test_layer_decay_groups_and_frozen_set_of_the_full_model():
     assert any(p.startswith("teacher/") for p in frozen_paths)
     assert sum(p.startswith("backbone/transformer/resblocks/") for p in frozen_paths) == 10 * 12
 
-    # 15.75 M trainable (spec: 16.41 M with the unused projection MLP, 656,384 values, that
-    # mlgraph does not build).
+    # 15.75 M trainable (docs/sigrl.md §3.4: 16.41 M with the unused projection MLP, 656,384
+    # values, that mlgraph does not build).
     count = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(trainable))
     assert count == 15_751_712
     assert round(count / 1e6, 2) == 15.75 and round((count + 656_384) / 1e6, 2) == 16.41

@@ -50,7 +50,7 @@ def _config(data_dir, tmp_path, steps=4):
     return c, table
 
 
-# slow: ~36 s, a full open-vocabulary run and its evaluation
+# slow: a full open-vocabulary run and its evaluation
 @pytest.mark.slow
 def test_open_vocabulary_run_logs_zsl_and_gzsl_and_evaluate_reproduces_them(
     tiny_coco_dir, tmp_path, capsys

@@ -1,5 +1,6 @@
 """Tests for the single-positive (SPML) losses, ROLE's initialisation, the APL pseudo-labelling
-pass and the SPML mAP, against plain-numpy forms of the formulas of the spec's §1.5 and §2."""
+pass and the SPML mAP, against plain-numpy forms of the formulas of docs/scob_spml.md §1.5 and
+§2."""
 
 import math
 from types import SimpleNamespace

@@ -1,11 +1,13 @@
-"""SSGRL: official-layout checkpoint -> mlgraph SSGRL, against a plain-torch SSGRL from the spec.
+"""SSGRL: official-layout checkpoint -> mlgraph SSGRL, against a plain-torch SSGRL written from
+docs/ssgrl_mlgcn.md.
 
-The torch model follows ssgrl_mlgcn.md §1 with the official attribute names (§2.2): a
+The torch model follows docs/ssgrl_mlgcn.md §1 with the official attribute names (§2.2): a
 torchvision-style ResNet `resnet_101` (reduced: one block per stage, width 4, so D = 128) and
 its `avgpool1`, `word_semantic.fc_{1,2,3,a}`, `graph_net.fc_eq{3,4,5}_{w,u}` (with the official
 reset gate reusing `fc_eq3_u`), `fc_output`, `classifiers`. Word vectors and the graph are plain
 attributes, as in the official code, and reach the converter as .npy files. Also: the
-co-occurrence statistics against the spec's formulas and the 'train_labels' resolution.
+co-occurrence statistics against the formulas of docs/ssgrl_mlgcn.md §1.4 and the
+'train_labels' resolution.
 """
 
 from __future__ import annotations

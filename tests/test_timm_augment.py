@@ -1,4 +1,4 @@
-"""SigRL's timm 0.6.12 transforms (spec sigrl.md §3.3): RandomResizedCrop, timm's RandAugment
+"""SigRL's timm 0.6.12 transforms (docs/sigrl.md §3.3): RandomResizedCrop, timm's RandAugment
 ('rand-m9-mstd0.5-inc1') and the shorter-side resize -> centre crop test transform.
 
 timm cannot be installed here; the expected values are worked out by hand from timm's

@@ -94,7 +94,7 @@ def test_eight_devices_equal_one(data_dir, tmp_path):
     assert losses[1][0] != losses[1][-1]  # it did train
 
 
-# slow: ~70 s, 300 steps; the loop's numbers are in CI through test_resume_is_exact and
+# slow: 300 steps; the loop's numbers are in CI through test_resume_is_exact and
 # test_eight_devices_equal_one
 @pytest.mark.slow
 def test_digits_mosaic_learns(tmp_path):

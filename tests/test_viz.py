@@ -40,7 +40,7 @@ def synthetic_comatrix() -> np.ndarray:
 
 
 def spec_prob(comatrix: np.ndarray) -> np.ndarray:
-    """salgl.md §6 written out element by element."""
+    """docs/salgl.md §6 written out element by element."""
     k, c, _ = comatrix.shape
     out = np.zeros((k, c, c))
     for s in range(k):

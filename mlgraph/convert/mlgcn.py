@@ -1,6 +1,6 @@
 """Official ML-GCN checkpoint (`checkpoint.pth.tar` / `model_best.pth.tar`) -> `models.mlgcn`.
 
-Key layout (ssgrl_mlgcn.md §3.2): the backbone as `features.{0,1,4,5,6,7}` (conv1, bn1,
+Key layout (docs/ssgrl_mlgcn.md §3.2): the backbone as `features.{0,1,4,5,6,7}` (conv1, bn1,
 layer1..4), `gc1.weight` (E, hidden) and `gc2.weight` (hidden, D) stored (in, out) and copied
 as they are, and `A` (C, C), the `gen_A` output, copied into the `A` buffer. The word vectors
 are not in the checkpoint: pass the repository's (class-order-matching) vectors, e.g.

@@ -2,7 +2,7 @@
 
 The input is OpenAI's own JIT archive (`ViT-B-16.pt`, read directly with `torch.jit.load`), or
 the state dict of OpenAI's `model.py` CLIP saved as a `.pth`/`.safetensors`: image keys under
-`visual.`, text keys unprefixed (sigrl.md §6.2). One tower is converted per call (option
+`visual.`, text keys unprefixed (docs/sigrl.md §6.2). One tower is converted per call (option
 `tower`); the other tower's keys, `logit_scale` and the JIT archive's
 `input_resolution`/`context_length`/`vocab_size` are ignored on purpose.
 

@@ -6,7 +6,7 @@ summary lists the entries besides the weights. The backbone's FrozenBatchNorm2d 
 affine as buffers; here it is the batch norms' scale and bias, which the official recipe never
 trains (`recipes.Q2L_FROZEN_BACKBONE` in `optimizer.frozen`).
 
-Key layout (ssgrl_mlgcn.md §4.2), after `module.` is stripped:
+Key layout (docs/ssgrl_mlgcn.md §4.2), after `module.` is stripped:
   backbone.0.body.{conv1,bn1,layer1..4}.*   torchvision ResNet (FrozenBatchNorm2d buffers)
   backbone.1.pe                             the sine table (1, D, S/32, S/32), checked, not kept
   input_proj.{weight,bias}                  only with keep_input_proj (a 1x1 conv)

@@ -1,11 +1,11 @@
 """Official SALGL checkpoint (`experiments/.../checkpoints/ema_best_model.pth`) -> `models.salgl`.
 
-The file is a `ModelEma.state_dict()`: every key starts with `module.` (salgl.md §7.2). Settings
-are read from the shapes (salgl.md §3.3): K from `comatrix`, C and D from `classifier.weight`,
-E from `embeddings`, outmess from the width of `ggnn.fc1_w.weight` (2D), T > 0 from the width
-of `fc.0.weight` (2D), pos from the presence of `position_embedding.pe`, the encoder FFN width
-and the attention width from their Linears, and the backbone from the key layout (a torchvision
-ResNet by its blocks per stage, a timm ViT by `patch_embed`).
+The file is a `ModelEma.state_dict()`: every key starts with `module.` (docs/salgl.md §7.2).
+Settings are read from the shapes (docs/salgl.md §3.3): K from `comatrix`, C and D from
+`classifier.weight`, E from `embeddings`, outmess from the width of `ggnn.fc1_w.weight` (2D),
+T > 0 from the width of `fc.0.weight` (2D), pos from the presence of `position_embedding.pe`, the
+encoder FFN width and the attention width from their Linears, and the backbone from the key
+layout (a torchvision ResNet by its blocks per stage, a timm ViT by `patch_embed`).
 
 What the weights cannot tell is taken from the experiment's `config.yaml` (option
 `config_yaml`; without it, the file beside the checkpoint or in the experiment folder above

@@ -1,7 +1,7 @@
 """Official Scob checkpoint (`best.pth`, `checkpoint-<epoch>.pth`) -> `models.scob`.
 
 The official `chinopie` framework saves `{'model': state_dict, 'optimizer': Adam state (five
-groups), 'extra': {'cur_epochi', 'best_score'}, 'scheduler': (StepLR state,)}` (scob_spml.md
+groups), 'extra': {'cur_epochi', 'best_score'}, 'scheduler': (StepLR state,)}` (docs/scob_spml.md
 §4); `mlgraph.convert.io.read_checkpoint` takes the weights under `model` and lists the rest.
 
 Keys (§4.3): `fb.backbone.*` (torchvision ResNet-50, its `fc` unused and dropped; the batch-norm

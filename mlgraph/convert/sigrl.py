@@ -1,4 +1,5 @@
-"""SigRL state dict (`CLIPVIT.state_dict()`, sigrl.md §2.6, §6) -> a whole `models.sigrl` model.
+"""SigRL state dict (`CLIPVIT.state_dict()`, docs/sigrl.md §2.6, §6) -> a whole `models.sigrl`
+model.
 
 No SigRL checkpoint is published; a run of the official code saves `model.state_dict()` (MKT's
 `misc.save_model` nests it under 'model'; `mlgraph.convert.io.read_checkpoint` takes it from

@@ -1,6 +1,6 @@
 """Official SSGRL checkpoint (`checkpoint_*.pth.tar` / `model_best_*.pth.tar`) -> `models.ssgrl`.
 
-Key layout: ssgrl_mlgcn.md §2.2 (`resnet_101.*`, `word_semantic.fc_{1,2,3,a}`,
+Key layout: docs/ssgrl_mlgcn.md §2.2 (`resnet_101.*`, `word_semantic.fc_{1,2,3,a}`,
 `graph_net.fc_eq{3,4,5}_{w,u}`, `fc_output`, `classifiers`). C and D come from
 `classifiers.weight`, the word-vector width E from `word_semantic.fc_2.weight`, the attention
 width from `fc_1`, the backbone from the `resnet_101.layer{L}.{b}` keys.

@@ -1,16 +1,16 @@
 """Image augmentations written with PIL and numpy (the old `randaugment` package does not run
 with current numpy/Pillow).
 
-Two augmentations of the SALGL/ASL training chain (spec salgl.md §3.4) live here:
+Two augmentations of the SALGL/ASL training chain (docs/salgl.md §3.4) live here:
 
 * `cutout`: ASL's `CutoutPIL`, one large square of a random colour.
 * `rand_augment`: the `RandAugment()` class of the PyPI package `randaugment==1.0.2`.
 
-and the methods' crops: ML-GCN's `MultiScaleCrop` (ssgrl_mlgcn.md §3.1, `multiscale_crop`) and
-SSGRL's resize -> random crop of a chosen side -> resize (§1.7, `random_side_crop`), with its
-test-time resize -> centre crop (`center_crop`).
+and the methods' crops: ML-GCN's `MultiScaleCrop` (docs/ssgrl_mlgcn.md §3.1, `multiscale_crop`) and
+SSGRL's resize -> random crop of a chosen side -> resize (docs/ssgrl_mlgcn.md §1.7,
+`random_side_crop`), with its test-time resize -> centre crop (`center_crop`).
 
-SigRL's timm 0.6.12 transforms (sigrl.md §3.3), at the end of the file: `random_resized_crop`
+SigRL's timm 0.6.12 transforms (docs/sigrl.md §3.3), at the end of the file: `random_resized_crop`
 (torchvision/timm `RandomResizedCrop`), `timm_rand_augment` (timm's `rand_augment_transform`,
 e.g. 'rand-m9-mstd0.5-inc1') and the shorter-side test resize (`center_crop(...,
 shorter_side=True)`). Both RandAugments apply their ops through one `pil_op` per PIL op; they
@@ -30,15 +30,15 @@ Reference for `rand_augment`: the source of the wheel `randaugment-1.0.2-py3-non
 3. Apply the first op with probability 0.5, then the second with probability 0.5.
 
 An op's magnitude is entry `level` of a 10-point `np.linspace` table (index 0 is never used,
-since levels start at 1); see `rand_augment_magnitude`. Details the spec leaves open, taken
-from that source:
+since levels start at 1); see `rand_augment_magnitude`. Details docs/salgl.md §3.4 leaves open,
+taken from that source:
 
 * Shear is about the image origin (top-left corner), not its centre, with bicubic
   resampling; translation uses nearest-neighbour resampling. Both fill with (128, 128, 128).
 * Rotate turns counter-clockwise only (positive PIL angle), nearest-neighbour, about the
   centre; the package rotates an RGBA copy and composites it over grey, which is exactly a
   rotation with fill (128, 128, 128).
-* The spec calls RandAugment's Cutout "grey": the package actually paints (125, 122, 113).
+* docs/salgl.md §3.4 calls RandAugment's Cutout "grey": the package actually paints (125, 122, 113).
   Its square is centred at a uniform pixel (x in [0, W), y in [0, H)) and covers the
   half-open ranges [c - s//2, c + s//2), clipped to the image, so its side is 2*(s//2).
 * The sign of shear, translation and the enhancement factors is one fair coin per applied op.
@@ -384,7 +384,7 @@ def center_crop(
 
 # ---------------------------------------------------------------------------------------
 # The timm training transform (timm 0.6.12 `create_transform(is_training=True)`, SigRL:
-# spec sigrl.md §3.3): `RandomResizedCropAndInterpolation`, flip, `rand_augment_transform`.
+# docs/sigrl.md §3.3): `RandomResizedCropAndInterpolation`, flip, `rand_augment_transform`.
 
 
 def random_resized_crop_box(
@@ -814,15 +814,15 @@ CHAINS: dict[str, Chain] = {
     "resize": Chain(geometry=Resize(), flip=False),
     # The single-positive protocol, Scob, the demos and the baseline (base_config's default).
     "resize_flip": Chain(geometry=Resize(), flip=True),
-    # ASL's training code, which SALGL follows (spec salgl.md §3.4).
+    # ASL's training code, which SALGL follows (docs/salgl.md §3.4).
     "salgl": Chain(geometry=Resize(), flip=True, cutout=0.5, randaugment=RandAugment()),
-    # The official Query2Label code: ASL's chain without the flip (ssgrl_mlgcn.md §4.1).
+    # The official Query2Label code: ASL's chain without the flip (docs/ssgrl_mlgcn.md §4.1).
     "q2l": Chain(geometry=Resize(), flip=False, cutout=0.5, randaugment=RandAugment()),
-    # ssgrl_mlgcn.md §1.7.
+    # docs/ssgrl_mlgcn.md §1.7.
     "ssgrl": Chain(geometry=SideCrop(640, (640, 576, 512, 384, 320)), flip=False),
-    # ssgrl_mlgcn.md §3.1.
+    # docs/ssgrl_mlgcn.md §3.1.
     "mlgcn": Chain(geometry=MultiScaleCrop((1.0, 0.875, 0.75, 0.66, 0.5), 2), flip=True),
-    # SigRL's timm 0.6.12 `create_transform(is_training=True)` (sigrl.md §3.3).
+    # SigRL's timm 0.6.12 `create_transform(is_training=True)` (docs/sigrl.md §3.3).
     "timm": Chain(
         geometry=RandomResizedCrop((0.08, 1.0), (3 / 4, 4 / 3)),
         flip=True,

@@ -1,4 +1,4 @@
-"""Label co-occurrence counts of a built data set's split (ssgrl_mlgcn.md §1.4, §3.1).
+"""Label co-occurrence counts of a built data set's split (docs/ssgrl_mlgcn.md §1.4, §3.1).
 
 The statistics themselves (counts from labels, the graphs, the counts file) live in
 `mlgraph.labels.cooccurrence`, where the models read them; here only the part that needs a

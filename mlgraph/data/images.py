@@ -6,8 +6,8 @@ behind a .jpg name is detected by content, not by extension. Files that are alre
 JPEGs are stored byte for byte.
 
 `decode_rgb` (training and evaluation time): the RGB pixels of stored image bytes, exactly the
-pixels of PIL's `Image.open(...).convert("RGB")`, with simplejpeg as the JPEG decoder (about
-1.6x PIL's speed on COCO-sized files; `python -m mlgraph.bench input` compares the decoders).
+pixels of PIL's `Image.open(...).convert("RGB")`, with simplejpeg as the JPEG decoder (faster
+than PIL's on COCO-sized files; `python -m mlgraph.bench input` compares the decoders).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 * 'concepts81' (the default): the 81 human-annotated concepts, as SALGL and the multi-label
   papers use them (described first, below);
-* 'ov': the open-vocabulary / zero-shot protocol of BiAM, MKT and SigRL (spec sigrl.md §3.3,
+* 'ov': the open-vocabulary / zero-shot protocol of BiAM, MKT and SigRL (docs/sigrl.md §3.3,
   §5.1): 925 seen tags ++ 81 unseen concepts, labels +1/-1 with 0 = ignored (see "Config 'ov'").
 
 Config 'concepts81' reads `manual_dir` in the layout of the official NUS-WIDE download:

@@ -1,5 +1,5 @@
 """Single-positive observed labels, bit-exact with Cole et al. 2021 and with Scob
-(scob_spml.md §1.2-§1.4, §1.8, §3.9, §6).
+(docs/scob_spml.md §1.2-§1.4, §1.8, §3.9, §6).
 
 In the single-positive multi-label (SPML) setup every training image keeps exactly one of its
 true positives; everything else is unknown. Two published schemes draw that positive:
@@ -8,7 +8,7 @@ true positives; everything else is unknown. Two published schemes draw that posi
   rows in Cole's order, classes in Cole's order; a fresh ``numpy.random.RandomState(1200)``; per row
   the indices of the positives are shuffled in place and the first is kept, then the indices of
   the negatives are shuffled too (``num_neg=0`` keeps none, but the shuffle consumes RNG state:
-  spec §6 item 25). See :func:`cole_sample`.
+  docs/scob_spml.md §6 item 25). See :func:`cole_sample`.
 * ``"scob"`` (Scob, `data/{coco,voc}.py` ``drop_to_single``): ``random.seed(114514)``, then
   ``random.choice(labels)`` per image, in Scob's image order, with Scob's class indices and each
   image's label list in Scob's order. See :func:`scob_sample`.
@@ -25,8 +25,8 @@ Which images have a row (both schemes)
     ``spml_rules='ids'`` in `mlgraph.data.registry`) no source says what to do, so an image
     without a positive is an error naming it.
 
-Row order (spec §1.2, §3.9), by the data set's ``spml_rules`` in `mlgraph.data.registry` (the
-demo sets are built by the COCO builder, so they follow the COCO rules)
+Row order (docs/scob_spml.md §1.2, §3.9), by the data set's ``spml_rules`` in
+`mlgraph.data.registry` (the demo sets are built by the COCO builder, so they follow the COCO rules)
     ============  =================================================  ==========================
     data set      Cole                                               Scob
     ============  =================================================  ==========================
@@ -71,7 +71,7 @@ Storage
     No timestamps or paths, so rebuilding gives the same bytes. Written atomically, once, and
     reused; reading it back checks every line (see :func:`read_observed`).
 
-The 20 % validation cut (spec §1.4)
+The 20 % validation cut (docs/scob_spml.md §1.4)
     Cole cuts the official train split with ``RandomState(1200).permutation(N)`` over the rows in
     Cole's order: ``n_val = round(0.2 N)``, val = sorted(last n_val), train = sorted(first N -
     n_val) (:func:`cole_val_cut`, :func:`cole_split`). The following "subsampling" step

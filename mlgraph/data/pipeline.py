@@ -26,9 +26,9 @@ from mlgraph.errors import ConfigError
 
 def _normalize(img: Image.Image, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     # (x / 255 - mean) / std as one in-place multiply and add over whole rows (the per-channel
-    # factors tiled along a row: numpy's loops over a last axis of 3 are slow): 0.9 ms instead
-    # of 5.7 for a 448x448 image, once the largest host cost of the training chain after the
-    # resize. The values differ by float32 rounding (< 1e-6).
+    # factors tiled along a row: numpy's loops over a last axis of 3 are slow). Normalising
+    # per pixel was once the largest host cost of the training chain after the resize. The
+    # values differ by float32 rounding (< 1e-6).
     x = np.array(img, np.float32)
     rows = x.reshape(x.shape[0], -1)
     width = x.shape[1]

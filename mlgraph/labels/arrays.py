@@ -4,7 +4,7 @@ co-occurrence counts [C, C], in the formats users hold them.
 * `.npy`: the array itself (SSGRL's `vectors.npy`, `prob_train.npy`; what
   `python -m mlgraph.labels` writes).
 * `.npz`: co-occurrence counts under 'counts' (`cooccurrence.save_counts`), or a single array.
-* `.pkl`: the pickles the official ML-GCN repository ships (ssgrl_mlgcn.md §3.1):
+* `.pkl`: the pickles the official ML-GCN repository ships (docs/ssgrl_mlgcn.md §3.1):
   `data/{coco,voc}/*_glove_word2vec.pkl`, a pickled float32 ndarray [C, 300], and
   `*_adj.pkl`, {'adj': [C, C] co-occurrence counts with a zero diagonal, 'nums': [C] image
   counts}, read as the counts with `nums` on the diagonal.

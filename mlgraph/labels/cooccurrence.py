@@ -1,4 +1,4 @@
-"""Statistical label co-occurrence from training labels (ssgrl_mlgcn.md §1.4, §3.1).
+"""Statistical label co-occurrence from training labels (docs/ssgrl_mlgcn.md §1.4, §3.1).
 
 The counts N [C, C] hold N[i, j] = number of training images that contain both i and j, with
 N[i, i] the number of images containing i. From them:

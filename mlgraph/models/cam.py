@@ -1,4 +1,5 @@
-"""Grad-CAM++ class-activation maps and the patch masks Scob draws from them (scob_spml.md §3.3).
+"""Grad-CAM++ class-activation maps and the patch masks Scob draws from them
+(docs/scob_spml.md §3.3).
 
 The computation is `pytorch-grad-cam` 1.4.8's `GradCAMPlusPlus` (the version Scob used) on one
 target layer, written for NHWC maps:

@@ -1,6 +1,6 @@
 """Photometric augmentation on device, inside a jitted step: torchvision's tensor ColorJitter,
 RandomGrayscale and GaussianBlur, and Scob's strong ("hard") augmentation built from them
-(scob_spml.md §3.5).
+(docs/scob_spml.md §3.5).
 
 Images are float32 NHWC batches; each image draws its own randomness from a JAX key. The ops
 follow torchvision's tensor functional (0.15, the version Scob ran): a blend clamps to [0, 1];
@@ -140,7 +140,7 @@ def strong_augment(
     std: Sequence[float],
     undo_std: Sequence[float] | None = None,
 ) -> jax.Array:
-    """Scob's strong augmentation of a normalised batch [B, H, W, 3] (scob_spml.md §3.5).
+    """Scob's strong augmentation of a normalised batch [B, H, W, 3] (docs/scob_spml.md §3.5).
 
     Per image, each stage gated by its own coin: undo the normalisation with `undo_std`
     (Scob's code has 0.255 for the blue std, so blue comes back x 0.255/0.225); ColorJitter

@@ -1,5 +1,5 @@
 """Label-graph parts: scene-conditional co-occurrence statistics, adjacency sampling and the gated
-graph neural network (salgl.md §1.7-§1.10).
+graph neural network (docs/salgl.md §1.7-§1.10).
 
 Shapes: B batch, K scenes, C classes, D feature width.
 """
@@ -87,7 +87,7 @@ class GatedGNN(nnx.Module):
     where every W and U is a Linear with its own bias (`fc{1,2,3}_w`, `fc{1,2,3}_u`, the torch
     names). `num_steps=0` returns h unchanged.
 
-    `reset_uses_update_u=True` reproduces official SSGRL (ssgrl_mlgcn.md §1.5): the reset gate
+    `reset_uses_update_u=True` reproduces official SSGRL (docs/ssgrl_mlgcn.md §1.5): the reset gate
     reads U1 (the update gate's) instead of U2, r = sigmoid(W2 m + U1 h); `fc2_u` is then kept
     (checkpoints hold it) but unused.
     """

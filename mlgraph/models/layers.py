@@ -7,7 +7,7 @@ PyTorch-style initializers and Linear, and the per-class linear classifier.
 * `uniform_init`, `xavier_uniform` and `torch_linear` reproduce torch's default and
   `xavier_uniform_` draws on flax's [in, out] kernel layout.
 * `ElementWiseLinear` is the per-class `Element_Wise_Layer` classifier of SSGRL, SALGL
-  (salgl.md §1.11) and Query2Label.
+  (docs/salgl.md §1.11) and Query2Label.
 """
 
 from __future__ import annotations
@@ -161,9 +161,9 @@ def materialize_on_cpu(x: jax.Array) -> jax.Array:
 
     XLA:CPU's default fusion copies an elementwise result into each of its consumers, so a
     chain of residual blocks (`x = relu(f(x) + x)`) recomputes every earlier block's output in
-    each block: R101's layer3 made fusions of 123 operands. R101 trunk at 224 px, batch 8, 2
-    cores: train fwd+bwd 5.3 -> 2.5 s under XLA's default fusions, eval forward 0.50 -> 0.40 s
-    with YNNPACK for dots only. `jax.lax.optimization_barrier` does not prevent it (XLA:CPU
+    each block: R101's layer3 made fusions of 123 operands. Keeping `x` makes the R101 trunk's
+    CPU train step much faster under XLA's default fusions, and its eval forward faster with
+    YNNPACK for dots only. `jax.lax.optimization_barrier` does not prevent it (XLA:CPU
     removes barriers before fusing). Other platforms get `x` as it is
     (`jax.lax.platform_dependent`).
     """
@@ -213,13 +213,12 @@ _conv_matmul_dw.defvjp(_conv_matmul_dw_fwd, _conv_matmul_dw_bwd)
 
 def _matmul_dw_is_faster(kernel_shape: tuple[int, ...]) -> bool:
     """Whether the per-position matmuls beat XLA:CPU's weight-gradient convolution for an HWIO
-    kernel. Measured for ResNet-101's shapes at 224 px, batch 8, 2 threads (forward, input and
-    weight gradient; lax -> matmuls, ms): 1x1 64->256 145 -> 93, the 7x7/2 stem on 3 channels
-    274 -> 223, but 3x3 64 114 -> 155, 3x3 256 41 -> 54 and 3x3 128, 512 and 128/2 even.
-    Those figures are under XLA's default fusions. With YNNPACK's elementwise fusions on as
-    well (`LIBRARY_FUSION_TYPE_ELTWISE`, which mlgraph does not set), SALGL's train step
-    without the matmuls spent over 12 minutes in YNNPACK's scheduler before its first step
-    ended (stopped there), so they stay."""
+    kernel. Timed on ResNet-101's shapes (forward, input and weight gradient) under XLA's
+    default fusions: the matmuls win for the 1x1 kernels and for the 7x7/2 stem on 3 channels;
+    for the 3x3 kernels they are slower or even. With YNNPACK's elementwise fusions on as well
+    (`LIBRARY_FUSION_TYPE_ELTWISE`, which mlgraph does not set), SALGL's train step without the
+    matmuls stayed in YNNPACK's scheduler for many minutes without ending its first step
+    (stopped there), so they stay."""
     kh, kw, cin = kernel_shape[:3]
     return kh * kw == 1 or cin <= 4
 

@@ -1,6 +1,6 @@
 """ML-GCN: multi-label image recognition with graph convolutional networks (Chen et al., CVPR 2019).
 
-ssgrl_mlgcn.md §3, as the official code computes it:
+docs/ssgrl_mlgcn.md §3, as the official code computes it:
 
     image branch:  backbone layer4 map -> max pool (`pool`) -> x [B, D]
     label branch:  Â = D A^T D (D = diag(rowsum(A)^-1/2)), A the stored re-weighted correlation
@@ -15,8 +15,9 @@ The pooling (`pool`): the released code's `MaxPool2d(14, 14)` is a global max on
 14x14 map (448 px). At other sizes its fixed window covers the map's top-left 14x14 (at 576 px,
 14x14 of 18x18), it fails for maps under 14, and from 28 on it yields several windows that the
 classifier cannot take. 'global' is a true global max at any size (the paper's GMP, and the
-spec's choice for training); 'official' is the fixed window, kept so that converted official
-checkpoints give the official outputs at every size the released model runs at.
+choice of docs/ssgrl_mlgcn.md §7 for training); 'official' is the fixed window, kept so that
+converted official checkpoints give the official outputs at every size the released model runs
+at.
 """
 
 from __future__ import annotations

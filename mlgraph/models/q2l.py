@@ -1,6 +1,6 @@
 """Query2Label: a transformer decoder with label queries (Liu et al., arXiv 2107.10834).
 
-ssgrl_mlgcn.md §4, as the official code computes it:
+docs/ssgrl_mlgcn.md §4, as the official code computes it:
 
     backbone layer4 map [B, h, w, C] -> (input_proj, a 1x1 conv, only with keep_input_proj)
       -> memory [B, N, D] with DETR's normalised sine position codes `pos` [N, D]
@@ -170,13 +170,13 @@ class Query2Label(nnx.Module):
 @dataclasses.dataclass(frozen=True)
 class Loss(losses.ClassificationLoss):
     """`config.loss` of Query2Label: `losses.classification`, ASL by default (the official
-    loss, ssgrl_mlgcn.md §4.1)."""
+    loss, docs/ssgrl_mlgcn.md §4.1)."""
 
     name: str = "asl"  # 'asl' (the official) or 'bce'
 
 
 def loss_fn(outputs: dict, batch: dict, config) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """`config.loss` (the official: ASL with its gammas, clip and eps, ssgrl_mlgcn.md §4.1)."""
+    """`config.loss` (the official: ASL with its gammas, clip and eps, docs/ssgrl_mlgcn.md §4.1)."""
     loss = losses.classification(outputs["logits"], batch["labels"], config.loss)
     return loss, {config.loss.name: loss}
 

@@ -1,4 +1,4 @@
-"""SALGL: scene-aware label graph learning (Zhu et al., ICCV 2023), salgl.md §1-§2.
+"""SALGL: scene-aware label graph learning (Zhu et al., ICCV 2023), docs/salgl.md §1-§2.
 
     backbone tokens [B, N, D] -> 1 post-norm transformer encoder layer (optional sine positions)
       -> mean over tokens -> scene_linear -> scene probabilities p [B, K]
@@ -235,7 +235,8 @@ class SALGL(nnx.Module):
 
 
 def ema_live_paths(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """With `comat_ema` off the EMA model uses the live co-occurrence counts (spec §3.1)."""
+    """With `comat_ema` off the EMA model uses the live co-occurrence counts
+    (docs/salgl.md §3.1)."""
     return () if config.model.get("comat_ema", True) else (r"rest/comatrix(/.*)?",)
 
 

@@ -1,5 +1,5 @@
 """Scob: semantic contrastive bootstrapping for single-positive multi-label recognition (Chen,
-Zhao and Li, IJCV 2023), as the official code runs it (scob_spml.md §3, §6).
+Zhao and Li, IJCV 2023), as the official code runs it (docs/scob_spml.md §3, §6).
 
     frozen CNN -> stride-32 map (ResNet-50 layer4, 14x14x2048 at 448 px) and stride-16 map
       (layer3, 28x28x1024) -> one masked transformer `ImageMid` per scale (1x1 conv to D = 512,
@@ -28,7 +28,7 @@ After each epoch (`epoch_end`) the bank is emptied and the correlation matrix is
 from Phi. Adam follows torch's skip-on-None semantics per group (`mlgraph.optim.GroupAdam`);
 learning rates step by epoch (StepLR).
 
-The official code's behaviour is the default, each part behind a flag (scob_spml.md §3.6, §6):
+The official code's behaviour is the default, each part behind a flag (docs/scob_spml.md §3.6, §6):
 `faithful_momentum_bug` (fm2 frozen at its random init, since the code's EMA is a no-op; False:
 a real EMA with `momentum` and an initial copy), `drifting_backbone_bn` (the "frozen"
 backbone's batch norm uses batch statistics and updates its running ones outside the CAM pass),
@@ -63,7 +63,7 @@ from mlgraph.models.common import NO_KWARGS, cnn_backbone
 from mlgraph.models.layers import torch_linear, uniform_init
 from mlgraph.optim import GroupAdam
 
-# Adam groups, in the order of the official optimizer's param groups (scob_spml.md §3.8), and
+# Adam groups, in the order of the official optimizer's param groups (docs/scob_spml.md §3.8), and
 # the `config.optimizer.group_lr` key of each; `label_estimator` is Phi in `state["extra"]`.
 GROUPS = {
     "linear": r"fm1_(14|28)/(feat_conv/.*|row_embed|col_embed)",
@@ -312,7 +312,7 @@ Model = Scob
 
 @dataclasses.dataclass(frozen=True)
 class Loss:
-    """`config.loss` of Scob (scob_spml.md §3.4, §3.6): the classification objective's K and
+    """`config.loss` of Scob (docs/scob_spml.md §3.4, §3.6): the classification objective's K and
     the contrastive objective's settings, the official code's values by default."""
 
     name: str = "scob"  # a label only: Scob trains its one objective
@@ -448,7 +448,7 @@ def bank_prototypes(bank: dict[str, jax.Array]) -> jax.Array:
 # Optimizer, per-example state, train step, epoch hook
 # ---------------------------------------------------------------------------------------------
 class ScobOptimizer:
-    """The official five Adam groups (scob_spml.md §3.8): `groups` steps the network's four
+    """The official five Adam groups (docs/scob_spml.md §3.8): `groups` steps the network's four
     (`GROUPS`), `label_estimator` is Phi's Adam (its state is `state["extra"]["phi_opt"]`), each
     at `config.optimizer.group_lr[name]` times StepLR's factor gamma^(epoch // step_epochs)."""
 
@@ -529,7 +529,7 @@ def _momentum_update(params: nnx.State, momentum: float) -> nnx.State:
 def guidance(
     model: Scob, x32: jax.Array, x16: jax.Array, targets: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Scob's semantic guidance (scob_spml.md §3.3) from eval-mode backbone maps: the
+    """Scob's semantic guidance (docs/scob_spml.md §3.3) from eval-mode backbone maps: the
     Grad-CAM++ map of each image's target class probability at the stride-32 map, image-sized
     [B, S, S], and the salient patches of the stride-32 and stride-16 grids [B, S/32, S/32],
     [B, S/16, S/16] (corners off, >= the model's `cam_threshold`). One gradient for the batch:

@@ -1,6 +1,6 @@
 """SigRL (ICME 2025): CLIP ViT-B/16 adapted to open-vocabulary and single-positive multi-label
 recognition with a label graph (GMC) and semantic visual feature reconstruction (SVFR)
-(sigrl.md §2-§4).
+(docs/sigrl.md §2-§4).
 
     image tower -> tokens after ln_post -> @ proj: global g [B, E], local F [B, P, E]
     label embeddings H [C, E] of the *queried* label set (frozen text features)
@@ -101,7 +101,7 @@ class GATv2Layer(nnx.Module):
 
 class GMC(nnx.Module):
     """SigRL's `GATv2_1`: dropout -> GATv2 (4 heads x 32, concat) -> ELU -> dropout -> GATv2
-    (1 head x E) (labml's two-layer GATv2 model, §2.3)."""
+    (1 head x E) (labml's two-layer GATv2 model, docs/sigrl.md §2.3)."""
 
     def __init__(self, dim: int, hidden: int, heads: int, dropout: float, *, rngs, **kw):
         self.layer1 = GATv2Layer(dim, hidden, heads, concat=True, dropout=dropout, rngs=rngs, **kw)
@@ -139,7 +139,7 @@ def _chunks(queries: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
 def semantic_decoupling(
     feats: jax.Array, queries: jax.Array, kernel: jax.Array, bias: jax.Array, chunk: int = 0
 ) -> jax.Array:
-    """SDA (§2.4a): M[b, c] = Σ_p softmax_p(W tanh(F_p ⊙ H_c) + b) ⊙ F_p.
+    """SDA (docs/sigrl.md §2.4a): M[b, c] = Σ_p softmax_p(W tanh(F_p ⊙ H_c) + b) ⊙ F_p.
 
     Args:
       feats: F [B, P, E]; queries: H [B or 1, C, E]; kernel [E, E] and bias [E] (W_s, b_s).
@@ -164,7 +164,7 @@ def semantic_decoupling(
 def feature_reconstruction(
     feats: jax.Array, queries: jax.Array, kernel: jax.Array, bias: jax.Array, chunk: int = 0
 ) -> jax.Array:
-    """VFR (§2.4d): M̂_p = F_p ⊙ Σ_c softmax_p(W tanh(F_p ⊙ O_c) + b).
+    """VFR (docs/sigrl.md §2.4d): M̂_p = F_p ⊙ Σ_c softmax_p(W tanh(F_p ⊙ O_c) + b).
 
     Args:
       feats: F [B, P, E]; queries: O [B, C, E]; kernel [E, E], bias [E] (W_v, b_v).
@@ -187,15 +187,16 @@ def feature_reconstruction(
 
 
 def channel_mixing(m: jax.Array, h: jax.Array) -> jax.Array:
-    """T = M Q with Q = row-L2-normalised ReLU(Mᵀ H) (§2.4b; the official division by the
-    batch's Frobenius norms cancels in the normalisation): M [B, C, E], H [C, E] -> [B, C, E]."""
+    """T = M Q with Q = row-L2-normalised ReLU(Mᵀ H) (docs/sigrl.md §2.4b; the official division
+    by the batch's Frobenius norms cancels in the normalisation): M [B, C, E], H [C, E] ->
+    [B, C, E]."""
     s = jax.nn.relu(jnp.einsum("bcd,ce->bde", m, h).astype(jnp.float32))
     q = s / jnp.maximum(jnp.linalg.norm(s, axis=-1, keepdims=True), 1e-12)
     return jnp.einsum("bcd,bde->bce", m, q.astype(m.dtype))
 
 
 def fused_scores(local: jax.Array, glob: jax.Array, h: jax.Array, topk: int) -> jax.Array:
-    """s = ½ (s_loc/‖s_loc‖ + s_glob/‖s_glob‖), norms over classes, no epsilon (§2.5).
+    """s = ½ (s_loc/‖s_loc‖ + s_glob/‖s_glob‖), norms over classes, no epsilon (docs/sigrl.md §2.5).
 
     Args:
       local: M̂ [B, P, E]; glob: g [B, E]; h: H [C, E]; topk: patches averaged per class.
@@ -211,7 +212,8 @@ def fused_scores(local: jax.Array, glob: jax.Array, h: jax.Array, topk: int) -> 
 # The model
 # ---------------------------------------------------------------------------------------------
 class Teacher(nnx.Module):
-    """The frozen CLIP teacher's blocks from `start` on, its `ln_post` and `proj` (§3.2)."""
+    """The frozen CLIP teacher's blocks from `start` on, its `ln_post` and `proj`
+    (docs/sigrl.md §3.2)."""
 
     def __init__(self, tower, start: int, *, rngs: nnx.Rngs):
         from mlgraph.models.backbones import clip
@@ -412,7 +414,7 @@ Model = SigRL
 
 
 # ---------------------------------------------------------------------------------------------
-# Parameter groups: layer-wise lr decay and the frozen set (§3.4)
+# Parameter groups: layer-wise lr decay and the frozen set (docs/sigrl.md §3.4)
 # ---------------------------------------------------------------------------------------------
 EMBEDDING_PARTS = ("conv1", "class_embedding", "positional_embedding", "ln_pre")
 
@@ -453,7 +455,7 @@ def _path(p) -> str:
 def _groups(params: nnx.State) -> nnx.State:
     """Each trainable parameter's group 'l<id>_decay' / 'l<id>_no_decay' (matrices decayed,
     vectors not: MKT's `param_groups_lrd`). GMC's attention vectors count as matrices: SigRL's
-    are `nn.Linear(h, 1)` weights [1, h], decayed (§3.4), held here as vectors [h]."""
+    are `nn.Linear(h, 1)` weights [1, h], decayed (docs/sigrl.md §3.4), held here as vectors [h]."""
     depth = _depth(params)
 
     def label(path, value):
@@ -648,7 +650,7 @@ def make_train_step(ctx):
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation views: ZSL over the unseen labels, GZSL over all (§5.1)
+# Evaluation views: ZSL over the unseen labels, GZSL over all (docs/sigrl.md §5.1)
 # ---------------------------------------------------------------------------------------------
 def eval_views(config: ml_collections.ConfigDict, extra: dict) -> dict[str, np.ndarray | None]:
     """Named label sets that evaluation scores with a forward pass of their own (None = every

@@ -1,5 +1,5 @@
 """Single-positive multi-label learning (SPML): the Cole et al. (CVPR 2021) classifier and its
-baselines AN, AN-LS, WAN, EPR, ROLE, and Zhou et al.'s EM and EM+APL (scob_spml.md §1-§2).
+baselines AN, AN-LS, WAN, EPR, ROLE, and Zhou et al.'s EM and EM+APL (docs/scob_spml.md §1-§2).
 
     backbone (ResNet-50 in the papers) -> global average pooling -> Linear(D, C) -> logits;
     loss: `config.loss.name` over the observed labels z [B, C] (one positive per image, the

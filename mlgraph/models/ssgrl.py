@@ -1,6 +1,6 @@
 """SSGRL: semantic-specific graph representation learning (Chen et al., ICCV 2019).
 
-ssgrl_mlgcn.md §1, with the official code's behaviour:
+docs/ssgrl_mlgcn.md §1, with the official code's behaviour:
 
     ResNet layer4 map -> avgpool 2x2/s2 (`extra_pool`) -> F [B, N, D]
       -> semantic decoupling (low-rank bilinear attention of the word vectors over F) -> h0

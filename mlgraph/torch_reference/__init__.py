@@ -3,7 +3,7 @@ tests and for `python -m mlgraph.bench train --against torch` (torch is optional
 with `pip install torch==2.13.0` or the `convert` extra).
 
 `layers`: torchvision's v1.5 bottleneck and ResNet trunk, DETR's post-norm encoder layer and
-sine table. `salgl`: SALGL (salgl.md §1-§2) in training and evaluation, with the official
+sine table. `salgl`: SALGL (docs/salgl.md §1-§2) in training and evaluation, with the official
 `[B, C, N, A]` attention and the co-occurrence update inside the training forward.
 """
 

@@ -1,6 +1,6 @@
 """Shared plain-torch parts of the reference models: torchvision's v1.5 bottleneck and ResNet
-trunk, DETR's post-norm encoder layer and normalised sine table (written from the specs, with
-the official attribute names)."""
+trunk, DETR's post-norm encoder layer and normalised sine table (written from the method notes
+in docs/, with the official attribute names)."""
 
 from __future__ import annotations
 
@@ -69,8 +69,8 @@ class TorchResNetTrunk(nn.Module):
 
 
 class TorchEncoderLayer(nn.Module):
-    """DETR's post-norm encoder layer on batch-first tokens (salgl.md §1.3, Q2L's encoder); with
-    `activation` F.leaky_relu and a `key_padding_mask` (True = ignored), Scob's layer."""
+    """DETR's post-norm encoder layer on batch-first tokens (docs/salgl.md §1.3, Q2L's encoder);
+    with `activation` F.leaky_relu and a `key_padding_mask` (True = ignored), Scob's layer."""
 
     def __init__(self, d: int, heads: int, ffn: int, dropout: float = 0.1, activation=F.relu):
         super().__init__()
@@ -106,7 +106,7 @@ class TorchElementWise(nn.Module):
 
 
 def torch_sine_table(d: int, grid: int):
-    """DETR's normalised sine table (salgl.md §1.2, ssgrl_mlgcn.md §4.1) in float32:
+    """DETR's normalised sine table (docs/salgl.md §1.2, docs/ssgrl_mlgcn.md §4.1) in float32:
     [1, D, grid, grid], the y-features first."""
     f = d // 2
     ones = torch.ones(1, grid, grid)

@@ -1,4 +1,4 @@
-"""Query2Label in plain PyTorch with the official names (ssgrl_mlgcn.md §4.1-§4.2): `backbone`
+"""Query2Label in plain PyTorch with the official names (docs/ssgrl_mlgcn.md §4.1-§4.2): `backbone`
 a Sequential of the ResNet wrapper (`.body`, FrozenBatchNorm2d) and the position module (buffer
 `pe`, DETR's normalised sine table), `input_proj` (Identity or a 1x1 conv),
 `transformer.encoder.layers` / `transformer.decoder.layers` (DETR post-norm layers on

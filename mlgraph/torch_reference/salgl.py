@@ -1,4 +1,4 @@
-"""SALGL in plain PyTorch with the official structure and attribute names (salgl.md §1-§2):
+"""SALGL in plain PyTorch with the official structure and attribute names (docs/salgl.md §1-§2):
 the backbone's layer4 tokens, one post-norm encoder layer (`tb`), the scene classifier, the
 co-occurrence counts updated inside the training forward (hard or soft scenes), the low-rank
 bilinear attention with its full `[B, C, N, A]` hidden tensor, the gated GNN, `fc` and the
@@ -53,7 +53,7 @@ class TorchPositionEmbedding(nn.Module):
 
 
 class TorchGGNN(nn.Module):
-    """Gated GNN (salgl.md §1.10), weights shared across steps."""
+    """Gated GNN (docs/salgl.md §1.10), weights shared across steps."""
 
     def __init__(self, d: int, steps: int, outmess: bool):
         super().__init__()
@@ -96,7 +96,7 @@ def _entropy(x):
 
 
 class TorchSALGL(nn.Module):
-    """SALGL (salgl.md §1) with the official attribute names; `forward(images, targets)` in
+    """SALGL (docs/salgl.md §1) with the official attribute names; `forward(images, targets)` in
     training mode also adds the batch's scene-assigned label co-occurrences to `comatrix`."""
 
     def __init__(
@@ -139,7 +139,8 @@ class TorchSALGL(nn.Module):
         self.normalize, self.ignore_self, self.soft = normalize, ignore_self, soft
 
     def transition(self, comatrix):
-        """comatrix2prob (§1.8): P_k[i, j] = C_k[j, i] / (C_k[i, i] + 1e-8), then the options."""
+        """comatrix2prob (docs/salgl.md §1.8): P_k[i, j] = C_k[j, i] / (C_k[i, i] + 1e-8), then
+        the options."""
         t = comatrix.transpose(1, 2)
         p = t / (torch.diagonal(t, dim1=1, dim2=2)[..., None] + 1e-8)
         if self.ignore_self:
@@ -155,7 +156,7 @@ class TorchSALGL(nn.Module):
         probs = self.scene_linear(x.mean(1)).softmax(-1)
         comatrix = self.comatrix
         if self.training and targets is not None:
-            # §1.7: the current batch is counted before its graph is built.
+            # docs/salgl.md §1.7: the current batch is counted before its graph is built.
             pairs = targets[:, :, None] * targets[:, None, :]
             if self.soft:
                 comatrix = self.comatrix.detach() + torch.einsum("bk,bij->kij", probs, pairs)
@@ -185,7 +186,8 @@ class TorchSALGL(nn.Module):
 
 
 def salgl_loss(out, targets, loss_cfg):
-    """L = cls + lamda (sample_en + batch_en) (§2), cls `config.loss` (ASL in the recipes)."""
+    """L = cls + lamda (sample_en + batch_en) (docs/salgl.md §2), cls `config.loss` (ASL in the
+    recipes)."""
     cls = losses.classification(out["logits"], targets, loss_cfg)
     return cls + loss_cfg.lamda * (out["sample_en"] + out["batch_en"])
 

@@ -1,4 +1,4 @@
-"""SSGRL in plain PyTorch with the official module layout (ssgrl_mlgcn.md §1-§2): the ResNet
+"""SSGRL in plain PyTorch with the official module layout (docs/ssgrl_mlgcn.md §1-§2): the ResNet
 trunk with the extra `avgpool1` (2x2/s2), semantic decoupling (`word_semantic`), the gated
 graph network over the fixed graph M (`graph_net`, the official reset gate that reuses U_z
 unless `paper=True`), `fc_output` and the per-class classifiers. The word vectors and M are
@@ -27,7 +27,8 @@ class TorchResNet(TorchResNetTrunk):
 
 
 class TorchSemantic(nn.Module):
-    """§1.2: tanh(U f ⊙ V x) -> fc_3 -> fc_a -> softmax over locations -> weighted sum of f."""
+    """docs/ssgrl_mlgcn.md §1.2: tanh(U f ⊙ V x) -> fc_3 -> fc_a -> softmax over locations ->
+    weighted sum of f."""
 
     def __init__(self, d: int, e: int, a: int):
         super().__init__()
@@ -46,7 +47,7 @@ class TorchSemantic(nn.Module):
 
 
 class TorchGGNN(nn.Module):
-    """§1.5 with the official reset gate (U_z) unless `paper=True`."""
+    """docs/ssgrl_mlgcn.md §1.5 with the official reset gate (U_z) unless `paper=True`."""
 
     def __init__(self, d: int, steps: int, paper: bool):
         super().__init__()

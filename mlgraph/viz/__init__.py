@@ -1,4 +1,4 @@
-"""Visualisations of SALGL's learned scenes (salgl.md §6), from a training workdir.
+"""Visualisations of SALGL's learned scenes (docs/salgl.md §6), from a training workdir.
 
     python -m mlgraph.viz heatmap --workdir DIR [--step N] [--no-ema] [--classes a,b | --top N]
     python -m mlgraph.viz labelcloud --workdir DIR [--step N] [--no-ema]

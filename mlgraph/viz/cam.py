@@ -1,4 +1,4 @@
-"""Scob's semantic guidance drawn over a user's images (scob_spml.md §3.3): the Grad-CAM++ map
+"""Scob's semantic guidance drawn over a user's images (docs/scob_spml.md §3.3): the Grad-CAM++ map
 of a class and the two patch masks the training step derives from it.
 
     python -m mlgraph.viz cam --workdir DIR IMAGE... [--step N] [--classes a,b] [--output OUT]

@@ -1,4 +1,4 @@
-"""Heatmaps of SALGL's scene-conditional label co-occurrence probabilities (salgl.md §6).
+"""Heatmaps of SALGL's scene-conditional label co-occurrence probabilities (docs/salgl.md §6).
 
 For each learned scene k, P_k[i, j] = C_k[i, j] / (C_k[i, i] + 1e-8) with the diagonal zeroed:
 an estimate of P(label j | label i, scene k) from the co-occurrence counts `comatrix` [K, C, C]

@@ -1,4 +1,4 @@
-"""Word clouds of the labels each learned SALGL scene collected (salgl.md §6).
+"""Word clouds of the labels each learned SALGL scene collected (docs/salgl.md §6).
 
 For scene k the weight of label c is int(200 * d_k[c] / sum_k' d_k'[c]), with d_k = diag(C_k)
 the count of label c in scene k: the share of label c's occurrences assigned to scene k, so a

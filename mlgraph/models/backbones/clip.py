@@ -6,9 +6,9 @@ kernel` (transposed), `visual.conv1.weight` -> `conv1/kernel`, `class_embedding`
 `positional_embedding`, `ln_pre`, `ln_post`, `proj`; text: `token_embedding`,
 `positional_embedding`, `transformer`, `ln_final`, `text_projection`.
 
-Shared block (sigrl.md §2.1, §6.3): pre-norm residual blocks, torch `nn.MultiheadAttention` with
-its packed `in_proj` (rows [q; k; v]) and `out_proj`, MLP `c_fc` -> QuickGELU (z * sigmoid(1.702 z))
--> `c_proj`, LayerNorm eps 1e-5 everywhere.
+Shared block (docs/sigrl.md §2.1, §6.3): pre-norm residual blocks, torch `nn.MultiheadAttention`
+with its packed `in_proj` (rows [q; k; v]) and `out_proj`, MLP `c_fc` -> QuickGELU
+(z * sigmoid(1.702 z)) -> `c_proj`, LayerNorm eps 1e-5 everywhere.
 
 Outputs:
 * `ImageTower.__call__(x) -> [B, 1 + g*g, width]`: every token after `ln_post`. OpenAI applies

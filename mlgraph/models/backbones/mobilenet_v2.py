@@ -89,7 +89,7 @@ def depthwise_conv(
 ) -> jax.Array:
     """A depthwise convolution (kernel [k, k, 1, C], no bias) as a sum of k*k shifted, scaled
     copies of the padded map: the same values as `lax.conv_general_dilated` with
-    `feature_group_count=C`, which XLA's CPU backend runs 10 to 40 times slower."""
+    `feature_group_count=C`, which XLA's CPU backend runs many times slower."""
     x, kernel = x.astype(dtype), kernel.astype(dtype)
     k = kernel.shape[0]
     xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))

@@ -4,7 +4,7 @@ The tree mirrors timm's `VisionTransformer`, so the converter's table is a renam
 `blocks.3.attn.qkv.weight` -> `blocks/3/attn/qkv/kernel`, `patch_embed.proj.weight` ->
 `patch_embed/proj/kernel`, `cls_token`, `pos_embed`, `norm`, `head`.
 
-The block is the one SALGL's vendored timm builds (salgl.md §1.1): pre-norm
+The block is the one SALGL's vendored timm builds (docs/salgl.md §1.1): pre-norm
 (`x += attn(norm1(x))`, `x += mlp(norm2(x))`), one fused `qkv` Linear with bias, LayerNorm eps
 1e-6, MLP ratio 4 with exact (erf) GELU, a CLS token and a learned position table for
 1 + (S/p)^2 positions, no dropout or drop-path. The forward returns every token (CLS first)

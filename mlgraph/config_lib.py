@@ -41,7 +41,8 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """The fields every experiment has; configs override what they need."""
+    """The fields every experiment has; configs override what they need. No method is named
+    here: the recipes (`mlgraph.recipes`) fill `model` and `loss` with a method's fields."""
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.image_size = 224
@@ -61,80 +62,16 @@ def base_config() -> ml_collections.ConfigDict:
     # The logged metric the kept best checkpoint is chosen by: 'eval/...' on the evaluation
     # split, 'val/...' on the held-out part of the training split (data.val_fraction > 0).
     c.best_metric = "eval/ema_mAP"
-    # Stop at the first evaluation whose best_metric does not improve (Zhou et al.'s SPML
-    # protocol, evaluating once an epoch).
+    # Stop at the first evaluation whose best_metric does not improve.
     c.early_stop = False
     c.log_every_steps = 50
     c.dtype = "float32"  # compute dtype; bfloat16 on accelerators
-    c.init_from = ""  # a weights checkpoint written by `python -m mlgraph.convert`
-
-    c.data = ml_collections.ConfigDict()
-    # A row of mlgraph.data.registry ('demo' and 'digits_mosaic' are built on first use).
-    c.data.name = "coco2014"
-    c.data.builder_config = ""  # e.g. 'all' for coco2014; '' = the data set's own
-    c.data.data_dir = ""  # where built datasets live ('' = $MLGRAPH_DATA or ~/mlgraph_data)
-    c.data.train_split = "train"
-    c.data.eval_split = "val"
-    c.data.worker_count = 0  # grain worker processes; 0 = in the main process
-    c.data.prefetch = 2
-    # The training chain, by name: one row of `mlgraph.data.augment.CHAINS` ('resize',
-    # 'resize_flip', 'salgl', 'q2l', 'ssgrl', 'mlgcn', 'timm'), each defined there once.
-    c.data.augment = "resize_flip"
-    # Test transform: resize to this side, then centre-crop image_size (SSGRL: 640; SigRL:
-    # 256 = floor(224 / timm's crop_pct 0.875)); 0 = a plain resize to image_size.
-    c.data.eval_center_crop_from = 0
-    # 'square': that resize makes a square; 'shorter': the shorter side, aspect kept (timm's
-    # test transform, SigRL).
-    c.data.eval_resize = "square"
-    c.data.eval_interpolation = "bilinear"  # or 'bicubic' (SigRL)
-    # VOC training labels of classes present only as difficult objects: 'positive' (SALGL,
-    # ML-GCN) or 'negative' (SSGRL). Evaluation always leaves such pairs out.
-    c.data.train_difficult = "positive"
-    # Training labels: '' = the data set's full labels; 'cole' or 'scob' = one observed positive
-    # per image (single-positive protocols, mlgraph.data.observed), the rest unknown.
-    c.data.observed = ""
-    # A part of the training split held out (with its full labels) for model selection, logged
-    # as 'val/...' (Cole et al.: 0.2, cut with RandomState(1200)); 0 = none.
-    c.data.val_fraction = 0.0
-    # Classes held out of training for zero-shot evaluation (names; SigRL's open-vocabulary
-    # protocol); () = the data set's own split if it has one (NUS-WIDE 'ov'), else none.
-    c.data.unseen_classes = ()
-    c.data.mean = IMAGENET_MEAN
-    c.data.std = IMAGENET_STD
-
-    c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.name = "adamw"  # or 'adam', 'sgd' (torch semantics: L2 decay, momentum)
-    c.optimizer.lr = 1e-4
-    c.optimizer.weight_decay = 1e-2
-    c.optimizer.b1 = 0.9
-    c.optimizer.b2 = 0.999
-    c.optimizer.eps = 1e-8
-    c.optimizer.momentum = 0.9  # SGD only (cycled like beta1 under one-cycle)
-    c.optimizer.clip_grad_norm = 0.0  # global gradient-norm clip (ML-GCN: 10); 0 = off
-    # A step whose loss or updated parameters are not finite stops the run (exit 2, naming the
-    # last good checkpoint); True instead skips such updates, counted as train/skipped.
-    c.optimizer.skip_nonfinite = False
-    c.optimizer.schedule = "onecycle"  # or 'constant', 'warmup_cosine'
-    # 'warmup_cosine' (MKT/SigRL): linear warm-up from 0 over this share of the steps, then a
-    # half cosine from lr to min_lr, per step.
-    c.optimizer.warmup_fraction = 0.0
-    c.optimizer.min_lr = 0.0
-    # Layer-wise lr decay (BEiT/MKT/SigRL): a layer with id i of n trains at lr x decay^(n - i);
-    # 1 = none. Read by the methods that define layer ids (SigRL).
-    c.optimizer.layer_decay = 1.0
-    c.optimizer.pct_start = 0.2
-    c.optimizer.div_factor = 25.0
-    c.optimizer.final_div_factor = 1e4
-    c.optimizer.cycle_momentum = True  # PyTorch OneCycleLR also cycles Adam's beta1
-    c.optimizer.base_momentum = 0.85
-    c.optimizer.max_momentum = 0.95
-    c.optimizer.frozen = ()  # regexes of parameter paths that are not trained
-    c.optimizer.lr_mults = ()  # (regex, multiplier) pairs, e.g. (('backbone/.*', 0.1),)
-
+    c.init_from = ""  # a weights checkpoint written by `python -m mlgraph.convert`, or a workdir
+    c.data = data_config()
+    c.optimizer = optimizer_config()
     c.ema = ml_collections.ConfigDict()
     c.ema.decay = 0.9997
     c.ema.live = ()  # regexes of state paths the EMA model takes live (not averaged)
-
     # The method's constructor arguments, which the recipes fill in with their defaults
     # (`recipes.model_config(NAME, ...)`, the method's `Model` fields, `config.model.name` = NAME).
     c.model = ml_collections.ConfigDict()
@@ -143,6 +80,78 @@ def base_config() -> ml_collections.ConfigDict:
     # (`mlgraph.models.loss_settings`).
     c.loss = ml_collections.ConfigDict()
     return c
+
+
+def data_config() -> ml_collections.ConfigDict:
+    """`config.data`: the data set, its input pipeline and the label protocol."""
+    d = ml_collections.ConfigDict()
+    # A row of mlgraph.data.registry ('demo' and 'digits_mosaic' are built on first use).
+    d.name = "coco2014"
+    d.builder_config = ""  # e.g. 'all' for coco2014; '' = the data set's own
+    d.data_dir = ""  # where built datasets live ('' = $MLGRAPH_DATA or ~/mlgraph_data)
+    d.train_split = "train"
+    d.eval_split = "val"
+    d.worker_count = 0  # grain worker processes; 0 = in the main process
+    d.prefetch = 2
+    # The training chain, by name: one row of `mlgraph.data.augment.CHAINS` ('resize',
+    # 'resize_flip', 'salgl', 'q2l', 'ssgrl', 'mlgcn', 'timm'), each defined there once.
+    d.augment = "resize_flip"
+    # Test transform: resize to this side, then centre-crop image_size (timm's crop_pct rule
+    # gives floor(image_size / crop_pct)); 0 = a plain resize to image_size.
+    d.eval_center_crop_from = 0
+    # 'square': that resize makes a square; 'shorter': the shorter side, aspect kept (timm's
+    # test transform).
+    d.eval_resize = "square"
+    d.eval_interpolation = "bilinear"  # or 'bicubic'
+    # VOC training labels of classes present only as difficult objects: 'positive' or
+    # 'negative'. Evaluation always leaves such pairs out.
+    d.train_difficult = "positive"
+    # Training labels: '' = the data set's full labels; 'cole' or 'scob' = one observed positive
+    # per image (single-positive protocols, mlgraph.data.observed), the rest unknown.
+    d.observed = ""
+    # A part of the training split held out (with its full labels) for model selection, logged
+    # as 'val/...' (Cole et al.: 0.2, cut with RandomState(1200)); 0 = none.
+    d.val_fraction = 0.0
+    # Classes held out of training for zero-shot evaluation (names); () = the data set's own
+    # split if it has one (nuswide_ov), else none.
+    d.unseen_classes = ()
+    d.mean = IMAGENET_MEAN
+    d.std = IMAGENET_STD
+    return d
+
+
+def optimizer_config() -> ml_collections.ConfigDict:
+    """`config.optimizer`: `mlgraph.optim.make_optimizer`'s settings (a method with its own
+    optimizer reads the ones it uses)."""
+    o = ml_collections.ConfigDict()
+    o.name = "adamw"  # or 'adam', 'sgd' (torch semantics: L2 decay, momentum)
+    o.lr = 1e-4
+    o.weight_decay = 1e-2
+    o.b1 = 0.9
+    o.b2 = 0.999
+    o.eps = 1e-8
+    o.momentum = 0.9  # SGD only (cycled like beta1 under one-cycle)
+    o.clip_grad_norm = 0.0  # global gradient-norm clip; 0 = off
+    # A step whose loss or updated parameters are not finite stops the run (exit 2, naming the
+    # last good checkpoint); True instead skips such updates, counted as train/skipped.
+    o.skip_nonfinite = False
+    o.schedule = "onecycle"  # or 'constant', 'warmup_cosine'
+    # 'warmup_cosine': linear warm-up from 0 over this share of the steps, then a half cosine
+    # from lr to min_lr, per step.
+    o.warmup_fraction = 0.0
+    o.min_lr = 0.0
+    # Layer-wise lr decay: a layer with id i of n trains at lr x decay^(n - i); 1 = none. Read
+    # by the methods that define layer ids.
+    o.layer_decay = 1.0
+    o.pct_start = 0.2
+    o.div_factor = 25.0
+    o.final_div_factor = 1e4
+    o.cycle_momentum = True  # PyTorch OneCycleLR also cycles Adam's beta1
+    o.base_momentum = 0.85
+    o.max_momentum = 0.95
+    o.frozen = ()  # regexes of parameter paths that are not trained
+    o.lr_mults = ()  # (regex, multiplier) pairs, e.g. (('backbone/.*', 0.1),)
+    return o
 
 
 def total_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> int:

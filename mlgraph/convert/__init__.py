@@ -102,34 +102,19 @@ def convert_file(
       FileNotFoundError: `input` (or the parent of `output`) does not exist.
       FileExistsError: `output` exists already.
     """
-    from mlgraph.convert.core import ConversionError
+    import jax
+    from flax import nnx
 
-    if source not in SOURCES:
-        raise ConversionError(
-            f"unknown source {source!r}; valid sources: {', '.join(sorted(SOURCES))}"
-        )
     from mlgraph import paths
+    from mlgraph.convert.core import ConversionError
+    from mlgraph.convert.io import read_checkpoint
 
+    table_module = _table_module(source)
     paths.check_backend(output, "--output")  # a gs:// output without gcsfs: one line, now
     input_path, output_path = pathlib.Path(input), paths.epath.Path(output)
     # Checked before the (possibly slow) conversion so that a re-run fails at once.
     if output_path.exists():
         raise FileExistsError(f"{output_path}: already exists; choose a new output path")
-    try:
-        table_module = importlib.import_module(SOURCES[source])
-    except ModuleNotFoundError as e:
-        if e.name != SOURCES[source]:
-            raise
-        raise ConversionError(
-            f"source {source!r}: its module {SOURCES[source]} is not available"
-        ) from e
-
-    import jax
-    from flax import nnx
-
-    from mlgraph import checkpointing
-    from mlgraph.convert.io import read_checkpoint
-
     options = dict(options or {})
     trust_pickle = options.pop("trust_pickle", False)
     if not isinstance(trust_pickle, bool):
@@ -137,13 +122,7 @@ def convert_file(
             f"option trust_pickle={trust_pickle!r}: expected a bool, got "
             f"{type(trust_pickle).__name__}"
         )
-    found_note = None
-    option = getattr(table_module, "CONFIG_OPTION", None)
-    if option and not options.get(option):
-        found = find_config_file(input_path, table_module.CONFIG_FILES)
-        if found is not None:
-            options[option] = str(found)
-            found_note = f"settings read from {found} (--option {option}=FILE for another)"
+    found_note = _config_file_option(table_module, input_path, options)
     checkpoint = read_checkpoint(input_path, trust_pickle=trust_pickle)
     try:
         module, settings, *extra = table_module.convert(checkpoint.state_dict, options)
@@ -153,20 +132,9 @@ def convert_file(
     settings = dict(settings) | {"source": source, "input": str(input_path)}
     notes = [checkpoint.note(), found_note, *settings.pop("notes", [])]
     if settings.get("assumed"):
-        fix = (
-            f"pass --option {option}=FILE (the official {table_module.CONFIG_FILES[0]})"
-            if option
-            else "pass them as options"
-        )
-        what = (
-            f"{input_path}: settings that neither the weights nor a config file give: "
-            f"{', '.join(assumed_settings(settings))}"
-        )
-        if strict:
-            raise ConversionError(f"{what}; {fix} (--strict)")
-        from mlgraph.errors import warn
+        _report_assumed(table_module, settings, input_path, strict)
+    from mlgraph import checkpointing
 
-        warn(f"{what} (assumed: the defaults); {fix}, or --strict to refuse")
     tree = nnx.to_pure_dict(nnx.state(module))
     checkpointing.save_weights(output_path, tree, settings, extra=extra[0] if extra else None)
     return {
@@ -177,3 +145,59 @@ def convert_file(
         "settings": settings,
         "notes": [n for n in notes if n],
     }
+
+
+def _table_module(source: str):
+    """The conversion table module of `source`.
+
+    Raises:
+      ConversionError: an unknown source, or one whose module is not available.
+    """
+    from mlgraph.convert.core import ConversionError
+
+    if source not in SOURCES:
+        raise ConversionError(
+            f"unknown source {source!r}; valid sources: {', '.join(sorted(SOURCES))}"
+        )
+    try:
+        return importlib.import_module(SOURCES[source])
+    except ModuleNotFoundError as e:
+        if e.name != SOURCES[source]:
+            raise
+        raise ConversionError(
+            f"source {source!r}: its module {SOURCES[source]} is not available"
+        ) from e
+
+
+def _config_file_option(table_module, input_path: pathlib.Path, options: dict) -> str | None:
+    """Fill the table's config-file option (SALGL's config.yaml, Q2L's config_new.json) from
+    the file found beside the checkpoint, unless given; returns the note saying so, or None."""
+    option = getattr(table_module, "CONFIG_OPTION", None)
+    if not option or options.get(option):
+        return None
+    found = find_config_file(input_path, table_module.CONFIG_FILES)
+    if found is None:
+        return None
+    options[option] = str(found)
+    return f"settings read from {found} (--option {option}=FILE for another)"
+
+
+def _report_assumed(table_module, settings: dict, input_path: pathlib.Path, strict: bool) -> None:
+    """One warning line naming the settings the conversion had to assume, or (`strict`) a
+    ConversionError."""
+    from mlgraph.convert.core import ConversionError
+    from mlgraph.errors import warn
+
+    option = getattr(table_module, "CONFIG_OPTION", None)
+    fix = (
+        f"pass --option {option}=FILE (the official {table_module.CONFIG_FILES[0]})"
+        if option
+        else "pass them as options"
+    )
+    what = (
+        f"{input_path}: settings that neither the weights nor a config file give: "
+        f"{', '.join(assumed_settings(settings))}"
+    )
+    if strict:
+        raise ConversionError(f"{what}; {fix} (--strict)")
+    warn(f"{what} (assumed: the defaults); {fix}, or --strict to refuse")

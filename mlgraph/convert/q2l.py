@@ -86,6 +86,54 @@ def _layer_indices(state_dict: Mapping[str, np.ndarray], stack: str) -> list[int
     return indices
 
 
+def _require_resnet(state_dict) -> None:
+    """Raise ConversionError unless the backbone is a torchvision ResNet (the one ported)."""
+    if f"{BACKBONE}conv1.weight" not in state_dict:
+        found = sorted({".".join(k.split(".")[:4]) for k in state_dict if k.startswith("backbone")})
+        raise core.ConversionError(
+            f"no '{BACKBONE}conv1.weight': only ResNet backbones are supported (TResNet, Swin "
+            f"and CvT are not ported); backbone keys start with {', '.join(found[:3]) or '-'}"
+        )
+
+
+def _transformer_layers(state_dict, shape) -> tuple[list[int], list[int], bool, bool]:
+    """(encoder layer indices, decoder layer indices, whether decoder layer 0 keeps its
+    self-attention, whether the others do).
+
+    Raises:
+      ConversionError: no decoder, or decoder layers 1.. that disagree on self-attention.
+    """
+    enc = _layer_indices(state_dict, "encoder")
+    dec = _layer_indices(state_dict, "decoder")
+    if not dec:
+        raise core.ConversionError("no transformer.decoder.layers.* keys")
+    has_self = [f"transformer.decoder.layers.{i}.self_attn.in_proj_weight" in shape for i in dec]
+    if len(set(has_self[1:])) > 1:
+        raise core.ConversionError(
+            "decoder layers 1.. disagree on self-attention (present in layers "
+            f"{[i for i in dec[1:] if has_self[i]]}); the official code keeps all or none"
+        )
+    return enc, dec, has_self[0], bool(has_self[1]) if len(dec) > 1 else False
+
+
+def _check_ported(r: core.SettingsResolver, config: str) -> None:
+    """Refuse a config_new.json asking for parts that are not ported.
+
+    Raises:
+      ConversionError: pre_norm, or a position embedding other than 'sine'.
+    """
+    if r.get("pre_norm", bool):
+        raise core.ConversionError(
+            f"{config}: pre_norm: true is not supported (only the post-norm layers of the "
+            "released models are ported)"
+        )
+    position_embedding = r.get("position_embedding", str)
+    if position_embedding not in (None, "sine"):
+        raise core.ConversionError(
+            f"{config}: position_embedding: {position_embedding!r}; only 'sine' is ported"
+        )
+
+
 def infer_settings(
     state_dict: Mapping[str, np.ndarray],
     *,
@@ -103,12 +151,7 @@ def infer_settings(
         that contradicts the weights or asks for what is not implemented (pre_norm).
     """
     core.require_keys(state_dict, REQUIRED, "a Query2Label")
-    if f"{BACKBONE}conv1.weight" not in state_dict:
-        found = sorted({".".join(k.split(".")[:4]) for k in state_dict if k.startswith("backbone")})
-        raise core.ConversionError(
-            f"no '{BACKBONE}conv1.weight': only ResNet backbones are supported (TResNet, Swin "
-            f"and CvT are not ported); backbone keys start with {', '.join(found[:3]) or '-'}"
-        )
+    _require_resnet(state_dict)
     shape = {k: tuple(v.shape) for k, v in state_dict.items()}
     k, d = shape["query_embed.weight"]
     if shape["fc.W"] != (1, k, d) or shape["fc.b"] != (1, k):
@@ -116,19 +159,8 @@ def infer_settings(
             f"fc.W {shape['fc.W']} / fc.b {shape['fc.b']}: expected (1, {k}, {d}) / (1, {k}) "
             f"from query_embed.weight {shape['query_embed.weight']}"
         )
-    enc = _layer_indices(state_dict, "encoder")
-    dec = _layer_indices(state_dict, "decoder")
-    if not dec:
-        raise core.ConversionError("no transformer.decoder.layers.* keys")
+    enc, dec, keep_first, keep_other = _transformer_layers(state_dict, shape)
     ffn = shape["transformer.decoder.layers.0.linear1.weight"][0]
-    has_self = [f"transformer.decoder.layers.{i}.self_attn.in_proj_weight" in shape for i in dec]
-    if len(set(has_self[1:])) > 1:
-        raise core.ConversionError(
-            "decoder layers 1.. disagree on self-attention (present in layers "
-            f"{[i for i in dec[1:] if has_self[i]]}); the official code keeps all or none"
-        )
-    keep_first = has_self[0]
-    keep_other = bool(has_self[1]) if len(dec) > 1 else False
     keep_input_proj = "input_proj.weight" in shape
     backbone, backbone_kwargs = torchvision_resnet.trunk_settings(
         core.select_prefix(state_dict, BACKBONE)
@@ -136,25 +168,14 @@ def infer_settings(
 
     # Settings the weights and the json leave open: Query2Label's field defaults.
     r = core.SettingsResolver(config, read_config_json, defaults=models.field_defaults("q2l"))
-    r.check("num_class", int, k)
-    r.check("hidden_dim", int, d)
-    r.check("dim_feedforward", int, ffn)
-    r.check("enc_layers", int, len(enc))
-    r.check("dec_layers", int, len(dec))
-    r.check("keep_input_proj", bool, keep_input_proj)
-    r.check("keep_first_self_attn_dec", bool, keep_first)
+    checks = dict(num_class=k, hidden_dim=d, dim_feedforward=ffn, enc_layers=len(enc))
+    checks |= dict(dec_layers=len(dec), keep_input_proj=keep_input_proj)
+    checks["keep_first_self_attn_dec"] = keep_first
     if len(dec) > 1:
-        r.check("keep_other_self_attn_dec", bool, keep_other)
-    if r.get("pre_norm", bool):
-        raise core.ConversionError(
-            f"{config}: pre_norm: true is not supported (only the post-norm layers of the "
-            "released models are ported)"
-        )
-    position_embedding = r.get("position_embedding", str)
-    if position_embedding not in (None, "sine"):
-        raise core.ConversionError(
-            f"{config}: position_embedding: {position_embedding!r}; only 'sine' is ported"
-        )
+        checks["keep_other_self_attn_dec"] = keep_other
+    for field, value in checks.items():
+        r.check(field, type(value), value)
+    _check_ported(r, config)
 
     heads = r.from_file("nheads", int, "num_heads", option=num_heads or None)
     if heads <= 0 or d % heads:
@@ -182,14 +203,10 @@ def infer_settings(
     }
     # The training run's regularisation and loss, where the json has them; not listed as
     # assumed otherwise, since they do not change what the weights compute.
-    build, loss = {}, {}
-    dropout = r.get("dropout", float)
-    if dropout is not None:
-        build["dropout"] = dropout
-    for key in ("gamma_neg", "gamma_pos"):
-        value = r.get(key, float)
-        if value is not None:
-            loss[key] = value
+    found = {key: r.get(key, float) for key in ("dropout", "gamma_neg", "gamma_pos")}
+    found = {key: value for key, value in found.items() if value is not None}
+    build = {key: found[key] for key in ("dropout",) if key in found}
+    loss = {key: found[key] for key in ("gamma_neg", "gamma_pos") if key in found}
     return core.model_settings(
         model, build, num_classes=int(k), image_size=size, loss=loss, assumed=r.assumed
     )

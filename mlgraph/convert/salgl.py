@@ -163,6 +163,66 @@ def infer_backbone(
     )
 
 
+# The config.yaml fields of the training objective -> SALGL's Loss fields (the yaml names the
+# loss `loss`).
+LOSS_FIELDS = {
+    "loss": "name",
+    "gamma_pos": "gamma_pos",
+    "gamma_neg": "gamma_neg",
+    "clip": "clip",
+    "lamda": "lamda",
+}
+
+
+def _head_sizes(shape: Mapping[str, tuple]) -> tuple[int, int, int, int]:
+    """(C, D, K, E) from the head's shapes, checked against each other.
+
+    Raises:
+      ConversionError: a comatrix or embedding table of another shape.
+    """
+    c, d = shape["classifier.weight"]
+    k = shape["comatrix"][0]
+    if shape["comatrix"] != (k, c, c):
+        raise core.ConversionError(
+            f"comatrix has shape {shape['comatrix']}; expected (K, {c}, {c})"
+        )
+    if shape["embeddings"][0] != c:
+        raise core.ConversionError(f"embeddings has shape {shape['embeddings']}; expected ({c}, E)")
+    return c, d, k, shape["embeddings"][1]
+
+
+def _ggnn_steps(r, fc_shape: tuple, has_steps: bool, num_steps: int, config_yaml: str) -> int:
+    """The GGNN steps T: 0 when `fc.0` has no GGNN half, else the yaml's or the option's.
+
+    Raises:
+      ConversionError: an option or a yaml value the weights contradict.
+    """
+    if not has_steps:
+        if num_steps > 0:
+            raise core.ConversionError(
+                f"option num_steps={num_steps}, but fc.0.weight {fc_shape} has no GGNN half "
+                "(the checkpoint was trained with num_steps=0)"
+            )
+        return 0
+    steps = r.from_file("num_steps", int, option=num_steps if num_steps > 0 else None)
+    if steps <= 0:
+        raise core.ConversionError(
+            f"{config_yaml}: num_steps: {steps}, but fc.0.weight {fc_shape} has a GGNN half "
+            "(num_steps > 0)"
+        )
+    return steps
+
+
+def _check_yaml(r: core.SettingsResolver, **from_weights) -> None:
+    """Each config.yaml field of `from_weights` must equal what the weights say.
+
+    Raises:
+      ConversionError: a field the yaml sets otherwise.
+    """
+    for field, value in from_weights.items():
+        r.check(field, type(value), value)
+
+
 def infer_settings(
     state_dict: Mapping[str, np.ndarray],
     *,
@@ -183,15 +243,7 @@ def infer_settings(
     """
     core.require_keys(state_dict, REQUIRED, "a SALGL")
     shape = {k: tuple(v.shape) for k, v in state_dict.items()}
-    c, d = shape["classifier.weight"]
-    k = shape["comatrix"][0]
-    if shape["comatrix"] != (k, c, c):
-        raise core.ConversionError(
-            f"comatrix has shape {shape['comatrix']}; expected (K, {c}, {c})"
-        )
-    if shape["embeddings"][0] != c:
-        raise core.ConversionError(f"embeddings has shape {shape['embeddings']}; expected ({c}, E)")
-    e = shape["embeddings"][1]
+    c, d, k, e = _head_sizes(shape)
     outmess = shape["ggnn.fc1_w.weight"][1] == 2 * d
     has_steps = shape["fc.0.weight"][1] == 2 * d
     pos = "position_embedding.pe" in state_dict
@@ -204,31 +256,13 @@ def infer_settings(
     loss_defaults = models.loss_defaults("salgl")
     defaults = models.field_defaults("salgl") | {"loss": loss_defaults.pop("name")} | loss_defaults
     r = core.SettingsResolver(config_yaml, read_config_yaml, defaults=defaults)
-    r.check("num_scenes", int, k)
-    r.check("num_classes", int, c)
-    r.check("outmess", bool, outmess)
-    r.check("pos", bool, pos)
+    _check_yaml(r, num_scenes=k, num_classes=c, outmess=outmess, pos=pos)
     official = r.get("backbone", str)
     if official is not None and OFFICIAL_BACKBONES.get(official, backbone) != backbone:
         raise core.ConversionError(
             f"{config_yaml}: backbone: {official!r}, but the weights are a {backbone}"
         )
-
-    if not has_steps:
-        steps = 0
-        if num_steps > 0:
-            raise core.ConversionError(
-                f"option num_steps={num_steps}, but fc.0.weight {shape['fc.0.weight']} has no "
-                "GGNN half (the checkpoint was trained with num_steps=0)"
-            )
-    else:
-        steps = r.from_file("num_steps", int, option=num_steps if num_steps > 0 else None)
-        if steps <= 0:
-            raise core.ConversionError(
-                f"{config_yaml}: num_steps: {steps}, but fc.0.weight {shape['fc.0.weight']} has "
-                "a GGNN half (num_steps > 0)"
-            )
-
+    steps = _ggnn_steps(r, shape["fc.0.weight"], has_steps, num_steps, config_yaml)
     size = r.first(
         "image_size",
         image_size or None,
@@ -263,13 +297,7 @@ def infer_settings(
         "dropout": r.defaults["dropout"],
         "comat_ema": r.from_file("comat_ema", bool),
     }
-    loss = {
-        "name": r.from_file("loss", str),
-        "gamma_pos": r.from_file("gamma_pos", float),
-        "gamma_neg": r.from_file("gamma_neg", float),
-        "clip": r.from_file("clip", float),
-        "lamda": r.from_file("lamda", float),
-    }
+    loss = {LOSS_FIELDS[key]: r.from_file(key, type(r.defaults[key])) for key in LOSS_FIELDS}
     return core.model_settings(
         model, build, num_classes=c, image_size=size, loss=loss, assumed=r.assumed
     )

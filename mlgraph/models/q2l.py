@@ -70,7 +70,8 @@ class Query2Label(nnx.Module):
         keep_other_self_attn_dec: bool = False,
         frozen_bn: bool = True,
     ):
-        """The keyword arguments after `rngs` are Query2Label's `config.model` fields.
+        """The keyword arguments after `rngs` are Query2Label's `config.model` fields (this
+        constructor is their one definition, documented here field by field, hence its length).
 
         Args:
           backbone, backbone_kwargs: a registered CNN backbone and extra arguments for it.

@@ -87,7 +87,9 @@ class SALGL(nnx.Module):
         comat_ema: bool = True,
         frozen_bn: bool = False,
     ):
-        """The keyword arguments after `rngs` are SALGL's `config.model` fields. Defaults
+        """The keyword arguments after `rngs` are SALGL's `config.model` fields (this
+        constructor is their one definition, documented here field by field, hence its length).
+        Defaults
         marked (†) follow the unofficial reproduction's COCO config (the official configs are
         not released); the rest are the official `get_args` defaults.
 

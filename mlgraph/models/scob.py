@@ -576,7 +576,12 @@ def contrastive_runs(loss: jax.Array, blank: jax.Array, nan_skip_batch: bool) ->
 
 def make_train_step(ctx):
     """Scob's iteration (module docstring): two Adam steps, the CAM masks between them, the
-    bank after them."""
+    bank after them.
+
+    One page on purpose: the step is the official training loop's iteration in its order, four
+    phases that share a dozen intermediates (both feature maps, the masks, the keys), so that it
+    reads beside the official code line by line; split, they would travel between functions.
+    """
     config = ctx.config
     tx: ScobOptimizer = ctx.tx
     settings = config.model
@@ -589,6 +594,7 @@ def make_train_step(ctx):
         return nnx.merge(ctx.graphdef, params, jax.tree.map(lambda x: x, rest))
 
     def train_step(state, batch):
+        """(state, batch) -> (state, metrics): one iteration, one page on purpose (above)."""
         params, rest, opt, extra = state["params"], state["rest"], state["opt"], state["extra"]
         step, index, images = state["step"], batch["index"], batch["image"]
         epoch = step * config.batch_size // extra["phi"].shape[0]

@@ -140,21 +140,34 @@ def open_data(config: ml_collections.ConfigDict, mesh) -> tuple[ml_collections.C
     return config, Data(dataset, training, eval_sets, total, batches)
 
 
-def restore(
-    ckpts: checkpointing.TrainCheckpoints, state: dict, batches, workdir: epath.Path
-) -> tuple[dict, int]:
-    """(the state and step to start from): the newest readable checkpoint's, with the data
-    iterator's position restored in place, or `state` at step 0 for a new run."""
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+def initial_state(
+    config: ml_collections.ConfigDict,
+    data: Data,
+    mesh,
+    ckpts: checkpointing.TrainCheckpoints,
+    workdir: epath.Path,
+):
+    """(method module, graphdef, optimizer, state, step) to start from: the newest readable
+    checkpoint's state, with the data iterator's position restored in place, or a fresh state
+    at step 0 for a new run. A resumed run restores into the state's shapes
+    (`train_state.abstract_train_state`): nothing is initialised only to be overwritten."""
+    num_classes, repl = data.dataset.num_classes, sharding.replicated(mesh)
+    if ckpts.latest_step() is not None:
+        mod, graphdef, tx, abstract = train_state.abstract_train_state(
+            config, num_classes, data.total, data.training
+        )
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), abstract
+        )
+        # `health` is the fresh one for checkpoints written before it existed.
+        health = {divergence.HEALTH: jax.device_put(divergence.initial_health(), repl)}
+        start, restored = ckpts.restore_latest(abstract, data.batches, defaults=health)
+        logging.info("resumed %s at step %d", workdir, start)
+        return mod, graphdef, tx, restored, int(start)
+    mod, graphdef, tx, state = train_state.init_train_state(
+        config, num_classes, data.total, data.training
     )
-    # `health` is the fresh one for checkpoints written before it existed.
-    health = {divergence.HEALTH: state[divergence.HEALTH]}
-    start, restored = ckpts.restore_latest(abstract, batches, defaults=health)
-    if start is None:
-        return state, 0
-    logging.info("resumed %s at step %d", workdir, start)
-    return restored, int(start)
+    return mod, graphdef, tx, jax.device_put(state, repl), 0
 
 
 def finished(logged: list[dict], step: int, total: int, workdir) -> dict[str, float] | None:
@@ -201,15 +214,11 @@ def _run(config, workdir: epath.Path, signals: preemption.StopSignals) -> dict[s
     workdirs.record_config(workdir, config)
     mesh = sharding.make_mesh()
     config, data = open_data(config, mesh)
-    mod, graphdef, tx, state = train_state.init_train_state(
-        config, data.dataset.num_classes, data.total, data.training
-    )
-    state = jax.device_put(state, sharding.replicated(mesh))
     ckpts = checkpointing.TrainCheckpoints(
         workdir / workdirs.CHECKPOINTS, keep=config.keep_checkpoints, repair=True
     )
     try:
-        state, step = restore(ckpts, state, data.batches, workdir)
+        mod, graphdef, tx, state, step = initial_state(config, data, mesh, ckpts, workdir)
         logged = [r for r in read_metrics(workdir) if r["step"] <= step]
         done = finished(logged, step, data.total, workdir)
         if done is not None:

@@ -52,7 +52,8 @@ def _rows(found: dict[str, float], prefixes: dict[str, str]) -> dict[str, dict[s
 
 
 def _views(scorer: evaluation.Scorer, state, source, result, class_names) -> dict:
-    """The method's label views of the live model ('views', 'unseen_classes'), or {}."""
+    """The method's label views of the live model ('views', 'unseen_classes'), or {}; the
+    evaluation table's rows hold the standard metrics only."""
     if not scorer.views:
         return {}
     live = {**result, "scores": result["scores"][:1]}
@@ -78,7 +79,8 @@ def evaluate_workdir(workdir: str | pathlib.Path, step: int | None = None) -> di
     scorer = evaluation.Scorer(mod, config, run.graphdef, run.mesh, run.state, dataset.num_classes)
     source = dataset.sources[config.data.eval_split]
     prefixes = {"model": "model/", "ema": "ema/"}
-    result, found = scorer.evaluate(run.state, source, tuple(prefixes.values()), f"step {run.step}")
+    what = f"step {run.step}"
+    result, found = scorer.evaluate(run.state, source, tuple(prefixes.values()), what, views=False)
     out = {"step": run.step, "split": config.data.eval_split, "images": len(source)}
     out |= _rows(found, prefixes)
     # The method's label views (SigRL: ZSL over the unseen classes, GZSL over all).
@@ -199,7 +201,8 @@ def evaluate_checkpoint(path: str, config: ml_collections.ConfigDict) -> dict:
         mod, config, graphdef, mesh, state, dataset.num_classes, evaluation.live
     )
     source = dataset.sources[config.data.eval_split]
-    result, found = scorer.evaluate(state, source, ("model/",), f"--checkpoint {path}")
+    what = f"--checkpoint {path}"
+    result, found = scorer.evaluate(state, source, ("model/",), what, views=False)
     out = {"checkpoint": str(path), "split": config.data.eval_split, "images": len(source)}
     out |= _rows(found, {"model": "model/"})
     return out | _views(scorer, state, source, result, dataset.class_names)

@@ -173,12 +173,12 @@ class Scorer:
         return out
 
     def evaluate(
-        self, state: dict, source: Any, prefixes: Sequence[str], what: str
+        self, state: dict, source: Any, prefixes: Sequence[str], what: str, views: bool = True
     ) -> tuple[dict, dict[str, float]]:
-        """Score `source` and compute every metric: (the scores, `<prefix><metric>` for the
-        standard metrics and the views, one prefix per model; with fewer models scored than
-        prefixes, as with an EMA of decay 0, which is the model bit for bit, the first one's
-        figures stand for the rest).
+        """Score `source` and compute its metrics: (the scores, `<prefix><metric>` for the
+        standard metrics and, with `views`, the views', one prefix per model; with fewer models
+        scored than prefixes, as with an EMA of decay 0, which is the model bit for bit, the
+        first one's figures stand for the rest).
 
         Raises:
           DivergenceError: non-finite scores (`what` names the evaluation).
@@ -187,7 +187,9 @@ class Scorer:
         divergence.check_scores(result["scores"], list(MODEL_NAMES[: self.num_models]), what)
         scores = (result["scores"] * len(prefixes))[: len(prefixes)]
         found = eval_metrics({**result, "scores": scores}, prefixes)
-        return result, found | self.view_metrics(state, source, result, prefixes)
+        if views:
+            found |= self.view_metrics(state, source, result, prefixes)
+        return result, found
 
 
 def summary_lines(found: dict[str, float], prefix: str, step: int, views: Sequence[str]) -> list:

@@ -34,20 +34,12 @@ def set_data(c: ml_collections.ConfigDict, dataset: str, builder_config: str | N
 
 def model_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
     """`config.model` of method `name`: every field of its `Model` with its default, and
-    `overrides` applied (so every field can be overridden on the command line).
+    `overrides` applied (`models.model_config`).
 
     Raises:
       ConfigError: for a field the method does not have (the valid ones are listed).
     """
-    mod = models.method_module(name)
-    defaults = models.field_defaults(name)
-    unknown = sorted(set(overrides) - set(defaults))
-    if unknown:
-        raise ConfigError(
-            f"config.model: unknown {mod.Model.__name__} field(s) {', '.join(unknown)}; "
-            f"valid fields: {', '.join(sorted(k for k in defaults if k != 'name'))}"
-        )
-    return ml_collections.ConfigDict(defaults | overrides)
+    return models.model_config(name, **overrides)
 
 
 def loss_config(method: str, /, **overrides: Any) -> ml_collections.ConfigDict:

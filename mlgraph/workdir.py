@@ -217,11 +217,7 @@ def read_state(
     ckpts = checkpointing.TrainCheckpoints(directory)
     try:
         order = step_order(ckpts, step)
-
-        def read(s: int) -> dict:
-            saved = ckpts.manager.item_metadata(s)["state"]
-            return ckpts.read(s, [p for p in parts if p in saved], sharding)
-
+        read = lambda s: ckpts.read(s, parts, sharding)  # noqa: E731
         found, state, failed = checkpointing.first_readable(order, read)
         saved_steps = ", ".join(map(str, sorted(ckpts.all_steps())))
     finally:

@@ -84,6 +84,30 @@ def test_method_module_follows_the_protocol(name):
     assert "config_lib" not in source and "recipes" not in source
 
 
+def synthetic_model_outputs(c, num_classes: int, tmp_path) -> tuple[dict, dict]:
+    """(concrete random outputs of the model `c` describes, a batch of the pipeline's keys and
+    what the single-positive methods' own steps add: the observed single positives and the
+    batch's rows of a label estimator), for running its loss on 2 images."""
+    fake_assets(c, num_classes, tmp_path)
+    model = nnx.eval_shape(lambda: models.create(c, num_classes=num_classes, rngs=nnx.Rngs(0)))
+    images = jax.ShapeDtypeStruct((2, c.image_size, c.image_size, 3), np.float32)
+    out = dict(nnx.eval_shape(lambda m, x: m(x), model, images))
+    rng = np.random.default_rng(0)
+    outputs = {
+        k: rng.uniform(0.1, 0.9, v.shape).astype(v.dtype)
+        if k == "scene_probs"
+        else rng.normal(size=v.shape).astype(v.dtype)
+        for k, v in out.items()
+    }
+    batch = {
+        "labels": (rng.random((2, num_classes)) < 0.3).astype(np.float32),
+        "index": np.arange(2, dtype=np.int32),
+        "observed": np.eye(num_classes, dtype=np.float32)[[0, 1]],
+        "label_logits": rng.normal(size=(2, num_classes)).astype(np.float32),
+    }
+    return outputs, batch
+
+
 @pytest.mark.parametrize(
     "method,config_name", [(m, c) for m in METHODS for c in CONFIGS[m]], ids=lambda x: x
 )
@@ -91,27 +115,8 @@ def test_method_builds_from_its_configs_and_its_loss_runs(method, config_name, t
     c = load_config(config_name)
     assert c.model.name == method
     num_classes = num_classes_of(c)
-    fake_assets(c, num_classes, tmp_path)
-    model = nnx.eval_shape(lambda: models.create(c, num_classes=num_classes, rngs=nnx.Rngs(0)))
-    images = jax.ShapeDtypeStruct((2, c.image_size, c.image_size, 3), np.float32)
-    out = nnx.eval_shape(lambda m, x: m(x), model, images)
-    assert out["logits"].shape == (2, num_classes)
-    # The loss on concrete synthetic outputs and a batch of the pipeline's keys.
-    rng = np.random.default_rng(0)
-    outputs = {
-        k: rng.uniform(0.1, 0.9, v.shape).astype(v.dtype)
-        if k in ("scene_probs",)
-        else rng.normal(size=v.shape).astype(v.dtype)
-        for k, v in out.items()
-    }
-    batch = {
-        "labels": (rng.random((2, num_classes)) < 0.3).astype(np.float32),
-        "index": np.arange(2, dtype=np.int32),
-        # What the single-positive methods' own steps add: the observed single positives and
-        # the batch's rows of a label estimator.
-        "observed": np.eye(num_classes, dtype=np.float32)[[0, 1]],
-        "label_logits": rng.normal(size=(2, num_classes)).astype(np.float32),
-    }
+    outputs, batch = synthetic_model_outputs(c, num_classes, tmp_path)
+    assert outputs["logits"].shape == (2, num_classes)
     mod = models.method_module(method)
     loss, aux = jax.jit(lambda o, b: mod.loss_fn(o, b, c))(outputs, batch)
     assert loss.shape == () and np.isfinite(float(loss))
@@ -256,25 +261,9 @@ def test_loss_fn_runs_on_the_loss_defaults_alone(method, tmp_path):
     and nothing else."""
     c = load_config(CONFIGS[method][0])
     num_classes = num_classes_of(c)
-    fake_assets(c, num_classes, tmp_path)
-    model = nnx.eval_shape(lambda: models.create(c, num_classes=num_classes, rngs=nnx.Rngs(0)))
-    images = jax.ShapeDtypeStruct((2, c.image_size, c.image_size, 3), np.float32)
-    out = dict(nnx.eval_shape(lambda m, x: m(x), model, images))
-    if "global" in out:  # SigRL's distillation term reads its weight only with a teacher
-        out.setdefault("teacher", out["global"])
-    rng = np.random.default_rng(0)
-    outputs = {
-        k: rng.uniform(0.1, 0.9, v.shape).astype(v.dtype)
-        if k == "scene_probs"
-        else rng.normal(size=v.shape).astype(v.dtype)
-        for k, v in out.items()
-    }
-    batch = {
-        "labels": (rng.random((2, num_classes)) < 0.3).astype(np.float32),
-        "index": np.arange(2, dtype=np.int32),
-        "observed": np.eye(num_classes, dtype=np.float32)[[0, 1]],
-        "label_logits": rng.normal(size=(2, num_classes)).astype(np.float32),
-    }
+    outputs, batch = synthetic_model_outputs(c, num_classes, tmp_path)
+    if "global" in outputs:  # SigRL's distillation term reads its weight only with a teacher
+        outputs.setdefault("teacher", outputs["global"])
     mod = models.method_module(method)
     for name in LOSS_NAMES[method]:
         config = ml_collections.ConfigDict({"model": c.model.to_dict(), "loss": {}})

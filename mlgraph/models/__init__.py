@@ -206,6 +206,24 @@ def create(
 # ---------------------------------------------------------------------------------------------
 # config.loss: the method's `Loss` dataclass
 # ---------------------------------------------------------------------------------------------
+def model_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
+    """`config.model` of method `name`: every field of its `Model` with its default, and
+    `overrides` applied (so every field can be overridden on the command line).
+
+    Raises:
+      ConfigError: for a field the method does not have (the valid ones are listed).
+    """
+    defaults = field_defaults(name)
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise ConfigError(
+            f"config.model: unknown {method_module(name).Model.__name__} field(s) "
+            f"{', '.join(unknown)}; valid fields: "
+            f"{', '.join(sorted(k for k in defaults if k != 'name'))}"
+        )
+    return ml_collections.ConfigDict(defaults | overrides)
+
+
 def loss_defaults(name: str) -> dict[str, Any]:
     """The `config.loss` fields of method `name` with their defaults: those of its `Loss`
     dataclass (`DEFAULT_LOSS`'s for a method without one).

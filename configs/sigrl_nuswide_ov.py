@@ -25,7 +25,7 @@ eval/zsl_{P,R,F1}_at{3,5}, and the same for gzsl (BiAM's AP: a class without pos
 Expected: SigRL's tables were not retrievable (docs/sigrl.md §7.1); none is claimed here.
 Memory: SDA and VFR run as scans over `config.model.class_chunk` (64) labels with rematerialised
 chunk bodies; `python -m mlgraph.bench memory --config configs/sigrl_nuswide_ov.py
---num_classes 1006 --batch 64` prints what the train step and a GZSL eval step need.
+--num_classes 1006 --eval_batch 64` prints what the train step and a GZSL eval step need.
 """
 
 from mlgraph import recipes

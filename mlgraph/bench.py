@@ -4,17 +4,26 @@
     python -m mlgraph.bench train --config configs/salgl_coco.py --against torch [--steps 5]
     python -m mlgraph.bench input --config configs/NAME.py [--batches 20]
     python -m mlgraph.bench input --config configs/NAME.py --jpegs 64
-    python -m mlgraph.bench memory --config configs/NAME.py [--num_classes 1006] [--batch 64]
-    python -m mlgraph.bench train|input|memory --workdir DIR    (a run's own config)
+    python -m mlgraph.bench memory --config configs/NAME.py [--num_classes 1006] [--eval_batch 64]
+    python -m mlgraph.bench compile --config configs/NAME.py --topology v5e:4x4|h100:8 \
+        [--batch B] [--eval_batch B] [--num_classes C] [--by_part]
+    python -m mlgraph.bench train|input|memory|compile --workdir DIR    (a run's own config)
 
-`memory`: compiles (without running) the train step at `config.batch_size` and the eval
-forward at `--batch` (default `config.eval_batch_size`) over all `--num_classes` labels, and
-prints XLA's memory analysis of each (arguments, outputs, temporaries, and their sum less the
-donated or aliased bytes: the peak the program needs on one device).
+`memory`: compiles (without running) the train step at `--batch` (default `config.batch_size`)
+and the eval forward at `--eval_batch` (default `config.eval_batch_size`) over all
+`--num_classes` labels for this host's devices, and prints XLA's memory analysis of each
+(arguments, outputs, temporaries, and their sum less the donated or aliased bytes: the peak the
+program needs on one device).
+
+`compile`: the same programs compiled ahead of time for a TPU slice or NVIDIA GPUs that this
+host need not have (`mlgraph.bench_compile`; `pip install 'mlgraph[aot]'`): memory per chip,
+whether it fits, the step's FLOPs per chip and, on TPU, XLA's cost model's step time with the
+throughput and MFU it implies, all named `modelled_*`; `--by_part`, the modelled time of each
+part of the step (`mlgraph.step_cost`).
 
 `train`: the jitted train step on synthetic batches of the config's shape: images/s in all and
 per device, step FLOPs from XLA's cost analysis, MFU (the device's peak from --peak_tflops or,
-for H100/H200, A100 and TPU v4/v5e/v5p, from `PEAK_TFLOPS`), XLA's memory analysis of the
+for the chips of `mlgraph.accelerators`), XLA's memory analysis of the
 compiled step, peak device memory where the backend reports it, and eval (forward) images/s.
 `--profile DIR` also writes a profiler trace of the timed steps and prints the step's FLOPs by
 part (backbone, encoder, attention, GGNN, ..., forward and backward; loss, optimizer, EMA).
@@ -37,7 +46,16 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mlgraph import assets, evaluation, sharding, step_cost, train_state, train_step
+from mlgraph import (
+    accelerators,
+    assets,
+    bench_compile,
+    evaluation,
+    sharding,
+    step_cost,
+    train_state,
+    train_step,
+)
 from mlgraph import workdir as workdirs
 from mlgraph.data import datasets, pipeline
 from mlgraph.errors import ConfigError, DataError, MlgraphError
@@ -67,7 +85,18 @@ _JPEGS = flags.DEFINE_integer(
 _AGAINST = flags.DEFINE_enum(
     "against", None, ["torch"], "train: time the same model in PyTorch beside mlgraph's."
 )
-_BATCH = flags.DEFINE_integer("batch", 0, "memory: eval batch (0 = config.eval_batch_size).")
+_BATCH = flags.DEFINE_integer("batch", 0, "memory, compile: global train batch (0 = config's).")
+_EVAL_BATCH = flags.DEFINE_integer(
+    "eval_batch", 0, "memory, compile: eval batch (0 = config.eval_batch_size)."
+)
+_TOPOLOGY = flags.DEFINE_string(
+    "topology",
+    None,
+    f"compile: the devices to compile for ({accelerators.EXAMPLES}; mlgraph.accelerators).",
+)
+_BY_PART = flags.DEFINE_boolean(
+    "by_part", False, "compile (TPU): the modelled time of each part of the train step."
+)
 
 
 def _timed(fn, n: int) -> float:
@@ -103,34 +132,6 @@ def resolve_assets(config, num_classes: int):
     return assets.resolve(config, [], None), num_classes
 
 
-def synthetic_training(batch_size: int, num_classes: int) -> datasets.TrainingSplit:
-    """The synthetic batch as the whole "training set" (per-example state has one row per
-    image), each image with one observed positive, the last twelfth of the classes unseen
-    (the NUS-WIDE open-vocabulary proportion, 81 of 1,006)."""
-    observed = np.eye(num_classes, dtype=np.float32)[np.arange(batch_size) % num_classes]
-    unseen = tuple(range(num_classes - max(1, num_classes // 12), num_classes))
-    return datasets.TrainingSplit(range(batch_size), num_classes, observed, unseen=unseen)
-
-
-# Dense bf16 peak TFLOP/s of one device (vendor figures), for MFU when --peak_tflops is not
-# given; matched against `device_kind` in lower case.
-PEAK_TFLOPS = {
-    "h200": 989.0,
-    "h100": 989.0,
-    "a100": 312.0,
-    "tpu v5p": 459.0,
-    "tpu v5 lite": 197.0,
-    "tpu v5e": 197.0,
-    "tpu v4": 275.0,
-}
-
-
-def peak_tflops_of(device_kind: str) -> float:
-    """The table's peak for a device kind (e.g. 'NVIDIA H100 80GB HBM3'), 0 if unknown."""
-    kind = device_kind.lower()
-    return next((v for k, v in PEAK_TFLOPS.items() if k in kind), 0.0)
-
-
 def bench_train(
     config, steps: int, num_classes: int, peak_tflops: float, profile_dir: str | None = None
 ) -> dict[str, float]:
@@ -141,7 +142,7 @@ def bench_train(
     mesh = sharding.make_mesh()
     repl, data_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     b, s = config.batch_size, config.image_size
-    training = synthetic_training(b, num_classes)
+    training = bench_compile.synthetic_training(b, num_classes)
     mod, graphdef, tx, state = train_state.init_train_state(config, num_classes, 1000, training)
     state = jax.device_put(state, repl)
     state_sh = jax.tree.map(lambda _: repl, state)
@@ -163,7 +164,7 @@ def bench_train(
     )
     compiled = step.lower(state, batch).compile()
     flops = (compiled.cost_analysis() or {}).get("flops", 0.0)
-    memory = _memory(compiled)
+    memory = bench_compile.memory_gib(compiled)
     holder = {"state": state}
 
     def one_step():
@@ -194,7 +195,7 @@ def bench_train(
         "step_tflops": flops / 1e12,
         "eval_images_per_s": b / eval_seconds,
     }
-    peak_tflops = peak_tflops or peak_tflops_of(jax.devices()[0].device_kind)
+    peak_tflops = peak_tflops or accelerators.peak_tflops_of(jax.devices()[0].device_kind)
     if peak_tflops and flops:
         result["peak_tflops_per_device"] = peak_tflops
         result["mfu_percent"] = 100 * flops / seconds / (peak_tflops * 1e12 * n)
@@ -205,63 +206,24 @@ def bench_train(
     return result
 
 
-def _memory(compiled) -> dict[str, float]:
-    """XLA's memory analysis of a compiled program, in GiB."""
-    m = compiled.memory_analysis()
-    if m is None:
-        return {}
-    gib = 2.0**30
-    peak = (
-        m.argument_size_in_bytes
-        + m.output_size_in_bytes
-        + m.temp_size_in_bytes
-        - m.alias_size_in_bytes
-    )
-    return {
-        "arguments_gib": m.argument_size_in_bytes / gib,
-        "outputs_gib": m.output_size_in_bytes / gib,
-        "temporaries_gib": m.temp_size_in_bytes / gib,
-        "peak_gib": peak / gib,
-    }
-
-
-def bench_memory(config, num_classes: int, eval_batch: int) -> dict[str, float]:
-    """XLA's memory analysis of the train step and of the eval forward, compiled for
-    abstract inputs of the config's shapes (nothing runs)."""
+def bench_memory(config, num_classes: int, batch: int, eval_batch: int) -> dict[str, float]:
+    """XLA's memory analysis of the train step (at `batch`, 0 = the config's) and of the eval
+    forward (at `eval_batch`, 0 = the config's), compiled for this host's devices for abstract
+    inputs of the config's shapes (nothing runs)."""
     config, num_classes = resolve_assets(config, num_classes)
-    mesh = sharding.make_mesh()
-    repl, data_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    b, s = config.batch_size, config.image_size
+    if batch:
+        config.batch_size = batch
     eval_batch = eval_batch or config.eval_batch_size
-    training = synthetic_training(b, num_classes)
-    mod, graphdef, tx, state = train_state.abstract_train_state(config, num_classes, 1000, training)
-    abstract = lambda tree, sh: jax.tree.map(  # noqa: E731
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), tree
+    programs = bench_compile.compile_programs(
+        config, num_classes, eval_batch, jax.devices(), jax.default_backend()
     )
-    state_abs = abstract(state, repl)
-    state_sh = jax.tree.map(lambda _: repl, state)
-    batch = {
-        "image": np.zeros((b, s, s, 3), np.float32),
-        "labels": np.zeros((b, num_classes), np.float32),
-        "index": np.zeros((b,), np.int32),
+    result = {
+        "num_classes": num_classes,
+        "train_batch": config.batch_size,
+        "eval_batch": eval_batch,
     }
-    step = jax.jit(
-        train_step.make_train_step(mod, graphdef, tx, config, 1000),
-        in_shardings=(state_sh, data_sh),
-        out_shardings=(state_sh, repl),
-        donate_argnums=0,
-    )
-    train_mem = _memory(step.lower(state_abs, abstract(batch, data_sh)).compile())
-    predict = jax.jit(
-        evaluation.make_predict(graphdef, evaluation.live),
-        in_shardings=(state_sh, data_sh),
-        out_shardings=(data_sh,),
-    )
-    images = jax.ShapeDtypeStruct((eval_batch, s, s, 3), np.float32, sharding=data_sh)
-    eval_mem = _memory(predict.lower(state_abs, images).compile())
-    result = {"num_classes": num_classes, "train_batch": b, "eval_batch": eval_batch}
-    result |= {f"train_{k}": v for k, v in train_mem.items()}
-    result |= {f"eval_{k}": v for k, v in eval_mem.items()}
+    result |= {f"train_{k}": v for k, v in bench_compile.memory_gib(programs["train"]).items()}
+    result |= {f"eval_{k}": v for k, v in bench_compile.memory_gib(programs["eval"]).items()}
     return result
 
 
@@ -286,12 +248,15 @@ def bench_input(config, batches: int) -> dict[str, float]:
     }
 
 
+COMMANDS = ("train", "input", "memory", "compile")
+
+
 def main(argv: list[str]) -> None:
     """Entry point after flag parsing."""
     logging.set_verbosity(logging.WARNING)
-    if len(argv) != 2 or argv[1] not in ("train", "input", "memory"):
+    if len(argv) != 2 or argv[1] not in COMMANDS:
         raise app.UsageError(
-            "usage: python -m mlgraph.bench train|input|memory --config FILE (or --workdir DIR)"
+            f"usage: python -m mlgraph.bench {'|'.join(COMMANDS)} --config FILE (or --workdir DIR)"
         )
     try:
         result = _run(argv[1], _config())
@@ -300,7 +265,8 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
     if result is None:
         return
-    print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}")
+    if "device" not in result:
+        print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}")
     for key, value in result.items():
         print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
 
@@ -331,7 +297,14 @@ def _run(command: str, config) -> dict | None:
         print(input_bench.format_table(input_bench.bench_decoders(config, _JPEGS.value)))
         return None
     elif command == "memory":
-        result = bench_memory(config, _CLASSES.value, _BATCH.value)
+        result = bench_memory(config, _CLASSES.value, _BATCH.value, _EVAL_BATCH.value)
+    elif command == "compile":
+        if not _TOPOLOGY.value:
+            raise ConfigError(f"compile: give --topology (e.g. {accelerators.EXAMPLES})")
+        classes = _CLASSES.value if flags.FLAGS["num_classes"].present else 0
+        result = bench_compile.bench_compile(
+            config, _TOPOLOGY.value, classes, _BATCH.value, _EVAL_BATCH.value, _BY_PART.value
+        )
     else:
         result = bench_input(config, _BATCHES.value)
     return result

@@ -8,6 +8,7 @@ on the devices while a step runs.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -17,9 +18,13 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 DATA_AXIS = "data"
 
 
-def make_mesh() -> Mesh:
-    """A ('data',) mesh over all devices (Auto axis type: the compiler places collectives)."""
-    return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ('data',) mesh over `devices`, by default all devices of all processes (Auto axis
+    type: the compiler places collectives); other devices are those of a compile-only
+    topology (`mlgraph.accelerators`)."""
+    if devices is None:
+        return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+    return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -57,6 +57,18 @@ def cost_by_part(fn: Callable, *args: Any) -> tuple[dict[str, float], float]:
     `args` may be arrays or `jax.ShapeDtypeStruct`s; parts appear in the order their first
     equation was traced.
     """
+    parts, total = measure_by_part(_flops, fn, *args)
+    return {name: 0.0 if v is None else v for name, v in parts.items()}, total
+
+
+def measure_by_part(
+    measure: Callable[[Callable, list], Any], fn: Callable, *args: Any
+) -> tuple[dict[str, Any], Any]:
+    """({part: measure of the part}, measure of the whole function) of `fn(*args)`, each part
+    made a function of its own as in `cost_by_part`; `measure(function, abstract args)` is,
+    for example, XLA's FLOP count of the lowered function or the cost model's time of the
+    function compiled for a TPU (`mlgraph.bench_compile`). A part that returns nothing
+    measures as None."""
     closed = jax.make_jaxpr(fn)(*args)
     jaxpr = closed.jaxpr
     consts = dict(zip(jaxpr.constvars, closed.consts, strict=True))
@@ -88,15 +100,15 @@ def cost_by_part(fn: Callable, *args: Any) -> tuple[dict[str, float], float]:
             and (v in returned or readers.get(v, set()) - {name})
         ]
         if not outputs:
-            flops[name] = 0.0
+            flops[name] = None
             continue
         sub = jcore.ClosedJaxpr(jcore.Jaxpr([], inputs, outputs, eqns), [])
         abstract = [
             consts[v] if v in consts else jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype)
             for v in inputs
         ]
-        flops[name] = _flops(jcore.jaxpr_as_fun(sub), abstract)
-    return flops, _flops(fn, list(args))
+        flops[name] = measure(jcore.jaxpr_as_fun(sub), abstract)
+    return flops, measure(fn, list(args))
 
 
 def format_table(flops: dict[str, float], total: float) -> str:

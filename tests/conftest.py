@@ -8,6 +8,10 @@ import shutil
 import tempfile
 
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
+# The tests run on the CPU backend alone, as mlgraph starts it on a host without accelerators
+# (`mlgraph.platforms`); libtpu and the CUDA plugin are still there to compile for
+# (tests/test_bench_compile.py).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # XLA's compilations shared by every run of the session, the subprocesses' too (they inherit
 # the environment): compiling a model's initialisation is slow on CPU, and nearly every

@@ -12,9 +12,10 @@ PyTorch-style initializers and Linear, and the per-class linear classifier.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -146,6 +147,34 @@ class ElementWiseLinear(nnx.Module):
 
 
 # ---------------------------------------------------------------------------------------------
+# The platform a program is traced for
+# ---------------------------------------------------------------------------------------------
+_TARGET: list[str] = []
+
+
+def target_platform() -> str:
+    """The platform the program being traced will run on: 'cpu', 'tpu' or 'gpu'.
+
+    JAX's default backend, unless the trace is inside `compiling_for` (ahead-of-time
+    compilation for a TPU slice or GPUs from a CPU host, `mlgraph.bench_compile`), where the
+    default backend is the host's CPU but the program is the accelerator's. The CPU-only
+    rewrites below (`conv_general_dilated`'s weight gradient, MobileNetV2's depthwise sums)
+    are chosen by it at trace time.
+    """
+    return _TARGET[-1] if _TARGET else jax.default_backend()
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str) -> Iterator[None]:
+    """Trace for `platform` ('cpu', 'tpu', 'gpu' or 'cuda') whatever JAX's default backend."""
+    _TARGET.append("gpu" if platform in ("cuda", "rocm") else platform)
+    try:
+        yield
+    finally:
+        _TARGET.pop()
+
+
+# ---------------------------------------------------------------------------------------------
 # A residual stream XLA:CPU would recompute
 # ---------------------------------------------------------------------------------------------
 def _materialized(x: jax.Array) -> jax.Array:
@@ -243,7 +272,7 @@ def conv_general_dilated(
     Same values up to float summation order; other kernels, other backends and grouped, dilated
     or non-NHWC convolutions take `jax.lax.conv_general_dilated` as it is."""
     plain = (
-        jax.default_backend() != "cpu"
+        target_platform() != "cpu"
         or feature_group_count != 1
         or batch_group_count != 1
         or any(d != 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mlgraph.models import layers
+
 # (expansion t, output channels c, repeats n, first stride s), as in torchvision / the paper.
 INVERTED_RESIDUAL_SETTING = (
     (1, 16, 1, 1),
@@ -76,7 +78,7 @@ class ConvBN(nnx.Module):
 
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         """Apply conv, batch norm and (if enabled) ReLU6 to an NHWC map."""
-        if self.depthwise and jax.default_backend() == "cpu":
+        if self.depthwise and layers.target_platform() == "cpu":
             y = depthwise_conv(x, self.conv.kernel[...], self.stride, self.pad, self.conv.dtype)
         else:
             y = self.conv(x)

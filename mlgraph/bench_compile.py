@@ -27,6 +27,7 @@ import json
 import os
 import pathlib
 import re
+import sys
 import tempfile
 import time
 from typing import Any
@@ -332,10 +333,17 @@ def compiled_figures(
         except OutOfMemory as e:
             figures = {"out_of_memory": str(e), "compile_s": time.perf_counter() - t0}
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(figures))
-        os.replace(tmp, path)  # a reader never sees half an entry
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(figures))
+            os.replace(tmp, path)  # a reader never sees half an entry
+        except OSError as e:  # the figures are still printed; only the next run recompiles
+            print(
+                f"warning: cannot keep the compile's figures in {path.parent} "
+                f"({e.strerror or e}); the next run compiles again",
+                file=sys.stderr,
+            )
     return figures | {"cached": False}
 
 

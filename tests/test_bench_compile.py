@@ -301,3 +301,16 @@ def test_jax_starts_the_cpu_backend_alone_only_where_nothing_else_could_start(mo
         "your machine, GPU will not be used.\n"
     )
     assert not platforms.is_start_up_line("error: config.batch_size=-8: must be positive\n")
+
+
+def test_a_cache_folder_that_cannot_be_written_costs_a_warning_not_the_figures(tmp_path, capsys):
+    target = accelerators.target("v5e:2x2")
+    device = jax.sharding.SingleDeviceSharding(target.devices[0])
+    x = jax.ShapeDtypeStruct((128, 128), jnp.float32, sharding=device)
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    figures = bench_compile.compiled_figures(jax.jit(jnp.sin).lower(x), target.chip, blocked)
+    assert figures["cached"] is False and figures["memory"]["peak_gib"] > 0
+    assert capsys.readouterr().err.startswith(
+        f"warning: cannot keep the compile's figures in {blocked} (File exists)"
+    )

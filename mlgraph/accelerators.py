@@ -117,13 +117,15 @@ def peak_tflops_of(device_kind: str) -> float:
     return chip.peak_tflops if chip else 0.0
 
 
-def gpu_target_config(card: GpuCard) -> str:
-    """The `GpuTargetConfig` text proto of a card, for the CUDA plugin's deviceless compile.
+def gpu_target_config(chip: Chip) -> str:
+    """The `GpuTargetConfig` text proto of a GPU chip, for the CUDA plugin's deviceless
+    compile.
 
     Only fields every jaxlib since 0.9 knows (an unknown field fails to parse); the compiler
     reads the SM count, clock, memory, compute capability and the cuDNN version (which picks
     the fused-attention and convolution kernels) from it.
     """
+    card = chip.gpu
     major, minor = card.compute_capability
     # Hopper's architecture-specific features (sm_90a: wgmma, TMA), as CUDA reports them.
     extension = " feature_extension: ACCELERATED_FEATURES" if major == 9 else ""
@@ -138,7 +140,7 @@ def gpu_target_config(card: GpuCard) -> str:
   block_dim_limit_x: 2147483647
   block_dim_limit_y: 65535
   block_dim_limit_z: 65535
-  memory_bandwidth: {int(_bandwidth_of(card) * 1e9)}
+  memory_bandwidth: {int(chip.hbm_gb_per_s * 1e9)}
   l2_cache_size: {card.l2_cache_bytes}
   clock_rate_ghz: {card.clock_ghz}
   device_memory_size: {card.memory_bytes}
@@ -151,10 +153,6 @@ platform_name: "CUDA"
 dnn_version_info {{ major: 9 minor: 8 patch: 0 }}
 device_description_str: "{card.device_name}"
 """
-
-
-def _bandwidth_of(card: GpuCard) -> float:
-    return next(c.hbm_gb_per_s for c in CHIPS.values() if c.gpu is card)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,7 +219,7 @@ def target(name: str) -> Target:
         try:
             topology = topologies.get_topology_desc(
                 platform="cuda",
-                target_config=gpu_target_config(chip.gpu),
+                target_config=gpu_target_config(chip),
                 topology=f"1x{hosts or 1}x{per_host}",
             )
         except Exception as e:  # noqa: BLE001 - the plugin's errors have no common type

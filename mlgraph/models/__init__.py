@@ -214,13 +214,22 @@ def model_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
       ConfigError: for a field the method does not have (the valid ones are listed).
     """
     defaults = field_defaults(name)
+    return _overridden(
+        defaults,
+        overrides,
+        lambda unknown: (
+            f"config.model: unknown {method_module(name).Model.__name__} field(s) {unknown}; "
+            f"valid fields: {', '.join(sorted(k for k in defaults if k != 'name'))}"
+        ),
+    )
+
+
+def _overridden(defaults: dict, overrides: dict, problem) -> ml_collections.ConfigDict:
+    """`defaults` with `overrides` applied; a ConfigError of `problem(unknown names)` if an
+    override names no default."""
     unknown = sorted(set(overrides) - set(defaults))
     if unknown:
-        raise ConfigError(
-            f"config.model: unknown {method_module(name).Model.__name__} field(s) "
-            f"{', '.join(unknown)}; valid fields: "
-            f"{', '.join(sorted(k for k in defaults if k != 'name'))}"
-        )
+        raise ConfigError(problem(", ".join(unknown)))
     return ml_collections.ConfigDict(defaults | overrides)
 
 
@@ -256,13 +265,14 @@ def loss_config(name: str, /, **overrides: Any) -> ml_collections.ConfigDict:
       ConfigError: unknown method, or fields its `Loss` does not have (valid ones listed).
     """
     defaults = loss_defaults(name)
-    unknown = sorted(set(overrides) - set(defaults))
-    if unknown:
-        raise ConfigError(
-            f"config.loss: unknown field(s) {', '.join(unknown)} of {name}'s loss; "
+    return _overridden(
+        defaults,
+        overrides,
+        lambda unknown: (
+            f"config.loss: unknown field(s) {unknown} of {name}'s loss; "
             f"valid fields: {', '.join(sorted(defaults))}"
-        )
-    return ml_collections.ConfigDict(defaults | overrides)
+        ),
+    )
 
 
 def loss_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

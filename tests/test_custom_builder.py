@@ -87,11 +87,15 @@ def test_skipped_reported_with_line(built):
         skipped["train"][0]
         == f"{raw / 'train.txt'}:3: unknown label 'unicorn' (not in classes.txt)"
     )
-    assert skipped["train"][1].startswith(f"{raw / 'images' / 'e.jpg'}: cannot decode image")
+    assert skipped["train"][1].startswith(
+        f"{raw / 'train.txt'}:6: {raw / 'images' / 'e.jpg'}: cannot decode image"
+    )
     assert skipped["train"][2] == (
         f"{raw / 'train.txt'}:7: image images/a.jpg already listed on line 1"
     )
-    assert skipped["test"] == [f"{raw / 'images' / 'missing.jpg'}: image file not found"]
+    assert skipped["test"] == [
+        f"{raw / 'test.txt'}:2: {raw / 'images' / 'missing.jpg'}: image file not found"
+    ]
 
 
 def test_strict_stops_at_unknown_label(tmp_path):

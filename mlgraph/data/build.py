@@ -1,13 +1,17 @@
 """Build a data set once from the user's raw download into array_record files.
 
     python -m mlgraph.data.build NAME --manual_dir RAW --data_dir OUT [--config all] [--strict]
+        [--rebuild]
 
 NAME is a data set of `mlgraph.data.registry` (coco2014, voc2007, voc2012, nuswide, nuswide_ov,
 custom); --config overrides its builder config (coco2014: nonempty, all; nuswide: concepts81,
 ov).
 
 Unreadable images are reported by path and skipped (counted in the summary), or with --strict
-stop the build. Building again into the same folder reuses what is there.
+stop the build. Building again into the same folder reuses the build when its source files are
+unchanged (one line says so; --strict then fails on what that build skipped); when they changed,
+or the folder holds an incomplete build, it stops with one line saying what changed, and
+--rebuild replaces the build (the old one is kept until the new one is complete).
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ _CONFIG = flags.DEFINE_string(
     "config", "", "Builder config (default: the data set's; e.g. coco2014: nonempty, all)."
 )
 _STRICT = flags.DEFINE_bool("strict", False, "Stop at the first unreadable image.")
+_REBUILD = flags.DEFINE_bool(
+    "rebuild", False, "Replace a build in --data_dir whose source files changed since."
+)
 flags.mark_flags_as_required(["manual_dir", "data_dir"])
 
 
@@ -68,6 +75,8 @@ def main(argv: list[str]) -> None:
             pathlib.Path(_DATA_DIR.value),
             _CONFIG.value,
             strict=_STRICT.value,
+            rebuild=_REBUILD.value,
+            report=print,
         )
     except MlgraphError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,5 +1,6 @@
-"""What every mlgraph TFDS builder shares: the `strict` switch, the feature set and the check
-of the raw download folder.
+"""What every mlgraph TFDS builder shares: the `strict` switch, the feature set, the check
+of the raw download folder and the record of the source files a build was made from
+(`mlgraph.data.sources`, written into the build before TFDS moves it into place).
 
 Features: `image` (JPEG bytes, decoded on read), `labels` (multi-hot uint8 [C]), `image_id`
 (int or text), and any extra multi-hot masks a data set has (VOC's `difficult`). Class names go
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mlgraph.data import sources
 from mlgraph.errors import DataError
 
 
@@ -63,10 +65,26 @@ class MultiLabelBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
     IMAGE_ID = "text"  # 'int' or 'text'
     EXTRA_MULTIHOT: tuple[str, ...] = ()  # further multi-hot uint8 [C] features
 
-    def __init__(self, *, strict: bool = False, **kwargs):
-        """`strict`: a bad image or annotation is an error instead of being skipped and counted."""
+    def __init__(
+        self, *, strict: bool = False, source_files: dict[str, str] | None = None, **kwargs
+    ):
+        """`strict`: a bad image or annotation is an error instead of being skipped and counted.
+        `source_files`: the `sources.record` of the files this build reads, kept with it."""
         self.strict = strict
+        self.source_files = source_files
         super().__init__(**kwargs)
+
+    @classmethod
+    def source_paths(cls, root: pathlib.Path) -> list[pathlib.Path]:
+        """The files and folders a build from `root` (manual_dir) reads, for its record of
+        `sources`; all of `root` unless a builder knows better."""
+        return [root]
+
+    def _download_and_prepare(self, dl_manager, download_config=None):
+        super()._download_and_prepare(dl_manager, download_config=download_config)
+        if self.source_files is not None:
+            # `data_dir` is TFDS's temporary folder here: the record arrives with the build.
+            sources.write(pathlib.Path(self.data_dir), self.source_files)
 
     def _info(self) -> tfds.core.DatasetInfo:
         image_id = (

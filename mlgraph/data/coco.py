@@ -106,6 +106,11 @@ class Coco2014(builder_lib.MultiLabelBuilder):
         "and val2014/."
     )
 
+    @classmethod
+    def source_paths(cls, root: pathlib.Path) -> list[pathlib.Path]:
+        """The two instances JSONs and the two image folders."""
+        return [root / entry for entry in REQUIRED]
+
     def _split_generators(self, dl_manager):
         root = check_manual_dir(pathlib.Path(dl_manager.manual_dir))
         parsed = {

@@ -13,14 +13,15 @@ or just `path`) is an image with no labels, kept with an all-zero label vector.
 
 The files must be UTF-8 (anything else is an error naming the file, line and byte). A line
 naming a label that is not in classes.txt, an image listed twice in a split, and a missing or
-unreadable image (with a hint when the line has spaces but no tab) are reported as
-`file:line: ...` or by path and skipped (`info.metadata['skipped'][split]`), or with
-`strict=True` stop the build with a DataError.
+unreadable image (named by path, with a hint when the line has spaces but no tab) are reported
+as `file:line: ...` and skipped (`info.metadata['skipped'][split]`), or with `strict=True` stop
+the build with a DataError.
 `image_id` (text) is the path as written in the split file.
 """
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 import numpy as np
@@ -82,21 +83,36 @@ def parse_line(line: str, where: str, class_index: dict[str, int]) -> tuple[str,
 
 
 def read_image(path: pathlib.Path, line: str, where: str) -> tuple[bytes, tuple[int, int]]:
-    """`images.rgb_jpeg_bytes(path)`; a missing image on a line without a tab is most likely a
-    path and labels separated by spaces, and the error says so.
+    """`images.rgb_jpeg_bytes(path)`, for the split-file line `line` at `where` ('file:line').
 
     Raises:
-      LineError: that case; images.BadImage: any other unreadable image.
+      LineError: the image is missing or unreadable; the message starts with `where`, so that
+        the line to fix is named, then the image's path and why. A missing image on a line
+        without a tab is most likely a path and labels separated by spaces, and it says so.
     """
     try:
         return images.rgb_jpeg_bytes(path)
-    except images.BadImage:
+    except images.BadImage as e:
         if "\t" not in line and " " in line.strip() and not path.exists():
             raise LineError(
                 f"{where}: image {path} not found, and the line has no tab: separate the image "
                 "path from its labels with a tab, not spaces"
             ) from None
-        raise
+        raise LineError(f"{where}: {e}") from None
+
+
+def listed_outside(root: pathlib.Path) -> list[pathlib.Path]:
+    """The images the split files list outside `root` (absolute paths, or '..' leading out)."""
+    outside = []
+    for split in SPLITS:
+        list_path = root / f"{split}.txt"
+        if not list_path.is_file():
+            continue  # check_manual_dir names it when the build starts
+        for line in textfiles.read_utf8(list_path).splitlines():
+            path = pathlib.Path(os.path.normpath(root / line.partition("\t")[0].strip()))
+            if not path.is_relative_to(os.path.normpath(root)):
+                outside.append(path)
+    return outside
 
 
 class Custom(builder_lib.MultiLabelBuilder):
@@ -108,6 +124,11 @@ class Custom(builder_lib.MultiLabelBuilder):
         "Put classes.txt, train.txt and test.txt (lines <path><TAB><label>,<label>,..., paths "
         "relative to manual_dir) and the images into manual_dir."
     )
+
+    @classmethod
+    def source_paths(cls, root: pathlib.Path) -> list[pathlib.Path]:
+        """All of `root`, and the images listed outside it."""
+        return [root, *listed_outside(root)]
 
     def _split_generators(self, dl_manager):
         root = check_manual_dir(pathlib.Path(dl_manager.manual_dir))
@@ -133,7 +154,7 @@ class Custom(builder_lib.MultiLabelBuilder):
                     )
                 first_line[path] = n
                 data, _ = read_image(root / path, line, where)
-            except (LineError, images.BadImage) as e:
+            except LineError as e:
                 if self.strict:
                     raise DataError(f"{e} (--strict)") from None
                 skipped.append(str(e))

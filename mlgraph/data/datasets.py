@@ -5,14 +5,16 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import shutil
+from collections.abc import Callable
 
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
 from mlgraph import paths
-from mlgraph.data import registry
-from mlgraph.errors import ConfigError, DataError, StorageError
+from mlgraph.data import builder_lib, registry, sources
+from mlgraph.errors import ConfigError, DataError, StorageError, warn
 
 
 def default_data_dir() -> pathlib.Path:
@@ -41,16 +43,90 @@ def build(
     data_dir: str | pathlib.Path,
     config: str = "",
     strict: bool = False,
+    rebuild: bool = False,
+    report: Callable[[str], None] | None = None,
 ):
-    """Build `name` from the raw files in `manual_dir` into `data_dir` (no-op when built).
+    """Build `name` from the raw files in `manual_dir` into `data_dir`; the builder.
 
-    TFDS writes into a temporary folder and renames it when complete, so an interrupted build
-    never leaves a folder that looks built, and building again into the same place is safe.
+    TFDS writes into a temporary folder and renames it when complete, with the record of the
+    source files read (`mlgraph.data.sources`) inside, so an interrupted build never leaves a
+    folder that looks built. Building again into the same place judges the current source:
+
+    * unchanged since the build: the build is reused, and `report` gets one line saying so;
+      with `strict`, a file that build skipped stops it, as a fresh strict build would;
+    * changed, or the folder holds an incomplete build or one without a record: with `rebuild`
+      it is built again (a warning line says why; the old build stays until the new one is
+      complete), without it a DataError says why and names --rebuild.
+
+    Raises:
+      DataError: `manual_dir` is not a folder, the source changed and not `rebuild`, a skipped
+        file under `strict`, or any error of the builder.
     """
-    builder = make_builder(name, data_dir, config, strict=strict)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir))
-    )
+    builder_lib.check_manual_dir(manual_dir, name, [], "")
+    manual_dir = pathlib.Path(manual_dir)
+    files = sources.record(builder_class(name).source_paths(manual_dir), manual_dir, data_dir)
+
+    def prepare():
+        builder = make_builder(name, data_dir, config, strict=strict, source_files=files)
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir))
+        )
+        return builder
+
+    built = pathlib.Path(make_builder(name, data_dir, config).data_dir)
+    _finish_replacement(built)
+    if not built.exists():
+        return prepare()
+    why = sources.change_since_built(built, files)
+    if not why:
+        builder = make_builder(name, data_dir, config, strict=strict)
+        if strict:
+            _stop_at_skipped(builder.info.metadata or {})
+        if report:
+            report(f"{built}: source files unchanged since it was built from {manual_dir}; reused")
+        return builder
+    if not rebuild:
+        raise DataError(
+            f"{built}: {why}; build with --rebuild to replace it, or into another --data_dir"
+        )
+    warn(f"{built}: {why}; rebuilding it")
+    return _replace(built, prepare)
+
+
+def _stop_at_skipped(metadata) -> None:
+    """The DataError a strict build of the same source stops with: its first skipped file."""
+    for skipped in metadata.get("skipped", {}).values():
+        if skipped:
+            raise DataError(f"{skipped[0]} (--strict)")
+
+
+def _replaced(built: pathlib.Path) -> pathlib.Path:
+    """Where a build being replaced waits until its replacement is complete."""
+    return built.with_name(f"{built.name}.replaced")
+
+
+def _finish_replacement(built: pathlib.Path) -> None:
+    """Settle a replacement that was interrupted: the old build comes back when the new one
+    never arrived, and goes once the new one is in place."""
+    old = _replaced(built)
+    if old.exists():
+        if built.exists():
+            shutil.rmtree(old)
+        else:
+            old.rename(built)
+
+
+def _replace(built: pathlib.Path, prepare: Callable):
+    """`prepare()`'s build in place of the one in `built`, which is kept aside until the new
+    one is complete and restored if building fails."""
+    old = _replaced(built)
+    built.rename(old)
+    try:
+        builder = prepare()
+    except BaseException:
+        _finish_replacement(built)
+        raise
+    shutil.rmtree(old)
     return builder
 
 
@@ -84,7 +160,8 @@ def open_dataset(data: ml_collections.ConfigDict) -> Dataset:
 
         manual_dir = demo.ensure_demo(row.demo)
         data_dir = manual_dir.parent / f"{manual_dir.name}-tfds"
-        builder = build(data.name, manual_dir, data_dir, data.builder_config)
+        # mlgraph's own files: a build that does not match them is simply made again.
+        builder = build(data.name, manual_dir, data_dir, data.builder_config, rebuild=True)
     else:
         data_dir = data.data_dir or default_data_dir()
         if paths.is_cloud(data_dir):

@@ -447,6 +447,13 @@ class NusWide(builder_lib.MultiLabelBuilder):
         """Config 'ov' adds `ignored` (1 = no label for that image and class)."""
         return ("ignored",) if self.builder_config.open_vocabulary else ()
 
+    @classmethod
+    def source_paths(cls, root: pathlib.Path) -> list[pathlib.Path]:
+        """What either config may read: the official files, the tag files and BiAM's h5 files
+        and name lists (one not there now counts as added when it appears)."""
+        optional = (*TAG_LISTS, ALL_TAGS, *H5_FILES.values(), *H5_NAME_LISTS.values())
+        return [root / entry for entry in (*REQUIRED, *optional)]
+
     def _split_generators(self, dl_manager):
         if self.builder_config.open_vocabulary:
             return self._ov_split_generators(pathlib.Path(dl_manager.manual_dir))

@@ -159,6 +159,11 @@ class VocBase(builder_lib.MultiLabelBuilder, skip_registration=True):
             f"{base}/Annotations/, JPEGImages/, ImageSets/Main/{{{','.join(cls.SPLITS)}}}.txt",
         )
 
+    @classmethod
+    def source_paths(cls, root: pathlib.Path) -> list[pathlib.Path]:
+        """VOCdevkit/VOC<year>: the other year may share the folder without touching this one."""
+        return [cls.devkit(root)]
+
     def _split_generators(self, dl_manager):
         root = self.check_manual_dir(pathlib.Path(dl_manager.manual_dir))
         self.info.metadata["class_names"] = list(CLASSES)

@@ -186,3 +186,15 @@ def test_custom_unreadable_image_skip_names_list_file_and_line(tmp_path):
     with pytest.raises(DataError) as e:
         datasets.build("custom", raw, tmp_path / "strict", strict=True)
     assert str(e.value) == f"{skipped['train'][0]} (--strict)"
+
+
+def test_custom_split_with_no_usable_image_is_one_error(tmp_path):
+    lines = {"train": ["a.jpg\tcat"], "test": ["gone.jpg\tcat", "a.jpg\tCat"]}
+    raw, _ = write_custom(tmp_path / "raw", lines, {"a.jpg": "rgb"})
+    with pytest.raises(DataError) as e:
+        datasets.build("custom", raw, tmp_path / "out")
+    assert str(e.value) == (
+        f"{raw / 'test.txt'}: no usable image (2 lines skipped; the first: {raw / 'test.txt'}:1: "
+        f"{raw / 'gone.jpg'}: image file not found)"
+    )
+    assert not (tmp_path / "out" / "custom" / "1.0.0").exists()

@@ -141,6 +141,7 @@ class Custom(builder_lib.MultiLabelBuilder):
     def _generate_examples(self, root, split, class_index):
         list_path = root / f"{split}.txt"
         skipped = []
+        kept = 0
         first_line: dict[str, int] = {}
         for n, line in enumerate(textfiles.read_utf8(list_path).splitlines(), start=1):
             if not line.strip():
@@ -159,5 +160,10 @@ class Custom(builder_lib.MultiLabelBuilder):
                     raise DataError(f"{e} (--strict)") from None
                 skipped.append(str(e))
                 continue
+            kept += 1
             yield path, {"image": data, "labels": y, "image_id": path}
+        if not kept:
+            # TFDS would stop at an empty split with an assertion of its own.
+            first = f"; the first: {skipped[0]}" if skipped else ""
+            raise DataError(f"{list_path}: no usable image ({len(skipped)} lines skipped{first})")
         self.info.metadata["skipped"][split] = skipped

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import os
 import pathlib
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import ml_collections
 import numpy as np
@@ -147,6 +149,17 @@ class Dataset:
         return len(self.class_names)
 
 
+@contextlib.contextmanager
+def _exclusive(lock_path: pathlib.Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on `lock_path` (made if missing) for the block."""
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def open_dataset(data: ml_collections.ConfigDict) -> Dataset:
     """Open the data set `config.data` names; the embedded demo sets are built on first use.
 
@@ -160,8 +173,10 @@ def open_dataset(data: ml_collections.ConfigDict) -> Dataset:
 
         manual_dir = demo.ensure_demo(row.demo)
         data_dir = manual_dir.parent / f"{manual_dir.name}-tfds"
-        # mlgraph's own files: a build that does not match them is simply made again.
-        builder = build(data.name, manual_dir, data_dir, data.builder_config, rebuild=True)
+        # mlgraph's own files: a build that does not match them is simply made again, by one
+        # process at a time (test workers and the processes of one host share the cache).
+        with _exclusive(manual_dir.parent / f".{data_dir.name}.lock"):
+            builder = build(data.name, manual_dir, data_dir, data.builder_config, rebuild=True)
     else:
         data_dir = data.data_dir or default_data_dir()
         if paths.is_cloud(data_dir):

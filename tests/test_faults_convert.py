@@ -462,3 +462,19 @@ def test_a_damaged_file_of_full_length_is_not_called_truncated(tmp_path):
     assert not io.cut_short(tmp_path / "damaged.pth")
     for name in ("zip.pth", "legacy.pth.tar", "w.safetensors", "w.npz"):
         assert not io.cut_short(tmp_path / name), name
+
+
+def test_a_cut_label_file_is_one_line(tmp_path):
+    """Word vectors given to a converter (and to `config.model.embed_path`) in a `.npz` cut
+    short: a one-line error, not numpy's BadZipFile traceback."""
+    from mlgraph.errors import ConfigError
+    from mlgraph.labels.embeddings import load_embeddings
+
+    np.savez(tmp_path / "vectors.npz", np.ones((C, E), np.float32))
+    cut, _ = _cut(tmp_path / "vectors.npz", 0.5)
+    with pytest.raises(ConfigError) as e:
+        load_embeddings(str(cut), C, E)
+    assert str(e.value) == (
+        f"config.model.embed_path={cut}: not a readable .npz file (File is not a zip file)"
+    )
+    assert load_embeddings(str(tmp_path / "vectors.npz"), C, E).shape == (C, E)

@@ -34,6 +34,15 @@ F = torch.nn.functional
 
 RTOL = 1e-4  # relative to the largest |logit|
 C, K, E, IMAGE = 6, 3, 10, 96
+# What a conversion without config.yaml takes for the training run's loss and EMA (get_args').
+LOSS_ASSUMED = {
+    "loss": "asl",
+    "gamma_pos": 0.0,
+    "gamma_neg": 2.0,
+    "clip": 0.0,
+    "lamda": 1.0,
+    "comat_ema": True,
+}
 
 
 # ----------------------------------------------------------------------------- torch reference
@@ -181,7 +190,7 @@ def test_convert_outmess_pos_hard_matches_torch(tmp_path, capsys):
         "loss": {"name": "asl", "gamma_pos": 0.0, "gamma_neg": 2.0, "clip": 0.0, "lamda": 0.5},
         "num_classes": C,
         "image_size": IMAGE,
-        "assumed": [],
+        "assumed": {},
     }
     json.dumps(settings)  # stored as settings.json
     np.testing.assert_array_equal(np.asarray(module.comatrix[...]), sd["module.comatrix"])
@@ -206,10 +215,13 @@ def test_convert_outmess_pos_hard_matches_torch(tmp_path, capsys):
 
     # Without the yaml, what the weights cannot tell is assumed (and listed).
     _, guessed = convert_salgl.convert(sd, {})
-    assert guessed["assumed"] == sorted(
-        ["normalize", "ignore_self", "soft", "num_steps", "embed_type"]
-        + ["loss", "gamma_pos", "gamma_neg", "clip", "lamda", "comat_ema"]
-    )
+    assert guessed["assumed"] == LOSS_ASSUMED | {
+        "normalize": True,
+        "ignore_self": False,
+        "soft": False,
+        "num_steps": 3,
+        "embed_type": "bert",
+    }
     assert guessed["image_size"] == IMAGE  # from the position table
     assert guessed["model"]["num_steps"] == 3 and guessed["loss"]["lamda"] == 1.0
 
@@ -221,9 +233,7 @@ def test_convert_plain_soft_random_embeddings_matches_torch(tmp_path, capsys):
     model = core.build_fields(settings)
     assert (model["num_steps"], model["outmess"], model["pos"]) == (0, False, False)
     assert (model["embed_type"], model["embed_dim"]) == ("random", 128)
-    assert settings["assumed"] == sorted(
-        ["loss", "gamma_pos", "gamma_neg", "clip", "lamda", "comat_ema", "image_size"]
-    )
+    assert settings["assumed"] == LOSS_ASSUMED | {"image_size": 448}
     assert isinstance(module.embeddings, nnx.Param)  # trainable, as in the original
     rel = _compare(tm, module)
     with capsys.disabled():
@@ -371,7 +381,7 @@ def test_convert_file_finds_config_yaml_or_names_what_it_assumed(tmp_path, capsy
     summary = convert_file("salgl", ckpt, tmp_path / "assumed")
     named = (
         f"{ckpt}: settings that neither the weights nor a config file give: clip=0.0, "
-        'comat_ema=true, embed_type="checkpoint", gamma_neg=2.0, gamma_pos=0.0, '
+        'comat_ema=true, embed_type="bert", gamma_neg=2.0, gamma_pos=0.0, '
         'ignore_self=false, image_size=448, lamda=1.0, loss="asl", normalize=true, soft=false'
     )
     assert capsys.readouterr().err == (

@@ -131,7 +131,7 @@ def test_release_converts_and_matches_torch(variant, tmp_path, capsys):
     summary = convert_file("q2l", ckpt, out, {"config": str(cfg)})
     settings = summary["settings"]
     model = core.build_fields(settings)
-    assert settings["assumed"] == []
+    assert settings["assumed"] == {}
     assert (settings["num_classes"], settings["image_size"]) == (K, IMAGE)
     assert (model["hidden_dim"], model["num_heads"], model["ffn_dim"]) == (
         v["d"],
@@ -291,10 +291,10 @@ def test_settings_from_weights_alone_and_option_overrides(tmp_path):
     _, settings = convert_q2l.convert(sd, {})
     # The head count is not in the weights: the README recipe's 4 is taken and said so; the
     # size comes from the stored table (3x3 -> 96).
-    assert settings["assumed"] == ["num_heads"]
+    assert settings["assumed"] == {"num_heads": 4}
     assert (settings["model"]["num_heads"], settings["image_size"]) == (4, IMAGE)
     _, settings = convert_q2l.convert(sd, {"num_heads": 8, "image_size": 576})
-    assert settings["assumed"] == []
+    assert settings["assumed"] == {}
     assert (settings["model"]["num_heads"], settings["image_size"]) == (8, 576)
 
 

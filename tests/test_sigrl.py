@@ -262,7 +262,7 @@ def test_whole_model_parity(torch_sigrl):
     assert settings["model"] == EXPECTED_MODEL
     assert settings["build"] == {"embed_path": ""}
     assert settings["num_classes"] == C and settings["image_size"] == 64
-    assert "assumed" not in settings
+    assert settings["assumed"] == {}
     np.testing.assert_array_equal(module.label_embeddings[...], np.zeros((C, 32)))
     want, want_local, want_global = _torch_outputs(model, images, labels)
     out = module(jnp.asarray(images), label_embeddings=jnp.asarray(labels))
@@ -313,10 +313,11 @@ def test_converter_cli_round_trip(torch_sigrl, tmp_path, capsys):
 def test_converter_without_label_embeddings_and_errors(torch_sigrl, tmp_path):
     _, sd, labels, _ = torch_sigrl
     module, settings = convert_sigrl.convert(sd, {"num_heads": 2})
-    assert settings["num_classes"] == 1006 and settings["assumed"] == ["num_classes"]
+    assert settings["num_classes"] == 1006
+    assert settings["assumed"] == {"num_classes": 1006, "topk": 16}
     assert settings["model"]["topk"] == 16
     assert module.label_embeddings.shape == (1006, 32)
-    assert assumed_settings(settings) == ["num_classes=1006"]
+    assert assumed_settings(settings) == ["num_classes=1006", "topk=16"]
     assert "label_embeddings: str" in option_help("sigrl")
 
     unequal = dict(sd)

@@ -15,8 +15,17 @@ file with `weights_only=False` (`mlgraph.convert.io.read_checkpoint`).
 A table whose official code writes a config file next to its checkpoints names the file
 (`CONFIG_FILES`) and the option that takes it (`CONFIG_OPTION`); without the option, the file
 is looked for beside the checkpoint and in the folder above it (SALGL's experiment folder holds
-`config.yaml` and `checkpoints/ema_best_model.pth`). Settings a table still had to assume
-(`settings["assumed"]`) are named in a warning line, or with `strict` are an error.
+`config.yaml` and `checkpoints/ema_best_model.pth`).
+
+Settings a table had to assume are `settings["assumed"]`, {field: the value the conversion
+took}, named with those values in one warning line, or with `strict` an error. A setting is
+assumed when the weights cannot tell it and neither an option nor a config file gave it, and it
+is a setting of the training run rather than of the official architecture: the image size of
+every method (a CNN's weights fit any size; SSGRL's 576, ML-GCN's and Scob's 448), what the
+official run took from its flags or config file (SALGL's config.yaml fields, Query2Label's
+heads, SigRL's top-k and label set), and a transformer's head count read from no standard
+width. Constants of the official code (SALGL's and Scob's 8 heads, SSGRL's 3 GGNN steps, OpenAI
+CLIP's width // 64 heads) are the architecture converted, not assumptions.
 """
 
 from __future__ import annotations
@@ -52,18 +61,9 @@ def find_config_file(checkpoint: pathlib.Path, names: tuple[str, ...]) -> pathli
 
 
 def assumed_settings(settings: Mapping[str, Any]) -> list[str]:
-    """'field=value' of each setting listed in `settings["assumed"]`, with the value it was
-    given (from the model, loss or build settings, or the top level such as image_size)."""
-
-    def value(field: str) -> Any:
-        if field == "loss":  # the loss's name
-            return settings.get("loss", {}).get("name")
-        for part in ("model", "loss", "build"):
-            if field in settings.get(part, {}):
-                return settings[part][field]
-        return settings.get(field)
-
-    return [f"{f}={json.dumps(value(f))}" for f in settings.get("assumed", ())]
+    """'field=value' of each setting in `settings["assumed"]` ({field: the value the conversion
+    took}), sorted by field."""
+    return [f"{f}={json.dumps(v)}" for f, v in sorted(dict(settings.get("assumed", {})).items())]
 
 
 def option_help(source: str) -> str:
@@ -192,7 +192,7 @@ def _report_assumed(table_module, settings: dict, input_path: pathlib.Path, stri
     fix = (
         f"pass --option {option}=FILE (the official {table_module.CONFIG_FILES[0]})"
         if option
-        else "pass them as options"
+        else "pass " + " ".join(f"--option {f}=VALUE" for f in sorted(settings["assumed"]))
     )
     what = (
         f"{input_path}: settings that neither the weights nor a config file give: "

@@ -8,9 +8,10 @@ can be (`true`, `3`, `"x"`, `[1, 2]`), otherwise kept as strings; `--source NAME
 a source's options. The output folder must not exist. A usage or conversion error is one line
 `error: ...` on stderr and exit status 2. After the summary line, lines `note: ...` say what
 else the file held (a training script's epoch, best_mAP, optimizer...), which config file the
-settings came from, and what a config using the weights must set. Settings neither the weights
-nor the official config file give are named in a `warning: ...` line; `--strict` makes that an
-error.
+settings came from, and what a config using the weights must set. Settings neither the weights,
+an option nor the official config file give are named, with the values taken, in a
+`warning: ...` line; `--strict` makes that an error. A file cut short (an interrupted download)
+is `error: FILE: truncated: ...`.
 
 Torch files are read safely (`weights_only=True`, numpy scalars allowed); a file that needs
 more is refused with a line naming `--option trust_pickle=true`, which loads it with

@@ -10,7 +10,8 @@ Settings are read from the shapes: vocabulary and hidden size from the word embe
 depth from the `encoder.layer.{i}.` indices, intermediate size, max positions and token types
 from their tables. Heads are not in a state dict: the option `num_heads`, else the value of the
 standard checkpoints of that width (128: 2, 256: 4, 384: 12 (MiniLM), 512: 8, 768: 12,
-1024: 16), else hidden // 64.
+1024: 16), else hidden // 64, a guess that is listed under `settings["assumed"]` and named in a
+warning line (`--strict`: an error).
 
 Options:
   num_heads: int, default 0 (= the rule above).
@@ -76,7 +77,8 @@ def normalize_keys(state_dict: Mapping[str, np.ndarray], prefix: str = "auto") -
 def infer_settings(state_dict: Mapping[str, np.ndarray], *, num_heads: int = 0) -> dict:
     """Build settings from normalised keys: {"kind": "text_encoder", "backbone": None,
     "encoder": "bert", "vocab_size", "hidden", "depth", "num_heads", "intermediate",
-    "max_positions", "type_vocab_size"}."""
+    "max_positions", "type_vocab_size"}, and "assumed": {"num_heads": n} when the hidden size
+    is not a standard one and no num_heads was given."""
     need = [
         "embeddings.word_embeddings.weight",
         "embeddings.position_embeddings.weight",
@@ -92,11 +94,7 @@ def infer_settings(state_dict: Mapping[str, np.ndarray], *, num_heads: int = 0) 
     layers = {int(m.group(1)) for k in state_dict if (m := re.match(r"encoder\.layer\.(\d+)\.", k))}
     if layers != set(range(len(layers))):
         raise core.ConversionError(f"encoder.layer indices are not 0..n-1: {sorted(layers)}")
-    heads = num_heads or HEADS_BY_WIDTH.get(hidden, hidden // 64)
-    if heads <= 0 or hidden % heads:
-        raise core.ConversionError(
-            f"cannot split hidden size {hidden} into {heads} heads; pass the option num_heads"
-        )
+    heads, assumed = core.head_count(hidden, num_heads, HEADS_BY_WIDTH, "hidden size")
     return {
         "kind": "text_encoder",
         "backbone": None,
@@ -108,6 +106,8 @@ def infer_settings(state_dict: Mapping[str, np.ndarray], *, num_heads: int = 0) 
         "intermediate": int(state_dict["encoder.layer.0.intermediate.dense.weight"].shape[0]),
         "max_positions": int(state_dict["embeddings.position_embeddings.weight"].shape[0]),
         "type_vocab_size": int(state_dict["embeddings.token_type_embeddings.weight"].shape[0]),
+        # Only when the head count is a guess (`core.head_count`), so that it is named.
+        **({"assumed": assumed} if assumed else {}),
     }
 
 

@@ -139,6 +139,26 @@ def require_keys(state_dict: Mapping[str, np.ndarray], keys: Iterable[str], what
         )
 
 
+def head_count(
+    width: int, num_heads: int, standard: Mapping[int, int], what: str = "width"
+) -> tuple[int, dict[str, int]]:
+    """The attention heads of a transformer of `width` and what was assumed for them: the
+    option `num_heads` when given, else the count of the standard models of that width
+    (`standard`), else width // 64, which no state dict can confirm and is then returned as
+    assumed ({"num_heads": heads}).
+
+    Raises:
+      ConversionError: a count that does not divide `width` (the message names the option).
+    """
+    heads = num_heads or standard.get(width, width // 64)
+    if heads <= 0 or width % heads:
+        raise ConversionError(
+            f"cannot split {what} {width} into {heads} heads; pass the option num_heads"
+        )
+    guessed = not num_heads and width not in standard
+    return heads, {"num_heads": heads} if guessed else {}
+
+
 def bn_entries(path: str, key: str) -> dict[str, tuple[str, Transform]]:
     """Table rows of one BatchNorm: NNX scale/bias/mean/var <- torch weight/bias/running_*."""
     return {
@@ -156,27 +176,29 @@ class SettingsResolver:
     with what the weights imply.
 
     Args:
-      path: the config file, "" for none (then every setting is an option or a default).
-      read: reads `path` into a flat {key: value} dict.
+      path: the config file, "" for none (then every setting is an option or a default; a
+        source whose official run writes no config file passes "").
+      read: reads `path` into a flat {key: value} dict (needed only with a `path`).
       defaults: field -> the value taken when neither an option nor the file gives one.
     """
 
     def __init__(
         self,
         path: str | pathlib.Path,
-        read: Callable[[str], Mapping[str, Any]],
+        read: Callable[[str], Mapping[str, Any]] | None = None,
         *,
         defaults: Mapping[str, Any],
     ):
         self.path = str(path)
-        self.config = dict(read(self.path)) if self.path else {}
+        self.config = dict(read(self.path)) if self.path and read else {}
         self.defaults = defaults
-        self._assumed: set[str] = set()
+        self._assumed: dict[str, Any] = {}
 
     @property
-    def assumed(self) -> list[str]:
-        """The fields set from a default so far, sorted."""
-        return sorted(self._assumed)
+    def assumed(self) -> dict[str, Any]:
+        """The fields set from a default so far, each with the value it was given, sorted by
+        field."""
+        return dict(sorted(self._assumed.items()))
 
     def get(self, key: str, kind: type) -> Any:
         """The file's `key` as `kind` (bool, int, float, str); None when absent or null.
@@ -208,12 +230,13 @@ class SettingsResolver:
     def first(self, field: str, *values: Any, default: Any = None) -> Any:
         """The first of `values` that is not None (the caller lists them by precedence: option,
         file, what the weights imply); else `default` (`defaults[field]` unless given), and
-        `field` is recorded as assumed."""
+        `field` is recorded as assumed, with that value."""
         for value in values:
             if value is not None:
                 return value
-        self._assumed.add(field)
-        return self.defaults[field] if default is None else default
+        value = self.defaults[field] if default is None else default
+        self._assumed[field] = value
+        return value
 
     def from_file(self, key: str, kind: type, field: str | None = None, *, option=None) -> Any:
         """`option` unless None, else the file's `key` as `kind`, else the default of `field`
@@ -234,17 +257,25 @@ class SettingsResolver:
 
 
 def model_settings(
-    model: dict, build: dict, *, num_classes: int, image_size: int, **more: Any
+    model: dict,
+    build: dict,
+    *,
+    num_classes: int,
+    image_size: int,
+    assumed: Mapping[str, Any],
+    **more: Any,
 ) -> dict[str, Any]:
     """The settings of a whole-model weights checkpoint: `model` (the config.model fields a
     config using it must match), `build` (how to build the conversion target), the class count
-    and image size, and `more` (e.g. `assumed`, `loss`, `notes`)."""
+    and image size, `assumed` (each setting the conversion took from a default, with the value
+    it took: `SettingsResolver.assumed`; {} when none) and `more` (e.g. `loss`, `notes`)."""
     return {
         "kind": "model",
         "model": model,
         "build": build,
         "num_classes": int(num_classes),
         "image_size": int(image_size),
+        "assumed": dict(assumed),
         **more,
     }
 
@@ -280,20 +311,81 @@ def build_abstract(settings: Mapping, source: str) -> nnx.Module:
         raise ConversionError(f"{source}: {e}") from e
 
 
-def load_converted(path: str | pathlib.Path, **fields: Any) -> nnx.Module:
-    """The model a whole-model weights checkpoint of `mlgraph.convert.convert_file` describes,
-    filled from it; `fields` replace `config.model` fields that change no weight (such as
-    ML-GCN's `pool`).
+# Build fields naming the files a model's buffers are read from (word vectors, the graph): a
+# converted checkpoint holds those buffers, whose values would replace what such a file gives.
+FILLED_FROM_WEIGHTS = ("embed_path", "graph_path")
+
+
+def with_overrides(settings: Mapping, fields: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """`settings` with each of `fields` replacing the field of that name in its `build` section
+    (where `build_fields` takes it from) or else in `model` (a new field joins `model`).
 
     Raises:
-      ConversionError: settings that describe no buildable model.
+      ConversionError: a `FILLED_FROM_WEIGHTS` field given another value (the checkpoint's
+        buffers would replace what it reads).
+    """
+    model, build = dict(settings["model"]), dict(settings.get("build", {}))
+    for field, value in fields.items():
+        section = build if field in build else model
+        if field in FILLED_FROM_WEIGHTS and value != section.get(field):
+            raise ConversionError(
+                f"{source}: {field}={value!r} cannot be overridden: the checkpoint holds the "
+                f"values that file would give (its settings.json has {field}="
+                f"{section.get(field)!r}); leave it out, or convert again with the other file"
+            )
+        section[field] = value
+    return dict(settings, model=model, build=build)
+
+
+def load_converted(path: str | pathlib.Path, **fields: Any) -> nnx.Module:
+    """The model a whole-model weights checkpoint of `mlgraph.convert.convert_file` describes,
+    filled from it; `fields` replace the `config.model` fields of its settings (`model` or
+    `build`, `with_overrides`) that change no weight, such as ML-GCN's `pool` or `dropout`.
+
+    Raises:
+      ConversionError: settings that describe no buildable model, an unknown field, a field
+        whose value the checkpoint holds, or fields that change the model's variables (one
+        line naming them).
     """
     from mlgraph import checkpointing
 
     tree, settings = checkpointing.load_weights(path)
-    settings = dict(settings, model=dict(settings["model"]) | fields)
-    graphdef, state = nnx.split(build_abstract(settings, str(path)))
-    state.replace_by_pure_dict(tree)
+    source = str(path)
+    module = build_abstract(with_overrides(settings, fields, source), source)
+    return _filled(module, tree, source, fields)
+
+
+def _filled(module: nnx.Module, tree: Any, source: str, fields: Mapping[str, Any]) -> nnx.Module:
+    """The abstract `module` with its variables set from `tree`, a converted checkpoint's
+    arrays, each of which must have a variable of its shape.
+
+    Raises:
+      ConversionError: a variable the checkpoint lacks or has in another shape, or arrays the
+        model has no variable for; naming `fields`, the overrides that built it so.
+    """
+    from mlgraph import checkpointing
+    from mlgraph.errors import ConfigError
+
+    changed = ", ".join(f"{k}={v!r}" for k, v in fields.items())
+    fix = (
+        f"; overriding {changed} changes the model's variables: leave "
+        f"{'it' if len(fields) == 1 else 'them'} out"
+        if fields
+        else "; convert the checkpoint again"
+    )
+    saved = {"/".join(map(str, p)) for p in nnx.traversals.flatten_mapping(tree)}
+    unused = sorted(saved - set(variable_paths(module)))
+    if unused:
+        raise ConversionError(
+            f"{source}: the model built has no variable for the checkpoint's "
+            f"{', '.join(unused[:5])}{', ...' if len(unused) > 5 else ''}{fix}"
+        )
+    graphdef, state = nnx.split(module)
+    try:
+        filled = checkpointing.fill_from(nnx.to_pure_dict(state), tree, "the checkpoint", source)
+    except ConfigError as e:
+        raise ConversionError(f"{e}{fix}") from None
+    state.replace_by_pure_dict(filled)
     return nnx.merge(graphdef, state)
 
 

@@ -22,11 +22,15 @@ from a `.npy`, a one-array `.npz` or a torch file holding one tensor.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
+import json
 import logging
+import math
 import pathlib
 import pickle
+import pickletools
 import re
 import warnings
 import zipfile
@@ -44,6 +48,11 @@ FORMATS = "'.pth', '.pt', '.bin', '.tar', '.pkl' (torch.save), '.safetensors' or
 # Keys under which training scripts commonly nest the weights, in the order they are tried.
 CONTAINER_KEYS = ("state_dict", "model", "state_dict_ema")
 TORCH_PIN = "torch==2.13.0"
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's zip format (torch >= 1.6) and np.savez
+# The legacy torch.save format (torch < 1.6, SSGRL's and ML-GCN's files): five pickles (this magic
+# number, the protocol version, system info, the object, the storage keys), then the tensor data.
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+LEGACY_PICKLES = 5
 
 
 def _is_tensor(value: Any) -> bool:
@@ -107,6 +116,86 @@ def _reason(error: Exception) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+def cut_short(path: pathlib.Path) -> bool:
+    """Whether `path` ends before the end its own format records: a zip archive (torch.save,
+    np.savez) without the central directory that closes it, a legacy torch.save file whose
+    pickles stop before their end, or a `.safetensors` or `.npy` file shorter than its header
+    says; what an interrupted download or copy leaves."""
+    with open(path, "rb") as f:
+        head = f.read(len(ZIP_MAGIC))
+    if not head:  # nothing was written before the copy stopped
+        return True
+    if head == ZIP_MAGIC:
+        return not zipfile.is_zipfile(path)
+    if path.suffix.lower() == ".safetensors":
+        return _safetensors_cut_short(path)
+    if path.suffix.lower() == ".npy":
+        return _npy_cut_short(path)
+    return _legacy_pickles_cut_short(path)
+
+
+def _npy_cut_short(path: pathlib.Path) -> bool:
+    """Whether a `.npy` file is shorter than its header (shape and dtype) says."""
+    fmt = np.lib.format
+    with open(path, "rb") as f:
+        try:
+            major, _ = fmt.read_magic(f)
+            read_header = fmt.read_array_header_1_0 if major == 1 else fmt.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+        except ValueError as e:  # numpy's "EOF: reading ..." when the header itself is cut
+            return str(e).startswith("EOF")
+        data_start = f.tell()
+    return path.stat().st_size < data_start + math.prod(shape) * dtype.itemsize
+
+
+def _legacy_pickles_cut_short(path: pathlib.Path) -> bool:
+    """Whether a legacy torch.save file (its first pickle the magic number) runs out inside
+    its leading pickles (a damaged byte fails before the end of the file instead)."""
+    with open(path, "rb") as f:
+        try:
+            first = [(op.name, arg) for op, arg, _ in pickletools.genops(f)]
+        except ValueError:
+            return False  # not even the magic number: not a legacy file we can judge
+        if ("LONG1", LEGACY_MAGIC) not in first:
+            return False
+        try:
+            for _ in range(LEGACY_PICKLES - 1):
+                for _ in pickletools.genops(f):
+                    pass
+        except ValueError:
+            return f.read(1) == b""
+    return False
+
+
+def _safetensors_cut_short(path: pathlib.Path) -> bool:
+    """Whether a `.safetensors` file is shorter than its header (8 bytes of length, then a
+    JSON object of tensor offsets) says."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = f.read(min(length, size))
+    if not header.startswith(b"{"):
+        return False  # not a safetensors header at all
+    if size < 8 + length:
+        return True
+    try:
+        tensors = json.loads(header)
+        end = max(
+            (v["data_offsets"][1] for k, v in tensors.items() if k != "__metadata__"), default=0
+        )
+    except (ValueError, TypeError, KeyError, IndexError):
+        return False
+    return size < 8 + length + end
+
+
+def truncated(path: pathlib.Path, writer: str) -> ConversionError:
+    """The one-line error for a file that `cut_short` finds cut short."""
+    return ConversionError(
+        f"{path}: truncated: the file ends after {path.stat().st_size:,} bytes, before the end "
+        f"of what {writer} wrote; copy or download it again"
+    )
+
+
 def _torch_load(path: pathlib.Path, trust_pickle: bool) -> Any:
     torch = _import_torch()
     try:
@@ -122,6 +211,9 @@ def _torch_load(path: pathlib.Path, trust_pickle: bool) -> Any:
             warnings.filterwarnings("ignore", "pickle_load_args only works", UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True, encoding="latin1")
     except Exception as e:  # pickle, zip and format errors all mean "unreadable"
+        # Checked first: a cut pickle can read as a refused global ("torch._utils.").
+        if cut_short(path) or "unexpected EOF" in str(e):  # the legacy format's tensor data
+            raise truncated(path, "torch.save") from e
         refusal = _refusal(path, e) if isinstance(e, pickle.UnpicklingError) else None
         if refusal:
             raise ConversionError(refusal) from e
@@ -294,6 +386,8 @@ def read_checkpoint(
         try:
             return Checkpoint(_float32(to_numpy_state_dict(load_file(path))))
         except Exception as e:  # safetensors raises TypeError, SafetensorError, OSError...
+            if cut_short(path):
+                raise truncated(path, "safetensors") from e
             # numpy has no bfloat16: such files are read through torch.
             if "bf16" not in str(e).lower() and "bfloat16" not in str(e).lower():
                 raise ConversionError(f"{path}: could not read as safetensors: {e}") from e
@@ -302,12 +396,24 @@ def read_checkpoint(
 
             return Checkpoint(_float32(to_numpy_state_dict(load_torch(path))))
     if suffix == ".npz":
-        try:
+        with _reading_npz(path):
             with np.load(path, allow_pickle=False) as data:
                 return Checkpoint(_float32({k: np.asarray(data[k]) for k in data.files}))
-        except ValueError as e:
-            raise ConversionError(f"{path}: could not read as .npz: {e}") from e
     raise ConversionError(f"{path}: unknown checkpoint extension {suffix!r}; expected {FORMATS}")
+
+
+@contextlib.contextmanager
+def _reading_npz(path: pathlib.Path):
+    """numpy's errors reading the `.npz` at `path` as one ConversionError line: truncated, or
+    what numpy said (a broken zip is a BadZipFile, which is no ValueError)."""
+    try:
+        yield
+    except (ValueError, zipfile.BadZipFile, EOFError) as e:
+        if isinstance(e, ConversionError):
+            raise
+        if cut_short(path):
+            raise truncated(path, "numpy") from e
+        raise ConversionError(f"{path}: could not read as .npz: {e}") from e
 
 
 def read_state_dict(
@@ -338,9 +444,11 @@ def read_array(path: str | pathlib.Path, *, trust_pickle: bool = False) -> np.nd
         try:
             value = np.load(path, allow_pickle=False)
         except ValueError as e:
+            if cut_short(path):
+                raise truncated(path, "numpy") from e
             raise ConversionError(f"{path}: could not read as .npy: {e}") from e
     elif suffix == ".npz":
-        with np.load(path, allow_pickle=False) as data:
+        with _reading_npz(path), np.load(path, allow_pickle=False) as data:
             if len(data.files) != 1:
                 raise ConversionError(
                     f"{path}: holds {len(data.files)} arrays ({', '.join(data.files[:5])}); "

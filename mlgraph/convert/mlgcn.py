@@ -18,7 +18,9 @@ says so.
 Options:
   embed_path: str, required; the word vectors [C, E]: a .npy, .npz or pickled array such as
     the repository's `*_glove_word2vec.pkl`.
-  image_size: int, default 448.
+  image_size: int, default 0 (= 448, the official recipe's; the weights cannot tell the
+    size a run trained at, so it is then listed under `settings["assumed"]` and named in a
+    warning line, `--strict`: an error).
   prefix: str, default "module."; stripped from every key that has it.
 """
 
@@ -36,7 +38,8 @@ from mlgraph.errors import ConfigError
 from mlgraph.labels.embeddings import load_embeddings
 from mlgraph.models import mlgcn
 
-OPTIONS = {"embed_path": "", "image_size": 448, "prefix": "module."}
+OPTIONS = {"embed_path": "", "image_size": 0, "prefix": "module."}
+DEFAULT_IMAGE_SIZE = 448  # the official recipe's input side
 IGNORED = [r".*num_batches_tracked"]
 REQUIRED = ("gc1.weight", "gc2.weight", "A", "features.0.weight")
 POOL_NOTE = (
@@ -69,8 +72,9 @@ def table(module: mlgcn.MLGCN, prefix: str = "") -> dict[str, tuple[str, core.Tr
     return t
 
 
-def infer_settings(state_dict: Mapping[str, np.ndarray], *, image_size: int) -> dict[str, Any]:
-    """The weights-checkpoint settings of an official ML-GCN state dict (no prefix)."""
+def infer_settings(state_dict: Mapping[str, np.ndarray], *, image_size: int = 0) -> dict[str, Any]:
+    """The weights-checkpoint settings of an official ML-GCN state dict (no prefix); an
+    `image_size` of 0 takes 448 and lists it under "assumed"."""
     core.require_keys(state_dict, REQUIRED, "an ML-GCN")
     backbone_sd = {}
     for key, value in state_dict.items():
@@ -89,8 +93,10 @@ def infer_settings(state_dict: Mapping[str, np.ndarray], *, image_size: int) -> 
     model["pool"] = "official"  # the released MaxPool2d(14, 14) (module docstring)
     # The word vectors and A are buffers filled from the converter's file and the checkpoint.
     build = {"embed_path": "", "embed_dim": int(e), "graph_path": ""}
+    r = core.SettingsResolver("", defaults={"image_size": DEFAULT_IMAGE_SIZE})
+    size = r.first("image_size", image_size or None)
     return core.model_settings(
-        model, build, num_classes=c, image_size=image_size, notes=[POOL_NOTE]
+        model, build, num_classes=c, image_size=size, assumed=r.assumed, notes=[POOL_NOTE]
     )
 
 

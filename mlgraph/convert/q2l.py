@@ -144,7 +144,8 @@ def infer_settings(
     """The weights-checkpoint settings of a Query2Label state dict (keys without `module.`).
 
     Returns {"kind": "model", "model": {config.model fields}, "num_classes": K,
-    "image_size": S, "assumed": [fields set from defaults, not from the weights or the json]}.
+    "image_size": S, "assumed": {each field set from a default, not from the weights, an
+    option or the json: the value it was given}}.
 
     Raises:
       ConversionError: missing keys, a non-ResNet backbone, inconsistent shapes, or a json

@@ -139,8 +139,9 @@ def read_config_yaml(path: str | pathlib.Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 def infer_backbone(
     state_dict: Mapping[str, np.ndarray], *, num_heads: int = 0
-) -> tuple[str, dict[str, Any], int | None]:
-    """(registry name, backbone_kwargs, image size implied by the weights or None).
+) -> tuple[str, dict[str, Any], int | None, dict[str, Any]]:
+    """(registry name, backbone_kwargs, image size implied by the weights or None, what was
+    assumed: {"num_heads": n} for a ViT of non-standard width without the option num_heads).
 
     A ResNet whose block layout is not 50/101/152 is reported as 'resnet50' with a `layers`
     override (and `width` when the stem is not 64 wide); a ViT of non-standard size as
@@ -148,15 +149,16 @@ def infer_backbone(
     """
     sub = core.select_prefix(state_dict, "backbone.", required=False)
     if "conv1.weight" in sub:
-        return *torchvision_resnet.trunk_settings(sub), None
+        return *torchvision_resnet.trunk_settings(sub), None, {}
     if "patch_embed.proj.weight" in sub:
         vs = timm_vit.infer_settings(sub, include_head=False, num_heads=num_heads)
+        assumed = vs.get("assumed", {})
         if vs["backbone"] is not None:
-            return vs["backbone"], {}, vs["image_size"]
+            return vs["backbone"], {}, vs["image_size"], assumed
         kwargs = {k: vs[k] for k in ("width", "depth", "num_heads", "patch_size")}
         if vs["mlp_ratio"] != 4.0:
             kwargs["mlp_ratio"] = vs["mlp_ratio"]
-        return "vit_b16", kwargs, vs["image_size"]
+        return "vit_b16", kwargs, vs["image_size"], assumed
     raise core.ConversionError(
         "no 'backbone.conv1.weight' (torchvision ResNet) or 'backbone.patch_embed.proj.weight' "
         "(timm ViT): unsupported SALGL backbone"
@@ -235,7 +237,8 @@ def infer_settings(
 
     Returns {"kind": "model", "model": {the config.model fields the weights and yaml fix},
     "build": {fields that only build the target}, "loss": {config.loss fields}, "num_classes":
-    C, "image_size": S, "assumed": [fields set from defaults, not from the file or the yaml]}.
+    C, "image_size": S, "assumed": {each field set from a default, not from the weights, an
+    option or the yaml: the value it was given}}.
 
     Raises:
       ConversionError: missing head keys, inconsistent shapes, or a config.yaml that
@@ -247,7 +250,9 @@ def infer_settings(
     outmess = shape["ggnn.fc1_w.weight"][1] == 2 * d
     has_steps = shape["fc.0.weight"][1] == 2 * d
     pos = "position_embedding.pe" in state_dict
-    backbone, backbone_kwargs, weights_size = infer_backbone(state_dict, num_heads=num_heads)
+    backbone, backbone_kwargs, weights_size, backbone_assumed = infer_backbone(
+        state_dict, num_heads=num_heads
+    )
     if pos and "vit" in backbone:
         raise core.ConversionError("position_embedding.pe with a ViT backbone is not supported")
 
@@ -271,7 +276,8 @@ def infer_settings(
         weights_size,
         default=DEFAULT_IMAGE_SIZE,
     )
-    # Only 'random' matters (a trainable [C, D] table); without a yaml, get_args' 'bert'.
+    # Only 'random' matters (a trainable [C, D] table); without a yaml, get_args' 'bert', which
+    # is what `assumed` lists (the build field below is 'checkpoint' for any file type).
     embed_type = r.first("embed_type", r.get("embed_type", str), default="bert")
     model = {
         "name": "salgl",
@@ -299,7 +305,12 @@ def infer_settings(
     }
     loss = {LOSS_FIELDS[key]: r.from_file(key, type(r.defaults[key])) for key in LOSS_FIELDS}
     return core.model_settings(
-        model, build, num_classes=c, image_size=size, loss=loss, assumed=r.assumed
+        model,
+        build,
+        num_classes=c,
+        image_size=size,
+        loss=loss,
+        assumed=r.assumed | backbone_assumed,
     )
 
 

@@ -19,11 +19,14 @@ instances JSON's image order), which is not mlgraph's TFDS order. A run with `co
 the converted folder takes its weights and starts its own label estimator.
 
 Read from the shapes: the backbone layout, the width D, the FFN width, the layer count, the
-position-table size, C and N_train. Not in the weights: the head count (the official code's
-constant 8) and the image size (448).
+position-table size, C and N_train. Not in the weights: the head count, the official model's
+constant 8 (the architecture ported, like the rest of its code; the option is for other
+variants), and the image size: the official transforms resize to 448, but a CNN's weights cannot
+tell the size a run trained at, so without the option 448 is listed under `settings["assumed"]`
+and named in a warning line (`--strict`: an error).
 
 Options:
-  image_size: int, default 448.
+  image_size: int, default 0 (= 448, assumed).
   num_heads: int, default 8.
   prefix: str, default "module."; stripped from every key that has it (not in the official
     files, which are saved unwrapped, but harmless).
@@ -40,7 +43,8 @@ from flax import nnx
 
 from mlgraph.convert import core, torch_transformer, torchvision_resnet
 
-OPTIONS = {"image_size": 448, "num_heads": 8, "prefix": "module."}
+OPTIONS = {"image_size": 0, "num_heads": 8, "prefix": "module."}
+DEFAULT_IMAGE_SIZE = 448  # the official transforms' Resize((448, 448))
 BACKBONE = "fb.backbone."
 MIDS = ("fm1_14", "fm1_28", "fm2_14", "fm2_28")
 REQUIRED = (
@@ -125,12 +129,13 @@ def _layer_count(state_dict: Mapping[str, np.ndarray], mid: str) -> int:
 
 
 def infer_settings(
-    state_dict: Mapping[str, np.ndarray], *, image_size: int = 448, num_heads: int = 8
+    state_dict: Mapping[str, np.ndarray], *, image_size: int = 0, num_heads: int = 8
 ) -> dict[str, Any]:
     """The weights-checkpoint settings of an official Scob state dict (no prefix, no aliases).
 
     Returns {"kind": "model", "model": {the config.model fields the weights fix},
-    "num_classes": C, "image_size": S, "num_train_examples": N_train, "notes": [...]}.
+    "num_classes": C, "image_size": S, "num_train_examples": N_train, "assumed":
+    {"image_size": 448} when `image_size` is 0, "notes": [...]}.
 
     Raises:
       ConversionError: a state dict that is not Scob's, or shapes that disagree.
@@ -173,11 +178,14 @@ def infer_settings(
         "the official data order; a run from these weights starts its own)",
         "backbone batch-norm statistics are the checkpoint's (they drift in Scob's training)",
     ]
+    r = core.SettingsResolver("", defaults={"image_size": DEFAULT_IMAGE_SIZE})
+    size = r.first("image_size", image_size or None)
     return core.model_settings(
         model,
         {},
         num_classes=c,
-        image_size=image_size,
+        image_size=size,
+        assumed=r.assumed,
         num_train_examples=int(n_train),
         notes=notes,
     )

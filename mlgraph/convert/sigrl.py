@@ -22,8 +22,10 @@ there, and a DataParallel `module.` prefix is stripped). Keys:
 Read from the shapes: the tower (width, patch, depth, grid, E from `projection_dist`; a ViT-B/16
 is the registered `clip_vit_b16`, another size `clip_vit_b16` with explicit `backbone_kwargs`),
 GMC's first-layer width (`layer1.linear_l.weight` rows) and heads (those rows over the width of
-`layer1.attn.weight`). Not in the weights: the CLIP heads (OpenAI's rule width // 64), top-k
-(SigRL's default 16), the image size (the position table's), and the label embeddings.
+`layer1.attn.weight`). Not in the weights: the CLIP heads (OpenAI's rule width // 64, as its
+own loader builds them), top-k (a run's `--topk`: without the option, its default 16, listed
+under `settings["assumed"]` and named in a warning line, `--strict`: an error), the image size
+(the position table's), and the label embeddings.
 
 Label embeddings: a SigRL checkpoint has none (the official code reads `label_emb.pt`, the
 CLIP ViT-B/16 text features of the queried labels, at run time). With the option
@@ -43,7 +45,8 @@ Options:
   image_size: int, default 0 (= the checkpoint's own grid x patch; another size resizes the
     position table, as `--source openai_clip` does).
   num_heads: int, default 0 (= width // 64); the CLIP tower's attention heads.
-  topk: int, default 16 (SigRL's `--topk`); patches averaged in the local score.
+  topk: int, default 0 (= 16, the default of SigRL's `--topk`, named as assumed: its
+    inference.py runs with 18); patches averaged in the local score.
   prefix: str, default "module."; stripped from every key that has it.
 """
 
@@ -64,12 +67,13 @@ OPTIONS = {
     "num_classes": 0,
     "image_size": 0,
     "num_heads": 0,
-    "topk": 16,
+    "topk": 0,
     "prefix": "module.",
 }
 # SigRL's label_emb.pt rows (NUS-WIDE: 925 seen tags + 81 unseen concepts), the table size taken
 # when neither the option num_classes nor label embeddings give one.
 DEFAULT_NUM_CLASSES = 1006
+DEFAULT_TOPK = 16  # SigRL's --topk default (its inference.py passes 18)
 GAT = "GATv2_1"
 GAT_LAYERS = ("layer1", "output")
 # The CLIP student's keys at the top level (OpenAI's `visual.` names without the prefix).
@@ -160,21 +164,24 @@ def _label_table(path: str, num_classes: int, dim: int) -> np.ndarray:
 def infer_settings(
     state_dict: Mapping[str, np.ndarray],
     *,
-    num_classes: int,
-    assumed: bool = False,
+    num_classes: int = 0,
     image_size: int = 0,
     num_heads: int = 0,
-    topk: int = 16,
+    topk: int = 0,
 ) -> dict[str, Any]:
     """The weights-checkpoint settings of a SigRL state dict (no prefix, no `linear_r` copies).
 
     Returns {"kind": "model", "model": {the config.model fields the weights fix}, "build":
-    {"embed_path": ""}, "num_classes", "image_size", "assumed": ["num_classes"] when `assumed`}.
+    {"embed_path": ""}, "num_classes", "image_size", "assumed": {each of num_classes (1006)
+    and topk (16) given as 0, with the value taken}}.
 
     Raises:
       ConversionError: a state dict that is not SigRL's, or shapes that disagree.
     """
     core.require_keys(state_dict, REQUIRED, "a SigRL")
+    r = core.SettingsResolver(
+        "", defaults={"num_classes": DEFAULT_NUM_CLASSES, "topk": DEFAULT_TOPK}
+    )
     tower = openai_clip.infer_visual_settings(
         tower_view(state_dict), image_size=image_size, num_heads=num_heads
     )
@@ -214,12 +221,15 @@ def infer_settings(
         "embed_dim": e,
         "gat_hidden": hidden,
         "gat_heads": hidden // head_dim,
-        "topk": int(topk),
+        "topk": int(r.first("topk", topk or None)),
         "distill": False,
     }
-    more = {"assumed": ["num_classes"]} if assumed else {}
     return core.model_settings(
-        model, {"embed_path": ""}, num_classes=num_classes, image_size=tower["image_size"], **more
+        model,
+        {"embed_path": ""},
+        num_classes=r.first("num_classes", num_classes or None),
+        image_size=tower["image_size"],
+        assumed=r.assumed,
     )
 
 
@@ -258,8 +268,7 @@ def convert(
     num_classes = labels.shape[0] if labels is not None else opts["num_classes"]
     settings = infer_settings(
         state_dict,
-        num_classes=num_classes or DEFAULT_NUM_CLASSES,
-        assumed=not num_classes,
+        num_classes=num_classes,
         image_size=opts["image_size"],
         num_heads=opts["num_heads"],
         topk=opts["topk"],

@@ -18,7 +18,9 @@ Options:
     pickled arrays too).
   graph_path: str, required; the graph .npy [C, C] (e.g. data/coco/prob_train.npy), or counts
     (.npz, ML-GCN's adj .pkl).
-  image_size: int, default 576.
+  image_size: int, default 0 (= 576, the official protocol; the weights cannot tell the size a
+    run trained at, so it is then listed under `settings["assumed"]` and named in a warning
+    line, `--strict`: an error).
   reset_uses_update_u: bool, default True (the official forward; False = the paper's gate).
   prefix: str, default "module."; stripped from every key that has it (not in the official
     files, which are saved unwrapped, but harmless).
@@ -41,11 +43,13 @@ from mlgraph.models import ssgrl
 OPTIONS = {
     "embed_path": "",
     "graph_path": "",
-    "image_size": 576,
+    "image_size": 0,
     "reset_uses_update_u": True,
     "prefix": "module.",
 }
 IGNORED = [r".*num_batches_tracked"]
+# The official main.py's input side (resize 640, crop 576); other runs trained at 448.
+DEFAULT_IMAGE_SIZE = 576
 BACKBONE = "resnet_101."
 REQUIRED = (
     "classifiers.weight",
@@ -90,13 +94,14 @@ def table(module: ssgrl.SSGRL, prefix: str = "") -> dict[str, tuple[str, core.Tr
 def infer_settings(
     state_dict: Mapping[str, np.ndarray],
     *,
-    image_size: int = 576,
+    image_size: int = 0,
     reset_uses_update_u: bool = True,
 ) -> dict[str, Any]:
     """The weights-checkpoint settings of an official SSGRL state dict (no prefix).
 
     Returns {"kind": "model", "model": {the config.model fields the weights fix}, "build":
-    {embed/graph paths "" (the values live in the weights)}, "num_classes": C, "image_size": S}.
+    {embed/graph paths "" (the values live in the weights)}, "num_classes": C, "image_size": S,
+    "assumed": {"image_size": 576} when `image_size` is 0}.
     """
     core.require_keys(state_dict, REQUIRED, "an SSGRL")
     c, d = state_dict["classifiers.weight"].shape
@@ -118,7 +123,9 @@ def infer_settings(
             f"fc_output.weight has shape {state_dict['fc_output.weight'].shape}; expected "
             f"({d}, {2 * d})"
         )
-    return core.model_settings(model, build, num_classes=c, image_size=image_size)
+    r = core.SettingsResolver("", defaults={"image_size": DEFAULT_IMAGE_SIZE})
+    size = r.first("image_size", image_size or None)
+    return core.model_settings(model, build, num_classes=c, image_size=size, assumed=r.assumed)
 
 
 def convert(

@@ -4,7 +4,8 @@ Settings are read from the shapes: width and patch size from `patch_embed.proj.w
 from the `blocks.{i}.` indices, the MLP ratio from `blocks.0.mlp.fc1.weight`, the checkpoint's
 grid from `pos_embed` and the class count from `head.weight`. The head count is not in a state
 dict: it is the option `num_heads`, or else timm's value for the width (192: 3, 384: 6, 768: 12,
-1024: 16, 1280: 16), or width // 64 for any other width.
+1024: 16, 1280: 16), or width // 64 for any other width, which is a guess: it is listed under
+`settings["assumed"]` and named in a warning line (`--strict`: an error).
 
 Options:
   include_head: bool, default True; False drops `head.*` and builds the backbone without a head
@@ -86,8 +87,9 @@ def infer_settings(
     """Read the build settings of a timm ViT from its keys and shapes.
 
     Returns {"kind": "backbone", "backbone": "vit_b16" | "vit_l16" | None, "image_size",
-    "width", "depth", "num_heads", "patch_size", "mlp_ratio", "num_classes", "variant"}; the
-    last is the `vit.VARIANTS` key the sizes match, or None (then build with variant=None).
+    "width", "depth", "num_heads", "patch_size", "mlp_ratio", "num_classes", "variant"}, and
+    "assumed": {"num_heads": n} when the width is not a standard one and no num_heads was given;
+    "variant" is the `vit.VARIANTS` key the sizes match, or None (then build with variant=None).
     """
     if any(k.startswith(("Transformer/", "embedding/")) for k in state_dict):
         raise core.ConversionError(
@@ -113,11 +115,7 @@ def infer_settings(
     grid = math.isqrt(positions)
     if grid * grid != positions:
         raise core.ConversionError(f"pos_embed has {positions} grid positions, not a square")
-    heads = num_heads or HEADS_BY_WIDTH.get(width, width // 64)
-    if heads <= 0 or width % heads:
-        raise core.ConversionError(
-            f"cannot split width {width} into {heads} heads; pass the option num_heads"
-        )
+    heads, assumed = core.head_count(width, num_heads, HEADS_BY_WIDTH)
     mlp_ratio = state_dict["blocks.0.mlp.fc1.weight"].shape[0] / width
     sizes = {"width": width, "depth": len(blocks), "num_heads": heads, "patch_size": patch}
     variant = next(
@@ -132,6 +130,8 @@ def infer_settings(
         **sizes,
         "mlp_ratio": mlp_ratio,
         "num_classes": int(state_dict["head.weight"].shape[0]) if has_head else None,
+        # Only when the head count is a guess (`core.head_count`), so that it is named.
+        **({"assumed": assumed} if assumed else {}),
     }
 
 

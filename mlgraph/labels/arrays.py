@@ -20,6 +20,7 @@ import io
 import os
 import pathlib
 import pickle
+import zipfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -123,6 +124,7 @@ def read_label_file(path: str | pathlib.Path, field: str) -> tuple[str, np.ndarr
                 f"{field}={path}: holds a {type(obj).__name__}; expected a pickled array (ML-GCN's "
                 "*_glove_word2vec.pkl) or ML-GCN's {'adj', 'nums'} (*_adj.pkl)"
             )
-    except (ValueError, OSError, EOFError, pickle.UnpicklingError) as e:
+    # A cut or damaged .npz is a BadZipFile, which is none of the others.
+    except (ValueError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
         raise ConfigError(f"{field}={path}: not a readable {suffix} file ({e})") from e
     raise ConfigError(f"{field}={path}: expected a .npy, .npz or .pkl file")

@@ -1,13 +1,16 @@
 """Build a data set once from the user's raw download into array_record files.
 
     python -m mlgraph.data.build NAME --manual_dir RAW --data_dir OUT [--config all] [--strict]
+        [--max_image_pixels N]
 
 NAME is a data set of `mlgraph.data.registry` (coco2014, voc2007, voc2012, nuswide, nuswide_ov,
 custom); --config overrides its builder config (coco2014: nonempty, all; nuswide: concepts81,
 ov).
 
 Unreadable images are reported by path and skipped (counted in the summary), or with --strict
-stop the build. Building again into the same folder reuses what is there.
+stop the build. A JPEG over --max_image_pixels is stored at 1/2, 1/4 or 1/8 scale, any other
+image over it is skipped (`mlgraph.data.images`). Building again into the same folder reuses
+what is there.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from mlgraph import paths
-from mlgraph.data import datasets, registry
+from mlgraph.data import datasets, images, registry
 from mlgraph.errors import MlgraphError, StorageError
 
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Folder of the raw download.")
@@ -28,6 +31,7 @@ _CONFIG = flags.DEFINE_string(
     "config", "", "Builder config (default: the data set's; e.g. coco2014: nonempty, all)."
 )
 _STRICT = flags.DEFINE_bool("strict", False, "Stop at the first unreadable image.")
+_MAX_IMAGE_PIXELS = images.define_max_pixels_flag()
 flags.mark_flags_as_required(["manual_dir", "data_dir"])
 
 
@@ -68,6 +72,7 @@ def main(argv: list[str]) -> None:
             pathlib.Path(_DATA_DIR.value),
             _CONFIG.value,
             strict=_STRICT.value,
+            max_image_pixels=_MAX_IMAGE_PIXELS.value,
         )
     except MlgraphError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,5 +1,5 @@
-"""What every mlgraph TFDS builder shares: the `strict` switch, the feature set and the check
-of the raw download folder.
+"""What every mlgraph TFDS builder shares: the `strict` switch, the image size limit, the
+feature set and the check of the raw download folder.
 
 Features: `image` (JPEG bytes, decoded on read), `labels` (multi-hot uint8 [C]), `image_id`
 (int or text), and any extra multi-hot masks a data set has (VOC's `difficult`). Class names go
@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mlgraph.data import images
 from mlgraph.errors import DataError
 
 
@@ -63,9 +64,13 @@ class MultiLabelBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
     IMAGE_ID = "text"  # 'int' or 'text'
     EXTRA_MULTIHOT: tuple[str, ...] = ()  # further multi-hot uint8 [C] features
 
-    def __init__(self, *, strict: bool = False, **kwargs):
-        """`strict`: a bad image or annotation is an error instead of being skipped and counted."""
+    def __init__(
+        self, *, strict: bool = False, max_image_pixels: int = images.MAX_IMAGE_PIXELS, **kwargs
+    ):
+        """`strict`: a bad image or annotation is an error instead of being skipped and counted.
+        `max_image_pixels`: the size limit of `images.rgb_jpeg_bytes`."""
         self.strict = strict
+        self.max_image_pixels = max_image_pixels
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:

@@ -81,15 +81,17 @@ def parse_line(line: str, where: str, class_index: dict[str, int]) -> tuple[str,
     return path, y
 
 
-def read_image(path: pathlib.Path, line: str, where: str) -> tuple[bytes, tuple[int, int]]:
-    """`images.rgb_jpeg_bytes(path)`; a missing image on a line without a tab is most likely a
-    path and labels separated by spaces, and the error says so.
+def read_image(
+    path: pathlib.Path, line: str, where: str, max_pixels: int
+) -> tuple[bytes, tuple[int, int]]:
+    """`images.rgb_jpeg_bytes(path, max_pixels)`; a missing image on a line without a tab is
+    most likely a path and labels separated by spaces, and the error says so.
 
     Raises:
       LineError: that case; images.BadImage: any other unreadable image.
     """
     try:
-        return images.rgb_jpeg_bytes(path)
+        return images.rgb_jpeg_bytes(path, max_pixels)
     except images.BadImage:
         if "\t" not in line and " " in line.strip() and not path.exists():
             raise LineError(
@@ -132,7 +134,7 @@ class Custom(builder_lib.MultiLabelBuilder):
                         f"{where}: image {path} already listed on line {first_line[path]}"
                     )
                 first_line[path] = n
-                data, _ = read_image(root / path, line, where)
+                data, _ = read_image(root / path, line, where, self.max_image_pixels)
             except (LineError, images.BadImage) as e:
                 if self.strict:
                     raise DataError(f"{e} (--strict)") from None

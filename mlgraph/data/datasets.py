@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mlgraph import paths
-from mlgraph.data import registry
+from mlgraph.data import images, registry
 from mlgraph.errors import ConfigError, DataError, StorageError
 
 
@@ -41,13 +41,15 @@ def build(
     data_dir: str | pathlib.Path,
     config: str = "",
     strict: bool = False,
+    max_image_pixels: int = images.MAX_IMAGE_PIXELS,
 ):
-    """Build `name` from the raw files in `manual_dir` into `data_dir` (no-op when built).
+    """Build `name` from the raw files in `manual_dir` into `data_dir` (no-op when built), with
+    the builder's `strict` and `max_image_pixels` (`builder_lib.MultiLabelBuilder`).
 
     TFDS writes into a temporary folder and renames it when complete, so an interrupted build
     never leaves a folder that looks built, and building again into the same place is safe.
     """
-    builder = make_builder(name, data_dir, config, strict=strict)
+    builder = make_builder(name, data_dir, config, strict=strict, max_image_pixels=max_image_pixels)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir))
     )

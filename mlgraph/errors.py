@@ -25,10 +25,16 @@ class StorageError(MlgraphError):
 
 def warn(message: str) -> None:
     """Print `warning: <message>` as one line on stderr (process 0 only: every process runs the
-    same code)."""
+    same code), above any tqdm progress bar (TFDS's while building, predict's) rather than
+    glued to it."""
     import sys
 
     import jax
 
     if jax.process_index() == 0:
-        print(f"warning: {message}", file=sys.stderr, flush=True)
+        line = f"warning: {message}"
+        if "tqdm" in sys.modules:  # a bar may be drawn: tqdm clears it, prints, redraws it
+            sys.modules["tqdm"].tqdm.write(line, file=sys.stderr)
+            sys.stderr.flush()
+        else:
+            print(line, file=sys.stderr, flush=True)

@@ -2,14 +2,18 @@
 
     python -m mlgraph.predict --workdir DIR IMAGE_OR_FOLDER... [--top_k 5] [--threshold 0.5]
         [--output preds.jsonl|preds.csv] [--batch_size 32] [--ema/--no-ema] [--step N]
+        [--max_image_pixels N]
     python -m mlgraph.predict --checkpoint CONVERTED_DIR [--config F] [--class_names FILE] ...
 
 Each image goes through the evaluation transform of the run's config (of `--config`; without
 one, a converted checkpoint's images are resized to its training size and normalised with the
 ImageNet mean and std, as the official test transforms do, and a warning says so), and gets
 its labels (scores >= `--threshold`), its `--top_k` classes with their scores, and for SALGL
-its scene probabilities. Folders are searched for image files recursively. A file that cannot
-be read as an image is reported in one line and skipped. Class names come from the workdir's
+its scene probabilities. Folders are searched for image files recursively. Images are decoded
+as the builders decode them (`mlgraph.data.images`: 16-bit and float images scaled to 8 bits;
+a JPEG over `--max_image_pixels` decoded at a reduced scale, any other image over it refused).
+A file that cannot be read as an image is reported in one line and skipped; when no file could
+be read, that is an error and `--output` is not written. Class names come from the workdir's
 data set, from a converted checkpoint's settings or `--config`'s data set, or from
 `--class_names FILE` (one a line). Errors are one line on stderr and exit status 2.
 
@@ -38,12 +42,11 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
-from PIL import Image
 
 from mlgraph import checkpointing, cli, config_lib
 from mlgraph import paths as storage
 from mlgraph.data import images as image_files
-from mlgraph.errors import ConfigError, MlgraphError, warn
+from mlgraph.errors import ConfigError, DataError, MlgraphError, warn
 from mlgraph.workdir import open_run
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -74,18 +77,6 @@ def image_paths(inputs: Iterable[str | pathlib.Path]) -> list[pathlib.Path]:
         else:
             raise MlgraphError(f"{path}: no such file or folder")
     return found
-
-
-def decode(path: str | pathlib.Path) -> np.ndarray:
-    """The image at `path` as uint8 RGB [H, W, 3], upright, with the pixels a built data set
-    holds for it (the builders' `images.rgb_jpeg_bytes`, decoded).
-
-    Raises:
-      images.BadImage: missing, or not an image.
-    """
-    data, _ = image_files.rgb_jpeg_bytes(path)
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("RGB"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,11 +249,15 @@ class Predictor:
         top_k: int = 5,
         threshold: float = 0.5,
         progress: bool = False,
+        max_image_pixels: int = image_files.MAX_IMAGE_PIXELS,
     ) -> list[dict[str, Any]]:
         """One record per readable image of `files` (folders are searched, `image_paths`):
         'file', 'labels' (names with score >= threshold, best first), 'top' ([name, score]
         of the `top_k` best), 'scores' ({name: score}), and for SALGL 'scene_probs'.
-        Unreadable files are reported in one warning line each and skipped."""
+        Images are decoded as the builders decode them (`images.read_rgb`: EXIF orientation,
+        16-bit and float images scaled to 8 bits, the size limit `max_image_pixels`).
+        Unreadable files, and images over the limit that cannot be decoded reduced, are
+        reported in one warning line each and skipped."""
         from tqdm import tqdm
 
         paths = image_paths(files)
@@ -272,7 +267,8 @@ class Predictor:
             read, inputs = [], []
             for path in paths[start : start + self.batch_size]:
                 try:
-                    inputs.append(self.preprocess(decode(path)))
+                    pixels = image_files.read_rgb(path, max_image_pixels)
+                    inputs.append(self.preprocess(pixels))
                     read.append(path)
                 except image_files.BadImage as e:
                     warn(f"{e}; skipped")
@@ -377,6 +373,7 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Images per forward pass.",
 _EMA = flags.DEFINE_boolean(
     "ema", True, "Use the workdir's EMA model (--no-ema: the model).", flag_values=_FLAGS
 )
+_MAX_IMAGE_PIXELS = image_files.define_max_pixels_flag(_FLAGS)
 
 
 def _config() -> ml_collections.ConfigDict | None:
@@ -436,8 +433,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 batch_size=_BATCH_SIZE.value,
             )
         records = predictor.predict(
-            paths, top_k=_TOP_K.value, threshold=_THRESHOLD.value, progress=True
+            paths,
+            top_k=_TOP_K.value,
+            threshold=_THRESHOLD.value,
+            progress=True,
+            max_image_pixels=_MAX_IMAGE_PIXELS.value,
         )
+        if not records:
+            raise DataError(
+                f"none of the {len(paths)} files could be read as an image (each is named "
+                "above); no predictions, nothing written"
+            )
     except MlgraphError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -198,3 +198,15 @@ def test_custom_split_with_no_usable_image_is_one_error(tmp_path):
         f"{raw / 'gone.jpg'}: image file not found)"
     )
     assert not (tmp_path / "out" / "custom" / "1.0.0").exists()
+
+
+def test_a_new_image_size_limit_is_a_changed_source(tmp_path):
+    raw, _ = write_custom(tmp_path / "raw", LINES, IMAGES)
+    out = tmp_path / "out"
+    built = pathlib.Path(datasets.build("custom", raw, out).data_dir)
+    with pytest.raises(DataError) as e:
+        datasets.build("custom", raw, out, max_image_pixels=10**9)
+    assert str(e.value) == (
+        f"{built}: its source files changed since it was built (changed: option "
+        "--max_image_pixels); build with --rebuild to replace it, or into another --data_dir"
+    )

@@ -1,7 +1,7 @@
 """Build a data set once from the user's raw download into array_record files.
 
     python -m mlgraph.data.build NAME --manual_dir RAW --data_dir OUT [--config all] [--strict]
-        [--rebuild]
+        [--rebuild] [--max_image_pixels N]
 
 NAME is a data set of `mlgraph.data.registry` (coco2014, voc2007, voc2012, nuswide, nuswide_ov,
 custom); --config overrides its builder config (coco2014: nonempty, all; nuswide: concepts81,
@@ -11,7 +11,9 @@ Unreadable images are reported by path and skipped (counted in the summary), or 
 stop the build. Building again into the same folder reuses the build when its source files are
 unchanged (one line says so; --strict then fails on what that build skipped); when they changed,
 or the folder holds an incomplete build, it stops with one line saying what changed, and
---rebuild replaces the build (the old one is kept until the new one is complete).
+--rebuild replaces the build (the old one is kept until the new one is complete). A JPEG over
+--max_image_pixels is stored at 1/2, 1/4 or 1/8 scale, any other image over it is skipped
+(`mlgraph.data.images`); the limit is part of what a build is judged by.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from mlgraph import paths
-from mlgraph.data import datasets, registry
+from mlgraph.data import datasets, images, registry
 from mlgraph.errors import MlgraphError, StorageError
 
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Folder of the raw download.")
@@ -35,6 +37,7 @@ _STRICT = flags.DEFINE_bool("strict", False, "Stop at the first unreadable image
 _REBUILD = flags.DEFINE_bool(
     "rebuild", False, "Replace a build in --data_dir whose source files changed since."
 )
+_MAX_IMAGE_PIXELS = images.define_max_pixels_flag()
 flags.mark_flags_as_required(["manual_dir", "data_dir"])
 
 
@@ -77,6 +80,7 @@ def main(argv: list[str]) -> None:
             strict=_STRICT.value,
             rebuild=_REBUILD.value,
             report=print,
+            max_image_pixels=_MAX_IMAGE_PIXELS.value,
         )
     except MlgraphError as e:
         print(f"error: {e}", file=sys.stderr)

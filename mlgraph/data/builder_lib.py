@@ -1,6 +1,7 @@
-"""What every mlgraph TFDS builder shares: the `strict` switch, the feature set, the check
-of the raw download folder and the record of the source files a build was made from
-(`mlgraph.data.sources`, written into the build before TFDS moves it into place).
+"""What every mlgraph TFDS builder shares: the `strict` switch, the image size limit, the
+feature set, the check of the raw download folder and the record of the source files a
+build was made from (`mlgraph.data.sources`, written into the build before TFDS moves it
+into place).
 
 Features: `image` (JPEG bytes, decoded on read), `labels` (multi-hot uint8 [C]), `image_id`
 (int or text), and any extra multi-hot masks a data set has (VOC's `difficult`). Class names go
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mlgraph.data import sources
+from mlgraph.data import images, sources
 from mlgraph.errors import DataError
 
 
@@ -66,11 +67,18 @@ class MultiLabelBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
     EXTRA_MULTIHOT: tuple[str, ...] = ()  # further multi-hot uint8 [C] features
 
     def __init__(
-        self, *, strict: bool = False, source_files: dict[str, str] | None = None, **kwargs
+        self,
+        *,
+        strict: bool = False,
+        max_image_pixels: int = images.MAX_IMAGE_PIXELS,
+        source_files: dict[str, str] | None = None,
+        **kwargs,
     ):
         """`strict`: a bad image or annotation is an error instead of being skipped and counted.
+        `max_image_pixels`: the size limit of `images.rgb_jpeg_bytes`.
         `source_files`: the `sources.record` of the files this build reads, kept with it."""
         self.strict = strict
+        self.max_image_pixels = max_image_pixels
         self.source_files = source_files
         super().__init__(**kwargs)
 

@@ -134,7 +134,9 @@ class Coco2014(builder_lib.MultiLabelBuilder):
             if not y.any() and not self.builder_config.keep_empty:
                 continue
             try:
-                data, _ = images.rgb_jpeg_bytes(root / SPLITS[split] / im["file_name"])
+                data, _ = images.rgb_jpeg_bytes(
+                    root / SPLITS[split] / im["file_name"], self.max_image_pixels
+                )
             except images.BadImage as e:
                 if self.strict:
                     raise DataError(f"{e} (--strict)") from None

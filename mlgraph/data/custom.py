@@ -82,8 +82,11 @@ def parse_line(line: str, where: str, class_index: dict[str, int]) -> tuple[str,
     return path, y
 
 
-def read_image(path: pathlib.Path, line: str, where: str) -> tuple[bytes, tuple[int, int]]:
-    """`images.rgb_jpeg_bytes(path)`, for the split-file line `line` at `where` ('file:line').
+def read_image(
+    path: pathlib.Path, line: str, where: str, max_pixels: int
+) -> tuple[bytes, tuple[int, int]]:
+    """`images.rgb_jpeg_bytes(path, max_pixels)`, for the split-file line `line` at `where`
+    ('file:line').
 
     Raises:
       LineError: the image is missing or unreadable; the message starts with `where`, so that
@@ -91,7 +94,7 @@ def read_image(path: pathlib.Path, line: str, where: str) -> tuple[bytes, tuple[
         without a tab is most likely a path and labels separated by spaces, and it says so.
     """
     try:
-        return images.rgb_jpeg_bytes(path)
+        return images.rgb_jpeg_bytes(path, max_pixels)
     except images.BadImage as e:
         if "\t" not in line and " " in line.strip() and not path.exists():
             raise LineError(
@@ -154,7 +157,7 @@ class Custom(builder_lib.MultiLabelBuilder):
                         f"{where}: image {path} already listed on line {first_line[path]}"
                     )
                 first_line[path] = n
-                data, _ = read_image(root / path, line, where)
+                data, _ = read_image(root / path, line, where, self.max_image_pixels)
             except LineError as e:
                 if self.strict:
                     raise DataError(f"{e} (--strict)") from None

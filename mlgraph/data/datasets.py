@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mlgraph import paths
-from mlgraph.data import builder_lib, registry, sources
+from mlgraph.data import builder_lib, images, registry, sources
 from mlgraph.errors import ConfigError, DataError, StorageError, warn
 
 
@@ -47,12 +47,15 @@ def build(
     strict: bool = False,
     rebuild: bool = False,
     report: Callable[[str], None] | None = None,
+    max_image_pixels: int = images.MAX_IMAGE_PIXELS,
 ):
     """Build `name` from the raw files in `manual_dir` into `data_dir`; the builder.
 
     TFDS writes into a temporary folder and renames it when complete, with the record of the
     source files read (`mlgraph.data.sources`) inside, so an interrupted build never leaves a
-    folder that looks built. Building again into the same place judges the current source:
+    folder that looks built. `strict` and `max_image_pixels` are the builder's
+    (`builder_lib.MultiLabelBuilder`); the limit is recorded with the source files. Building
+    again into the same place judges the current source:
 
     * unchanged since the build: the build is reused, and `report` gets one line saying so;
       with `strict`, a file that build skipped stops it, as a fresh strict build would;
@@ -67,9 +70,18 @@ def build(
     builder_lib.check_manual_dir(manual_dir, name, [], "")
     manual_dir = pathlib.Path(manual_dir)
     files = sources.record(builder_class(name).source_paths(manual_dir), manual_dir, data_dir)
+    # The size limit decides which images a build holds, so a build is judged by it too.
+    files[sources.option_key("max_image_pixels")] = str(max_image_pixels)
 
     def prepare():
-        builder = make_builder(name, data_dir, config, strict=strict, source_files=files)
+        builder = make_builder(
+            name,
+            data_dir,
+            config,
+            strict=strict,
+            max_image_pixels=max_image_pixels,
+            source_files=files,
+        )
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir))
         )

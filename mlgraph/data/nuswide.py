@@ -506,7 +506,7 @@ class NusWide(builder_lib.MultiLabelBuilder):
         skipped = []
         for entry, features in rows:
             try:
-                data, _ = images.rgb_jpeg_bytes(root / "Flickr" / entry)
+                data, _ = images.rgb_jpeg_bytes(root / "Flickr" / entry, self.max_image_pixels)
             except images.BadImage as e:
                 if self.strict:
                     raise DataError(f"{e} (--strict)") from None

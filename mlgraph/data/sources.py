@@ -26,6 +26,12 @@ MISSING = "missing"
 SHOWN = 3
 
 
+def option_key(name: str) -> str:
+    """The record's entry of a build option that decides what the build holds (e.g. the image
+    size limit): changing the option changes the build as a changed file would."""
+    return f"option --{name}"
+
+
 def file_state(path: str | os.PathLike) -> str:
     """How `path` is recorded: 'sha256:<hex>', 'size:mtime_ns' or 'unreadable'; `MISSING` when
     there is no such file."""

@@ -178,7 +178,9 @@ class VocBase(builder_lib.MultiLabelBuilder, skip_registration=True):
                 any_instance, clear_instance = read_annotation(
                     base / "Annotations" / f"{image_id}.xml"
                 )
-                data, _ = images.rgb_jpeg_bytes(base / "JPEGImages" / f"{image_id}.jpg")
+                data, _ = images.rgb_jpeg_bytes(
+                    base / "JPEGImages" / f"{image_id}.jpg", self.max_image_pixels
+                )
             except (AnnotationError, images.BadImage) as e:
                 if self.strict:
                     raise DataError(f"{e} (--strict)") from None

@@ -6,11 +6,13 @@ semantic guidance over images (one PNG per image and class).
     python -m mlgraph.viz labelcloud --workdir DIR [--step N] [--ema | --no-ema] [--output OUT]
         [--classes_file NAMES.txt]
     python -m mlgraph.viz cam --workdir DIR IMAGE... [--step N] [--classes NAME,...]
-        [--output OUT] [--classes_file NAMES.txt]
+        [--output OUT] [--classes_file NAMES.txt] [--max_image_pixels N]
 
 Writes `heatmap_scene{k}.png` / `labelcloud_scene{k}.png` / `cam_<image>_<class>.png` into OUT
 (default DIR/viz). The step defaults to the best checkpoint, SALGL's counts to the EMA model's.
-`cam` draws the class the model scores highest, or each class of --classes. Class names come
+`cam` draws the class the model scores highest, or each class of --classes; its images are
+decoded as the builders decode them (`mlgraph.data.images`, the size limit --max_image_pixels).
+Class names come
 from the data set in DIR/config.json, or from --classes_file (one name per line). Errors print
 one line and exit with status 2.
 """
@@ -25,6 +27,7 @@ from absl import app, flags
 
 from mlgraph import cli, viz
 from mlgraph import paths as storage
+from mlgraph.data import images as image_files
 from mlgraph.errors import MlgraphError
 
 COMMANDS = {
@@ -32,7 +35,7 @@ COMMANDS = {
     "labelcloud": "word clouds of the labels each scene collected",
     "cam": "Scob's Grad-CAM++ map and key masks over images",
 }
-HEATMAP_ONLY = ("top",)
+ONLY_FOR = {"heatmap": ("top",), "cam": ("max_image_pixels",)}  # command: its own flags
 
 _FLAGS = flags.FlagValues()  # not absl's global FLAGS: see mlgraph.cli
 _WORKDIR = flags.DEFINE_string("workdir", None, "a SALGL training workdir", flag_values=_FLAGS)
@@ -64,6 +67,7 @@ _TOP = flags.DEFINE_integer(
     "draw the N most frequent classes (default: all if at most 20, else 20)",
     flag_values=_FLAGS,
 )
+_MAX_IMAGE_PIXELS = image_files.define_max_pixels_flag(_FLAGS)
 flags.mark_flag_as_required("workdir", flag_values=_FLAGS)
 flags.mark_flags_as_mutual_exclusive(["classes", "top"], flag_values=_FLAGS)
 USAGE = "\n".join(
@@ -73,7 +77,7 @@ USAGE = "\n".join(
         "",
         *(f"  {name}: {text}" for name, text in COMMANDS.items()),
         "",
-        "--top: heatmap only; --classes: heatmap and cam",
+        "--top: heatmap only; --classes: heatmap and cam; --max_image_pixels: cam only",
     ]
 )
 
@@ -88,16 +92,25 @@ def run(
     classes: str | None = None,
     top: int | None = None,
     images: Sequence[str] = (),
+    max_image_pixels: int = image_files.MAX_IMAGE_PIXELS,
 ) -> list[pathlib.Path]:
     """Run `command` (a key of COMMANDS) with the flags' values (and, for cam, the image
-    paths); returns the written paths (and prints a summary)."""
+    paths and their size limit); returns the written paths (and prints a summary)."""
     out_dir = storage.as_given(output or storage.epath.Path(workdir) / "viz", "--output")
     picked = [c.strip() for c in classes.split(",")] if classes else None
     if command == "cam":
         from mlgraph.viz import cam  # imports jax: only for this command
 
         names = viz.read_classes_file(classes_file) if classes_file else None
-        drawn = cam.draw(workdir, images, out_dir, step=step, classes=picked, class_names=names)
+        drawn = cam.draw(
+            workdir,
+            images,
+            out_dir,
+            step=step,
+            classes=picked,
+            class_names=names,
+            max_image_pixels=max_image_pixels,
+        )
         for path, g in drawn:
             print(
                 f"{g.class_name} (p = {g.probability:.2f}): {int(g.salient32.sum())} and "
@@ -149,9 +162,10 @@ def parse_command(argv: Sequence[str] | None) -> tuple[str, list[str]]:
         raise app.UsageError(
             "cam: no IMAGE given (python -m mlgraph.viz cam --workdir DIR IMAGE...)"
         )
-    misplaced = [f"--{name}" for name in HEATMAP_ONLY if _FLAGS[name].present]
-    if command != "heatmap" and misplaced:
-        raise app.UsageError(f"{', '.join(misplaced)}: only for heatmap")
+    for owner, names in ONLY_FOR.items():
+        misplaced = [f"--{name}" for name in names if _FLAGS[name].present]
+        if command != owner and misplaced:
+            raise app.UsageError(f"{', '.join(misplaced)}: only for {owner}")
     if command == "labelcloud" and _FLAGS["classes"].present:
         raise app.UsageError("--classes: only for heatmap and cam")
     return command, list(extra)
@@ -174,6 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             classes=_CLASSES.value,
             top=_TOP.value,
             images=images,
+            max_image_pixels=_MAX_IMAGE_PIXELS.value,
         )
     except (app.UsageError, MlgraphError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -22,9 +22,10 @@ import numpy as np
 from flax import nnx
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from mlgraph import paths as storage
+from mlgraph.data import images as image_files
 from mlgraph.errors import ConfigError, DataError, WorkdirError
 
 DIM = 0.25  # brightness kept by a non-salient patch
@@ -47,21 +48,25 @@ class Guidance:
     salient16: np.ndarray
 
 
-def read_image(path: str | pathlib.Path, size: int, mean, std) -> tuple[np.ndarray, np.ndarray]:
+def read_image(
+    path: str | pathlib.Path,
+    size: int,
+    mean,
+    std,
+    max_pixels: int = image_files.MAX_IMAGE_PIXELS,
+) -> tuple[np.ndarray, np.ndarray]:
     """(the image resized to size x size as uint8 RGB, the normalised float32 model input),
-    the evaluation transform's resize and normalisation.
+    the evaluation transform's resize and normalisation of the pixels a built data set holds
+    for the file (`mlgraph.data.images.read_rgb`, under the size limit `max_pixels`).
 
     Raises:
-      DataError: a missing or unreadable image file.
+      DataError: a missing or unreadable image file, or one over the limit.
     """
-    path = pathlib.Path(path)
     try:
-        with Image.open(path) as img:
-            resized = img.convert("RGB").resize((size, size), Image.BILINEAR)
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such image file") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise DataError(f"{path}: not a readable image ({e})") from None
+        pixels = image_files.read_rgb(path, max_pixels)
+    except image_files.BadImage as e:
+        raise DataError(str(e)) from None
+    resized = Image.fromarray(pixels).resize((size, size), Image.BILINEAR)
     pixels = np.asarray(resized)
     normalised = (pixels.astype(np.float32) / 255.0 - np.asarray(mean)) / np.asarray(std)
     return pixels, normalised.astype(np.float32)
@@ -144,10 +149,12 @@ def draw(
     classes: Sequence[str] | None = None,
     class_names: Sequence[str] | None = None,
     dpi: int = 120,
+    max_image_pixels: int = image_files.MAX_IMAGE_PIXELS,
 ) -> list[tuple[pathlib.Path, Guidance]]:
     """Write `cam_<image stem>_<class>.png` into `out_dir` for each image and class, from the
     Scob model saved in `workdir` at `step` (default: its best checkpoint); `class_names`
-    replaces the data set's names.
+    replaces the data set's names; images are decoded under the size limit
+    `max_image_pixels` (`read_image`).
 
     Raises:
       WorkdirError: a workdir that did not train Scob (or has no checkpoint).
@@ -175,7 +182,8 @@ def draw(
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for path in images:
-        pixels, normalised = read_image(path, size, run.config.data.mean, run.config.data.std)
+        mean, std = run.config.data.mean, run.config.data.std
+        pixels, normalised = read_image(path, size, mean, std, max_image_pixels)
         for g in image_guidance(model, normalised, names, classes):
             title = f"{pathlib.Path(path).name}: step {run.step} of {workdir}"
             fig = cam_figure(pixels, g, title)

@@ -22,23 +22,36 @@ import pathlib
 import sys
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
-from mlgraph import paths
+from mlgraph import cli, paths
 from mlgraph.data import datasets, images, registry
 from mlgraph.errors import MlgraphError, StorageError
 
-_MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Folder of the raw download.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the built data set is written.")
+FLAGS = flags.FlagValues()  # its own: see `mlgraph.cli`
+_MANUAL_DIR = flags.DEFINE_string(
+    "manual_dir", None, "Folder of the raw download.", flag_values=FLAGS
+)
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", None, "Where the built data set is written.", flag_values=FLAGS
+)
 _CONFIG = flags.DEFINE_string(
-    "config", "", "Builder config (default: the data set's; e.g. coco2014: nonempty, all)."
+    "config",
+    "",
+    "Builder config (default: the data set's; e.g. coco2014: nonempty, all).",
+    flag_values=FLAGS,
 )
-_STRICT = flags.DEFINE_bool("strict", False, "Stop at the first unreadable image.")
+_STRICT = flags.DEFINE_bool(
+    "strict", False, "Stop at the first unreadable image.", flag_values=FLAGS
+)
 _REBUILD = flags.DEFINE_bool(
-    "rebuild", False, "Replace a build in --data_dir whose source files changed since."
+    "rebuild",
+    False,
+    "Replace a build in --data_dir whose source files changed since.",
+    flag_values=FLAGS,
 )
-_MAX_IMAGE_PIXELS = images.define_max_pixels_flag()
-flags.mark_flags_as_required(["manual_dir", "data_dir"])
+_MAX_IMAGE_PIXELS = images.define_max_pixels_flag(FLAGS)
+flags.mark_flags_as_required(["manual_dir", "data_dir"], flag_values=FLAGS)
 
 
 def summarize(name: str, builder) -> str:
@@ -59,12 +72,19 @@ def summarize(name: str, builder) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> None:
-    """Entry point after flag parsing."""
-    if len(argv) != 2:
-        buildable = [r.name for r in registry.DATASETS.values() if not r.demo]
-        raise app.UsageError(f"give one data set name: {', '.join(sorted(buildable))}")
-    logging.set_verbosity(logging.WARNING)
+def main(argv: list[str] | None = None) -> int:
+    """`python -m mlgraph.data.build NAME --manual_dir RAW --data_dir OUT ...`; the exit
+    status: 0, or 2 after one `error:` line (bad usage, or a build that cannot be made)."""
+    try:
+        args = cli.parse(FLAGS, argv, __doc__)
+        if len(args) != 1:
+            buildable = [r.name for r in registry.DATASETS.values() if not r.demo]
+            raise app.UsageError(f"give one data set name: {', '.join(sorted(buildable))}")
+    except app.UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cli.quiet_logs()
+    name = args[0]
     try:
         if paths.is_cloud(_DATA_DIR.value):
             # Written here it could not be read back: build locally, then copy it to the bucket.
@@ -73,7 +93,7 @@ def main(argv: list[str]) -> None:
                 f"bucket; {paths.DATA_ON_CLOUD}"
             )
         builder = datasets.build(
-            argv[1],
+            name,
             pathlib.Path(_MANUAL_DIR.value),
             pathlib.Path(_DATA_DIR.value),
             _CONFIG.value,
@@ -84,9 +104,10 @@ def main(argv: list[str]) -> None:
         )
     except MlgraphError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(summarize(argv[1], builder))
+        return 2
+    print(summarize(name, builder))
+    return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(main())

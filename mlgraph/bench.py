@@ -50,6 +50,7 @@ from mlgraph import (
     accelerators,
     assets,
     bench_compile,
+    cli,
     evaluation,
     sharding,
     step_cost,
@@ -311,4 +312,4 @@ def _run(command: str, config) -> dict | None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_config_flags)

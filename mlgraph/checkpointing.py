@@ -148,6 +148,31 @@ absl_logging.get_absl_logger().addFilter(_NoMetricsBetweenEvaluations())
 
 UNREADABLE_DIR = "unreadable_checkpoints"  # beside checkpoints/: steps that failed to read
 METRICS_FILE = pathlib.Path("metrics") / "metrics"  # Orbax's per-step metrics, inside a step
+# Orbax's per-step metadata (JSON), inside a step; its `custom_metadata` keeps the run's config
+# under CONFIG_KEY, so a workdir that lost its config.json still knows what it holds.
+STEP_METADATA_FILE = "_CHECKPOINT_METADATA"
+CONFIG_KEY = "config"
+
+
+def step_folders(directory: str | pathlib.Path) -> list[int]:
+    """The steps saved in a `checkpoints/` folder (its finished step folders), oldest first,
+    read from the folder itself (no `CheckpointManager`, which reads every step's metrics)."""
+    directory = paths.path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(int(f.name) for f in directory.iterdir() if f.name.isdigit())
+
+
+def saved_config(directory: str | pathlib.Path, step: int) -> dict | None:
+    """The run's config kept with checkpoint `step` (`TrainCheckpoints(config=...)`), None when
+    the step predates the copy or its metadata cannot be read."""
+    path = paths.path(directory) / str(step) / STEP_METADATA_FILE
+    try:
+        custom = json.loads(path.read_text()).get("custom_metadata") or {}
+    except (ValueError, OSError, AttributeError):
+        return None
+    config = custom.get(CONFIG_KEY)
+    return config if isinstance(config, dict) else None
 
 
 def describe_error(error: BaseException) -> str:
@@ -231,11 +256,20 @@ class TrainCheckpoints:
       keep: how many of the newest steps to keep (`config.keep_checkpoints`).
       repair: (training) a step whose metrics file cannot be read is reported and moved aside
         instead of failing; otherwise (evaluation, inspection) it is a `WorkdirError`.
+      config: (training) the run's config as JSON data, kept with each step saved
+        (`saved_config`).
     """
 
-    def __init__(self, directory: str | pathlib.Path, keep: int = 2, repair: bool = False):
+    def __init__(
+        self,
+        directory: str | pathlib.Path,
+        keep: int = 2,
+        repair: bool = False,
+        config: Mapping[str, Any] | None = None,
+    ):
         self.directory = paths.path(directory)
         self.keep = int(keep)
+        self.config = None if config is None else dict(config)
         try:
             self.manager = self._open()
         except Exception as e:  # Orbax reads every step's metrics when it opens the folder
@@ -286,14 +320,13 @@ class TrainCheckpoints:
     def _unreadable_metrics(self) -> list[tuple[int, str]]:
         """(step, reason) of each step folder whose metrics file is not JSON."""
         bad = []
-        folders = self.directory.iterdir() if self.directory.is_dir() else []
-        for folder in sorted((f for f in folders if f.name.isdigit()), key=lambda f: int(f.name)):
-            path = folder / METRICS_FILE
+        for step in step_folders(self.directory):
+            path = self.directory / str(step) / METRICS_FILE
             try:
                 if path.exists():
                     json.loads(path.read_text())
             except (ValueError, OSError) as e:
-                bad.append((int(folder.name), describe_error(e)))
+                bad.append((step, describe_error(e)))
         return bad
 
     def _set_aside(self, step: int, reason: str, then: str = "") -> None:
@@ -344,7 +377,8 @@ class TrainCheckpoints:
         self, step: int, state: Any, data_iterator, metrics: Mapping[str, float] | None = None
     ) -> None:
         """Save `state` and the data iterator (anything with grain's `get_state`/`set_state`)
-        at `step`; `metrics` holds `best` at evaluation steps and is None between them."""
+        at `step`, with the run's config when given; `metrics` holds `best` at evaluation steps
+        and is None between them."""
         import grain
 
         self.manager.save(
@@ -354,6 +388,7 @@ class TrainCheckpoints:
                 data=grain.checkpoint.CheckpointSave(data_iterator),
             ),
             metrics=None if metrics is None else dict(metrics),
+            custom_metadata=None if self.config is None else {CONFIG_KEY: self.config},
         )
         self.manager.wait_until_finished()
 

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
+
+from mlgraph.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -159,3 +165,151 @@ def total_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> i
     if config.total_steps:
         return int(config.total_steps)
     return max(1, math.ceil(config.num_epochs * num_train_examples / config.batch_size))
+
+
+# ---------------------------------------------------------------------------------------------
+# The values a numeric field may take
+# ---------------------------------------------------------------------------------------------
+Bound = float | str | None  # a number, another field's dotted name, or None: unbounded
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric config field may take: `low`..`high`, each bound included unless
+    marked open; `off` is accepted besides (a field whose 0 means off). A tuple value is
+    checked element by element."""
+
+    low: Bound = None
+    high: Bound = None
+    low_open: bool = False
+    high_open: bool = False
+    off: float | None = None
+
+    def describe(self, flat: Mapping[str, Any]) -> str:
+        """The range in words, a bound that is another field shown with its value."""
+        low, high = (_bound_text(b, flat) for b in (self.low, self.high))
+        if high is None:
+            text = f"{'>' if self.low_open else '>='} {low}"
+        elif low is None:
+            text = f"{'<' if self.high_open else '<='} {high}"
+        else:
+            left, right = "(["[not self.low_open], ")]"[not self.high_open]
+            text = f"in {left}{low}, {high}{right}"
+        return text if self.off is None else f"{text} (or {self.off:g}: off)"
+
+    def holds(self, value: float, flat: Mapping[str, Any]) -> bool:
+        """Whether `value` is in the range (a NaN or infinity never is)."""
+        if self.off is not None and value == self.off:
+            return True
+        if not math.isfinite(value):
+            return False
+        low, high = (_bound_value(b, flat) for b in (self.low, self.high))
+        above = low is None or (value > low if self.low_open else value >= low)
+        below = high is None or (value < high if self.high_open else value <= high)
+        return above and below
+
+
+def _bound_value(bound: Bound, flat: Mapping[str, Any]) -> float | None:
+    return flat.get(bound) if isinstance(bound, str) else bound
+
+
+def _bound_text(bound: Bound, flat: Mapping[str, Any]) -> str | None:
+    if isinstance(bound, str):
+        return f"config.{bound} ({flat.get(bound)})"
+    return None if bound is None else f"{bound:g}"
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+FRACTION = Range(0, 1)  # a share or a probability
+DECAY = Range(0, 1, high_open=True)  # an average's decay, Adam's betas: 1 never moves
+
+# Every numeric field with a range, by dotted name (fnmatch patterns; a field a config does not
+# have is skipped): checked at the start of a run (`check_ranges`), before anything is written.
+RANGES: dict[str, Range] = {
+    "image_size": POSITIVE,
+    "batch_size": POSITIVE,
+    "eval_batch_size": POSITIVE,
+    "num_epochs": POSITIVE,
+    "total_steps": NON_NEGATIVE,  # 0: from num_epochs
+    "stop_at_step": NON_NEGATIVE,
+    "eval_every_steps": POSITIVE,
+    "eval_every_epochs": NON_NEGATIVE,
+    "checkpoint_every_steps": NON_NEGATIVE,
+    "keep_checkpoints": Range(1),
+    "log_every_steps": POSITIVE,
+    "ema.decay": DECAY,
+    "data.worker_count": NON_NEGATIVE,
+    "data.prefetch": NON_NEGATIVE,
+    "data.eval_center_crop_from": Range("image_size", off=0),
+    "data.val_fraction": Range(0, 1, high_open=True),
+    "data.std": POSITIVE,
+    "optimizer.lr": NON_NEGATIVE,  # 0 is a run that only evaluates; < 0 climbs the loss
+    "optimizer.group_lr.*": NON_NEGATIVE,
+    "optimizer.min_lr": Range(0, "optimizer.lr"),
+    "optimizer.weight_decay": NON_NEGATIVE,
+    "optimizer.b1": DECAY,
+    "optimizer.b2": DECAY,
+    "optimizer.eps": NON_NEGATIVE,
+    "optimizer.momentum": DECAY,
+    "optimizer.base_momentum": Range(0, "optimizer.max_momentum"),
+    "optimizer.max_momentum": DECAY,
+    "optimizer.clip_grad_norm": NON_NEGATIVE,  # 0: off
+    "optimizer.warmup_fraction": Range(0, 1, high_open=True),  # the warm-up within the run
+    "optimizer.pct_start": FRACTION,
+    "optimizer.div_factor": POSITIVE,
+    "optimizer.final_div_factor": POSITIVE,
+    "optimizer.layer_decay": Range(0, 1, low_open=True),
+    "optimizer.step_epochs": POSITIVE,
+    "optimizer.step_gamma": Range(0, 1, low_open=True),
+    "model.*dropout": Range(0, 1, high_open=True),
+    "model.cam_threshold": FRACTION,
+    "model.momentum": DECAY,
+    "model.tau": FRACTION,  # ML-GCN's threshold of P(j | i)
+    "model.p": FRACTION,  # ML-GCN's re-weighting
+    "loss.gamma_pos": NON_NEGATIVE,
+    "loss.gamma_neg": NON_NEGATIVE,
+    "loss.clip": Range(0, 1, high_open=True),
+    "loss.eps": POSITIVE,
+    "loss.ls_coef": Range(0, 1, high_open=True),
+    "loss.expected_num_pos": POSITIVE,
+    "loss.neg_proportion": FRACTION,
+    "loss.warmup_epochs": NON_NEGATIVE,
+    "loss.label_lr_mult": NON_NEGATIVE,
+    "loss.alpha": NON_NEGATIVE,
+    "loss.beta": NON_NEGATIVE,
+    "loss.lamda": NON_NEGATIVE,
+    "loss.*_weight": NON_NEGATIVE,
+    "loss.*temperature": POSITIVE,
+}
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested dict (or ConfigDict) as {dotted name: leaf value}."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping | ml_collections.ConfigDict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_ranges(config: ml_collections.ConfigDict) -> None:
+    """Check every field of `config` that `RANGES` names against its range.
+
+    Raises:
+      ConfigError: the first field out of range, naming it, its value and the range.
+    """
+    flat = flatten(config)
+    for pattern, allowed in RANGES.items():
+        for name in fnmatch.filter(flat, pattern):
+            value = flat[name]
+            values = value if isinstance(value, tuple | list) else (value,)
+            numbers = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+            if all(allowed.holds(v, flat) for v in numbers):
+                continue
+            each = "each " if len(values) > 1 else ""
+            raise ConfigError(
+                f"config.{name}={value}: out of range; expected {each}{allowed.describe(flat)}"
+            )

@@ -33,6 +33,7 @@ from mlgraph import (
     evaluation,
     models,
     optim,
+    paths,
     preemption,
     sharding,
     train_state,
@@ -41,7 +42,6 @@ from mlgraph import (
 )
 from mlgraph import workdir as workdirs
 from mlgraph.data import datasets, pipeline
-from mlgraph.errors import ConfigError
 from mlgraph.metric_writer import MetricWriter, read_metrics
 
 
@@ -89,7 +89,8 @@ def log(message: str) -> None:
 def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A copy of `config` with its method's complete loss settings (its `Loss` defaults, then
     `config.loss`, so that config.json records what trains), after the checks that need no
-    data.
+    data: the method exists, every numeric field is in its range (`config_lib.RANGES`), the
+    batches split over the devices.
 
     Raises:
       ConfigError: a setting no run can use (the field named), or a loss field the method
@@ -97,11 +98,7 @@ def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     """
     config = config.copy_and_resolve_references()
     config.loss = models.loss_settings(config)
-    if config.keep_checkpoints < 1:
-        raise ConfigError(
-            f"config.keep_checkpoints={config.keep_checkpoints}: expected at least 1 (the "
-            "newest steps kept besides the best)"
-        )
+    config_lib.check_ranges(config)
     sharding.check_batch_size(config.batch_size)
     sharding.check_batch_size(config.eval_batch_size, "eval_batch_size")
     return config
@@ -196,29 +193,44 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     The run holds the workdir's lock throughout, and SIGTERM or SIGINT stops it after the
     current step with a checkpoint (a second one exits at once).
 
+    A run that fails to start (a bad setting, a data set not built, a model that cannot be
+    built) leaves the workdir as it was: the config is checked before the workdir is touched,
+    config.json is written only once the run has a checkpoint (`Loop.save`) or has restored one,
+    and a workdir this call created is removed again while it is empty.
+
     Raises:
+      ConfigError: a setting no run can use (`check_config`).
       WorkdirError: another run holds the workdir, or it holds another config's run.
       DivergenceError: a non-finite step (without `config.optimizer.skip_nonfinite`).
     """
+    fresh = not paths.path(workdir, "--workdir").exists()
+    config = check_config(config)
     workdir = workdirs.create(workdir)
-    with (
-        workdir_lock.hold(workdir) as lock,
-        preemption.StopSignals(on_exit=lock.release) as signals,
-    ):
-        return _run(config, workdir, signals)
+    try:
+        with (
+            workdir_lock.hold(workdir) as lock,
+            preemption.StopSignals(on_exit=lock.release) as signals,
+        ):
+            return _run(config, workdir, signals)
+    except BaseException:
+        if fresh:
+            workdirs.remove_if_empty(workdir)
+        raise
 
 
 def _run(config, workdir: epath.Path, signals: preemption.StopSignals) -> dict[str, float]:
     """Set up, restore, then train with evaluations and checkpoints (`Loop`)."""
-    config = check_config(config)
-    workdirs.record_config(workdir, config)
+    record = workdirs.config_record(config)  # before asset names are resolved to files
+    workdirs.check_same_run(workdir, record)
     mesh = sharding.make_mesh()
     config, data = open_data(config, mesh)
     ckpts = checkpointing.TrainCheckpoints(
-        workdir / workdirs.CHECKPOINTS, keep=config.keep_checkpoints, repair=True
+        workdir / workdirs.CHECKPOINTS, keep=config.keep_checkpoints, repair=True, config=record
     )
     try:
         mod, graphdef, tx, state, step = initial_state(config, data, mesh, ckpts, workdir)
+        if step:  # resumed: the checkpoint is of this config (check_same_run)
+            workdirs.record_config(workdir, record)
         logged = [r for r in read_metrics(workdir) if r["step"] <= step]
         done = finished(logged, step, data.total, workdir)
         if done is not None:
@@ -299,6 +311,7 @@ class Loop:
         )
         self.last_eval: dict[str, float] = {}
         self.t0, self.step0 = time.time(), step
+        self.recorded = step > 0  # `_run` wrote config.json when it restored the checkpoint
         stopped_by = None  # the signal that stopped the run, if one did
         try:
             while step < stop:
@@ -340,8 +353,16 @@ class Loop:
             state = self.epoch_end(self.hooks, state, epoch)
         best_by = self.evaluate(state, step) if at_eval else None
         if at_save:
-            self.ckpts.save(step, state, self.data.batches, best_by)
+            self.save(step, state, best_by)
         return state, stopped_by, best_by
+
+    def save(self, step: int, state: dict, best_by: dict[str, float] | None) -> None:
+        """Checkpoint `step` (with a copy of the run's config); a new run writes config.json at
+        its first checkpoint, never before (a resumed one did when it restored)."""
+        self.ckpts.save(step, state, self.data.batches, best_by)
+        if not self.recorded:
+            workdirs.record_config(self.workdir, self.ckpts.config)
+            self.recorded = True
 
     def log_train(self, step: int, train_metrics: dict, skipped: int) -> None:
         """Write the step's training metrics and print the progress line."""

@@ -1,6 +1,7 @@
 """A training run's folder: its config, its checkpoints, and the one way to open its model.
 
-    DIR/config.json       the run's config (written by training, compared on resume)
+    DIR/config.json       the run's config (written once the run has a checkpoint; a copy
+                          is kept with each checkpoint too, compared on resume)
     DIR/metrics.jsonl     one JSON object a line (`mlgraph.metric_writer`)
     DIR/checkpoints/      Orbax training checkpoints (`mlgraph.checkpointing.TrainCheckpoints`)
 
@@ -21,6 +22,7 @@ gives their structure; the optimizer state is left on disk.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -33,7 +35,7 @@ import ml_collections
 from etils import epath
 from flax import nnx
 
-from mlgraph import assets, checkpointing, models, paths, sharding
+from mlgraph import assets, checkpointing, config_lib, models, paths, sharding
 from mlgraph.data import augment, datasets
 from mlgraph.errors import ConfigError, WorkdirError, warn
 
@@ -81,14 +83,15 @@ def create(workdir: str | pathlib.Path) -> epath.Path:
     return workdir
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+def remove_if_empty(workdir: epath.Path) -> None:
+    """Remove a local `workdir` and its `checkpoints/` folder where they are empty (after a run
+    that created the workdir failed to start); anything with a file in it stays."""
+    if paths.is_cloud(workdir) or jax.process_index() != 0:
+        return  # an object store has no empty folders to leave behind
+    for folder in (workdir / CHECKPOINTS, workdir):
+        with contextlib.suppress(OSError):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
 
 
 def _read_saved(workdir: epath.Path) -> dict | None:
@@ -132,41 +135,95 @@ def upgrade_config(saved: dict) -> dict:
     return saved
 
 
-def record_config(workdir: epath.Path, config: ml_collections.ConfigDict) -> None:
-    """Write `config` to `workdir/config.json` (process 0), or, when a run is there already,
-    check that it is the same run.
+def config_record(config: ml_collections.ConfigDict) -> dict:
+    """What a run keeps of `config`, in config.json and with each checkpoint: its JSON data."""
+    return json.loads(config.to_json_best_effort())
+
+
+def _checkpoint_config(workdir: epath.Path) -> tuple[list[int], int | None, dict | None]:
+    """(the steps saved in `workdir`, the newest of them that keeps a copy of the run's config,
+    that copy in today's fields); (steps, None, None) when none does."""
+    directory = workdir / CHECKPOINTS
+    steps = checkpointing.step_folders(directory)
+    for step in reversed(steps):
+        saved = checkpointing.saved_config(directory, step)
+        if saved is not None:
+            return steps, step, upgrade_config(saved)
+    return steps, None, None
+
+
+def _differing(previous: dict, current: dict) -> list[str]:
+    """The fields, other than `RESUMABLE_CHANGES`, whose values differ between two configs."""
+    a, b = config_lib.flatten(previous), config_lib.flatten(current)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES)
+
+
+def check_same_run(workdir: epath.Path, record: dict) -> None:
+    """Check that the run `record` (`config_record`) is the one `workdir` holds, if any: the
+    config kept with its newest checkpoint, else its config.json. Writes nothing.
+
+    A config.json with no checkpoints beside it (a run that never saved one) holds nothing to
+    protect: a difference is a warning, and this run's config replaces it at its first
+    checkpoint.
 
     Raises:
-      WorkdirError: the workdir holds a run of another config (the differing fields named).
+      WorkdirError: the workdir holds checkpoints of another config (the differing fields
+        named), or checkpoints with neither a config.json nor a copy of their config.
     """
-    current = json.loads(config.to_json_best_effort())
-    previous = _read_saved(workdir)
-    if previous is not None:
-        a, b = _flatten(previous), _flatten(current)
-        changed = sorted(
-            k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES
-        )
-        if changed:
+    steps, step, previous = _checkpoint_config(workdir)
+    has_json = (workdir / CONFIG_FILE).exists()
+    if previous is None:
+        previous = _read_saved(workdir)
+        if previous is None and steps:
             raise WorkdirError(
-                f"--workdir {workdir}: holds a run of a different config (fields "
-                f"{', '.join(changed)} differ); use a new workdir"
+                f"--workdir {workdir}: has checkpoints (steps {', '.join(map(str, steps))}) but "
+                f"no {CONFIG_FILE}, and they predate the config kept with each checkpoint; put "
+                f"the run's {CONFIG_FILE} back, or use a new workdir"
             )
+    changed = [] if previous is None else _differing(previous, record)
+    if not changed:
+        return
+    if not steps:
+        warn(
+            f"--workdir {workdir}: its {CONFIG_FILE} is of another config (fields "
+            f"{', '.join(changed)} differ) but has no checkpoints; this run's config replaces "
+            "it at its first checkpoint"
+        )
+        return
+    source = "" if has_json else f"; no {CONFIG_FILE}, compared with checkpoint step {step}"
+    raise WorkdirError(
+        f"--workdir {workdir}: holds a run of a different config (fields "
+        f"{', '.join(changed)} differ{source}); use a new workdir"
+    )
+
+
+def record_config(workdir: epath.Path, record: dict) -> None:
+    """Write the run's config (`config_record`) to `workdir/config.json` (process 0); called
+    once the run has a checkpoint of it, after `check_same_run`."""
     if jax.process_index() == 0:
-        (workdir / CONFIG_FILE).write_text(json.dumps(current, indent=2, sort_keys=True))
+        # Atomically: a run killed mid-write must not leave a config.json that does not parse.
+        paths.replace_text(workdir / CONFIG_FILE, json.dumps(record, indent=2, sort_keys=True))
 
 
 def read_config(workdir: str | pathlib.Path, flag: str = "--workdir") -> ml_collections.ConfigDict:
     """The config `workdir`'s run was trained with (`flag` names the argument in errors).
 
     Raises:
-      WorkdirError: no such folder, or no config.json in it (not a training workdir).
+      WorkdirError: no such folder, or neither a config.json in it nor a checkpoint with a
+        copy of its config (not a training workdir).
     """
     workdir = paths.path(workdir, flag)
     if not workdir.is_dir():
         raise WorkdirError(f"{flag} {workdir}: does not exist")
     saved = _read_saved(workdir)
     if saved is None:
-        raise WorkdirError(f"{flag} {workdir}: no {CONFIG_FILE}; not a training workdir")
+        _, step, saved = _checkpoint_config(workdir)
+        if saved is None:
+            raise WorkdirError(f"{flag} {workdir}: no {CONFIG_FILE}; not a training workdir")
+        warn(
+            f"{flag} {workdir}: no {CONFIG_FILE}; using the config kept with checkpoint step "
+            f"{step} (resuming the run writes {CONFIG_FILE} again)"
+        )
     return ml_collections.ConfigDict(saved)
 
 

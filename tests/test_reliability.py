@@ -171,6 +171,8 @@ def test_second_run_on_a_held_workdir_exits_2(tmp_path):
             [sys.executable, "-m", "mlgraph.main", "--config", "configs/baseline_demo.py"]
             + ["--workdir", str(workdir)],
             cwd=REPO,
+            # One device: the config's checks, which come first, pass (eval batch 100).
+            env=dict(os.environ, JAX_NUM_CPU_DEVICES="1"),
             capture_output=True,
             text=True,
             timeout=120,

@@ -157,10 +157,11 @@ def test_an_earlier_config_json_reads_in_todays_fields(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(old_format(config)))
     read = workdirs.read_config(tmp_path)
     assert json.loads(read.to_json_best_effort()) == json.loads(config.to_json_best_effort())
-    workdirs.record_config(tmp_path, config)  # the same run: resuming is allowed
+    (tmp_path / "checkpoints" / "2").mkdir(parents=True)  # a saved step, of no config copy
+    workdirs.check_same_run(tmp_path, workdirs.config_record(config))  # the same run: resumes
     config.data.augment = "salgl"
     with pytest.raises(WorkdirError, match=r"\(fields data.augment differ\)"):
-        workdirs.record_config(tmp_path, config)
+        workdirs.check_same_run(tmp_path, workdirs.config_record(config))
     # Switches no chain makes stay as they were, and resuming names them.
     odd = old_format(config)
     odd["data"]["augment"]["cutout"] = 0.3

@@ -8,6 +8,7 @@ PyTorch-style initializers and Linear, and the per-class linear classifier.
   `xavier_uniform_` draws on flax's [in, out] kernel layout.
 * `ElementWiseLinear` is the per-class `Element_Wise_Layer` classifier of SSGRL, SALGL
   (docs/salgl.md §1.11) and Query2Label.
+* `patch_grid` is the patch grid of a ViT-style backbone, or the image size it cannot take.
 """
 
 from __future__ import annotations
@@ -21,6 +22,25 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from mlgraph.errors import ConfigError
+
+
+def patch_grid(image_size: int, patch_size: int) -> int:
+    """Patches per side of a ViT-style backbone at `image_size`.
+
+    Raises:
+      ConfigError: `image_size` is not a multiple of `patch_size` (the run's
+        `config.image_size` named, with the sizes that fit).
+    """
+    if image_size % patch_size:
+        below = image_size // patch_size * patch_size
+        raise ConfigError(
+            f"config.image_size={image_size}: the backbone cuts {patch_size}-pixel patches; "
+            f"expected a multiple of {patch_size} (e.g. {max(below, patch_size)} or "
+            f"{below + patch_size})"
+        )
+    return image_size // patch_size
 
 
 def dot_product_attention(

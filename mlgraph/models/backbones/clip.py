@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mlgraph.models.layers import dot_product_attention
+from mlgraph.models.layers import dot_product_attention, patch_grid
 
 # name -> image-tower sizes (width, depth, heads, patch, embed_dim) at OpenAI's defaults.
 VARIANTS: dict[str, dict[str, int]] = {
@@ -141,13 +141,11 @@ class ImageTower(nnx.Module):
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        if image_size % patch_size:
-            raise ValueError(f"image_size {image_size} is not a multiple of patch {patch_size}")
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.num_features = width
         self.embed_dim = embed_dim
         self.patch_size = patch_size
-        self.grid = image_size // patch_size
+        self.grid = patch_grid(image_size, patch_size)
         self.dtype = dtype
         self.conv1 = nnx.Conv(
             3, width, (patch_size, patch_size), strides=patch_size, padding="VALID",

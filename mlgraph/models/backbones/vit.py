@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mlgraph.models.layers import dot_product_attention
+from mlgraph.models.layers import dot_product_attention, patch_grid
 
 # Standard sizes: width, depth, heads, patch.
 VARIANTS: dict[str, dict[str, int]] = {
@@ -136,12 +136,10 @@ class VisionTransformer(nnx.Module):
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        if image_size % patch_size:
-            raise ValueError(f"image_size {image_size} is not a multiple of patch {patch_size}")
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.num_features = width
         self.patch_size = patch_size
-        self.grid = image_size // patch_size
+        self.grid = patch_grid(image_size, patch_size)
         self.dtype = dtype
         self.patch_embed = PatchEmbed(patch_size, width, **kw)
         key = rngs.params()

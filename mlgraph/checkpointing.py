@@ -471,9 +471,15 @@ class TrainCheckpoints:
         checkpoint), so that its space is free again (process 0)."""
         if jax.process_index() != 0:
             return
-        for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
-            with contextlib.suppress(OSError):
-                partial.rmtree(missing_ok=True)
+        # Orbax's abandoned array writes may still be adding files: remove until it stays gone.
+        for _ in range(10):
+            partial = list(self.directory.glob(f"{step}.orbax-checkpoint-tmp*"))
+            if not partial:
+                return
+            for folder in partial:
+                with contextlib.suppress(OSError):
+                    folder.rmtree(missing_ok=True)
+            time.sleep(0.2)
 
     def restore(
         self,

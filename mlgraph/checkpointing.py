@@ -11,16 +11,25 @@ A checkpoint that fails to read (a truncated or emptied file) is never the end o
 newest readable one is restored instead (`restore_latest`), and the unreadable newer ones are
 reported in one line each and moved to `unreadable_checkpoints/` beside `checkpoints/`, out of
 the way of the steps the run writes again (nothing is deleted).
+
+A checkpoint that cannot be written (a full disk, a read-only or unreachable workdir) is one
+`StorageError` line naming the step, the space needed and free, and the step to resume from;
+the partly written step is removed. Orbax's and asyncio's echoes of a failed read or write
+(tracebacks of abandoned array operations, logged copies of the error) are dropped: the error
+itself is reported once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
 import pathlib
+import re
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -32,7 +41,7 @@ from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 
 from mlgraph import paths
-from mlgraph.errors import ConfigError, WorkdirError, warn
+from mlgraph.errors import ConfigError, StorageError, WorkdirError, warn
 
 WEIGHTS_DIR = "weights"
 EXTRA_DIR = "extra"
@@ -185,13 +194,32 @@ def describe_error(error: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-class _QuietAbandonedReads:
-    """A `sys.unraisablehook` that drops the reports of the array reads Orbax abandons when one
-    array of a checkpoint fails to read, and passes every other report on.
+_ORBAX_DIR = pathlib.Path(ocp.__file__).parent.parent  # site-packages/orbax
 
-    Each abandoned read prints its own multi-line report as it finishes or is collected (its
-    coroutine's error, or TensorStore's callback into the closed event loop), often long after
-    the restore, at exit; the failure itself is reported once, in one line.
+
+def _in_orbax(filename: str) -> bool:
+    return pathlib.Path(filename).is_relative_to(_ORBAX_DIR)
+
+
+def _raised_in_orbax(error: BaseException | None) -> bool:
+    """Whether `error`'s traceback passes through Orbax's code."""
+    tb = getattr(error, "__traceback__", None)
+    while tb is not None:
+        if _in_orbax(tb.tb_frame.f_code.co_filename):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+class _QuietAbandonedIO:
+    """A `sys.unraisablehook` that drops the reports of the array reads and writes Orbax
+    abandons when one array of a checkpoint fails (a truncated file, a full disk), and passes
+    every other report on.
+
+    Each abandoned operation prints its own multi-line report as it finishes or is collected
+    (its coroutine's error, or TensorStore's callback into the event loop Orbax has closed),
+    often before Orbax raises the first failure, or long after, at exit; the failure itself is
+    reported once, in one line.
     """
 
     def __init__(self, previous):
@@ -201,15 +229,63 @@ class _QuietAbandonedReads:
         error, source = unraisable.exc_value, unraisable.object
         if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
             return
-        if getattr(source, "__qualname__", "") == "_read_array_index_and_device_put":
+        code = getattr(source, "cr_code", None) or getattr(source, "__code__", None)
+        if code is not None and _in_orbax(code.co_filename):
             return
         self.previous(unraisable)
 
 
-def _quiet_abandoned_reads() -> None:
-    """After a failed restore: silence its abandoned reads, and collect those already done."""
-    if not isinstance(sys.unraisablehook, _QuietAbandonedReads):
-        sys.unraisablehook = _QuietAbandonedReads(sys.unraisablehook)
+# TensorStore's errors (Orbax's array I/O) carry their status code first.
+_TENSORSTORE_STATUS = re.compile(
+    r"(CANCELLED|UNKNOWN|INVALID_ARGUMENT|DEADLINE_EXCEEDED|NOT_FOUND|ALREADY_EXISTS|"
+    r"PERMISSION_DENIED|RESOURCE_EXHAUSTED|FAILED_PRECONDITION|ABORTED|OUT_OF_RANGE|"
+    r"UNIMPLEMENTED|INTERNAL|UNAVAILABLE|DATA_LOSS|UNAUTHENTICATED): "
+)
+
+
+# Orbax's notices of a step's metadata file it does without (a step being deleted by the run
+# that wrote it, or damaged): mlgraph's step policy says what it could not use, in one line.
+_ORBAX_METADATA_NOTICES = (
+    "Metadata file does not exist: %s",
+    "Failed to read Metadata file: %s, error: %s",
+)
+
+
+class _QuietOrbaxEchoes(logging.Filter):
+    """Drops the log records that repeat an error of a checkpoint's I/O: one raised in
+    Orbax's code (its background threads log the error they hand back) or TensorStore's
+    (asyncio logs the errors of the sibling array operations no one retrieved once the first
+    one is raised). The caller gets the error and reports it in one line. Orbax's notices of a
+    missing metadata file go too."""
+
+    def filter(self, record) -> bool:
+        if record.msg in _ORBAX_METADATA_NOTICES and _in_orbax(record.pathname):
+            return False
+        error = record.exc_info[1] if record.exc_info else None
+        if record.levelno < logging.ERROR or error is None:
+            return True
+        from_tensorstore = _TENSORSTORE_STATUS.match(str(error)) is not None
+        return not (from_tensorstore or _raised_in_orbax(error))
+
+
+_QUIET_ORBAX_ECHOES = _QuietOrbaxEchoes()
+for _logger in (absl_logging.get_absl_logger(), logging.getLogger("asyncio")):
+    _logger.addFilter(_QUIET_ORBAX_ECHOES)
+
+
+def _quiet_abandoned_io() -> None:
+    """Before a checkpoint read or write: keep the reports of its abandoned operations, if it
+    fails, off the terminal (installed once; they can come before the failure is raised)."""
+    if not isinstance(sys.unraisablehook, _QuietAbandonedIO):
+        sys.unraisablehook = _QuietAbandonedIO(sys.unraisablehook)
+
+
+def _after_failed_io() -> None:
+    """After a failed checkpoint read or write: collect its abandoned operations now, while
+    their reports are dropped; those never started warn, when collected, that they were never
+    awaited (often at exit): from here on that warning is dropped too."""
+    _quiet_abandoned_io()
+    warnings.filterwarnings("ignore", r"coroutine '.*' was never awaited", RuntimeWarning)
     gc.collect()
 
 
@@ -230,6 +306,7 @@ def first_readable(
       step and value are None when none could be read.
     """
     failed = []
+    _quiet_abandoned_io()
     for step in steps:
         reason, value = None, None
         try:
@@ -237,7 +314,7 @@ def first_readable(
         except Exception as e:  # any read failure: truncated, emptied, missing files
             reason = describe_error(e)
         if reason is not None:
-            _quiet_abandoned_reads()
+            _after_failed_io()
         if _everywhere(reason is None):
             return step, value, failed
         failed.append((step, reason or "unreadable on another process"))
@@ -378,19 +455,66 @@ class TrainCheckpoints:
     ) -> None:
         """Save `state` and the data iterator (anything with grain's `get_state`/`set_state`)
         at `step`, with the run's config when given; `metrics` holds `best` at evaluation steps
-        and is None between them."""
+        and is None between them.
+
+        Raises:
+          StorageError: the step cannot be written (a full disk, a read-only or unreachable
+            workdir): one line naming it, the space needed and free, and the step a run of the
+            same command resumes from. The partly written step is removed; saved ones are kept.
+        """
         import grain
 
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=grain.checkpoint.CheckpointSave(data_iterator),
-            ),
-            metrics=None if metrics is None else dict(metrics),
-            custom_metadata=None if self.config is None else {CONFIG_KEY: self.config},
-        )
-        self.manager.wait_until_finished()
+        latest = self.latest_step()
+        _quiet_abandoned_io()
+        try:
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    data=grain.checkpoint.CheckpointSave(data_iterator),
+                ),
+                metrics=None if metrics is None else dict(metrics),
+                custom_metadata=None if self.config is None else {CONFIG_KEY: self.config},
+            )
+            self.manager.wait_until_finished()
+        except Exception as e:
+            fault = paths.storage_fault(e, self.directory)
+            if fault is None:
+                raise
+            _after_failed_io()
+            self._remove_partial(step)
+            start = f"resume from step {latest}" if latest is not None else "start again"
+            message = paths.fault_message(
+                fault,
+                f"write checkpoint step {step} in {self.directory}",
+                self.directory,
+                self._bytes_needed(state, latest),
+                f"then run the same command to {start}",
+            )
+            raise StorageError(message) from e
+
+    def _bytes_needed(self, state: Any, latest: int | None) -> int:
+        """About what a checkpoint takes: the newest saved one's files on a local disk, else
+        the state's arrays."""
+        if latest is not None and not paths.is_cloud(self.directory):
+            files = pathlib.Path(self.directory / str(latest)).rglob("*")
+            return sum(f.stat().st_size for f in files if f.is_file())
+        return sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(state))
+
+    def _remove_partial(self, step: int) -> None:
+        """Remove what a failed save of `step` wrote (Orbax's temporary folder: never a saved
+        checkpoint), so that its space is free again (process 0)."""
+        if jax.process_index() != 0:
+            return
+        # Orbax's abandoned array writes may still be adding files: remove until it stays gone.
+        for _ in range(10):
+            partial = list(self.directory.glob(f"{step}.orbax-checkpoint-tmp*"))
+            if not partial:
+                return
+            for folder in partial:
+                with contextlib.suppress(OSError):
+                    folder.rmtree(missing_ok=True)
+            time.sleep(0.2)
 
     def restore(
         self,

@@ -5,7 +5,8 @@
 
 Prints a table of mAP (and ML-GCN's non-interpolated mAP_ni), CP, CR, CF1, OP, OR, OF1 and
 their top-3 forms (for the model and its EMA when evaluating a workdir) and writes it as JSON
-(`DIR/eval_step<N>.json`, or `--output`).
+(`DIR/eval_step<N>.json`, or `--output`); where that cannot be written (a read-only or full
+disk), one line after the table names `--output`.
 
 A workdir's step follows `mlgraph.workdir`'s policy: the best step, else the newest; one that
 cannot be read is named in a warning line and the next newest readable one is evaluated
@@ -251,8 +252,21 @@ def main(argv: list[str]) -> None:
     if results.get("views"):
         print(evaluation.format_views(results["views"]))
     if jax.process_index() == 0:
-        out.write_text(json.dumps(results, indent=2))
+        _write_results(out, json.dumps(results, indent=2))
         print(f"wrote {out}")
+
+
+def _write_results(out, text: str) -> None:
+    """Write the JSON results to `out` (replaced whole: a write that fails leaves what was
+    there); a fault (a read-only or full disk) is one line on stderr and exit status 2, after
+    the table the user already has."""
+    try:
+        then = "or write the results elsewhere with --output FILE"
+        with paths.faults_as_errors(out, needed=len(text.encode()), then=then):
+            paths.replace_text(out, text)
+    except MlgraphError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -9,15 +9,25 @@ take the same `gs://` strings natively, so checkpoints need no staging.
 
 Object stores have no append, no exclusive create and no rename of folders: `append_text`,
 `create_new` and `touch` do what a local file does with one whole-object write.
+
+A storage fault (a full disk, a read-only mount, a bucket that cannot be reached or is not
+authorised) is one line: `storage_fault` says what it is, whichever layer raised it (OSError,
+TensorStore's status, gcsfs, aiohttp, google-auth), and `faults_as_errors` turns it into a
+`StorageError` naming the path, the space needed and free, and what to do.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
 import importlib.util
 import io
+import logging
 import os
 import re
+import shutil
+from collections.abc import Iterator
 from typing import Any
 
 from etils import epath
@@ -35,6 +45,13 @@ DATA_ON_CLOUD = (
     "array_record (used by grain) reads local files only: mount the bucket with Cloud Storage "
     "FUSE (gcsfuse) and pass the mounted folder, or copy the data to a local disk"
 )
+
+# How the storage of each scheme finds its credentials (the README's Cloud Storage section).
+CREDENTIALS = {
+    "gs": "gcloud auth application-default login, or GOOGLE_APPLICATION_CREDENTIALS=KEY.json",
+    "s3": "aws configure, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+}
+CREDENTIALS["gcs"] = CREDENTIALS["gs"]
 
 PathLike = str | os.PathLike
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -90,16 +107,29 @@ def path(p: PathLike, what: str = "") -> epath.Path:
     """
     check_backend(p, what)
     if is_cloud(p):
+        quiet_cloud_echoes()
         return epath.Path(os.fspath(p))
     return epath.Path(os.fspath(p)).absolute()
 
 
 def append_text(p: epath.Path, text: str) -> None:
-    """Append `text` to the file `p` (created if missing). On object stores, which have no
-    append, the object is rewritten whole (fine for logs of a few thousand lines)."""
+    """Append `text` to the file `p` (created if missing), whole or not at all: a write that
+    fails part way (a full disk) is cut off again, so the file keeps what it held. On object
+    stores, which have no append, the object is rewritten whole (fine for logs of a few
+    thousand lines)."""
     if not is_cloud(p):
-        with open(os.fspath(p), "a") as f:
-            f.write(text)
+        fd = os.open(os.fspath(p), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            start = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                rest = memoryview(text.encode())
+                while rest:
+                    rest = rest[os.write(fd, rest) :]
+            except OSError:
+                os.ftruncate(fd, start)
+                raise
+        finally:
+            os.close(fd)
         return
     old = p.read_text() if p.exists() else ""
     p.write_text(old + text)
@@ -112,7 +142,11 @@ def replace_text(p: epath.Path, text: str) -> None:
         p.write_text(text)
         return
     tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(text)
+    try:
+        tmp.write_text(text)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # `p` is untouched
+        raise
     os.replace(tmp, p)
 
 
@@ -229,6 +263,8 @@ def as_given(p: PathLike, what: str = "") -> epath.Path:
       StorageError: a cloud path whose backend is not installed (`check_backend`).
     """
     check_backend(p, what)
+    if is_cloud(p):
+        quiet_cloud_echoes()
     return epath.Path(os.fspath(p))
 
 
@@ -241,3 +277,180 @@ def save_figure(fig: Any, target: epath.Path, **kwargs: Any) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format=target.suffix.lstrip(".") or "png", **kwargs)
     target.write_bytes(buffer.getvalue())
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage faults
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Fault:
+    """A storage fault in a few words (`words`), what usually mends it (`fix`), and whether
+    figures of space say more (`no_space`)."""
+
+    words: str
+    fix: str
+    no_space: bool = False
+
+
+_BY_ERRNO = {
+    errno.ENOSPC: Fault("no space left on device", "free some space", no_space=True),
+    errno.EDQUOT: Fault("disk quota exceeded", "free some space or raise the quota", True),
+    errno.EROFS: Fault("read-only file system", "make it writable"),
+    errno.EACCES: Fault("permission denied", "make it writable"),
+    errno.EPERM: Fault("operation not permitted", "make it writable"),
+    errno.EIO: Fault("input/output error", "check the disk"),
+}
+# TensorStore reports an OS error inside its status text, e.g. `... [os_error_code='28']`.
+_TENSORSTORE_ERRNO = re.compile(r"os_error_code='?(\d+)")
+# TensorStore's status codes for a cloud store it cannot reach or may not use.
+_TENSORSTORE_CLOUD = {
+    "UNAVAILABLE": "unreachable",
+    "DEADLINE_EXCEEDED": "unreachable",
+    "PERMISSION_DENIED": "unauthorised",
+    "UNAUTHENTICATED": "unauthorised",
+}
+
+
+def _chain(error: BaseException) -> Iterator[BaseException]:
+    """`error`, then its causes and contexts (each once)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def _kinds(error: BaseException) -> set[str]:
+    """The names of `error`'s classes (the optional libraries need not be importable)."""
+    return {c.__name__ for c in type(error).__mro__}
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _cloud_fault(kind: str, detail: str, scheme_: str | None) -> Fault:
+    """A fault of a cloud store: 'unreachable' or 'unauthorised'."""
+    hint = CREDENTIALS.get(scheme_ or "gs", CREDENTIALS["gs"])
+    if kind == "unreachable":
+        return Fault(
+            f"cannot reach the storage service ({detail})",
+            f"check the network and the credentials ({hint}; README: Cloud Storage)",
+        )
+    return Fault(
+        f"not authorised ({detail})", f"check the credentials ({hint}; README: Cloud Storage)"
+    )
+
+
+def _one_fault(error: BaseException, scheme_: str | None) -> Fault | None:
+    """The fault `error` itself reports (not its causes), or None."""
+    kinds, detail = _kinds(error), _first_line(error)
+    if kinds & {"ClientConnectorError", "ServerTimeoutError", "gaierror", "TransportError"}:
+        return _cloud_fault("unreachable", detail, scheme_)
+    if "GoogleAuthError" in kinds:
+        return _cloud_fault("unauthorised", detail, scheme_)
+    code = getattr(error, "code", None) if "HttpError" in kinds else None
+    if code in (401, 403):
+        return _cloud_fault("unauthorised", detail, scheme_)
+    if isinstance(error, OSError) and error.errno in _BY_ERRNO:
+        return _BY_ERRNO[error.errno]
+    if isinstance(error, ValueError):  # TensorStore's status as a ValueError
+        found = _TENSORSTORE_ERRNO.search(str(error))
+        if found and int(found.group(1)) in _BY_ERRNO:
+            return _BY_ERRNO[int(found.group(1))]
+        status = str(error).split(":", 1)[0]
+        if status in _TENSORSTORE_CLOUD:
+            return _cloud_fault(_TENSORSTORE_CLOUD[status], detail, scheme_)
+    return None
+
+
+def storage_fault(error: BaseException, p: PathLike | None = None) -> Fault | None:
+    """The storage fault behind `error` (it, its causes or contexts), or None when it is not
+    one: a full disk or quota, a read-only or unwritable folder, an I/O error, or a cloud
+    store that cannot be reached or is not authorised (`p`: the path used, whose scheme picks
+    the credentials hint)."""
+    scheme_ = scheme(p) if p is not None else None
+    return next((f for e in _chain(error) if (f := _one_fault(e, scheme_)) is not None), None)
+
+
+def size_text(num_bytes: float) -> str:
+    """`num_bytes` for people: '512 B', '266.0 KiB', '1.3 GiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if num_bytes < 1024 or unit == "GiB":
+            return f"{num_bytes:.0f} B" if unit == "B" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1024
+    raise AssertionError  # unreachable
+
+
+def free_bytes(p: PathLike) -> int | None:
+    """Free space on the disk that holds the local path `p` (or its nearest existing parent);
+    None for a cloud path."""
+    if is_cloud(p):
+        return None
+    folder = epath.Path(os.fspath(p)).absolute()
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(os.fspath(folder)).free
+    except OSError:
+        return None
+
+
+def fault_message(fault: Fault, what: str, p: PathLike, needed: int | None, then: str) -> str:
+    """`cannot WHAT: WORDS (N needed, M free); FIX, THEN` (the figures for a full disk)."""
+    figures = []
+    if fault.no_space:
+        if needed is not None:
+            figures.append(f"about {size_text(needed)} needed")
+        free = free_bytes(p)
+        if free is not None:
+            figures.append(f"{size_text(free)} free")
+    space = f" ({', '.join(figures)})" if figures else ""
+    return f"cannot {what}: {fault.words}{space}; {fault.fix}{', ' + then if then else ''}"
+
+
+@contextlib.contextmanager
+def faults_as_errors(
+    p: PathLike, what: str | None = None, needed: int | None = None, then: str = ""
+) -> Iterator[None]:
+    """Turn a storage fault inside the block into a one-line `StorageError` (other errors
+    pass unchanged).
+
+    Args:
+      p: the path the block reads or writes.
+      what: what the block does, for the message (default: 'write P').
+      needed: bytes the write needs, shown for a full disk.
+      then: what to do once the fault is mended (e.g. 'then run the same command').
+    """
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as e:
+        fault = storage_fault(e, p)
+        if fault is None:
+            raise
+        message = fault_message(fault, what or f"write {os.fspath(p)}", p, needed, then)
+        raise StorageError(message) from e
+
+
+class _QuietCloudEchoes(logging.Filter):
+    """Drops gcsfs's log records of a failure it raises to its caller anyway (the caller
+    reports it in one line), and its notice that it could not tell a bucket's layout (it
+    falls back to the layout mlgraph uses)."""
+
+    ECHOES = ("out of retries on exception", "non-retriable exception", "bucket type")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(echo in message for echo in self.ECHOES)
+
+
+_QUIET_CLOUD_ECHOES = _QuietCloudEchoes()
+
+
+def quiet_cloud_echoes() -> None:
+    """Keep gcsfs's echoes of the failures it raises off the terminal (added once)."""
+    logging.getLogger("gcsfs").addFilter(_QUIET_CLOUD_ECHOES)

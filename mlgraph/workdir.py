@@ -27,6 +27,7 @@ import copy
 import dataclasses
 import json
 import pathlib
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,6 +54,8 @@ RESUMABLE_CHANGES = (
 )
 # What using a model needs of the saved train state (the optimizer state is not read).
 MODEL_PARTS = ("params", "rest", "ema", "extra", "step")
+RACE_TRIES = 5  # reads of a workdir whose steps a run deletes as it saves newer ones
+GONE_GRACE_S = 1.0  # Orbax deletes a step's files first and its folder last
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,7 +66,8 @@ def create(workdir: str | pathlib.Path) -> epath.Path:
     parent folder must exist; object stores have no folders to check).
 
     Raises:
-      StorageError: a cloud workdir without its storage backend installed.
+      StorageError: a cloud workdir without its storage backend installed, or one that cannot
+        be reached or used with these credentials; a folder that cannot be created.
       WorkdirError: the parent of a local workdir, or the bucket of a cloud one, does not
         exist.
     """
@@ -71,7 +75,8 @@ def create(workdir: str | pathlib.Path) -> epath.Path:
     if not paths.is_cloud(workdir) and not workdir.parent.is_dir():
         raise WorkdirError(f"--workdir {workdir}: parent folder {workdir.parent} does not exist")
     try:
-        workdir.mkdir(exist_ok=True)  # in a bucket: a no-op that checks the bucket exists
+        with paths.faults_as_errors(workdir, f"create --workdir {workdir}"):
+            workdir.mkdir(exist_ok=True)  # in a bucket: a no-op that checks the bucket exists
     except FileNotFoundError:
         if not paths.is_cloud(workdir):
             raise
@@ -199,10 +204,17 @@ def check_same_run(workdir: epath.Path, record: dict) -> None:
 
 def record_config(workdir: epath.Path, record: dict) -> None:
     """Write the run's config (`config_record`) to `workdir/config.json` (process 0); called
-    once the run has a checkpoint of it, after `check_same_run`."""
+    once the run has a checkpoint of it, after `check_same_run`.
+
+    Raises:
+      StorageError: config.json cannot be written (a full, read-only or unreachable workdir).
+    """
     if jax.process_index() == 0:
-        # Atomically: a run killed mid-write must not leave a config.json that does not parse.
-        paths.replace_text(workdir / CONFIG_FILE, json.dumps(record, indent=2, sort_keys=True))
+        text = json.dumps(record, indent=2, sort_keys=True)
+        # Replaced whole: a run killed mid-write, or a write that fails (a full disk), leaves
+        # the run's record as it was.
+        with paths.faults_as_errors(workdir / CONFIG_FILE, then="then run the same command"):
+            paths.replace_text(workdir / CONFIG_FILE, text)
 
 
 def read_config(workdir: str | pathlib.Path, flag: str = "--workdir") -> ml_collections.ConfigDict:
@@ -211,9 +223,13 @@ def read_config(workdir: str | pathlib.Path, flag: str = "--workdir") -> ml_coll
     Raises:
       WorkdirError: no such folder, or neither a config.json in it nor a checkpoint with a
         copy of its config (not a training workdir).
+      StorageError: a cloud workdir that cannot be reached or read with these credentials.
     """
     workdir = paths.path(workdir, flag)
-    if not workdir.is_dir():
+    # `exists` raises what keeps a cloud store out of reach; `is_dir` would say False.
+    with paths.faults_as_errors(workdir, f"read {flag} {workdir}"):
+        found = workdir.exists() and workdir.is_dir()
+    if not found:
         raise WorkdirError(f"{flag} {workdir}: does not exist")
     saved = _read_saved(workdir)
     if saved is None:
@@ -261,9 +277,13 @@ def read_state(
     step), as arrays on `sharding` (default: this host's first device). Parts a checkpoint of
     an earlier version lacks are left out.
 
+    A step deleted while it is read (a run writing the workdir keeps only its newest steps)
+    is a race, not damage: the steps are listed and the policy applied again (up to
+    `RACE_TRIES` times).
+
     Raises:
       WorkdirError: no checkpoints, a step not saved, or no readable step (`step` given: that
-        one).
+        one); the steps changed under every try.
     """
     workdir = paths.path(workdir, flag)
     directory = workdir / CHECKPOINTS
@@ -271,14 +291,16 @@ def read_state(
         raise WorkdirError(f"{flag} {workdir}: does not exist")
     if not directory.is_dir():
         raise WorkdirError(f"{flag} {workdir}: no checkpoints in {directory}")
-    ckpts = checkpointing.TrainCheckpoints(directory)
-    try:
-        order = step_order(ckpts, step)
-        read = lambda s: ckpts.read(s, parts, sharding)  # noqa: E731
-        found, state, failed = checkpointing.first_readable(order, read)
-        saved_steps = ", ".join(map(str, sorted(ckpts.all_steps())))
-    finally:
-        ckpts.close()
+    for _ in range(RACE_TRIES):
+        attempt = _read_once(directory, step, parts, sharding)
+        if attempt is not None:
+            break
+    else:
+        raise WorkdirError(
+            f"{directory}: the saved steps were deleted while being read, {RACE_TRIES} times "
+            "(a run saving there keeps only its newest steps); try again, or stop that run"
+        )
+    found, state, failed, saved_steps = attempt
     if found is None:
         reasons = "; ".join(f"step {s}: {r}" for s, r in failed)
         raise WorkdirError(
@@ -291,6 +313,44 @@ def read_state(
             f"{found} instead (saved steps: {saved_steps})"
         )
     return state, int(found)
+
+
+def _read_once(directory: epath.Path, step: int | None, parts: Sequence[str], sharding: Any):
+    """One try of `read_state`'s policy: (the step read or None, its state, [(step, reason)
+    of each step that failed], the saved steps as text), or None when a step it listed was
+    deleted meanwhile."""
+    before = _step_folders(directory)
+    try:
+        ckpts = checkpointing.TrainCheckpoints(directory)
+    except Exception:  # Orbax reads every step's metrics as it opens the folder
+        if before - _step_folders(directory):
+            return None
+        raise
+    try:
+        order = step_order(ckpts, step)
+        read = lambda s: ckpts.read(s, parts, sharding)  # noqa: E731
+        found, state, failed = checkpointing.first_readable(order, read)
+        saved_steps = ", ".join(map(str, sorted(ckpts.all_steps())))
+    finally:
+        ckpts.close()
+    if any(_deleted(directory / str(s)) for s, _ in failed):
+        return None
+    return found, state, failed, saved_steps
+
+
+def _step_folders(directory: epath.Path) -> set[int]:
+    """The steps with a folder in `directory` now."""
+    return {int(p.name) for p in directory.iterdir() if p.name.isdigit()}
+
+
+def _deleted(folder: epath.Path) -> bool:
+    """Whether `folder` is gone, or goes within `GONE_GRACE_S` (a deletion in progress)."""
+    deadline = time.monotonic() + GONE_GRACE_S
+    while folder.exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,9 +28,11 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from mlgraph import paths
-from mlgraph.errors import WorkdirError, warn
+from mlgraph.errors import StorageError, WorkdirError, warn
 
 LOCK_FILE = "lock.json"
+# A run writes its workdir throughout: where that cannot be, a writable copy resumes the run.
+WRITABLE_COPY = "or copy the workdir to a writable disk and pass the copy as --workdir"
 HEARTBEAT_S = 60.0
 STALE_S = 600.0  # no heartbeat for this long: the holder is gone
 
@@ -104,7 +106,15 @@ class WorkdirLock:
 
         Raises:
           WorkdirError: another live run holds it; the message names it.
+          StorageError: the lock cannot be written (a read-only, full or unreachable workdir).
         """
+        with paths.faults_as_errors(self.path, then=WRITABLE_COPY):
+            self._take()
+        self._heartbeat = threading.Thread(target=self._beat, name="workdir-lock", daemon=True)
+        self._heartbeat.start()
+
+    def _take(self) -> None:
+        """Create the lock file, taking over a stale one."""
         for _ in range(3):  # a lock removed between our reads: try again
             if self._write_new():
                 break
@@ -126,8 +136,6 @@ class WorkdirLock:
                 self.path.unlink()
         else:
             raise WorkdirError(f"--workdir {self.path.parent}: could not create {self.path}")
-        self._heartbeat = threading.Thread(target=self._beat, name="workdir-lock", daemon=True)
-        self._heartbeat.start()
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
@@ -150,13 +158,14 @@ def hold(workdir: str | pathlib.Path) -> Iterator[WorkdirLock]:
 
     Raises:
       WorkdirError: the workdir is in use by another live run.
+      StorageError: the lock cannot be written.
     """
     lock = WorkdirLock(workdir)
     error = None
     if jax.process_index() == 0:
         try:
             lock.acquire()
-        except WorkdirError as e:
+        except (WorkdirError, StorageError) as e:
             error = e
     if jax.process_count() > 1:
         ok = multihost_utils.broadcast_one_to_all(np.int32(error is None))

@@ -203,8 +203,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
       WorkdirError: another run holds the workdir, or it holds another config's run.
       DivergenceError: a non-finite step (without `config.optimizer.skip_nonfinite`).
     """
-    fresh = not paths.path(workdir, "--workdir").exists()
     config = check_config(config)
+    with paths.faults_as_errors(workdir, f"create --workdir {workdir}"):
+        fresh = not paths.path(workdir, "--workdir").exists()
     workdir = workdirs.create(workdir)
     try:
         with (

@@ -134,7 +134,8 @@ def test_cloud_workdir_without_the_extra_is_one_line(monkeypatch):
 def test_cli_cloud_workdir_without_backend_exits_2(tmp_path):
     """As a user meets it: one line on stderr, status 2, and no local './s3:' folder."""
     cmd = [sys.executable, "-m", "mlgraph.main", "--config", str(REPO / "configs/baseline_demo.py")]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    # One device: baseline_demo's eval batch of 100 is checked first and divides by 1, not 8.
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_NUM_CPU_DEVICES="1")
     proc = subprocess.run(
         [*cmd, "--workdir", "s3://bucket/run"],
         cwd=tmp_path,

@@ -212,11 +212,8 @@ def lower_programs(
     """The train step and the eval forward of `config`, lowered for `devices` (traced for
     `platform`): {"train": lowered step, "eval": lowered forward}."""
     mesh = sharding.make_mesh(devices)
-    for what, size in (("batch_size", config.batch_size), ("eval_batch_size", eval_batch)):
-        if size % len(devices):
-            raise ConfigError(
-                f"config.{what}={size}: must be a multiple of the device count ({len(devices)})"
-            )
+    sharding.check_batch_size(config.batch_size, devices=len(devices))
+    sharding.check_batch_size(eval_batch, "eval_batch_size", devices=len(devices))
     repl, data_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     b, s = config.batch_size, config.image_size
     training = synthetic_training(b, num_classes)

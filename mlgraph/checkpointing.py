@@ -464,7 +464,6 @@ class TrainCheckpoints:
         """
         import grain
 
-        latest = self.latest_step()
         _quiet_abandoned_io()
         try:
             self.manager.save(
@@ -483,6 +482,8 @@ class TrainCheckpoints:
                 raise
             _after_failed_io()
             self._remove_partial(step)
+            # Listed only now: a failed save never counts among the saved steps.
+            latest = max((s for s in self.all_steps() if s < step), default=None)
             start = f"resume from step {latest}" if latest is not None else "start again"
             message = paths.fault_message(
                 fault,

@@ -52,9 +52,10 @@ def to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def check_batch_size(batch_size: int, what: str = "batch_size") -> None:
-    """The global batch must split evenly over processes and devices."""
-    n = jax.device_count()
+def check_batch_size(batch_size: int, what: str = "batch_size", devices: int | None = None) -> None:
+    """The global batch must split evenly over processes and devices (`devices`: a count other
+    than this process's, e.g. a TPU slice compiled for from this host)."""
+    n = jax.device_count() if devices is None else devices
     if batch_size % n or batch_size % jax.process_count():
         from mlgraph.errors import ConfigError
 

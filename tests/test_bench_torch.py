@@ -104,6 +104,7 @@ def test_ssgrl_train_steps_give_the_same_loss_and_update(tmp_path):
     np.testing.assert_allclose(got, want, atol=c.optimizer.lr * 1e-2)
 
 
+@pytest.mark.slow  # times two whole train steps a few times each (about 75 s)
 def test_bench_against_torch_times_both_and_gives_the_ratio():
     c = _config()
     c.batch_size = 8  # one image per simulated device

@@ -141,12 +141,11 @@ def bench_train(
     timed steps."""
     config, num_classes = resolve_assets(config, num_classes)
     mesh = sharding.make_mesh()
-    repl, data_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    data_sh = sharding.batch_sharded(mesh)
     b, s = config.batch_size, config.image_size
     training = bench_compile.synthetic_training(b, num_classes)
     mod, graphdef, tx, state = train_state.init_train_state(config, num_classes, 1000, training)
-    state = jax.device_put(state, repl)
-    state_sh = jax.tree.map(lambda _: repl, state)
+    state = jax.device_put(state, sharding.state_shardings(mesh, state))
     rng = np.random.default_rng(0)
     batch = jax.device_put(
         {
@@ -156,13 +155,7 @@ def bench_train(
         },
         data_sh,
     )
-    step = jax.jit(
-        train_step.make_train_step(mod, graphdef, tx, config, 1000),
-        in_shardings=(state_sh, data_sh),
-        out_shardings=(state_sh, repl),
-        # As in training: without it every step allocates a new state, which slows the step.
-        donate_argnums=0,
-    )
+    step = train_step.jit_train_step(mod, graphdef, tx, config, 1000, mesh, state)
     compiled = step.lower(state, batch).compile()
     flops = (compiled.cost_analysis() or {}).get("flops", 0.0)
     memory = bench_compile.memory_gib(compiled)
@@ -184,7 +177,7 @@ def bench_train(
         seconds = _timed(one_step, steps)
     predict = jax.jit(
         evaluation.make_predict(graphdef, evaluation.live),
-        in_shardings=(state_sh, data_sh),
+        in_shardings=(sharding.shardings_of(state), data_sh),
         out_shardings=(data_sh,),
     )
     eval_seconds = _timed(lambda: predict(holder["state"], batch["image"]), steps)

@@ -214,28 +214,19 @@ def lower_programs(
     mesh = sharding.make_mesh(devices)
     sharding.check_batch_size(config.batch_size, devices=len(devices))
     sharding.check_batch_size(eval_batch, "eval_batch_size", devices=len(devices))
-    repl, data_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    data_sh = sharding.batch_sharded(mesh)
     b, s = config.batch_size, config.image_size
     training = synthetic_training(b, num_classes)
     with layers.compiling_for(platform):
         mod, graphdef, tx, state = train_state.abstract_train_state(
             config, num_classes, 1000, training
         )
-        state_abs = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), state
-        )
-        state_sh = jax.tree.map(lambda _: repl, state)
+        state_abs = sharding.place_like(state, sharding.state_shardings(mesh, state))
         batch = abstract_batch(b, s, num_classes, data_sh)
-        step_fn = train_step.make_train_step(mod, graphdef, tx, config, 1000)
-        step = jax.jit(
-            step_fn,
-            in_shardings=(state_sh, data_sh),
-            out_shardings=(state_sh, repl),
-            donate_argnums=0,
-        )
+        step = train_step.jit_train_step(mod, graphdef, tx, config, 1000, mesh, state_abs)
         predict = jax.jit(
             evaluation.make_predict(graphdef, evaluation.live),
-            in_shardings=(state_sh, data_sh),
+            in_shardings=(sharding.shardings_of(state_abs), data_sh),
             out_shardings=(data_sh,),
         )
         images = jax.ShapeDtypeStruct((eval_batch, s, s, 3), np.float32, sharding=data_sh)
@@ -245,6 +236,7 @@ def lower_programs(
             # calls, which XLA's cost analysis does not count: the step's FLOPs per device are
             # XLA's count of the whole step lowered for the host (before its optimisations)
             # over the devices, as `mlgraph.step_cost` counts.
+            step_fn = train_step.make_train_step(mod, graphdef, tx, config, 1000)
             host = jax.jit(step_fn).lower(*jax.tree.map(_unsharded, (state_abs, batch)))
             lowered["train_flops"] = float(_cost(host).get("flops", 0.0)) / len(devices)
         return lowered

@@ -258,7 +258,7 @@ def bench_against_torch(config, steps: int, num_classes: int) -> dict[str, float
     torch = require_torch()
     tm, (mod, graphdef, tx, state, config), method = build_pair(config, num_classes)
     mesh = sharding.make_mesh()
-    repl, data_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    data_sh = sharding.batch_sharded(mesh)
     b, s = config.batch_size, config.image_size
     rng = np.random.default_rng(0)
     images = rng.standard_normal((b, s, s, 3), np.float32)
@@ -266,17 +266,11 @@ def bench_against_torch(config, steps: int, num_classes: int) -> dict[str, float
     labels[np.arange(b), np.arange(b) % num_classes] = 1.0
 
     # mlgraph
-    state = jax.device_put(state, repl)
-    state_sh = jax.tree.map(lambda _: repl, state)
+    state = jax.device_put(state, sharding.state_shardings(mesh, state))
     batch = jax.device_put(
         {"image": images, "labels": labels, "index": np.arange(b, dtype=np.int32)}, data_sh
     )
-    step = jax.jit(
-        train_step.make_train_step(mod, graphdef, tx, config, 1000),
-        in_shardings=(state_sh, data_sh),
-        out_shardings=(state_sh, repl),
-        donate_argnums=0,
-    )
+    step = train_step.jit_train_step(mod, graphdef, tx, config, 1000, mesh, state)
     holder = {"state": state}
 
     def jax_step():
@@ -285,7 +279,7 @@ def bench_against_torch(config, steps: int, num_classes: int) -> dict[str, float
 
     predict = jax.jit(
         evaluation.make_predict(graphdef, evaluation.live),
-        in_shardings=(state_sh, data_sh),
+        in_shardings=(sharding.shardings_of(state), data_sh),
         out_shardings=(data_sh,),
     )
     ready = jax.block_until_ready

@@ -104,7 +104,8 @@ class EvalView:
 
 class Scorer:
     """Scores splits with the models `pairs_of` picks from train states laid out like
-    `state` on `mesh` (replicated; batches sharded on the mesh's data axis).
+    `state` on `mesh` (placed as `state` is: replicated, or the training layout of
+    `sharding.state_shardings`; batches sharded on the mesh's data axis).
 
     Args:
       mod: the method module (its `eval_views` and `view_metrics`, if any).
@@ -130,9 +131,9 @@ class Scorer:
     ):
         self.mod, self.config, self.mesh, self.num_classes = mod, config, mesh, num_classes
         self.num_models = len(pairs_of(state))
-        repl, data_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+        data_sh = sharding.batch_sharded(mesh)
         shardings = dict(
-            in_shardings=(jax.tree.map(lambda _: repl, state), data_sh),
+            in_shardings=(sharding.shardings_of(state), data_sh),
             out_shardings=(data_sh,) * self.num_models,
         )
         self.predict = jax.jit(make_predict(graphdef, pairs_of, **call_kwargs), **shardings)

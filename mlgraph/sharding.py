@@ -1,14 +1,18 @@
 """The device mesh and the movement of process-local data to global arrays.
 
-Data parallel only: a 1-D ('data',) mesh over every device of every process, train state
-replicated, batches sharded on their leading axis; `DeviceBatches` puts the next training batch
-on the devices while a step runs.
+Data parallel: a 1-D ('data',) mesh over every device of every process, batches sharded on
+their leading axis; `DeviceBatches` puts the next training batch on the devices while a step
+runs. The model (parameters and buffers) is replicated; the optimizer's state and the EMA are
+split over the devices (`state_shardings`, ZeRO stage 1: Rajbhandari et al. 2020, §5.1), so
+each device updates its slice of every large array and the parameters are gathered once per
+step, instead of every device running the whole optimizer and EMA.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -30,6 +34,58 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
 def replicated(mesh: Mesh) -> NamedSharding:
     """Sharding of state that every device holds whole."""
     return NamedSharding(mesh, PartitionSpec())
+
+
+# Arrays smaller than this stay whole on every device: splitting them saves little and costs a
+# collective each.
+MIN_SHARDED_SIZE = 2**14
+# The train state's entries split over the devices (`state_shardings`).
+SHARDED_ENTRIES = ("opt", "ema")
+
+
+def sharded_over_data(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
+    """An array of `shape` split over the data axis along its largest dimension the device
+    count divides (the first of equal ones); whole on every device when it is smaller than
+    `MIN_SHARDED_SIZE`, when no dimension divides, or on one device."""
+    n = mesh.shape[DATA_AXIS]
+    if n == 1 or int(np.prod(shape, dtype=np.int64)) < MIN_SHARDED_SIZE:
+        return replicated(mesh)
+    candidates = [(-d, i) for i, d in enumerate(shape) if d % n == 0]
+    if not candidates:
+        return replicated(mesh)
+    axis = min(candidates)[1]
+    return NamedSharding(mesh, PartitionSpec(*([None] * axis), DATA_AXIS))
+
+
+def state_shardings(mesh: Mesh, state: dict) -> dict:
+    """The sharding of each array of a train state (arrays or `jax.ShapeDtypeStruct`s):
+    `SHARDED_ENTRIES` (the optimizer's state, the EMA) split by `sharded_over_data`, every
+    other entry (parameters, buffers, step, method state) replicated."""
+    repl = replicated(mesh)
+    return {
+        key: jax.tree.map(
+            (lambda x: sharded_over_data(mesh, x.shape))
+            if key in SHARDED_ENTRIES
+            else (lambda _: repl),
+            value,
+        )
+        for key, value in state.items()
+    }
+
+
+def shardings_of(state: Any) -> Any:
+    """The sharding of each array of `state` (placed arrays, or `jax.ShapeDtypeStruct`s with
+    a sharding): what a program taking it must declare (jit refuses an argument placed
+    otherwise)."""
+    return jax.tree.map(lambda x: x.sharding, state)
+
+
+def place_like(state: dict, shardings: dict) -> dict:
+    """`state`'s arrays as `jax.ShapeDtypeStruct`s on `shardings` (an abstract state to
+    restore or compile for)."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
+    )
 
 
 def batch_sharded(mesh: Mesh) -> NamedSharding:

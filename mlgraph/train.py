@@ -153,9 +153,7 @@ def initial_state(
         mod, graphdef, tx, abstract = train_state.abstract_train_state(
             config, num_classes, data.total, data.training
         )
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), abstract
-        )
+        abstract = sharding.place_like(abstract, sharding.state_shardings(mesh, abstract))
         # `health` is the fresh one for checkpoints written before it existed.
         health = {divergence.HEALTH: jax.device_put(divergence.initial_health(), repl)}
         start, restored = ckpts.restore_latest(abstract, data.batches, defaults=health)
@@ -164,7 +162,7 @@ def initial_state(
     mod, graphdef, tx, state = train_state.init_train_state(
         config, num_classes, data.total, data.training
     )
-    return mod, graphdef, tx, jax.device_put(state, repl), 0
+    return mod, graphdef, tx, jax.device_put(state, sharding.state_shardings(mesh, state)), 0
 
 
 def finished(logged: list[dict], step: int, total: int, workdir) -> dict[str, float] | None:
@@ -265,13 +263,8 @@ class Loop:
     ):
         self.config, self.workdir, self.data, self.mod = config, workdir, data, mod
         self.ckpts, self.signals = ckpts, signals
-        repl, data_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-        state_sh = jax.tree.map(lambda _: repl, state)
-        self.train_step = jax.jit(
-            train_step.make_train_step(mod, graphdef, tx, config, data.total),
-            in_shardings=(state_sh, data_sh),
-            out_shardings=(state_sh, repl),
-            donate_argnums=0,
+        self.train_step = train_step.jit_train_step(
+            mod, graphdef, tx, config, data.total, mesh, state
         )
         num_classes = data.dataset.num_classes
         # With decay 0 the EMA is the model, bit for bit: score once and report it for both.

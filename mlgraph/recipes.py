@@ -237,6 +237,8 @@ SPML_SETTINGS: dict[str, dict[str, Any]] = {
     "voc2012": dict(batch_size=8, lr=1e-5, alpha=0.2, beta=0.02, warmup_epochs=5, k=1.5),
     "coco2014": dict(batch_size=16, lr=1e-5, alpha=0.1, beta=0.9, warmup_epochs=5, k=2.9),
     "nuswide": dict(batch_size=16, lr=1e-5, alpha=0.1, beta=0.2, warmup_epochs=4, k=1.9),
+    # Zhou's main.py `elif P['dataset'] == 'cub'`; K = 31.4 from Cole's train.py lookup.
+    "cub": dict(batch_size=8, lr=1e-4, alpha=0.01, beta=0.4, warmup_epochs=3, k=31.4),
 }
 
 
@@ -253,9 +255,9 @@ def spml(
 
     `mode='linear'` is the first phase of Cole's linear-init protocol: 25 epochs training only
     the linear layer (and ROLE's label estimator) on the frozen backbone, with Cole's fixed
-    settings (ROLE: lr 1e-3, batch 16; the others: lr 1e-4, batch 8, 16 on NUS-WIDE); its
-    workdir is then the `init_from` of the end-to-end phase, which starts from its linear layer
-    and, for ROLE, its estimated labels."""
+    settings (ROLE: lr 1e-3, batch 16, 8 on CUB; the others: lr 1e-4, batch 8, 16 on
+    NUS-WIDE); its workdir is then the `init_from` of the end-to-end phase, which starts from its
+    linear layer and, for ROLE, its estimated labels."""
     if mode not in ("end_to_end", "linear"):
         raise ConfigError(f"mode {mode!r}: expected end_to_end or linear")
     if dataset not in SPML_SETTINGS:
@@ -293,7 +295,10 @@ def spml(
         c.optimizer.frozen = ("backbone/.*",)
         c.model.frozen_bn = True  # fixed features, as a linear probe
         c.optimizer.lr = 1e-3 if loss == "role" else 1e-4
-        c.batch_size = 16 if loss == "role" or dataset == "nuswide" else 8
+        if loss == "role":
+            c.batch_size = 8 if dataset == "cub" else 16
+        else:
+            c.batch_size = 16 if dataset == "nuswide" else 8
     return c
 
 

@@ -58,18 +58,25 @@ def test_unknown_names(toy_registered, tmp_path):
     with pytest.raises(ConfigError) as e:
         registry.get("coco2017")
     assert str(e.value) == (
-        "config.data.name='coco2017': unknown data set; known: coco2014, custom, demo, "
+        "config.data.name='coco2017': unknown data set; known: coco2014, cub, custom, demo, "
         "digits_mosaic, nuswide, nuswide_ov, toy_shapes, voc2007, voc2012"
     )
     with pytest.raises(ConfigError, match="no raw order to read"):
         observed.read_source_order("custom", tmp_path, "train")
-    with pytest.raises(ConfigError, match="spml_rules='cub'; expected one of coco, voc"):
-        registry.DataSet("cub", "x:Y", "train", "test", 200, spml_rules="cub")
+    with pytest.raises(ConfigError, match="spml_rules='openimages'; expected one of coco, voc"):
+        registry.DataSet("oi", "x:Y", "train", "test", 200, spml_rules="openimages")
 
 
 def test_every_row_resolves():
     for row in registry.DATASETS.values():
-        assert row.builder_class().name in {"coco2014", "voc2007", "voc2012", "nus_wide", "custom"}
+        assert row.builder_class().name in {
+            "coco2014",
+            "voc2007",
+            "voc2012",
+            "nus_wide",
+            "cub2011",
+            "custom",
+        }
         assert (row.raw_order_reader() is None) == (row.name == "custom")
     # Rows that share a builder share its single-positive rules.
     by_builder = {}

@@ -4,7 +4,7 @@
         [--rebuild] [--max_image_pixels N]
 
 NAME is a data set of `mlgraph.data.registry` (coco2014, voc2007, voc2012, nuswide, nuswide_ov,
-custom); --config overrides its builder config (coco2014: nonempty, all; nuswide: concepts81,
+cub, custom); --config overrides its builder config (coco2014: nonempty, all; nuswide: concepts81,
 ov).
 
 Unreadable images are reported by path and skipped (counted in the summary), or with --strict

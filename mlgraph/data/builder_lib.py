@@ -45,6 +45,20 @@ def check_manual_dir(
     return root
 
 
+def find_one_of(root: pathlib.Path, candidates: Sequence[str], holds: str) -> pathlib.Path:
+    """The first of `candidates` (files relative to `root`, the raw download folder) that exists.
+
+    Raises:
+      DataError: none exists; names the first, the others looked for, and what the file `holds`.
+    """
+    for rel in candidates:
+        if (root / rel).is_file():
+            return root / rel
+    raise DataError(
+        f"{root}: missing {candidates[0]} (also looked for {', '.join(candidates[1:])}): {holds}"
+    )
+
+
 class LocalDatasetInfo(tfds.core.DatasetInfo):
     """`DatasetInfo` that never looks for pre-computed metadata in TFDS's GCS bucket.
 

@@ -304,15 +304,16 @@ def training_split(dataset: Dataset, data: ml_collections.ConfigDict) -> Trainin
     scheme, fraction = data.get("observed", ""), data.get("val_fraction", 0.0)
     if not 0.0 <= fraction < 1.0:
         raise ConfigError(f"config.data.val_fraction={fraction}: expected 0 <= f < 1")
-    labels = None
+    labels = rows = None
     if scheme:
-        labels = observed.observed_labels(dataset, data.train_split, scheme).astype(np.float32)
+        labels, rows = observed.observed_rows(dataset, data.train_split, scheme)
+        labels = labels.astype(np.float32)
     if not fraction:
-        if labels is None or labels.any(axis=1).all():
+        if labels is None or len(rows) == len(source):
             return TrainingSplit(source, dataset.num_classes, labels, unseen=unseen)
-        # Images without a positive have no row in Cole's or Scob's files: left out, as they
-        # are from both parts of the held-out cut.
-        keep = np.flatnonzero(labels.any(axis=1))
+        # Images without a row in Cole's or Scob's files (those without a positive, but on
+        # Cole's CUB) are left out, as they are from both parts of the held-out cut.
+        keep = np.sort(np.asarray(rows, np.int64))
         return TrainingSplit(Subset(source, keep), dataset.num_classes, labels[keep], unseen=unseen)
     cut = observed.cole_split(dataset, data.train_split, fraction=fraction)
     return TrainingSplit(

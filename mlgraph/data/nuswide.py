@@ -223,13 +223,7 @@ def check_ov_manual_dir(root: pathlib.Path, source: str) -> pathlib.Path:
 
 def find_tag_list(root: pathlib.Path) -> pathlib.Path:
     """TagList1k.txt under NUS_WID_Tags/ or at the root of manual_dir."""
-    for rel in TAG_LISTS:
-        if (root / rel).exists():
-            return root / rel
-    raise DataError(
-        f"{root}: missing {TAG_LISTS[0]} (also looked for {TAG_LISTS[1]}): the NUS-WIDE tag "
-        "names, one a line"
-    )
+    return builder_lib.find_one_of(root, TAG_LISTS, "the NUS-WIDE tag names, one a line")
 
 
 def read_tags(path: pathlib.Path) -> list[str]:

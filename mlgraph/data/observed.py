@@ -21,9 +21,13 @@ Which images have a row (both schemes)
     positives are ``labels & ~difficult``, Cole's and Scob's). So on COCO (config ``all``) and
     VOC, images without a positive are left out of the rows, exactly as there: their observed
     row is all zero and they are in neither part of :func:`cole_split`. NUS-WIDE's builder
-    already drops such images. For the other data sets (custom ones, and any registered with
-    ``spml_rules='ids'`` in `mlgraph.data.registry`) no source says what to do, so an image
-    without a positive is an error naming it.
+    already drops such images. CUB is the other way round: Cole's `format_cub.py` keeps every
+    image, so an image without a present attribute is a row of Cole's draw that keeps nothing
+    (the draw of its empty positive list takes no random number, the shuffle of its negatives
+    does), its line in the file has an empty class, and it is in Cole's cut; Scob has no CUB
+    loader, and its draw (mlgraph's rule) leaves such images out. For the other data sets
+    (custom ones, and any registered with ``spml_rules='ids'`` in `mlgraph.data.registry`) no
+    source says what to do, so an image without a positive is an error naming it.
 
 Row order (docs/scob_spml.md §1.2, §3.9), by the data set's ``spml_rules`` in
 `mlgraph.data.registry` (the demo sets are built by the COCO builder, so they follow the COCO rules)
@@ -36,6 +40,7 @@ Row order (docs/scob_spml.md §1.2, §3.9), by the data set's ``spml_rules`` in
                                                                      classes 0..19 over the
                                                                      per-class lists (*)
     NUS-WIDE      ``ImageList/Imagelist.txt`` order (*)              as Cole (mlgraph's rule)
+    CUB           ``CUB_200_2011/images.txt`` order (*)              as Cole (mlgraph's rule)
     others (ids)  image ids sorted as strings (mlgraph's rule)       as Cole (mlgraph's rule)
     ============  =================================================  ==========================
 
@@ -44,7 +49,8 @@ Row order (docs/scob_spml.md §1.2, §3.9), by the data set's ``spml_rules`` in
     from the raw files: pass ``source_order=read_source_order(name, manual_dir, split)``. Without
     it these fallbacks are used and written into the file's header: COCO/Scob: ascending image
     id; VOC/Scob: ids sorted (the official ``ImageSets/Main`` lists are sorted, so this is the
-    same order); NUS-WIDE: ids sorted as strings (NOT known to equal Imagelist.txt's order).
+    same order); NUS-WIDE: ids sorted as strings (NOT known to equal Imagelist.txt's order);
+    CUB: ascending image id (the official images.txt lists its ids in ascending order).
 
 Class order
     Cole: COCO in the JSON's ``categories`` order (category-id order in the real files, which is
@@ -56,8 +62,9 @@ Class order
     Each COCO label list is ``list(set(...))`` of Scob's indices; CPython's set iteration order
     depends on the order the indices were added, so a real Python set is built by adding them in
     the order of the image's annotations in the JSON (from ``source_order``; without it, in the
-    builder's class order: a documented fallback). VOC label lists are ascending; for NUS-WIDE
-    and the others (no Scob code exists) ascending in the builder's class order.
+    builder's class order: a documented fallback). VOC label lists are ascending; for NUS-WIDE,
+    CUB and the others (no Scob code exists) ascending in the builder's class order. CUB's
+    classes are its attributes in id order, Cole's.
 
 Images the build skipped
     A build that skipped unreadable images (``info.metadata['skipped']``) has no row for them,
@@ -67,7 +74,8 @@ Images the build skipped
 Storage
     ``<built data dir>/observed_<split>_<scheme>.tsv``, UTF-8, ``\\n`` line ends: header lines
     starting with ``#`` (format, scheme, seed, data set and split, row and order rules), then one
-    line per image, ``image_id<TAB>class_name`` (the kept positive), in the scheme's row order.
+    line per image, ``image_id<TAB>class_name`` (the kept positive), in the scheme's row order;
+    a CUB image without a positive has ``image_id<TAB>`` (Cole's draw keeps nothing for it).
     No timestamps or paths, so rebuilding gives the same bytes. Written atomically, once, and
     reused; reading it back checks every line (see :func:`read_observed`).
 
@@ -106,12 +114,14 @@ COLE_ROWS = {
     "coco": "image ids sorted as strings (Cole's format_coco.py)",
     "voc": "image file names <id>.jpg sorted (Cole's format_pascal.py)",
     "nuswide": "the order of ImageList/Imagelist.txt (Cole: the provided files' order)",
+    "cub": "the order of CUB_200_2011/images.txt, every image (Cole's format_cub.py)",
     "ids": "image ids sorted as strings (mlgraph's rule where no published code draws)",
 }
 SCOB_ROWS = {
     "coco": "the images order of the instances JSON (Scob's data/coco.py)",
     "voc": "first appearance in the per-class lists, classes 0..19 (Scob's data/voc.py)",
     "nuswide": "as Cole's (mlgraph's rule: Scob has no NUS-WIDE loader)",
+    "cub": "as Cole's, images without a positive left out (mlgraph's rule: Scob has no CUB loader)",
     "ids": "as Cole's (mlgraph's rule: Scob has no loader for this data set)",
 }
 FALLBACKS = {
@@ -119,7 +129,13 @@ FALLBACKS = {
     ("scob", "coco"): "ascending image id, label sets filled in the builder's class order",
     ("scob", "voc"): "image ids sorted (the official ImageSets/Main lists are sorted)",
     ("scob", "nuswide"): "image ids sorted as strings, not known to be Imagelist.txt's order",
+    ("cole", "cub"): "ascending image id (the official images.txt lists ids in ascending order)",
+    ("scob", "cub"): "ascending image id (the official images.txt lists ids in ascending order)",
 }
+# Rules whose Cole draw has a row for an image without a positive (CUB: Cole's formatter keeps
+# every image), written as ``image_id<TAB>`` with no class.
+KEEPS_EMPTY_ROWS = frozenset({"cub"})
+EMPTY_ROW_LINE = "# an empty class: the image has no positive; Cole's draw keeps none for it"
 
 
 def _check_scheme(scheme: str) -> None:
@@ -131,7 +147,11 @@ def _check_scheme(scheme: str) -> None:
 
 
 def cole_sample(
-    labels: np.ndarray, seed: int = COLE_SEED, image_ids: Sequence | None = None
+    labels: np.ndarray,
+    seed: int = COLE_SEED,
+    image_ids: Sequence | None = None,
+    *,
+    keep_empty: bool = False,
 ) -> np.ndarray:
     """Cole et al.'s single positive per row of a 0/1 label matrix (bit-exact).
 
@@ -139,13 +159,16 @@ def cole_sample(
       labels: [N, C] 0/1 (or boolean) labels, rows and columns already in Cole's order.
       seed: seed of the fresh ``numpy.random.RandomState`` (Cole: 1200, one per phase).
       image_ids: names of the rows, for the error message only.
+      keep_empty: a row without a positive keeps nothing, as Cole's sampler does for CUB's
+        images without a present attribute (its negatives are shuffled all the same).
 
     Returns:
       uint8 [N, C]: 1 at the kept positive of each row, 0 elsewhere.
 
     Raises:
-      DataError: a value other than 0/1, or a row without any positive (Cole's formatters never
-        produce one; their sampler would silently keep nothing).
+      DataError: a value other than 0/1, or (unless `keep_empty`) a row without any positive
+        (Cole's COCO and VOC formatters never produce one; their sampler would silently keep
+        nothing).
     """
     y = np.asarray(labels)
     if y.ndim != 2:
@@ -153,7 +176,7 @@ def cole_sample(
     if not np.isin(y, (0, 1)).all():
         raise DataError("labels must be 0/1")
     empty = np.flatnonzero(~(y == 1).any(axis=1))
-    if empty.size:
+    if empty.size and not keep_empty:
         row = int(empty[0])
         name = f" (image {image_ids[row]})" if image_ids is not None else ""
         raise DataError(f"row {row}{name} has no positive label to keep")
@@ -161,8 +184,9 @@ def cole_sample(
     out = np.zeros(y.shape, np.uint8)
     for i, row in enumerate(y):
         positives = np.flatnonzero(row == 1)
-        rng.shuffle(positives)
-        out[i, positives[0]] = 1
+        rng.shuffle(positives)  # an empty list takes no random number, as in Cole's code
+        if positives.size:
+            out[i, positives[0]] = 1
         # Kept nothing of (num_neg=0), but Cole's code shuffles it: the draw moves the RNG on.
         rng.shuffle(np.flatnonzero(row != 1))
     return out
@@ -372,7 +396,13 @@ def _source_positions(built: BuiltSplit, order: Sequence, rows: set[int]) -> lis
 
 
 def cole_rows(built: BuiltSplit, source: SourceOrder | None = None) -> list[int]:
-    """Source positions of the images with a positive, in Cole's row order (module docstring)."""
+    """Source positions of Cole's rows, in Cole's order (module docstring): the images with a
+    positive, or every image where Cole's formatter keeps them all (CUB)."""
+    if built.family in KEEPS_EMPTY_ROWS:
+        rows = list(range(len(built.image_ids)))
+        if source is not None:
+            return _source_positions(built, source.image_ids, set(rows))
+        return sorted(rows, key=lambda p: built.image_ids[p])
     rows = np.flatnonzero(built.positives.any(axis=1)).tolist()
     if built.family == "ids" and len(rows) != len(built.image_ids):
         first = int(np.flatnonzero(~built.positives.any(axis=1))[0])
@@ -412,12 +442,16 @@ def _cole_draw(built: BuiltSplit, source: SourceOrder | None) -> Draw:
             )
         classes = list(source.class_names)
     columns = [built.class_names.index(n) for n in classes]
+    keep_empty = built.family in KEEPS_EMPTY_ROWS
     observed = cole_sample(
         built.positives[rows][:, columns].astype(np.uint8),
         image_ids=[built.image_ids[p] for p in rows],
+        keep_empty=keep_empty,
     )
-    kept = [classes[int(np.flatnonzero(r)[0])] for r in observed]
+    kept = [classes[int(np.flatnonzero(r)[0])] if r.any() else "" for r in observed]
     header = [f"# rows: {COLE_ROWS[built.family]}"]
+    if keep_empty:
+        header.append(EMPTY_ROW_LINE)
     if classes != built.class_names:
         header.append("# classes: permuted to the source's category order")
     return Draw(rows, kept, header)
@@ -463,7 +497,8 @@ def _scob_lists(built: BuiltSplit, source: SourceOrder | None) -> tuple[list[int
                     seen.add(p)
                     rows.append(p)
     else:
-        rows = cole_rows(built, source)
+        # Scob's loaders list only images with a positive (it has none for these data sets).
+        rows = [p for p in cole_rows(built, source) if built.positives[p].any()]
     return rows, [[names[c] for c in np.flatnonzero(built.positives[p])] for p in rows]
 
 
@@ -586,7 +621,8 @@ def read_observed(
     Checks: the format line, the scheme line (when `scheme` is given), one
     ``image_id<TAB>class_name`` per line, every image id known in the split and listed once,
     every class a known class and a positive of that image, and every image with a positive (a
-    custom image: every image) listed.
+    custom image, and in Cole's CUB draw: every image) listed; an empty class only in Cole's CUB
+    draw, for an image without a positive.
 
     Raises:
       DataError: naming the file, the line and what was expected.
@@ -606,11 +642,13 @@ def read_observed(
         raise DataError(f"{path}:1: expected the first line '{FORMAT_LINE}'")
     if scheme is not None and f"# scheme: {scheme}" not in lines:
         raise DataError(f"{path}: expected a header line '# scheme: {scheme}'")
+    # Cole's CUB draw lists the images without a positive too, with an empty class.
+    every_image = built.family in KEEPS_EMPTY_ROWS and "# scheme: cole" in lines
     for n, line in enumerate(lines, start=1):
         if line.startswith("#"):
             continue
         image_id, tab, name = line.partition("\t")
-        if not tab or not image_id or not name:
+        if not tab or not image_id or not (name or every_image):
             raise DataError(f"{path}:{n}: expected 'image_id<TAB>class_name', found {line!r}")
         if image_id not in where:
             raise DataError(
@@ -623,6 +661,15 @@ def read_observed(
                 f"{path}:{n}: image id '{image_id}' already listed on line {line_of[p]} "
                 "(expected one positive per image)"
             )
+        if not name:
+            if built.positives[p].any():
+                raise DataError(
+                    f"{path}:{n}: image id '{image_id}' has positives but no class (expected "
+                    "the kept positive after the tab)"
+                )
+            line_of[p] = n
+            rows.append(p)
+            continue
         if name not in column:
             raise DataError(
                 f"{path}:{n}: unknown class '{name}' (expected one of the data set's "
@@ -634,13 +681,14 @@ def read_observed(
         out[p, column[name]] = 1
         rows.append(p)
     need = set(np.flatnonzero(built.positives.any(axis=1)).tolist())
-    if built.family == "ids":
+    if built.family == "ids" or every_image:
         need = set(range(len(built.image_ids)))
     missing = sorted(need - set(line_of))
     if missing:
+        which = "image" if every_image else "image with a positive"
         raise DataError(
             f"{path}: image '{built.image_ids[missing[0]]}' has no line ({len(missing)} image(s) "
-            f"of split '{built.split}' missing; expected one line per image with a positive)"
+            f"of split '{built.split}' missing; expected one line per {which})"
         )
     return out, rows
 
@@ -652,7 +700,8 @@ def observed_labels(
     *,
     source_order: SourceOrder | None = None,
 ) -> np.ndarray:
-    """The single-positive observed labels of `split`, aligned with its TFDS source positions.
+    """The single-positive observed labels of `split`, aligned with its TFDS source positions
+    (:func:`observed_rows`'s labels).
 
     Args:
       data: the built data set's folder (holding ``dataset_info.json``) or a
@@ -664,10 +713,23 @@ def observed_labels(
 
     Returns:
       uint8 [N, C] (N = the split's size, C = its classes in the built order): one 1 per image
-      with a positive; rows of images left out (no positive, COCO 'all' / VOC) are all zero.
+      with a positive; rows of images without one (COCO 'all', VOC, CUB) are all zero.
     """
+    return observed_rows(data, split, scheme, source_order=source_order)[0]
+
+
+def observed_rows(
+    data: str | os.PathLike | object,
+    split: str,
+    scheme: str = "cole",
+    *,
+    source_order: SourceOrder | None = None,
+) -> tuple[np.ndarray, list[int]]:
+    """(:func:`observed_labels`, the source positions the scheme's file lists, in its order):
+    the images Cole's or Scob's code trains on. Those without a positive are listed only in
+    Cole's CUB draw (module docstring); elsewhere they are left out."""
     built = read_built_split(data, split)
-    return read_observed(_ensure_file(built, scheme, source_order), built, scheme)[0]
+    return read_observed(_ensure_file(built, scheme, source_order), built, scheme)
 
 
 @dataclasses.dataclass
@@ -695,7 +757,7 @@ def cole_split(
     mapped to source positions (so the parts are in Cole's row order, not position order). Both
     parts take their observed labels from the one observed file of `split` (Cole: "observed
     labels for both come from the official-train file"). Images without a positive are in
-    neither part.
+    neither part, except on CUB, where Cole's rows hold every image.
     """
     built = read_built_split(data, split)
     observed, rows = read_observed(_ensure_file(built, "cole", source_order), built, "cole")

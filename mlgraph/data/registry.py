@@ -18,7 +18,7 @@ from mlgraph.errors import ConfigError
 # How the single-positive draws order rows and classes (`mlgraph.data.observed`): the rules of
 # Cole's and Scob's code for the data sets they published draws on, and for any other data set
 # mlgraph's rule (image ids sorted as strings; every image must have a positive).
-SPML_RULES = ("coco", "voc", "nuswide", "ids")
+SPML_RULES = ("coco", "voc", "nuswide", "cub", "ids")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +130,11 @@ for _row in (
     DataSet(
         "nuswide_ov", "mlgraph.data.nuswide:NusWide", "train", "test", 1006, "ov",
         spml_rules="nuswide", raw_order="mlgraph.data.nuswide:source_order",
+    ),
+    # Cole et al.'s fourth single-positive benchmark: the 312 binary attributes.
+    DataSet(
+        "cub", "mlgraph.data.cub:Cub2011", "train", "test", 312,
+        spml_rules="cub", raw_order="mlgraph.data.cub:source_order",
     ),
     DataSet("custom", "mlgraph.data.custom:Custom", "train", "test", None),
     # The embedded sets, written in the COCO-2014 layout and built by its builder.

@@ -24,6 +24,7 @@ from mlgraph.data.cooccurrence import train_counts
 from mlgraph.errors import ConfigError
 from mlgraph.labels import encoders
 from mlgraph.labels.cooccurrence import TRAIN_LABELS
+from mlgraph.labels.embeddings import load_embeddings
 
 MINILM = "minilm"
 MINILM_FILE = "label_embed_minilm.npy"  # the file that `MINILM` resolves to
@@ -40,6 +41,42 @@ def label_embeddings(class_names: list[str], directory: pathlib.Path) -> pathlib
             np.save(f, table.astype(np.float32))
         os.replace(f.name, path)  # atomic: a reader never sees half a file
     return path
+
+
+def query_embeddings(
+    config: ml_collections.ConfigDict,
+    names: list[str],
+    width: int,
+    embeddings_file: str | None,
+    *,
+    asked: str,
+    names_file: str,
+) -> np.ndarray:
+    """The embeddings [K, width] of label `names` that an open-vocabulary model (SigRL) is
+    queried with: `embeddings_file` (a .npy [K, width], e.g. from `python -m mlgraph.labels
+    --encoder clip ...`), or the names embedded with MiniLM for a run whose training labels
+    were MiniLM vectors (`config.model.embed_path`). `asked` names the request in errors
+    (e.g. "--labels FILE"), `names_file` the file of names in the example command.
+
+    Raises:
+      ConfigError: no embeddings to be had, or a table of another shape.
+    """
+    if embeddings_file:
+        table = load_embeddings(embeddings_file, len(names), width, "--label_embeddings")
+    elif config.model.get("embed_path", "").endswith(MINILM_FILE):
+        table = encoders.embed_labels(names, "minilm")
+    else:
+        raise ConfigError(
+            f"{asked}: give --label_embeddings FILE.npy, the names embedded as the training "
+            f"labels were ({config.model.get('embed_path')}), e.g. python -m mlgraph.labels "
+            "--encoder clip --weights CLIP_TEXT --vocab bpe_simple_vocab_16e6.txt.gz --classes "
+            f"{names_file} --output FILE.npy"
+        )
+    if table.shape != (len(names), width):
+        raise ConfigError(
+            f"--label_embeddings: shape {table.shape}, expected ({len(names)}, {width})"
+        )
+    return table
 
 
 def offline_weights(name: str) -> pathlib.Path:

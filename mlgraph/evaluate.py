@@ -28,7 +28,6 @@ from ml_collections import config_flags
 from mlgraph import assets, checkpointing, cli, evaluation, models, paths, sharding, train_state
 from mlgraph.data import datasets
 from mlgraph.errors import ConfigError, MlgraphError
-from mlgraph.labels.embeddings import load_embeddings
 from mlgraph.workdir import open_run
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir to evaluate.")
@@ -150,31 +149,16 @@ def _label_names(labels_file: str) -> list[str]:
 
 
 def _label_table(config, names, embeddings_file, labels_file, state) -> np.ndarray:
-    """The embeddings [K, E] of the `--labels` names: `--label_embeddings`, or MiniLM's for a
-    run trained on MiniLM vectors.
-
-    Raises:
-      ConfigError: no embeddings to be had, or a table of another shape.
-    """
-    from mlgraph.labels import encoders
-
+    """The embeddings [K, E] of the `--labels` names (`assets.query_embeddings`)."""
     width = int(state["rest"]["label_embeddings"].shape[1])
-    if embeddings_file:
-        table = load_embeddings(embeddings_file, len(names), width)
-    elif config.model.get("embed_path", "").endswith(assets.MINILM_FILE):
-        table = encoders.embed_labels(names, "minilm")
-    else:
-        raise ConfigError(
-            f"--labels {labels_file}: give --label_embeddings FILE.npy, the names embedded as "
-            f"the training labels were ({config.model.get('embed_path')}), e.g. python -m "
-            "mlgraph.labels --encoder clip --weights CLIP_TEXT --vocab "
-            f"bpe_simple_vocab_16e6.txt.gz --classes {labels_file} --output FILE.npy"
-        )
-    if table.shape != (len(names), width):
-        raise ConfigError(
-            f"--label_embeddings: shape {table.shape}, expected ({len(names)}, {width})"
-        )
-    return table
+    return assets.query_embeddings(
+        config,
+        names,
+        width,
+        embeddings_file,
+        asked=f"--labels {labels_file}",
+        names_file=labels_file,
+    )
 
 
 def evaluate_checkpoint(path: str, config: ml_collections.ConfigDict) -> dict:

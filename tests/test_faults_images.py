@@ -206,7 +206,7 @@ def test_viz_cam_reads_images_under_the_same_limit(tmp_path, capsys):
 
     status = viz_cli.main(["heatmap", "--workdir", str(tmp_path), "--max_image_pixels=9"])
     assert status == 2
-    assert capsys.readouterr().err == "error: --max_image_pixels: only for cam\n"
+    assert capsys.readouterr().err == "error: --max_image_pixels: only for cam and attention\n"
 
 
 def test_a_limit_below_one_pixel_is_one_line(workdir, tmp_path, capsys):

@@ -100,7 +100,7 @@ def test_open_vocabulary_run_logs_zsl_and_gzsl_and_evaluate_reproduces_them(
     with pytest.raises(ConfigError) as e:
         evaluate.evaluate_labels(workdir, str(labels), str(tmp_path / "q.npy"))
     assert str(e.value) == (
-        f"config.model.embed_path={tmp_path / 'q.npy'}: holds an array of shape (2, 16); "
+        f"--label_embeddings={tmp_path / 'q.npy'}: holds an array of shape (2, 16); "
         "expected [3, E] (one row per class)"
     )
     with pytest.raises(ConfigError, match=r"--labels .*: give --label_embeddings FILE.npy"):

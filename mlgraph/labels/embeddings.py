@@ -13,16 +13,17 @@ from mlgraph.errors import ConfigError
 from mlgraph.labels import arrays, cooccurrence
 
 
-def load_embeddings(path: str, num_classes: int, embed_dim: int = 0) -> np.ndarray:
+def load_embeddings(
+    path: str, num_classes: int, embed_dim: int = 0, field: str = "config.model.embed_path"
+) -> np.ndarray:
     """Read label embeddings [C, E] as float32 from a `.npy`, a `.npz` holding one array, or a
     pickled array such as ML-GCN's `*_glove_word2vec.pkl` (`mlgraph.labels.arrays`),
-    checking their shape.
+    checking their shape; `field` names where the path came from in errors.
 
     Raises:
       ConfigError: no path, a missing or unreadable file, or a shape other than
         [num_classes, E] (with E == embed_dim when embed_dim > 0).
     """
-    field = "config.model.embed_path"
     if not path:
         raise ConfigError(
             f"{field}: embed_type='file' needs a .npy file of label embeddings "

@@ -51,6 +51,10 @@ May define:
 
 `Model` may define `weights_loaded()`, called after `config.init_from` fills in weights, for
 copies the model derives from them (SigRL's frozen teacher from the CLIP tower).
+A method whose predictions come from attention over image positions exposes it from the
+forward pass that scores: in its outputs ('att_weights' [B, C, N]: SSGRL, SALGL) or, with
+`Model.__call__(..., sow_weights=True)`, as `nnx.Intermediate`s (Query2Label's decoder
+cross-attention, SigRL's SDA weights); `mlgraph.viz.attention` draws them.
 
 Models never import config helpers (`mlgraph.config_lib`, `mlgraph.recipes`): recipes import
 models, not the reverse.

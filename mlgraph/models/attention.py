@@ -74,17 +74,24 @@ class MultiheadAttention(nnx.Module):
         mask: jax.Array | None = None,
         train: bool = False,
         rngs: nnx.Rngs | None = None,
+        sow_weights: bool = False,
     ) -> jax.Array:
         """Attend `query` [B, Lq, D] over `key`/`value` [B, Lk, D]; returns [B, Lq, D].
 
         `mask` (optional, boolean, broadcastable to [B, heads, Lq, Lk]) marks the pairs that may
-        attend (True), as the inverse of torch's boolean `attn_mask`.
+        attend (True), as the inverse of torch's boolean `attn_mask`. `sow_weights`: keep the
+        attention probabilities [B, heads, Lq, Lk] (softmax over the keys, before dropout) as
+        the `nnx.Intermediate` 'attention_weights', as flax's `nnx.MultiHeadAttention` does.
         """
         q, k, v = self.q_proj(query), self.k_proj(key), self.v_proj(value)
         drop = functools.partial(self.attn_drop, deterministic=not train, rngs=rngs)
-        return self.out_proj(
-            dot_product_attention(q, k, v, self.num_heads, mask=mask, dropout=drop)
+        out = dot_product_attention(
+            q, k, v, self.num_heads, mask=mask, dropout=drop, return_probs=sow_weights
         )
+        if sow_weights:
+            out, probs = out
+            self.sow(nnx.Intermediate, "attention_weights", probs)
+        return self.out_proj(out)
 
 
 class TransformerEncoderLayer(nnx.Module):
@@ -208,11 +215,14 @@ class TransformerDecoderLayer(nnx.Module):
         query_pos: jax.Array | None = None,
         train: bool = False,
         rngs: nnx.Rngs | None = None,
+        sow_weights: bool = False,
     ) -> jax.Array:
         """Targets [B, Q, D] attend over memory [B, N, D] -> [B, Q, D].
 
         `pos` (memory position codes) and `query_pos` (query embeddings) broadcast to the
         memory and the targets; they are added to the keys and queries, never to the values.
+        `sow_weights`: the cross-attention keeps its weights [B, heads, Q, N]
+        (`MultiheadAttention`'s 'attention_weights' of `multihead_attn`).
         """
         det = not train
 
@@ -224,7 +234,12 @@ class TransformerDecoderLayer(nnx.Module):
             y = self.self_attn(q, q, tgt, train=train, rngs=rngs)
             tgt = self.norm1(tgt + self.dropout1(y, deterministic=det, rngs=rngs))
         y = self.multihead_attn(
-            with_pos(tgt, query_pos), with_pos(memory, pos), memory, train=train, rngs=rngs
+            with_pos(tgt, query_pos),
+            with_pos(memory, pos),
+            memory,
+            train=train,
+            rngs=rngs,
+            sow_weights=sow_weights,
         )
         tgt = self.norm2(tgt + self.dropout2(y, deterministic=det, rngs=rngs))
         y = self.dropout(nnx.relu(self.linear1(tgt)), deterministic=det, rngs=rngs)

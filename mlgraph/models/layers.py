@@ -51,7 +51,8 @@ def dot_product_attention(
     *,
     mask: jax.Array | None = None,
     dropout: Callable[[jax.Array], jax.Array] | None = None,
-) -> jax.Array:
+    return_probs: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Multi-head scaled dot-product attention on already projected features.
 
     Args:
@@ -63,9 +64,11 @@ def dot_product_attention(
         uniform weights, not NaN. Otherwise additive: added to the scaled logits.
       dropout: optional function applied to the float32 attention probabilities (an
         `nnx.Dropout` bound to its `deterministic` flag and rngs).
+      return_probs: also return the attention probabilities [B, num_heads, Lq, Lk] float32
+        (softmax over the keys, before dropout), the weights the output was computed with.
 
     Returns:
-      [B, Lq, D] (before the output projection).
+      [B, Lq, D] (before the output projection); with `return_probs`, (that, probabilities).
     """
     b, lq, d = q.shape
     hd = d // num_heads
@@ -81,9 +84,9 @@ def dot_product_attention(
         else:
             logits = logits + mask.astype(jnp.float32)
     probs = jax.nn.softmax(logits, axis=-1)
-    if dropout is not None:
-        probs = dropout(probs)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v).reshape(b, lq, d)
+    weights = probs if dropout is None else dropout(probs)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v).reshape(b, lq, d)
+    return (out, probs) if return_probs else out
 
 
 def uniform_init(bound: float) -> nnx.Initializer:

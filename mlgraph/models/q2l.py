@@ -148,8 +148,15 @@ class Query2Label(nnx.Module):
         labels: jax.Array | None = None,
         train: bool = False,
         rngs: nnx.Rngs | None = None,
+        sow_weights: bool = False,
     ) -> dict[str, jax.Array]:
-        """Images [B, H, W, 3] -> {'logits' [B, K] float32, 'label_feats' [B, K, D]}."""
+        """Images [B, H, W, 3] -> {'logits' [B, K] float32, 'label_feats' [B, K, D]}.
+
+        `sow_weights`: each decoder layer keeps its label queries' cross-attention over the
+        h*w feature-map positions, [B, heads, K, h*w] (softmax over the positions), as the
+        `nnx.Intermediate` `decoder/<i>/multihead_attn/attention_weights`
+        (`mlgraph.viz.attention` reads them).
+        """
         del labels
         fmap = self.backbone.feature_map(images, train=train and not self.frozen_bn)
         b, h, w, c = fmap.shape
@@ -163,7 +170,9 @@ class Query2Label(nnx.Module):
         queries = self.query_embed[...].astype(self.dtype)[None]
         t = jnp.zeros((b, *queries.shape[1:]), self.dtype)
         for layer in self.decoder:
-            t = layer(t, x, pos=pos, query_pos=queries, train=train, rngs=rngs)
+            t = layer(
+                t, x, pos=pos, query_pos=queries, train=train, rngs=rngs, sow_weights=sow_weights
+            )
         t = self.decoder_norm(t)
         return {"logits": self.fc(t).astype(jnp.float32), "label_feats": t}
 

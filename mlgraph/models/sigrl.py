@@ -137,28 +137,43 @@ def _chunks(queries: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
 
 
 def semantic_decoupling(
-    feats: jax.Array, queries: jax.Array, kernel: jax.Array, bias: jax.Array, chunk: int = 0
-) -> jax.Array:
+    feats: jax.Array,
+    queries: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array,
+    chunk: int = 0,
+    with_weights: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """SDA (docs/sigrl.md §2.4a): M[b, c] = Σ_p softmax_p(W tanh(F_p ⊙ H_c) + b) ⊙ F_p.
 
     Args:
       feats: F [B, P, E]; queries: H [B or 1, C, E]; kernel [E, E] and bias [E] (W_s, b_s).
       chunk: classes per scan step (0 = all at once, the [B, P, C, E] tensor materialised).
+      with_weights: also return each label's patch weights, the softmax weights a[b, p, c, d]
+        averaged over the E channels: [B, C, P] float32, summing to 1 over the patches as each
+        channel's do.
     Returns:
-      M [B, C, E].
+      M [B, C, E] (and the weights).
     """
     queries = jnp.broadcast_to(queries, (feats.shape[0], *queries.shape[1:]))
+
+    def pooled(q):
+        att = _class_attention(feats, q, kernel, bias)
+        m = jnp.einsum("bpke,bpe->bke", att, feats)
+        if not with_weights:
+            return m
+        return m, att.astype(jnp.float32).mean(axis=-1).transpose(0, 2, 1)
+
     if not chunk or chunk >= queries.shape[1]:
-        return jnp.einsum("bpce,bpe->bce", _class_attention(feats, queries, kernel, bias), feats)
-
-    @jax.checkpoint
-    def body(q):
-        return jnp.einsum("bpke,bpe->bke", _class_attention(feats, q, kernel, bias), feats)
-
+        return pooled(queries)
     chunks, _ = _chunks(queries, chunk)
-    out = jax.lax.map(body, chunks)  # [n, B, chunk, E]
-    b, c, e = queries.shape
-    return out.transpose(1, 0, 2, 3).reshape(b, -1, e)[:, :c]
+    out = jax.lax.map(jax.checkpoint(pooled), chunks)  # [n, B, chunk, ...]
+    b, c, _ = queries.shape
+
+    def unchunk(x):
+        return jnp.moveaxis(x, 0, 1).reshape(b, -1, *x.shape[3:])[:, :c]
+
+    return jax.tree.map(unchunk, out)
 
 
 def feature_reconstruction(
@@ -386,10 +401,15 @@ class SigRL(nnx.Module):
         label_ids: jax.Array | None = None,
         label_embeddings: jax.Array | None = None,
         teacher: bool = False,
+        sow_weights: bool = False,
     ) -> dict[str, jax.Array]:
         """Images [B, H, W, 3] -> {'logits' [B, C'] (the fused score s), 'global' g,
         'teacher' (with `teacher=True`)} for the queried labels: `label_embeddings` [C', E]
-        given directly, else the table's rows `label_ids` (default: every class)."""
+        given directly, else the table's rows `label_ids` (default: every class).
+
+        `sow_weights`: SDA keeps each queried label's patch weights [B, C', P] (its softmax
+        over the patches, averaged over the channels; `semantic_decoupling`) as the
+        `nnx.Intermediate` 'sda_weights' (`mlgraph.viz.attention` reads them)."""
         del labels
         h = label_embeddings
         if h is None:
@@ -400,7 +420,12 @@ class SigRL(nnx.Module):
         glob, local, g_teacher = self.features(images, train=train, teacher=teacher)
         h_graph = self.gmc(h, deterministic=not train or rngs is None, rngs=rngs)
         sda, fuse, vfr = self.sda, self.fuse, self.vfr
-        m = semantic_decoupling(local, h[None], sda.kernel[...], sda.bias[...], self.class_chunk)
+        m = semantic_decoupling(
+            local, h[None], sda.kernel[...], sda.bias[...], self.class_chunk, sow_weights
+        )
+        if sow_weights:
+            m, weights = m
+            self.sow(nnx.Intermediate, "sda_weights", weights)
         t = channel_mixing(m, h)
         o = jnp.concatenate([t, jnp.broadcast_to(h_graph, t.shape)], axis=-1) @ fuse.kernel[...]
         rebuilt = feature_reconstruction(local, o, vfr.kernel[...], vfr.bias[...], self.class_chunk)

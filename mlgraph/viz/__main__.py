@@ -1,5 +1,6 @@
-"""Figures from a training workdir: SALGL's learned scenes (one PNG per scene) and Scob's
-semantic guidance over images (one PNG per image and class).
+"""Figures from a training workdir: SALGL's learned scenes (one PNG per scene), Scob's
+semantic guidance over images (one PNG per image and class), and the attention maps of
+Query2Label, SSGRL, SALGL and SigRL over images (one PNG per image).
 
     python -m mlgraph.viz heatmap --workdir DIR [--step N] [--ema | --no-ema] [--output OUT]
         [--classes NAME,NAME,... | --top N] [--classes_file NAMES.txt]
@@ -7,14 +8,20 @@ semantic guidance over images (one PNG per image and class).
         [--classes_file NAMES.txt]
     python -m mlgraph.viz cam --workdir DIR IMAGE... [--step N] [--classes NAME,...]
         [--output OUT] [--classes_file NAMES.txt] [--max_image_pixels N]
+    python -m mlgraph.viz attention --workdir DIR IMAGE... [--step N] [--no-ema]
+        [--classes NAME,... | --top_k K] [--output OUT] [--classes_file NAMES.txt]
+        [--label_embeddings E.npy] [--max_image_pixels N]
 
-Writes `heatmap_scene{k}.png` / `labelcloud_scene{k}.png` / `cam_<image>_<class>.png` into OUT
-(default DIR/viz). The step defaults to the best checkpoint, SALGL's counts to the EMA model's.
+Writes `heatmap_scene{k}.png` / `labelcloud_scene{k}.png` / `cam_<image>_<class>.png` /
+`attention_<image>.png` into OUT (default DIR/viz). The step defaults to the best checkpoint,
+SALGL's counts and the attention maps to the EMA model's.
 `cam` draws the class the model scores highest, or each class of --classes; its images are
 decoded as the builders decode them (`mlgraph.data.images`, the size limit --max_image_pixels).
-Class names come
-from the data set in DIR/config.json, or from --classes_file (one name per line). Errors print
-one line and exit with status 2.
+`attention` draws each label of --classes or the --top_k (3) top-scored, over the image as the
+run's evaluation transform gives it to the model (`mlgraph.viz.attention`; SigRL takes any
+label name, those that are not classes of the run embedded with MiniLM or read from
+--label_embeddings). Class names come from the data set in DIR/config.json, or from
+--classes_file (one name per line). Errors print one line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -34,11 +41,20 @@ COMMANDS = {
     "heatmap": "scene-conditional label co-occurrence probabilities",
     "labelcloud": "word clouds of the labels each scene collected",
     "cam": "Scob's Grad-CAM++ map and key masks over images",
+    "attention": "attention maps of Query2Label, SSGRL, SALGL and SigRL over images",
 }
-ONLY_FOR = {"heatmap": ("top",), "cam": ("max_image_pixels",)}  # command: its own flags
+WITH_IMAGES = ("cam", "attention")  # the commands whose positional arguments are images
+# flag: the commands that take it
+ONLY_FOR = {
+    "top": ("heatmap",),
+    "classes": ("heatmap", "cam", "attention"),
+    "max_image_pixels": WITH_IMAGES,
+    "top_k": ("attention",),
+    "label_embeddings": ("attention",),
+}
 
 _FLAGS = flags.FlagValues()  # not absl's global FLAGS: see mlgraph.cli
-_WORKDIR = flags.DEFINE_string("workdir", None, "a SALGL training workdir", flag_values=_FLAGS)
+_WORKDIR = flags.DEFINE_string("workdir", None, "a training workdir", flag_values=_FLAGS)
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: best)", flag_values=_FLAGS)
 _EMA = flags.DEFINE_bool(
     "ema",
@@ -58,7 +74,21 @@ _CLASSES_FILE = flags.DEFINE_string(
 _CLASSES = flags.DEFINE_string(
     "classes",
     None,
-    "comma-separated class names to draw, in order (heatmap; cam: default the top-scored)",
+    "comma-separated class names to draw, in order (heatmap; cam, attention: default the "
+    "top-scored)",
+    flag_values=_FLAGS,
+)
+_TOP_K = flags.DEFINE_integer(
+    "top_k",
+    None,
+    "attention: draw the K top-scored classes of each image (default 3)",
+    flag_values=_FLAGS,
+)
+_LABEL_EMBEDDINGS = flags.DEFINE_string(
+    "label_embeddings",
+    None,
+    "attention, SigRL: the embeddings (.npy [K, E]) of the --classes names that are not "
+    "classes of the run, in their order",
     flag_values=_FLAGS,
 )
 _TOP = flags.DEFINE_integer(
@@ -70,14 +100,15 @@ _TOP = flags.DEFINE_integer(
 _MAX_IMAGE_PIXELS = image_files.define_max_pixels_flag(_FLAGS)
 flags.mark_flag_as_required("workdir", flag_values=_FLAGS)
 flags.mark_flags_as_mutual_exclusive(["classes", "top"], flag_values=_FLAGS)
+flags.mark_flags_as_mutual_exclusive(["classes", "top_k"], flag_values=_FLAGS)
 USAGE = "\n".join(
     [
-        "usage: python -m mlgraph.viz {heatmap,labelcloud,cam} --workdir DIR [...]",
-        "       python -m mlgraph.viz cam --workdir DIR IMAGE...",
+        "usage: python -m mlgraph.viz {heatmap,labelcloud,cam,attention} --workdir DIR [...]",
+        "       python -m mlgraph.viz {cam,attention} --workdir DIR IMAGE...",
         "",
         *(f"  {name}: {text}" for name, text in COMMANDS.items()),
         "",
-        "--top: heatmap only; --classes: heatmap and cam; --max_image_pixels: cam only",
+        *(f"--{flag}: {', '.join(owners)} only" for flag, owners in ONLY_FOR.items()),
     ]
 )
 
@@ -93,11 +124,18 @@ def run(
     top: int | None = None,
     images: Sequence[str] = (),
     max_image_pixels: int = image_files.MAX_IMAGE_PIXELS,
+    top_k: int | None = None,
+    label_embeddings: str | None = None,
 ) -> list[pathlib.Path]:
-    """Run `command` (a key of COMMANDS) with the flags' values (and, for cam, the image
-    paths and their size limit); returns the written paths (and prints a summary)."""
+    """Run `command` (a key of COMMANDS) with the flags' values (and, for cam and attention,
+    the image paths and their size limit); returns the written paths (and prints a summary)."""
     out_dir = storage.as_given(output or storage.epath.Path(workdir) / "viz", "--output")
     picked = [c.strip() for c in classes.split(",")] if classes else None
+    if command == "attention":
+        return _attention(
+            workdir, images, out_dir, step, ema, picked, top_k, classes_file,
+            label_embeddings, max_image_pixels,
+        )  # fmt: skip
     if command == "cam":
         from mlgraph.viz import cam  # imports jax: only for this command
 
@@ -141,6 +179,35 @@ def run(
     return paths
 
 
+def _attention(
+    workdir, images, out_dir, step, ema, classes, top_k, classes_file, label_embeddings, max_pixels
+) -> list[pathlib.Path]:
+    """`attention`: one PNG per image (`mlgraph.viz.attention.draw`), a line per image."""
+    from mlgraph.viz import attention  # imports jax: only for this command
+
+    drawn = attention.draw(
+        workdir,
+        images,
+        out_dir,
+        step=step,
+        ema=ema,
+        classes=classes,
+        top_k=attention.TOP_K if top_k is None else top_k,
+        class_names=viz.read_classes_file(classes_file) if classes_file else None,
+        label_embeddings=label_embeddings,
+        max_image_pixels=max_pixels,
+    )
+    for image, (path, found) in zip(images, drawn, strict=True):
+        name, _ = attention.METHODS[found.method]
+        h, w = found.maps.shape[-2:]
+        layers = f"{len(found.layers)} decoder layers, " if found.method == "q2l" else ""
+        labels = ", ".join(
+            f"{n} ({p:.2f})" for n, p in zip(found.labels, found.scores, strict=True)
+        )
+        print(f"{image}: {name}, {layers}{h}x{w} positions: {labels} -> {path}")
+    return [path for path, _ in drawn]
+
+
 def parse_command(argv: Sequence[str] | None) -> tuple[str, list[str]]:
     """Parse the flags; returns the command (the first positional argument) and the rest (the
     images of cam).
@@ -156,18 +223,16 @@ def parse_command(argv: Sequence[str] | None) -> tuple[str, list[str]]:
     command, extra = args[0], args[1:]
     if command not in COMMANDS:
         raise app.UsageError(f"unknown command {command!r}; valid: {valid}")
-    if extra and command != "cam":
+    if extra and command not in WITH_IMAGES:
         raise app.UsageError(f"unexpected arguments: {' '.join(extra)}")
-    if command == "cam" and not extra:
+    if command in WITH_IMAGES and not extra:
         raise app.UsageError(
-            "cam: no IMAGE given (python -m mlgraph.viz cam --workdir DIR IMAGE...)"
+            f"{command}: no IMAGE given (python -m mlgraph.viz {command} --workdir DIR IMAGE...)"
         )
-    for owner, names in ONLY_FOR.items():
-        misplaced = [f"--{name}" for name in names if _FLAGS[name].present]
-        if command != owner and misplaced:
-            raise app.UsageError(f"{', '.join(misplaced)}: only for {owner}")
-    if command == "labelcloud" and _FLAGS["classes"].present:
-        raise app.UsageError("--classes: only for heatmap and cam")
+    for flag, owners in ONLY_FOR.items():
+        if command not in owners and _FLAGS[flag].present:
+            listed = " and ".join([", ".join(owners[:-1]), owners[-1]] if owners[1:] else owners)
+            raise app.UsageError(f"--{flag}: only for {listed}")
     return command, list(extra)
 
 
@@ -189,6 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             top=_TOP.value,
             images=images,
             max_image_pixels=_MAX_IMAGE_PIXELS.value,
+            top_k=_TOP_K.value,
+            label_embeddings=_LABEL_EMBEDDINGS.value,
         )
     except (app.UsageError, MlgraphError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -61,6 +61,25 @@ def scene_shares(comatrix: np.ndarray) -> np.ndarray:
     return mass / total if total > 0 else np.zeros_like(mass)
 
 
+def class_indices(class_names: Sequence[str], classes: Sequence[str]) -> list[int]:
+    """The positions in `class_names` of the `--classes` names `classes`, in their order.
+
+    Raises:
+      ConfigError: an unknown or repeated class name.
+    """
+    names = list(class_names)
+    unknown = [c for c in classes if c not in names]
+    if unknown:
+        raise ConfigError(
+            f"--classes: unknown class name(s) {', '.join(repr(c) for c in unknown)}; "
+            f"known: {', '.join(names)}"
+        )
+    repeated = sorted({c for c in classes if list(classes).count(c) > 1})
+    if repeated:
+        raise ConfigError(f"--classes: repeated class name(s) {', '.join(repeated)}")
+    return [names.index(c) for c in classes]
+
+
 def select_classes(
     comatrix: np.ndarray,
     class_names: Sequence[str],
@@ -78,16 +97,7 @@ def select_classes(
     """
     names = list(class_names)
     if classes:
-        unknown = [c for c in classes if c not in names]
-        if unknown:
-            raise ConfigError(
-                f"--classes: unknown class name(s) {', '.join(repr(c) for c in unknown)}; "
-                f"known: {', '.join(names)}"
-            )
-        repeated = sorted({c for c in classes if list(classes).count(c) > 1})
-        if repeated:
-            raise ConfigError(f"--classes: repeated class name(s) {', '.join(repeated)}")
-        return [names.index(c) for c in classes]
+        return class_indices(names, classes)
     if top is None:
         top = len(names) if len(names) <= DEFAULT_TOP else DEFAULT_TOP
     if top < 1:

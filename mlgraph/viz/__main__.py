@@ -1,5 +1,6 @@
-"""Figures from a training workdir: SALGL's learned scenes (one PNG per scene) and Scob's
-semantic guidance over images (one PNG per image and class).
+"""Figures from a training workdir: SALGL's learned scenes (one PNG per scene), Scob's
+semantic guidance over images (one PNG per image and class), and one self-contained HTML report
+of the whole run (`mlgraph.viz.report`).
 
     python -m mlgraph.viz heatmap --workdir DIR [--step N] [--ema | --no-ema] [--output OUT]
         [--classes NAME,NAME,... | --top N] [--classes_file NAMES.txt]
@@ -7,9 +8,12 @@ semantic guidance over images (one PNG per image and class).
         [--classes_file NAMES.txt]
     python -m mlgraph.viz cam --workdir DIR IMAGE... [--step N] [--classes NAME,...]
         [--output OUT] [--classes_file NAMES.txt] [--max_image_pixels N]
+    python -m mlgraph.viz report --workdir DIR [--step N] [--no-ema] [--output report.html]
 
 Writes `heatmap_scene{k}.png` / `labelcloud_scene{k}.png` / `cam_<image>_<class>.png` into OUT
-(default DIR/viz). The step defaults to the best checkpoint, SALGL's counts to the EMA model's.
+(default DIR/viz); `report` writes one HTML file (default DIR/report.html), saying in one
+`warning:` line each what it could not draw. The step defaults to the best checkpoint,
+SALGL's counts to the EMA model's.
 `cam` draws the class the model scores highest, or each class of --classes; its images are
 decoded as the builders decode them (`mlgraph.data.images`, the size limit --max_image_pixels).
 Class names come
@@ -34,11 +38,12 @@ COMMANDS = {
     "heatmap": "scene-conditional label co-occurrence probabilities",
     "labelcloud": "word clouds of the labels each scene collected",
     "cam": "Scob's Grad-CAM++ map and key masks over images",
+    "report": "one self-contained HTML report of the run (curves, evaluation, figures)",
 }
 ONLY_FOR = {"heatmap": ("top",), "cam": ("max_image_pixels",)}  # command: its own flags
 
 _FLAGS = flags.FlagValues()  # not absl's global FLAGS: see mlgraph.cli
-_WORKDIR = flags.DEFINE_string("workdir", None, "a SALGL training workdir", flag_values=_FLAGS)
+_WORKDIR = flags.DEFINE_string("workdir", None, "a training workdir", flag_values=_FLAGS)
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: best)", flag_values=_FLAGS)
 _EMA = flags.DEFINE_bool(
     "ema",
@@ -47,7 +52,10 @@ _EMA = flags.DEFINE_bool(
     flag_values=_FLAGS,
 )
 _OUTPUT = flags.DEFINE_string(
-    "output", None, "output folder (default: WORKDIR/viz)", flag_values=_FLAGS
+    "output",
+    None,
+    "output folder (default: WORKDIR/viz); report: the HTML file (default: WORKDIR/report.html)",
+    flag_values=_FLAGS,
 )
 _CLASSES_FILE = flags.DEFINE_string(
     "classes_file",
@@ -72,12 +80,14 @@ flags.mark_flag_as_required("workdir", flag_values=_FLAGS)
 flags.mark_flags_as_mutual_exclusive(["classes", "top"], flag_values=_FLAGS)
 USAGE = "\n".join(
     [
-        "usage: python -m mlgraph.viz {heatmap,labelcloud,cam} --workdir DIR [...]",
+        "usage: python -m mlgraph.viz {heatmap,labelcloud,cam,report} --workdir DIR [...]",
         "       python -m mlgraph.viz cam --workdir DIR IMAGE...",
+        "       python -m mlgraph.viz report --workdir DIR [--step N] [--output report.html]",
         "",
         *(f"  {name}: {text}" for name, text in COMMANDS.items()),
         "",
-        "--top: heatmap only; --classes: heatmap and cam; --max_image_pixels: cam only",
+        "--top: heatmap only; --classes: heatmap and cam; --max_image_pixels: cam only;",
+        "--classes_file: not for report; --output: a folder (report: the HTML file)",
     ]
 )
 
@@ -96,6 +106,15 @@ def run(
 ) -> list[pathlib.Path]:
     """Run `command` (a key of COMMANDS) with the flags' values (and, for cam, the image
     paths and their size limit); returns the written paths (and prints a summary)."""
+    if command == "report":
+        from mlgraph.viz import report  # imports jax: only for this command
+
+        written = report.write(workdir, step=step, output=output, ema=ema)
+        print(f"{workdir}: drew {'; '.join(written.notes.drawn)}")
+        print(
+            f"wrote {written.path} ({storage.size_text(written.size)}) in {written.seconds:.1f} s"
+        )
+        return [written.path]
     out_dir = storage.as_given(output or storage.epath.Path(workdir) / "viz", "--output")
     picked = [c.strip() for c in classes.split(",")] if classes else None
     if command == "cam":
@@ -166,8 +185,10 @@ def parse_command(argv: Sequence[str] | None) -> tuple[str, list[str]]:
         misplaced = [f"--{name}" for name in names if _FLAGS[name].present]
         if command != owner and misplaced:
             raise app.UsageError(f"{', '.join(misplaced)}: only for {owner}")
-    if command == "labelcloud" and _FLAGS["classes"].present:
+    if command in ("labelcloud", "report") and _FLAGS["classes"].present:
         raise app.UsageError("--classes: only for heatmap and cam")
+    if command == "report" and _FLAGS["classes_file"].present:
+        raise app.UsageError("--classes_file: not for report (it reads the run's data set)")
     return command, list(extra)
 
 

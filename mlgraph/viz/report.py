@@ -506,6 +506,12 @@ def render(
             "wall time and images/s",
             f"no TensorBoard events in {workdir / TENSORBOARD_DIR}",
         )
+    elif config is not None and run_log.train_images_per_s(sessions, config.batch_size) is None:
+        notes.miss(
+            "training images/s",
+            f"no session in {workdir / TENSORBOARD_DIR} logged two training steps "
+            f"(config.log_every_steps={config.log_every_steps})",
+        )
     if records is not None:
         if found:
             sections.append(curves_section(found))

@@ -109,7 +109,7 @@ def panels(found: Mapping[str, Curve]) -> list[tuple[str, str, list[Curve]]]:
     # The total first: it is drawn boldest.
     train.sort(key=lambda c: c.name != "train/loss")
     out = [
-        ("training loss", "loss", train),
+        ("training loss", "loss (and other train/ values)", train),
         ("learning rate", "learning rate", [found[LR]] if LR in found else []),
         ("evaluation mAP", "mAP (%)", [c for n, c in found.items() if MAIN_MAP.match(n)]),
         (

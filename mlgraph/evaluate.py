@@ -28,7 +28,7 @@ from ml_collections import config_flags
 from mlgraph import assets, checkpointing, cli, evaluation, models, paths, sharding, train_state
 from mlgraph.data import datasets
 from mlgraph.errors import ConfigError, MlgraphError
-from mlgraph.workdir import open_run
+from mlgraph.workdir import Run, open_run
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir to evaluate.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the best by EMA mAP).")
@@ -73,6 +73,14 @@ def _views(scorer: evaluation.Scorer, state, source, result, class_names) -> dic
 def evaluate_workdir(workdir: str | pathlib.Path, step: int | None = None) -> dict:
     """Metrics of the model and the EMA saved at `step` (default: the best checkpoint, by
     `mlgraph.workdir`'s step policy) in `workdir`."""
+    return score_workdir(workdir, step)[0]
+
+
+def score_workdir(workdir: str | pathlib.Path, step: int | None = None) -> tuple[dict, dict, Run]:
+    """(`evaluate_workdir`'s metrics, the scores behind them, the opened run): the scores are
+    `evaluation.Scorer.evaluate`'s result (`scores` of the model and of the EMA [N, C],
+    `labels`, `label_mask`), one row per example of the evaluation split, in the split's order
+    on one process (`mlgraph.viz.report` reads the examples back by their row)."""
     run = open_run(workdir, step)
     config, dataset = run.config, run.dataset
     mod = models.method_module(config.model.name)
@@ -84,7 +92,7 @@ def evaluate_workdir(workdir: str | pathlib.Path, step: int | None = None) -> di
     out = {"step": run.step, "split": config.data.eval_split, "images": len(source)}
     out |= _rows(found, prefixes)
     # The method's label views (SigRL: ZSL over the unseen classes, GZSL over all).
-    return out | _views(scorer, run.state, source, result, dataset.class_names)
+    return out | _views(scorer, run.state, source, result, dataset.class_names), result, run
 
 
 def evaluate_labels(

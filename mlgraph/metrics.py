@@ -4,6 +4,7 @@
   precision envelope) and its mean, in the form SALGL's official `VOCmAP(year='2012')` computes
   them (SSGRL and Query2Label too), with VOC "difficult" entries dropped through `mask`; with
   `interpolated=False`, ML-GCN's AP (the mean over positives of the precision at their rank).
+* `precision_recall_curve`: the per-class curve that AP integrates (for plots).
 * `spml_map`: the single-positive (SPML) papers' mAP: scikit-learn's non-interpolated AP per
   class (tied scores scored as one threshold), 0 for a class without positives, averaged over
   every class.
@@ -118,6 +119,26 @@ def average_precision(
       float64 [C]; NaN for a class with no positive among its kept samples (the official code
       would report 0 for such a class, which then drags the mean down).
     """
+    precision, hits, _, _ = _ranked_precision(scores, targets, mask, group_ties)
+    if interpolated:
+        precision = _envelope(precision)
+    n_pos = hits.sum(axis=0)
+    total = (precision * hits).sum(axis=0)
+    return np.divide(total, n_pos, out=np.full(total.shape, np.nan), where=n_pos > 0)
+
+
+def _envelope(precision: np.ndarray) -> np.ndarray:
+    """The interpolated precision [N, C]: at each rank, the best precision at or below it."""
+    return np.flip(np.maximum.accumulate(np.flip(precision, axis=0), axis=0), axis=0)
+
+
+def _ranked_precision(
+    scores: Any, targets: Any, mask: Any, group_ties: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Every class's ranking at once: (precision [N, C] at each rank, hits [N, C] (a kept
+    positive at that rank), kept [N, C] (a kept entry at that rank), tp [N, C] (kept positives
+    down to that rank)), with rank r of class c the r-th highest score of column c (ties in
+    ascending sample order)."""
     scores, targets, mask = _validate(scores, targets, mask)
     # One stable sort per column ranks every class at once; masked entries stay in place but
     # count neither as hits nor as ranks, so they cannot change any kept entry's precision.
@@ -139,11 +160,34 @@ def average_precision(
         end_rank = np.where(run_end, np.arange(n)[:, None], n)
         end_rank = np.flip(np.minimum.accumulate(np.flip(end_rank, axis=0), axis=0), axis=0)
         precision = np.take_along_axis(precision, end_rank, axis=0)
-    if interpolated:
-        precision = np.flip(np.maximum.accumulate(np.flip(precision, axis=0), axis=0), axis=0)
-    n_pos = hits.sum(axis=0)
-    total = (precision * hits).sum(axis=0)
-    return np.divide(total, n_pos, out=np.full(total.shape, np.nan), where=n_pos > 0)
+    return precision, hits, kept, tp
+
+
+def precision_recall_curve(
+    scores: Any, targets: Any, mask: Any = None
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per class, the precision-recall curve behind `average_precision`: (recall, precision,
+    interpolated precision) at each rank of its kept samples (mask True), highest score
+    first, ties in ascending sample order.
+
+    recall[r] = kept positives down to rank r / all kept positives, precision[r] = kept
+    positives down to rank r / r; the interpolated precision is the envelope from the right
+    (the best precision at or below the rank), so the class's AP is the mean of the
+    interpolated precision at the ranks where recall grows (`average_precision`'s definition).
+    A class without positives has recall 0 throughout.
+
+    Returns:
+      One (recall, precision, interpolated) triple of float64 [N_c] arrays per class column,
+      N_c the class's kept samples.
+    """
+    precision, hits, kept, tp = _ranked_precision(scores, targets, mask)
+    envelope = _envelope(precision)
+    n_pos = np.maximum(hits.sum(axis=0), 1)
+    out = []
+    for c in range(precision.shape[1]):
+        rows = kept[:, c]
+        out.append((tp[rows, c] / n_pos[c], precision[rows, c], envelope[rows, c]))
+    return out
 
 
 def mean_average_precision(

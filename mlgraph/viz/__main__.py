@@ -1,6 +1,7 @@
 """Figures from a training workdir: SALGL's learned scenes (one PNG per scene), Scob's
-semantic guidance over images (one PNG per image and class), and the attention maps of
-Query2Label, SSGRL, SALGL and SigRL over images (one PNG per image).
+semantic guidance over images (one PNG per image and class), the attention maps of
+Query2Label, SSGRL, SALGL and SigRL over images (one PNG per image), and one self-contained
+HTML report of the whole run (`mlgraph.viz.report`).
 
     python -m mlgraph.viz heatmap --workdir DIR [--step N] [--ema | --no-ema] [--output OUT]
         [--classes NAME,NAME,... | --top N] [--classes_file NAMES.txt]
@@ -11,10 +12,12 @@ Query2Label, SSGRL, SALGL and SigRL over images (one PNG per image).
     python -m mlgraph.viz attention --workdir DIR IMAGE... [--step N] [--no-ema]
         [--classes NAME,... | --top_k K] [--output OUT] [--classes_file NAMES.txt]
         [--label_embeddings E.npy] [--max_image_pixels N]
+    python -m mlgraph.viz report --workdir DIR [--step N] [--no-ema] [--output report.html]
 
 Writes `heatmap_scene{k}.png` / `labelcloud_scene{k}.png` / `cam_<image>_<class>.png` /
-`attention_<image>.png` into OUT (default DIR/viz). The step defaults to the best checkpoint,
-SALGL's counts and the attention maps to the EMA model's.
+`attention_<image>.png` into OUT (default DIR/viz); `report` writes one HTML file (default
+DIR/report.html), saying in one `warning:` line each what it could not draw. The step defaults
+to the best checkpoint, SALGL's counts and the attention maps to the EMA model's.
 `cam` draws the class the model scores highest, or each class of --classes; its images are
 decoded as the builders decode them (`mlgraph.data.images`, the size limit --max_image_pixels).
 `attention` draws each label of --classes or the --top_k (3) top-scored, over the image as the
@@ -42,12 +45,14 @@ COMMANDS = {
     "labelcloud": "word clouds of the labels each scene collected",
     "cam": "Scob's Grad-CAM++ map and key masks over images",
     "attention": "attention maps of Query2Label, SSGRL, SALGL and SigRL over images",
+    "report": "one self-contained HTML report of the run (curves, evaluation, figures)",
 }
 WITH_IMAGES = ("cam", "attention")  # the commands whose positional arguments are images
 # flag: the commands that take it
 ONLY_FOR = {
     "top": ("heatmap",),
     "classes": ("heatmap", "cam", "attention"),
+    "classes_file": ("heatmap", "labelcloud", "cam", "attention"),
     "max_image_pixels": WITH_IMAGES,
     "top_k": ("attention",),
     "label_embeddings": ("attention",),
@@ -63,7 +68,10 @@ _EMA = flags.DEFINE_bool(
     flag_values=_FLAGS,
 )
 _OUTPUT = flags.DEFINE_string(
-    "output", None, "output folder (default: WORKDIR/viz)", flag_values=_FLAGS
+    "output",
+    None,
+    "output folder (default: WORKDIR/viz); report: the HTML file (default: WORKDIR/report.html)",
+    flag_values=_FLAGS,
 )
 _CLASSES_FILE = flags.DEFINE_string(
     "classes_file",
@@ -103,12 +111,14 @@ flags.mark_flags_as_mutual_exclusive(["classes", "top"], flag_values=_FLAGS)
 flags.mark_flags_as_mutual_exclusive(["classes", "top_k"], flag_values=_FLAGS)
 USAGE = "\n".join(
     [
-        "usage: python -m mlgraph.viz {heatmap,labelcloud,cam,attention} --workdir DIR [...]",
+        "usage: python -m mlgraph.viz {heatmap,labelcloud,cam,attention,report} --workdir DIR",
         "       python -m mlgraph.viz {cam,attention} --workdir DIR IMAGE...",
+        "       python -m mlgraph.viz report --workdir DIR [--step N] [--output report.html]",
         "",
         *(f"  {name}: {text}" for name, text in COMMANDS.items()),
         "",
         *(f"--{flag}: {', '.join(owners)} only" for flag, owners in ONLY_FOR.items()),
+        "--output: a folder (report: the HTML file)",
     ]
 )
 
@@ -129,6 +139,15 @@ def run(
 ) -> list[pathlib.Path]:
     """Run `command` (a key of COMMANDS) with the flags' values (and, for cam and attention,
     the image paths and their size limit); returns the written paths (and prints a summary)."""
+    if command == "report":
+        from mlgraph.viz import report  # imports jax: only for this command
+
+        written = report.write(workdir, step=step, output=output, ema=ema)
+        print(f"{workdir}: drew {'; '.join(written.notes.drawn)}")
+        print(
+            f"wrote {written.path} ({storage.size_text(written.size)}) in {written.seconds:.1f} s"
+        )
+        return [written.path]
     out_dir = storage.as_given(output or storage.epath.Path(workdir) / "viz", "--output")
     picked = [c.strip() for c in classes.split(",")] if classes else None
     if command == "attention":

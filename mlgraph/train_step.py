@@ -44,9 +44,6 @@ class StepContext:
       config: the run's config.
       total_steps: the length of the run.
       ema_live: state paths the EMA takes live (the config's and the method's).
-      mesh: the device mesh the step is jitted over (`jit_train_step`), or None: the gradients
-        are then laid out as the optimizer's state is (`sharding.state_shardings`), so that
-        each device receives the sum of its slice only (a reduce-scatter, not an all-reduce).
     """
 
     mod: Any
@@ -55,7 +52,6 @@ class StepContext:
     config: ml_collections.ConfigDict
     total_steps: int
     ema_live: tuple[str, ...]
-    mesh: Any = None
 
     def loss_and_grads(
         self, params: Any, rest: Any, batch: dict, step: jax.Array, trainable: dict | None = None
@@ -90,10 +86,6 @@ class StepContext:
         grad_fn = jax.value_and_grad(loss_of, argnums=(0, 1), has_aux=True)
         (loss, (aux, rest)), (grads, extra_grads) = grad_fn(params, trainable or {}, rest)
         grads = nnx.merge_state(grads, jax.tree.map(jnp.zeros_like, frozen))
-        if self.mesh is not None:
-            grads = jax.lax.with_sharding_constraint(
-                grads, jax.tree.map(lambda g: sharding.sharded_over_data(self.mesh, g.shape), grads)
-            )
         return loss, aux, rest, (grads, extra_grads) if trainable is not None else grads
 
     def finish(self, state: dict, params: Any, rest: Any, opt: Any, **changes) -> dict:
@@ -128,12 +120,9 @@ def default_train_step(ctx: StepContext):
     return train_step
 
 
-def make_train_step(
-    mod, graphdef: nnx.GraphDef, tx, config: ml_collections.ConfigDict, total: int, mesh=None
-):
+def make_train_step(mod, graphdef: nnx.GraphDef, tx, config: ml_collections.ConfigDict, total: int):
     """The method's train step (`make_train_step` of its module) or `default_train_step`, inside
-    the finite check of `divergence.guard_step` (so every method's steps are checked); `mesh`:
-    see `StepContext`."""
+    the finite check of `divergence.guard_step` (so every method's steps are checked)."""
     # State the EMA model takes live instead of averaging: the config's, plus the method's own
     # (e.g. SALGL's co-occurrence counts when comat_ema is off).
     method_live = getattr(mod, "ema_live_paths", lambda config: ())(config)
@@ -144,7 +133,6 @@ def make_train_step(
         config=config,
         total_steps=total,
         ema_live=tuple(config.ema.live) + tuple(method_live),
-        mesh=mesh,
     )
     train_step = getattr(mod, "make_train_step", default_train_step)(ctx)
     return divergence.guard_step(train_step, config.optimizer.skip_nonfinite)
@@ -153,12 +141,12 @@ def make_train_step(
 def jit_train_step(
     mod, graphdef: nnx.GraphDef, tx, config: ml_collections.ConfigDict, total: int, mesh, state
 ):
-    """`make_train_step` jitted over `mesh` as training runs it: the state (laid out like
-    `state`, by `sharding.state_shardings`) donated, batches sharded on the data axis, the
-    metrics replicated. `state` may be arrays or `jax.ShapeDtypeStruct`s."""
+    """`make_train_step` jitted over `mesh` as training runs it: the state (laid out by
+    `sharding.state_shardings`; `state` may be arrays or `jax.ShapeDtypeStruct`s) donated,
+    batches sharded on the data axis, the metrics replicated."""
     state_sh = sharding.state_shardings(mesh, state)
     return jax.jit(
-        make_train_step(mod, graphdef, tx, config, total, mesh),
+        make_train_step(mod, graphdef, tx, config, total),
         in_shardings=(state_sh, sharding.batch_sharded(mesh)),
         out_shardings=(state_sh, sharding.replicated(mesh)),
         # Without it every step allocates a new state, which slows the step.

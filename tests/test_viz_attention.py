@@ -443,3 +443,20 @@ def test_cli_error_lines(q2l_workdir, tmp_path, capsys):
             "attention over image positions; attention maps are drawn for q2l, ssgrl, salgl, "
             f"sigrl runs{hint}\n"
         )
+
+
+def test_the_report_embeds_the_attention_figures(runs, tmp_path):
+    from mlgraph.viz import report
+
+    run = runs["q2l"]
+    a, b, _ = write_images(tmp_path)
+    notes = report.Notes()
+    found = report.attention_figures(run, run.config, [str(a), str(b)], notes)
+    assert found == attention.figures(run, [a, b])
+    assert notes.drawn == ["attention maps"] and notes.missing == []
+    section = report.attention_section(found)
+    assert section.body.count("data:image/png;base64,") == 2
+    # A method without attention maps has no such section, and says nothing of it.
+    no_maps = ml_collections.ConfigDict({"model": {"name": "mlgcn"}})
+    assert report.attention_figures(run, no_maps, [str(a)], notes) is None
+    assert notes.drawn == ["attention maps"] and notes.missing == []

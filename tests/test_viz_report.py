@@ -393,9 +393,9 @@ def test_no_workdir_is_an_error(tmp_path, capsys):
     ]
     assert list(tmp_path.iterdir()) == []
     for flags, line in [
-        (["--classes", "cat"], "error: --classes: only for heatmap and cam"),
-        (["--classes_file", "x"], "error: --classes_file: not for report (it reads the run's "
-         "data set)"),
+        (["--classes", "cat"], "error: --classes: only for heatmap, cam and attention"),
+        (["--classes_file", "x"], "error: --classes_file: only for heatmap, labelcloud, cam "
+         "and attention"),
         (["--top", "3"], "error: --top: only for heatmap"),
     ]:  # fmt: skip
         assert report_lines(tmp_path, capsys, *flags) == (2, [], [line])

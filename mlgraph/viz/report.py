@@ -32,7 +32,6 @@ rest, for a 100,000-line log and a 40,504-image COCO evaluation, takes seconds.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import pathlib
 import re
@@ -428,11 +427,7 @@ def attention_figures(
     run: Any, config, images: Sequence[str], notes: Notes
 ) -> list[tuple[str, bytes]] | None:
     """`mlgraph.viz.attention.figures` of `images` for a method it `supports`, else None."""
-    # The attention maps are issue 34's item 2, built beside this report: a checkout without
-    # that module has no attention maps to draw for any method.
-    if importlib.util.find_spec("mlgraph.viz.attention") is None:
-        return None
-    from mlgraph.viz import attention
+    from mlgraph.viz import attention  # imports jax
 
     if not attention.supports(config):
         return None

@@ -1,8 +1,9 @@
 """SALGL's training loop in plain torch. SALGL ships no training script (jasonseu/SALGL#1: the
 author never released it), so this follows the paper's settings (Zhu et al., ICCV 2023,
-"Scene-Aware Label Graph Learning for Multi-Label Image Classification", §4 Experiments,
-implementation details: 448 px, 80 epochs, ASL with γ+ = 0 and γ− = 2, the scene entropy
-terms, three graph steps) with the optimizer, schedule, EMA and loss helpers the official
+"Scene-Aware Label Graph Learning for Multi-Label Image Classification", the implementation
+details of its experiments as docs/salgl.md §2-§3.3 records them: 448 px, 80 epochs, ASL with
+γ+ = 0 and γ− = 2, the scene entropy terms, three graph steps) with the optimizer, schedule,
+EMA and loss helpers the official
 repository does release (`lib/utils.py`: `get_args` defaults, `get_optimizer`,
 `get_lr_scheduler`, `get_loss_fn`, `ModelEma`), run in the order of the author's sibling
 trainer that shares that code (`jasonseu/CoCo`, `train.py`, `Trainer.train`):

@@ -4,14 +4,18 @@ same weights, batch and precision, timed beside mlgraph's.
 The torch models are the ones the parity tests check (`mlgraph.torch_reference`): SALGL with
 the official `[B, C, N, A]` attention and the co-occurrence update inside the training forward;
 SSGRL with the official mode switch (only layer4's batch norms in train mode); Query2Label with
-FrozenBatchNorm2d. Their random initial weights go through the method's converter
+FrozenBatchNorm2d; SigRL's CLIPVIT (its label table and frozen CLIP teacher beside it). Their
+random initial weights go through the method's converter
 (`mlgraph.convert.<method>`) into mlgraph's train state, so both frameworks start from
 identical parameters, and the parameters `config.optimizer.frozen` freezes in mlgraph (named
 through the converter's table) get no gradient in torch. A torch train step is what the
 official loop does per batch: forward (with the targets for SALGL), `config.loss`, backward,
 the optimizer step (`config.optimizer.name`), and the EMA of every state entry when
-`config.ema.decay` > 0; the eval forward runs without gradients in eval mode. Float32 on CPU;
-on CUDA, bfloat16 autocast against mlgraph's `config.dtype`.
+`config.ema.decay` > 0. SALGL and SigRL time their training transcriptions' step instead
+(`mlgraph.torch_reference.salgl_train`: AdamW, OneCycle and the EMA per step;
+`sigrl_train`: the layer-decay AdamW groups, the per-iteration schedule, the teacher's
+forward and the ranking + distillation loss). The eval forward runs without gradients in
+eval mode. Float32 on CPU; on CUDA, bfloat16 autocast against mlgraph's `config.dtype`.
 """
 
 from __future__ import annotations
@@ -22,19 +26,28 @@ import pathlib
 import re
 import tempfile
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 
-from mlgraph import checkpointing, evaluation, sharding, train_state, train_step
+from mlgraph import (
+    bench_compile,
+    evaluation,
+    sharding,
+    train_state,
+    train_step,
+)
 from mlgraph.data import datasets
 from mlgraph.errors import ConfigError
 from mlgraph.torch_reference import require_torch
+
+# The run length both sides' schedules are built for (longer than any timed run).
+BENCH_TOTAL = 1000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,17 +61,22 @@ class TorchMethod:
         conversion table: mlgraph path -> (torch key, transform)).
       train_loss: (torch model, images, targets, config) -> the training loss.
       eval_logits: (torch model, images) -> logits.
+      make_step: (torch model, config, images, targets) -> a function running one step of the
+        method's training transcription (`mlgraph.torch_reference.<method>_train`) and
+        returning its loss; None: the generic step of `make_torch_step`.
     """
 
     build: Callable[..., Any]
     convert: Callable[..., tuple[nnx.Module, dict]]
     train_loss: Callable[..., Any]
     eval_logits: Callable[..., Any]
+    make_step: Callable[..., Callable[[], Any]] | None = None
 
 
 def _salgl() -> TorchMethod:
     from mlgraph.convert import salgl as convert_salgl
     from mlgraph.torch_reference import salgl as reference
+    from mlgraph.torch_reference import salgl_train
 
     def convert(sd, config, _scratch):
         opts = {
@@ -69,11 +87,17 @@ def _salgl() -> TorchMethod:
         module, _ = convert_salgl.convert({f"module.{k}": v for k, v in sd.items()}, opts)
         return module, convert_salgl.table(module)
 
+    def make_step(tm, _config, x, y):
+        # The transcription's OneCycle must outlast the timed steps: one epoch of BENCH_TOTAL.
+        trainer = salgl_train.Trainer(tm, BENCH_TOTAL, salgl_train.Args(max_epochs=1))
+        return lambda: trainer.step(x, y)
+
     return TorchMethod(
         build=lambda config, c, _state: reference.from_config(config.model, c, config.image_size),
         convert=convert,
         train_loss=lambda tm, x, y, config: reference.salgl_loss(tm(x, y), y, config.loss),
         eval_logits=lambda tm, x: tm(x)["logits"],
+        make_step=make_step,
     )
 
 
@@ -127,13 +151,94 @@ def _q2l() -> TorchMethod:
     )
 
 
-METHODS: dict[str, Callable[[], TorchMethod]] = {"salgl": _salgl, "ssgrl": _ssgrl, "q2l": _q2l}
+def _sigrl() -> TorchMethod:
+    from mlgraph import models
+    from mlgraph.convert import sigrl as convert_sigrl
+    from mlgraph.torch_reference import sigrl as reference
+    from mlgraph.torch_reference import sigrl_train
+
+    torch = require_torch()
+
+    def build(config, _c, state):
+        tm = reference.from_config(config.model, config.image_size)
+        # The label table rides along as a plain attribute (SigRL reads label_emb.pt apart),
+        # the seen labels first, as NUS-WIDE's; `_state_dict` hands it to `convert`.
+        tm.label_emb = torch.from_numpy(np.array(state["rest"]["label_embeddings"][...]))
+        tm.num_seen = int(np.asarray(state["extra"]["seen_ids"]).size)
+        return tm
+
+    def convert(sd, config, scratch: pathlib.Path):
+        np.save(scratch / "labels.npy", sd.pop("label_emb"))
+        opts = {
+            "label_embeddings": str(scratch / "labels.npy"),
+            "num_heads": dict(config.model.backbone_kwargs).get("num_heads", 0),
+            "topk": config.model.topk,
+            "image_size": config.image_size,
+        }
+        module, _ = convert_sigrl.convert(sd, opts)
+        # The converted model has no teacher; mlgraph's is filled from the loaded tower, as
+        # `config.init_from` does (`Model.fill_teacher`), in a model built abstractly.
+        c = module.label_embeddings.shape[0]
+        model = nnx.eval_shape(lambda: models.create(config, num_classes=c, rngs=nnx.Rngs(0)))
+        nnx.update(model, nnx.state(module))
+        model.fill_teacher()
+        return model, convert_sigrl.table(module)
+
+    teachers = weakref.WeakKeyDictionary()
+
+    def teacher_of(tm):
+        # The frozen CLIP teacher: the student's weights before its first step.
+        if tm not in teachers:
+            teachers[tm] = sigrl_train.frozen_copy(tm)
+        return teachers[tm]
+
+    def seen_labels(tm, y):
+        # SigRL's labels: +1 / -1 over the seen tags.
+        return 2 * y[:, : tm.num_seen] - 1
+
+    def train_loss(tm, x, y, _config):
+        logits, _, glob = tm(x, tm.label_emb[: tm.num_seen].to(x.device))
+        with torch.no_grad():
+            target = teacher_of(tm).encode_image(x)[1]
+        rank = reference.ranking_lossT(logits, seen_labels(tm, y))
+        return rank + torch.nn.functional.l1_loss(glob, target)
+
+    def make_step(tm, config, x, y):
+        args = sigrl_train.Args(
+            epochs=1, warmup_epochs=0, fix_layer=config.model.teacher_from_block,
+            num_seen=tm.num_seen,
+        )  # fmt: skip
+        teacher = teacher_of(tm)
+        optimizer = sigrl_train.build_optimizer(args, tm)
+        batch, table = [(x, seen_labels(tm, y))], tm.label_emb.to(x.device)
+
+        def step():
+            losses, _ = sigrl_train.train_one_epoch(tm, teacher, args, optimizer, batch, table, 0)
+            return losses[0]
+
+        return step
+
+    return TorchMethod(
+        build=build,
+        convert=convert,
+        train_loss=train_loss,
+        eval_logits=lambda tm, x: tm(x, tm.label_emb.to(x.device))[0],
+        make_step=make_step,
+    )
+
+
+METHODS: dict[str, Callable[[], TorchMethod]] = {
+    "salgl": _salgl,
+    "ssgrl": _ssgrl,
+    "q2l": _q2l,
+    "sigrl": _sigrl,
+}
 
 
 def _state_dict(tm) -> dict[str, np.ndarray]:
-    """Parameters, buffers and the plain-tensor attributes SSGRL keeps, as numpy."""
+    """Parameters, buffers and the plain-tensor attributes SSGRL and SigRL keep, as numpy."""
     sd = {k: v.detach().numpy().copy() for k, v in tm.state_dict().items()}
-    for name in ("word_features", "in_matrix", "out_matrix"):
+    for name in ("word_features", "in_matrix", "out_matrix", "label_emb"):
         if hasattr(tm, name):
             sd[name] = getattr(tm, name).numpy().copy()
     return sd
@@ -152,41 +257,69 @@ def freeze_like_mlgraph(tm, table: dict, frozen_patterns) -> int:
     return sum(p.numel() for p in tm.parameters() if p.requires_grad)
 
 
-def build_pair(config, num_classes: int):
-    """(torch model, mlgraph's (module, graphdef, tx, state, config)) with the same weights;
-    the config is the one mlgraph's side was built from (float32 on CPU). The torch model's
-    parameters that mlgraph freezes have `requires_grad` off.
+def _precision(config):
+    """The precision policy of both sides: float32 on CPU, the config's (bfloat16) on
+    accelerators."""
+    if jax.default_backend() == "cpu" and config.get("dtype", "float32") != "float32":
+        config = ml_collections.ConfigDict(config.to_dict())
+        config.dtype = "float32"
+    return config
+
+
+def torch_method(config) -> TorchMethod:
+    """The `TorchMethod` of `config.model.name`.
 
     Raises:
       ConfigError: a method without a torch model, or torch not installed.
     """
-    torch = require_torch()
-    # The precision policy of both: float32 on CPU, the config's (bfloat16) on accelerators.
-    if jax.default_backend() == "cpu" and config.get("dtype", "float32") != "float32":
-        config = ml_collections.ConfigDict(config.to_dict())
-        config.dtype = "float32"
+    require_torch()
     if config.model.name not in METHODS:
         raise ConfigError(
             f"--against torch: config.model.name={config.model.name!r} has no torch model; "
             f"one exists for {', '.join(METHODS)}"
         )
-    method = METHODS[config.model.name]()
-    b = config.batch_size
-    observed = np.eye(num_classes, dtype=np.float32)[np.arange(b) % num_classes]
-    training = datasets.TrainingSplit(range(b), num_classes, observed)
-    mod, graphdef, tx, state = train_state.init_train_state(config, num_classes, 1000, training)
+    return METHODS[config.model.name]()
 
+
+def build_pair(
+    config,
+    num_classes: int,
+    total: int = BENCH_TOTAL,
+    training: datasets.TrainingSplit | None = None,
+):
+    """(torch model, mlgraph's (module, graphdef, tx, state, config)) with the same weights
+    (`mlgraph_side`), the torch model randomly initialised (seed `config.seed`); `training`
+    defaults to the batch as the training set (`bench_compile.synthetic_training`).
+
+    Raises:
+      ConfigError: a method without a torch model, or torch not installed.
+    """
+    torch = require_torch()
+    config = _precision(config)
+    method = torch_method(config)
+    if training is None:
+        training = bench_compile.synthetic_training(config.batch_size, num_classes)
+    # A freshly initialised state: SSGRL's torch model takes its word vectors and graph from it.
+    _, _, _, state = train_state.init_train_state(config, num_classes, total, training)
     torch.manual_seed(config.seed)
     tm = method.build(config, num_classes, state)
+    return tm, mlgraph_side(tm, method, config, num_classes, total, training), method
+
+
+def mlgraph_side(tm, method: TorchMethod, config, num_classes: int, total: int, training):
+    """mlgraph's (module, graphdef, tx, state, config) starting from the torch model `tm`'s
+    weights through the method's converter (nothing initialised), its optimizer built for a
+    run of `total` steps on `training`; the config is the one it was built from (float32 on
+    CPU). The torch model's parameters that mlgraph freezes get `requires_grad` off."""
+    config = _precision(config)
     with tempfile.TemporaryDirectory() as scratch:
         module, table = method.convert(_state_dict(tm), config, pathlib.Path(scratch))
     freeze_like_mlgraph(tm, table, config.optimizer.frozen)
     _, params, rest = nnx.split(module, nnx.Param, ...)
-    state["params"] = checkpointing.fill_from(state["params"], params, "the torch model's weights")
-    state["rest"] = checkpointing.fill_from(state["rest"], rest, "the torch model's buffers")
-    state["opt"] = tx.init(state["params"])
-    state["ema"] = jax.tree.map(jnp.copy, {"params": state["params"], "rest": state["rest"]})
-    return tm, (mod, graphdef, tx, state, config), method
+    mod, graphdef, tx, state = train_state.init_train_state(
+        config, num_classes, total, training, weights=(params, rest)
+    )
+    return mod, graphdef, tx, state, config
 
 
 def _timed(fn, n: int, sync) -> float:
@@ -224,17 +357,26 @@ def torch_optimizer(torch, params, opt):
 
 def make_torch_step(tm, method: TorchMethod, config, x, y) -> Callable[[], Any]:
     """One official training step of `tm` on images `x` [B, 3, H, W] and targets `y`, as a
-    function returning the loss: forward in train mode (bfloat16 autocast on CUDA), the loss,
-    backward, the optimizer on the parameters with a gradient, and the EMA of every floating
-    state entry when `config.ema.decay` > 0 (kept in a copy of the model)."""
+    function returning the loss (bfloat16 autocast on CUDA): the method's training
+    transcription's step where it has one (`TorchMethod.make_step`), else forward in train
+    mode, the loss, backward, the optimizer on the parameters with a gradient, and the EMA of
+    every floating state entry when `config.ema.decay` > 0 (kept in a copy of the model)."""
     torch = require_torch()
     tm.train()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda)
+    if method.make_step is not None:
+        transcribed = method.make_step(tm, config, x, y)
+
+        def step():
+            with autocast:
+                return transcribed()
+
+        return step
     optimizer = torch_optimizer(
         torch, [p for p in tm.parameters() if p.requires_grad], config.optimizer
     )
     decay = config.ema.decay
     ema = copy.deepcopy(tm) if decay > 0 else None
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -270,7 +412,7 @@ def bench_against_torch(config, steps: int, num_classes: int) -> dict[str, float
     batch = jax.device_put(
         {"image": images, "labels": labels, "index": np.arange(b, dtype=np.int32)}, data_sh
     )
-    step = train_step.jit_train_step(mod, graphdef, tx, config, 1000, mesh, state)
+    step = train_step.jit_train_step(mod, graphdef, tx, config, BENCH_TOTAL, mesh, state)
     holder = {"state": state}
 
     def jax_step():

@@ -515,8 +515,16 @@ def ranking(
 def l1_distillation(
     student: jax.Array, teacher: jax.Array, weights: jax.Array | None = None
 ) -> jax.Array:
-    """SigRL's distillation: the mean over images (weighted) and dimensions of |g − g_teacher|."""
-    per_image = jnp.abs(student.astype(jnp.float32) - teacher.astype(jnp.float32)).mean(-1)
+    """SigRL's distillation: the mean over images (weighted) and dimensions of |g − g_teacher|
+    (torch's `F.l1_loss`, `OV/engine_nus.py`).
+
+    |x| is differentiated as torch does, sign(x): 0 where the student's embedding equals the
+    teacher's. It does at the start of training (the teacher is the student's own CLIP tower,
+    unchanged until the first update with a non-zero learning rate), where `jnp.abs`'s
+    derivative of 1 would push every embedding dimension the same way.
+    """
+    diff = student.astype(jnp.float32) - teacher.astype(jnp.float32)
+    per_image = (diff * jax.lax.stop_gradient(jnp.sign(diff))).mean(-1)
     if weights is None:
         return per_image.mean()
     return (per_image * weights).sum() / jnp.maximum(weights.sum(), 1.0)

@@ -194,6 +194,33 @@ def make_optimizer(
     return optax.chain(*clip, tx)
 
 
+def skipped_update(old: optax.OptState, new: optax.OptState, skipped: jax.Array) -> optax.OptState:
+    """The optimizer state after an update that, where `skipped`, did not happen: Adam's
+    moments and step count as in `old`, as torch leaves them when a loop skips
+    `optimizer.step()` (SigRL's batch without a seen positive), while every schedule's step
+    (an `optax.inject_hyperparams` count) still advances as in `new`, since the official
+    schedules are set from the iteration index (MKT's `adjust_learning_rate(i / N + epoch)`)."""
+
+    def pick(o, n):
+        if isinstance(o, _SCHEDULE_STATES):
+            # The schedules' own counters (optax >= 0.2.5 keeps one per scheduled value).
+            counted = {f: getattr(n, f) for f in ("count", "hyperparams_states") if f in o._fields}
+            kept = o._replace(**counted)
+            return jax.tree.map(lambda a, b: jnp.where(skipped, a, b), kept, n)
+        return jnp.where(skipped, o, n)
+
+    is_schedule = lambda x: isinstance(x, _SCHEDULE_STATES)  # noqa: E731
+    return jax.tree.map(pick, old, new, is_leaf=is_schedule)
+
+
+# The states of `optax.inject_hyperparams` (the stateful one since optax 0.2.5).
+_SCHEDULE_STATES = tuple(
+    getattr(optax, name)
+    for name in ("InjectHyperparamsState", "InjectStatefulHyperparamsState")
+    if hasattr(optax, name)
+)
+
+
 def path_filter(pattern: str) -> Callable[[tuple, object], bool]:
     """An nnx state filter: the variables whose '/'-joined path fully matches `pattern`."""
     regex = re.compile(pattern)

@@ -22,14 +22,23 @@ def create_model(
     num_classes: int,
     num_train_examples: int | None = None,
     earlier_run: dict | None = None,
+    weights: tuple | None = None,
 ):
     """(the method's module, graphdef, params, rest) for `config`, from `config.init_from` if
-    set (`earlier_run`: that training workdir's state, when the caller has read it already).
+    set (`earlier_run`: that training workdir's state, when the caller has read it already),
+    or from `weights` = (params, rest) holding every variable (e.g. a converted model's).
 
     Initialisation runs under one `jax.jit`: eagerly, every new weight shape is its own
-    compilation, which takes minutes for a ResNet-101 on a CPU host.
+    compilation, which takes minutes for a ResNet-101 on a CPU host. With `weights` nothing is
+    initialised (the model is built abstractly and filled).
+
+    Raises:
+      ValueError: both `weights` and `config.init_from`.
+      ConfigError: `weights` without a variable of the model, or with another shape.
     """
     mod = models.method_module(config.model.name)
+    if weights is not None and config.init_from:
+        raise ValueError("create_model: weights given and config.init_from set; give one")
     if config.init_from and not init_from.is_workdir(config.init_from):
         # A weights checkpoint for another architecture is refused before the model is built
         # (minutes for a ResNet-101 on a CPU host).
@@ -45,7 +54,12 @@ def create_model(
             num_train_examples=num_train_examples,
         )
 
-    graphdef, _, _ = nnx.split(nnx.eval_shape(create), nnx.Param, ...)
+    graphdef, abstract_params, abstract_rest = nnx.split(nnx.eval_shape(create), nnx.Param, ...)
+    if weights is not None:
+        field = "create_model(weights=...)"
+        params = checkpointing.fill_from(abstract_params, weights[0], "the params", field)
+        rest = checkpointing.fill_from(abstract_rest, weights[1], "the state", field)
+        return mod, graphdef, params, rest
     params, rest = jax.jit(lambda: nnx.split(create(), nnx.Param, ...)[1:])()
     if config.init_from and init_from.is_workdir(config.init_from):
         saved = earlier_run or init_from.read_workdir_state(config.init_from, config.model)
@@ -71,9 +85,11 @@ def init_train_state(
     num_classes: int,
     total: int,
     training: datasets.TrainingSplit | None = None,
+    weights: tuple | None = None,
 ):
     """(method module, graphdef, optimizer, train state) for a fresh run on `training` (the
-    training examples; needed by methods with per-example state).
+    training examples; needed by methods with per-example state), from `weights` = (params,
+    rest) when given (`create_model`).
 
     The state is a dict: `params` (nnx.Param), `rest` (batch statistics, buffers), `opt` (the
     optimizer's state), `ema` (params and rest of the EMA model), `step`, `extra` (the
@@ -85,7 +101,9 @@ def init_train_state(
     earlier_run = None
     if config.init_from and init_from.is_workdir(config.init_from):
         earlier_run = init_from.read_workdir_state(config.init_from, config.model)
-    mod, graphdef, params, rest = create_model(config, num_classes, num_train, earlier_run)
+    mod, graphdef, params, rest = create_model(
+        config, num_classes, num_train, earlier_run, weights=weights
+    )
     tx = make_optimizer(mod, config, total, params)
     extra = {}
     if hasattr(mod, "init_extra"):
@@ -97,9 +115,11 @@ def init_train_state(
     state = {
         "params": params,
         "rest": rest,
-        "opt": tx.init(params),
-        # A copy: the EMA must not share buffers with the live weights, which are donated.
-        "ema": jax.tree.map(jnp.copy, {"params": params, "rest": rest}),
+        # Both under one jit each: eagerly, every variable shape compiles its own program.
+        "opt": jax.jit(tx.init)(params),
+        # A copy: the EMA must not share buffers with the live weights, which are donated
+        # (a jit's outputs are new buffers).
+        "ema": jax.jit(lambda t: jax.tree.map(jnp.copy, t))({"params": params, "rest": rest}),
         "step": jnp.zeros((), jnp.int32),
         "extra": jax.tree.map(jnp.asarray, extra),
         divergence.HEALTH: divergence.initial_health(),

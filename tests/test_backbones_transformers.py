@@ -7,8 +7,6 @@ compared in float32: max|jax - torch| / max|torch| < 1e-4.
 
 from __future__ import annotations
 
-import collections
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,6 +24,7 @@ from mlgraph.convert import (  # noqa: E402
     timm_vit,
 )
 from mlgraph.models.backbones import bert, clip, vit  # noqa: E402
+from mlgraph.torch_reference.clip import Transformer, VisionTransformer  # noqa: E402
 
 RTOL = 1e-4
 
@@ -219,65 +218,7 @@ def test_resize_pos_embed_matches_torch_bicubic(grid, new):
 
 
 # -------------------------------------------------------------------------------- OpenAI CLIP
-
-
-class QuickGELU(nn.Module):
-    def forward(self, x):
-        return x * torch.sigmoid(1.702 * x)
-
-
-class ResidualAttentionBlock(nn.Module):
-    def __init__(self, d, heads, attn_mask=None):
-        super().__init__()
-        self.attn = nn.MultiheadAttention(d, heads)
-        self.ln_1 = nn.LayerNorm(d)
-        self.mlp = nn.Sequential(
-            collections.OrderedDict(
-                [
-                    ("c_fc", nn.Linear(d, 4 * d)),
-                    ("gelu", QuickGELU()),
-                    ("c_proj", nn.Linear(4 * d, d)),
-                ]
-            )
-        )
-        self.ln_2 = nn.LayerNorm(d)
-        self.attn_mask = attn_mask
-
-    def forward(self, x):  # x: [L, N, D], as in OpenAI's code
-        y = self.ln_1(x)
-        x = x + self.attn(y, y, y, need_weights=False, attn_mask=self.attn_mask)[0]
-        return x + self.mlp(self.ln_2(x))
-
-
-class Transformer(nn.Module):
-    def __init__(self, d, layers, heads, attn_mask=None):
-        super().__init__()
-        self.resblocks = nn.Sequential(
-            *[ResidualAttentionBlock(d, heads, attn_mask) for _ in range(layers)]
-        )
-
-    def forward(self, x):
-        return self.resblocks(x)
-
-
-class VisionTransformer(nn.Module):
-    def __init__(self, image, patch, d, layers, heads, out):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, d, patch, patch, bias=False)
-        self.class_embedding = nn.Parameter(torch.zeros(d))
-        self.positional_embedding = nn.Parameter(torch.zeros((image // patch) ** 2 + 1, d))
-        self.ln_pre = nn.LayerNorm(d)
-        self.transformer = Transformer(d, layers, heads)
-        self.ln_post = nn.LayerNorm(d)
-        self.proj = nn.Parameter(torch.zeros(d, out))
-
-    def forward(self, x):
-        """-> (all tokens after ln_post, OpenAI's image features ln_post(CLS) @ proj)."""
-        x = self.conv1(x).flatten(2).permute(0, 2, 1)
-        cls = self.class_embedding + torch.zeros(x.shape[0], 1, x.shape[-1])
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding
-        x = self.transformer(self.ln_pre(x).permute(1, 0, 2)).permute(1, 0, 2)
-        return self.ln_post(x), self.ln_post(x[:, 0, :]) @ self.proj
+# The image tower's blocks are `mlgraph.torch_reference.clip`'s (SigRL's student uses them too).
 
 
 class TorchCLIP(nn.Module):

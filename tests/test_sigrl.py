@@ -1,6 +1,6 @@
 """SigRL (`mlgraph.models.sigrl`, its losses, `--source sigrl`) against the plain-torch SigRL of
-`sigrl_reference` (written from docs/sigrl.md §2) on the same random weights, in float32:
-max|jax - torch| / max|torch| < 1e-4. Also: SDA/VFR chunked over classes equal unchunked
+`mlgraph.torch_reference.sigrl` (written from docs/sigrl.md §2) on the same random weights, in
+float32: max|jax - torch| / max|torch| < 1e-4. Also: SDA/VFR chunked over classes equal unchunked
 (values and gradients), the layer-wise lr groups and frozen set of §3.4 on the full-size
 model (abstract), and OpenAI's TorchScript archive read by `--source openai_clip`.
 """
@@ -18,16 +18,7 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
-import sigrl_reference  # noqa: E402
-from sigrl_reference import (  # noqa: E402
-    DecouplingSemantic,
-    GATv2,
-    SemanticDecoupling,
-    channel_mixing,
-    fused_score,
-    random_clipvit,
-    ranking_lossT,
-)
+from sigrl_reference import random_clipvit  # noqa: E402
 from test_backbones_transformers import TorchCLIP, randomize, rel_err  # noqa: E402
 
 from mlgraph import checkpointing, losses, recipes  # noqa: E402
@@ -41,6 +32,15 @@ from mlgraph.convert import (  # noqa: E402
 from mlgraph.convert import sigrl as convert_sigrl  # noqa: E402
 from mlgraph.convert.io import read_checkpoint  # noqa: E402
 from mlgraph.models import sigrl  # noqa: E402
+from mlgraph.torch_reference import sigrl as sigrl_reference  # noqa: E402
+from mlgraph.torch_reference.sigrl import (  # noqa: E402
+    DecouplingSemantic,
+    GATv2,
+    SemanticDecoupling,
+    channel_mixing,
+    fused_score,
+    ranking_lossT,
+)
 
 RTOL = 1e-4  # relative to the largest |output|
 CHUNK_RTOL = 1e-5  # the same computation, scanned over class chunks

@@ -10,6 +10,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from train_helpers import tiny_config
@@ -107,6 +108,12 @@ def test_open_vocabulary_run_logs_zsl_and_gzsl_and_evaluate_reproduces_them(
         evaluate.evaluate_labels(workdir, str(labels), None)
 
 
+def _parts(opt_state, cls) -> list:
+    """The nodes of type `cls` in an optax state."""
+    is_part = lambda x: isinstance(x, cls)  # noqa: E731
+    return [x for x in jax.tree.leaves(opt_state, is_leaf=is_part) if is_part(x)]
+
+
 def _state(data_dir, tmp_path):
     c, _ = _config(data_dir, tmp_path)
     c.optimizer.schedule = "constant"  # the warm-up's first step has lr 0
@@ -133,10 +140,21 @@ def test_batch_without_seen_positive_is_no_step_and_frozen_parameters_never_move
     before = jax.tree.map(np.asarray, state)
     after, m = step(jax.tree.map(jnp.copy, state), batch)
     assert float(m["kept_images"]) == 0.0
-    for name in ("params", "opt", "rest"):
+    for name in ("params", "rest"):
         jax.tree.map(
             np.testing.assert_array_equal, before[name], jax.tree.map(np.asarray, after[name])
         )
+    # No optimizer step: Adam's moments and count as they were; the learning-rate schedules,
+    # which the official loop sets from the iteration index, moved on by one.
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        _parts(before["opt"], optax.ScaleByAdamState),
+        _parts(after["opt"], optax.ScaleByAdamState),
+    )
+    schedules = [_parts(s["opt"], optax.InjectStatefulHyperparamsState) for s in (before, after)]
+    assert schedules[0] and [int(x.count) + 1 for x in schedules[0]] == [
+        int(x.count) for x in schedules[1]
+    ]
 
     seen_pos = only_unseen.copy()
     seen_pos[0, [i for i in range(4) if i not in unseen][0]] = 1.0

@@ -345,20 +345,26 @@ class SigRL(nnx.Module):
         c, e = self.label_embeddings.shape
         if self.embed_path:
             table = load_embeddings(self.embed_path, c, e)
-            self.label_embeddings[...] = jnp.asarray(table, jnp.float32)
+            self.label_embeddings.set_value(jnp.asarray(table, jnp.float32))
         elif not bool(jnp.any(self.label_embeddings[...] != 0)):
             raise ConfigError(
                 "config.model.embed_path: the loaded weights hold no label embeddings (all "
                 "zero); give the class names' text features, e.g. python -m "
                 "mlgraph.labels --encoder clip ... --output E.npy"
             )
+        self.fill_teacher()
+
+    def fill_teacher(self) -> None:
+        """The teacher (with `distill`): copies of the tower's blocks from
+        `teacher_from_block` on, its `ln_post` and `proj` (SigRL's second load of the same CLIP
+        weights)."""
         if not self.distill:
             return
         blocks = self.backbone.transformer.resblocks[self.teacher_from_block :]
         for src, dst in zip(blocks, self.teacher.resblocks, strict=True):
             nnx.update(dst, jax.tree.map(jnp.copy, nnx.state(src)))
         nnx.update(self.teacher.ln_post, jax.tree.map(jnp.copy, nnx.state(self.backbone.ln_post)))
-        self.teacher.proj[...] = jnp.copy(self.backbone.proj[...])
+        self.teacher.proj.set_value(jnp.copy(self.backbone.proj[...]))
 
     # -- forward ------------------------------------------------------------------------------
     def _trunk(self, images: jax.Array) -> jax.Array:
@@ -664,11 +670,13 @@ def make_train_step(ctx):
         params = nnx.merge_state(optax.apply_updates(trainable, updates), frozen)
         new = ctx.finish(state, params, rest, opt)
         if ov:
-            # SigRL drops images without a seen positive; an empty batch is no step at all.
+            # SigRL drops images without a seen positive; an empty batch is no optimizer step
+            # (its learning-rate schedule, set per iteration, still moves on).
             empty = aux["kept_images"] == 0
             keep_old = lambda a, b: jnp.where(empty, a, b)  # noqa: E731
-            for name in ("params", "rest", "opt", "ema"):
+            for name in ("params", "rest", "ema"):
                 new[name] = jax.tree.map(keep_old, state[name], new[name])
+            new["opt"] = optim.skipped_update(state["opt"], new["opt"], empty)
         return new, {"loss": loss, "lr": lr_fn(state["step"]), **aux}
 
     return train_step

@@ -8,8 +8,6 @@ an official checkpoint's (without the `module.` prefix), so `mlgraph.convert.sal
 
 from __future__ import annotations
 
-import math
-
 from mlgraph.torch_reference import losses, require_torch
 from mlgraph.torch_reference.layers import (
     TorchElementWise,
@@ -116,12 +114,13 @@ class TorchSALGL(nn.Module):
         heads: int = 8,
         ffn_dim: int = 2048,
         att_dim: int = 1024,
+        dropout: float = 0.1,
     ):
         super().__init__()
         d = backbone.num_features
         c, k = num_classes, num_scenes
         self.backbone = backbone
-        self.tb = TorchEncoder(TorchEncoderLayer(d, heads, ffn_dim))
+        self.tb = TorchEncoder(TorchEncoderLayer(d, heads, ffn_dim, dropout))
         if pos_grid:
             self.position_embedding = TorchPositionEmbedding(d, pos_grid)
         if random:
@@ -174,7 +173,9 @@ class TorchSALGL(nn.Module):
         if self.steps > 0:
             feats = torch.cat([feats, self.ggnn(feats, adjacency)], -1)
         logits = self.classifier(self.fc(feats))
-        h_max = math.log(self.num_scenes)
+        # The official `max_en`: the entropy of the uniform scene distribution with the
+        # entropy's own 1e-7 offset (log K up to ~1e-7 K).
+        h_max = _entropy(probs.new_full((self.num_scenes,), 1.0 / self.num_scenes))
         return {
             "logits": logits,
             "scene_probs": probs,
@@ -196,7 +197,7 @@ def from_config(model_cfg, num_classes: int, image_size: int) -> TorchSALGL:
     """The torch SALGL that `config.model` (an mlgraph `salgl` config) describes, randomly
     initialised as torch does (ResNet backbones only, `backbone_kwargs` layers and width
     honoured; `embed_type` 'file' or 'checkpoint' gives a random fixed embedding table of
-    width `embed_dim`, 768 when 0)."""
+    width `embed_dim`, 768 when 0; the encoder's dropout `dropout`)."""
     trunk = TorchResNet(*resnet_stages(model_cfg, "SALGL"))
     return TorchSALGL(
         trunk,
@@ -213,4 +214,5 @@ def from_config(model_cfg, num_classes: int, image_size: int) -> TorchSALGL:
         heads=model_cfg.heads,
         ffn_dim=model_cfg.ffn_dim,
         att_dim=model_cfg.att_dim,
+        dropout=model_cfg.dropout,
     )

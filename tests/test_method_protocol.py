@@ -317,6 +317,9 @@ def _toy_config(data_dir, **changes):
     return c
 
 
+# slow (35 s): stopping and resuming bit for bit is in CI through test_train's
+# test_resume_is_exact, test_reliability's SIGTERM test and test_spml's EM+APL resume.
+@pytest.mark.slow
 def test_toy_method_stops_and_resumes_bit_identically(data_dir, tmp_path):
     config = _toy_config(data_dir)
     train.run(config, tmp_path / "once")

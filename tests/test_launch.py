@@ -26,9 +26,12 @@ def test_slurm_script_passes_sigterm_to_the_tasks(tmp_path):
     env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}", RECORD=str(record))
     script = REPO / "launch" / "slurm.sbatch"
     proc = subprocess.Popen(["bash", str(script), "--workdir", "w"], env=env, cwd=tmp_path)
-    deadline = time.time() + 30
+    # The script traps TERM before it starts srun: signal it only once the fake srun runs
+    # (on a loaded 2-core host that took over 30 s).
+    deadline = time.time() + 180
     while not (record.exists() and record.read_text().strip()) and time.time() < deadline:
         time.sleep(0.1)
+    assert record.exists() and record.read_text().strip(), "the fake srun never started"
     proc.send_signal(signal.SIGTERM)  # what `#SBATCH --signal=B:TERM@300` sends the script
     assert proc.wait(timeout=30) == 0
     assert record.read_text() == "task got SIGTERM\n"

@@ -4,10 +4,12 @@ same weights, batch and precision, timed beside mlgraph's.
 The torch models are the ones the parity tests check (`mlgraph.torch_reference`): SALGL with
 the official `[B, C, N, A]` attention and the co-occurrence update inside the training forward;
 SSGRL with the official mode switch (only layer4's batch norms in train mode); Query2Label with
-FrozenBatchNorm2d. Their random initial weights go through the method's converter
-(`mlgraph.convert.<method>`) into mlgraph's train state, so both frameworks start from
-identical parameters, and the parameters `config.optimizer.frozen` freezes in mlgraph (named
-through the converter's table) get no gradient in torch. A torch train step is what the
+FrozenBatchNorm2d; ML-GCN with its `GCNResnet` layout, timed through its transcribed official
+loop (`mlgraph.torch_reference.mlgcn_train`: parameter groups, clipping). Their random
+initial weights go through the method's converter (`mlgraph.convert.<method>`) into
+mlgraph's train state, so both frameworks start from identical parameters, and the
+parameters `config.optimizer.frozen` freezes in mlgraph (named through the converter's table)
+get no gradient in torch. A torch train step is what the
 official loop does per batch: forward (with the targets for SALGL), `config.loss`, backward,
 the optimizer step (`config.optimizer.name`), and the EMA of every state entry when
 `config.ema.decay` > 0; the eval forward runs without gradients in eval mode. Float32 on CPU;
@@ -31,7 +33,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from mlgraph import checkpointing, evaluation, sharding, train_state, train_step
+from mlgraph import checkpointing, evaluation, models, sharding, train_state, train_step
 from mlgraph.data import datasets
 from mlgraph.errors import ConfigError
 from mlgraph.torch_reference import require_torch
@@ -48,12 +50,17 @@ class TorchMethod:
         conversion table: mlgraph path -> (torch key, transform)).
       train_loss: (torch model, images, targets, config) -> the training loss.
       eval_logits: (torch model, images) -> logits.
+      official_step: (torch model, config) -> step(images, 0/1 targets) -> loss, one iteration
+        of the method's transcribed official loop (`mlgraph.torch_reference.<method>_train`),
+        timed in place of the generic step where that loop does more (ML-GCN's parameter
+        groups and gradient clipping); None: the generic step.
     """
 
     build: Callable[..., Any]
     convert: Callable[..., tuple[nnx.Module, dict]]
     train_loss: Callable[..., Any]
     eval_logits: Callable[..., Any]
+    official_step: Callable[..., Callable[[Any, Any], Any]] | None = None
 
 
 def _salgl() -> TorchMethod:
@@ -127,13 +134,49 @@ def _q2l() -> TorchMethod:
     )
 
 
-METHODS: dict[str, Callable[[], TorchMethod]] = {"salgl": _salgl, "ssgrl": _ssgrl, "q2l": _q2l}
+def _mlgcn() -> TorchMethod:
+    from mlgraph.convert import mlgcn as convert_mlgcn
+    from mlgraph.torch_reference import losses, mlgcn_train
+    from mlgraph.torch_reference import mlgcn as reference
+
+    def build(config, _c, state):
+        rest = state["rest"]
+        a, words = np.asarray(rest["A"][...]), np.asarray(rest["embeddings"][...])
+        return reference.from_config(config.model, a, words)
+
+    def convert(sd, config, scratch: pathlib.Path):
+        # The official checkpoints hold no word vectors: the converter reads them from a file.
+        np.save(scratch / "words.npy", sd.pop("inp"))
+        opts = {"embed_path": str(scratch / "words.npy"), "image_size": config.image_size}
+        module, _ = convert_mlgcn.convert(sd, opts)
+        return module, convert_mlgcn.table(module)
+
+    def official_step(tm, _config):
+        loop = mlgcn_train.MLGCNLoop(tm)
+        loop.start_epoch(0)
+        return lambda x, y: loop.step(x, 2 * y - 1)  # the loaders' -1 / 1 targets
+
+    return TorchMethod(
+        build=build,
+        convert=convert,
+        train_loss=lambda tm, x, y, config: losses.classification(tm(x), y, config.loss),
+        eval_logits=lambda tm, x: tm(x),
+        official_step=official_step,
+    )
+
+
+METHODS: dict[str, Callable[[], TorchMethod]] = {
+    "salgl": _salgl,
+    "ssgrl": _ssgrl,
+    "q2l": _q2l,
+    "mlgcn": _mlgcn,
+}
 
 
 def _state_dict(tm) -> dict[str, np.ndarray]:
-    """Parameters, buffers and the plain-tensor attributes SSGRL keeps, as numpy."""
+    """Parameters, buffers and the plain-tensor attributes SSGRL and ML-GCN keep, as numpy."""
     sd = {k: v.detach().numpy().copy() for k, v in tm.state_dict().items()}
-    for name in ("word_features", "in_matrix", "out_matrix"):
+    for name in ("word_features", "in_matrix", "out_matrix", "inp"):
         if hasattr(tm, name):
             sd[name] = getattr(tm, name).numpy().copy()
     return sd
@@ -174,19 +217,45 @@ def build_pair(config, num_classes: int):
     b = config.batch_size
     observed = np.eye(num_classes, dtype=np.float32)[np.arange(b) % num_classes]
     training = datasets.TrainingSplit(range(b), num_classes, observed)
-    mod, graphdef, tx, state = train_state.init_train_state(config, num_classes, 1000, training)
+    # Every parameter comes from the torch model: mlgraph's are only shapes (initialising them
+    # compiles the whole initialisation, minutes for a ResNet-101 on a CPU host); the buffers
+    # (word vectors, graphs) are computed, which `method.build` reads.
+    mod, graphdef, tx, abstract = train_state.abstract_train_state(
+        config, num_classes, 1000, training
+    )
+    state = {"params": abstract["params"], "rest": _buffers(config, num_classes)}
 
     torch.manual_seed(config.seed)
     tm = method.build(config, num_classes, state)
+    table = load_torch_weights(tm, method, config, state)
+    freeze_like_mlgraph(tm, table, config.optimizer.frozen)
+    extra = mod.init_extra(config, training) if hasattr(mod, "init_extra") else {}
+    state = train_state.new_state(tx, state["params"], state["rest"], extra)
+    return tm, (mod, graphdef, tx, state, config), method
+
+
+def _buffers(config, num_classes: int):
+    """The model's non-parameter state (buffers, batch statistics) as its constructor makes
+    it, under one `jax.jit` whose parameter initialisers XLA drops as unused."""
+
+    def rest():
+        model = models.create(config, num_classes=num_classes, rngs=nnx.Rngs(config.seed))
+        return nnx.split(model, nnx.Param, ...)[2]
+
+    return jax.jit(rest)()
+
+
+def load_torch_weights(tm, method: TorchMethod, config, state: dict) -> dict:
+    """Fill mlgraph's train `state` (in place: params, rest, and the EMA as their copy) with the
+    torch model's weights through the method's converter; returns its table (mlgraph path ->
+    (torch key, transform)). The optimizer state is left for the caller to make."""
     with tempfile.TemporaryDirectory() as scratch:
         module, table = method.convert(_state_dict(tm), config, pathlib.Path(scratch))
-    freeze_like_mlgraph(tm, table, config.optimizer.frozen)
     _, params, rest = nnx.split(module, nnx.Param, ...)
     state["params"] = checkpointing.fill_from(state["params"], params, "the torch model's weights")
     state["rest"] = checkpointing.fill_from(state["rest"], rest, "the torch model's buffers")
-    state["opt"] = tx.init(state["params"])
     state["ema"] = jax.tree.map(jnp.copy, {"params": state["params"], "rest": state["rest"]})
-    return tm, (mod, graphdef, tx, state, config), method
+    return table
 
 
 def _timed(fn, n: int, sync) -> float:
@@ -226,15 +295,24 @@ def make_torch_step(tm, method: TorchMethod, config, x, y) -> Callable[[], Any]:
     """One official training step of `tm` on images `x` [B, 3, H, W] and targets `y`, as a
     function returning the loss: forward in train mode (bfloat16 autocast on CUDA), the loss,
     backward, the optimizer on the parameters with a gradient, and the EMA of every floating
-    state entry when `config.ema.decay` > 0 (kept in a copy of the model)."""
+    state entry when `config.ema.decay` > 0 (kept in a copy of the model); the method's
+    `official_step` where it has one."""
     torch = require_torch()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda)
+    if method.official_step is not None:
+        official = method.official_step(tm, config)
+
+        def step():
+            with autocast:
+                return official(x, y)
+
+        return step
     tm.train()
     optimizer = torch_optimizer(
         torch, [p for p in tm.parameters() if p.requires_grad], config.optimizer
     )
     decay = config.ema.decay
     ema = copy.deepcopy(tm) if decay > 0 else None
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda)
 
     def step():
         optimizer.zero_grad(set_to_none=True)

@@ -7,11 +7,11 @@ LeakyReLU 0.2) over D A^T D, A = gen_A(tau 0.4, p 0.25) of the train2014 co-occu
 labelled images only (builder config 'nonempty': 82,081 / 40,137); BCE
 (= MultiLabelSoftMarginLoss).
 
-The official optimizer: SGD (momentum 0.9, L2 1e-4), lr 0.1 for the GCN and 0.01 for the
-backbone, gradient norm clipped to 10, constant over the 20 epochs (the official x0.1 step is at
-epoch 30). Train augmentation: ML-GCN's MultiScaleCrop (scales 1.0-0.5 of the shorter side,
-max_distort 2, 13 fixed positions) to 448, then flip. Word vectors: the GloVe file
-(--config.model.embed_path=glove.npy, in this data set's class order) or, by default, the
+The official optimizer: SGD (momentum 0.9, L2 1e-4), lr 0.1 for the GCN and 0.01 for the backbone,
+gradient norm clipped to 10, x0.1 at the start of epoch 30 (--epoch_step, the optimizer's
+milestones), after the 20 epochs: constant here. Train augmentation: ML-GCN's MultiScaleCrop (scales
+1.0-0.5 of the shorter side, max_distort 2, 13 fixed positions) to 448, then flip. Word vectors: the
+GloVe file (--config.model.embed_path=glove.npy, in this data set's class order) or, by default, the
 offline MiniLM ('minilm').
 
     python -m mlgraph.main --config configs/mlgcn_coco.py --workdir DIR \

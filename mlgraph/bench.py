@@ -27,10 +27,9 @@ for the chips of `mlgraph.accelerators`), XLA's memory analysis of the
 compiled step, peak device memory where the backend reports it, and eval (forward) images/s.
 `--profile DIR` also writes a profiler trace of the timed steps and prints the step's FLOPs by
 part (backbone, encoder, attention, GGNN, ..., forward and backward; loss, optimizer, EMA).
-`--against torch` (`mlgraph.bench_torch.METHODS`: SALGL, SSGRL, Query2Label, SigRL): the same
-model in plain PyTorch with the same weights and batch,
-timed beside mlgraph's, train step and eval forward, and mlgraph's speed-up
-(`mlgraph.bench_torch`).
+`--against torch` (`mlgraph.bench_torch.METHODS`: SALGL, SSGRL, Query2Label, SigRL, ML-GCN):
+the same model in plain PyTorch with the same weights and batch, timed beside mlgraph's, train
+step and eval forward, and mlgraph's speed-up (`mlgraph.bench_torch`).
 `input`: the grain training pipeline on the config's data set: decoded, augmented images/s, in
 all and per worker process; with `--jpegs N`, no data set: N synthetic COCO-sized JPEGs, each
 JPEG decoder's images/s and pixel difference to PIL, and the config's training chain per

@@ -4,17 +4,18 @@ same weights, batch and precision, timed beside mlgraph's.
 The torch models are the ones the parity tests check (`mlgraph.torch_reference`): SALGL with
 the official `[B, C, N, A]` attention and the co-occurrence update inside the training forward;
 SSGRL with the official mode switch (only layer4's batch norms in train mode); Query2Label with
-FrozenBatchNorm2d; SigRL's CLIPVIT (its label table and frozen CLIP teacher beside it). Their
-random initial weights go through the method's converter
+FrozenBatchNorm2d; SigRL's CLIPVIT (its label table and frozen CLIP teacher beside it); ML-GCN
+with its `GCNResnet` layout. Their random initial weights go through the method's converter
 (`mlgraph.convert.<method>`) into mlgraph's train state, so both frameworks start from
 identical parameters, and the parameters `config.optimizer.frozen` freezes in mlgraph (named
 through the converter's table) get no gradient in torch. A torch train step is what the
 official loop does per batch: forward (with the targets for SALGL), `config.loss`, backward,
 the optimizer step (`config.optimizer.name`), and the EMA of every state entry when
-`config.ema.decay` > 0. SALGL and SigRL time their training transcriptions' step instead
-(`mlgraph.torch_reference.salgl_train`: AdamW, OneCycle and the EMA per step;
+`config.ema.decay` > 0. SALGL, SigRL and ML-GCN time their training transcriptions' step
+instead (`mlgraph.torch_reference.salgl_train`: AdamW, OneCycle and the EMA per step;
 `sigrl_train`: the layer-decay AdamW groups, the per-iteration schedule, the teacher's
-forward and the ranking + distillation loss). The eval forward runs without gradients in
+forward and the ranking + distillation loss; `mlgcn_train`: the parameter groups and the
+gradient clipping). The eval forward runs without gradients in
 eval mode. Float32 on CPU; on CUDA, bfloat16 autocast against mlgraph's `config.dtype`.
 """
 
@@ -227,18 +228,51 @@ def _sigrl() -> TorchMethod:
     )
 
 
+def _mlgcn() -> TorchMethod:
+    from mlgraph.convert import mlgcn as convert_mlgcn
+    from mlgraph.torch_reference import losses, mlgcn_train
+    from mlgraph.torch_reference import mlgcn as reference
+
+    def build(config, _c, state):
+        rest = state["rest"]
+        a, words = np.asarray(rest["A"][...]), np.asarray(rest["embeddings"][...])
+        return reference.from_config(config.model, a, words)
+
+    def convert(sd, config, scratch: pathlib.Path):
+        # The official checkpoints hold no word vectors: the converter reads them from a file.
+        np.save(scratch / "words.npy", sd.pop("inp"))
+        opts = {"embed_path": str(scratch / "words.npy"), "image_size": config.image_size}
+        module, _ = convert_mlgcn.convert(sd, opts)
+        return module, convert_mlgcn.table(module)
+
+    def make_step(tm, _config, x, y):
+        loop = mlgcn_train.MLGCNLoop(tm)
+        loop.start_epoch(0)
+        return lambda: loop.step(x, 2 * y - 1)  # the loaders' -1 / 1 targets
+
+    return TorchMethod(
+        build=build,
+        convert=convert,
+        train_loss=lambda tm, x, y, config: losses.classification(tm(x), y, config.loss),
+        eval_logits=lambda tm, x: tm(x),
+        make_step=make_step,
+    )
+
+
 METHODS: dict[str, Callable[[], TorchMethod]] = {
     "salgl": _salgl,
     "ssgrl": _ssgrl,
     "q2l": _q2l,
     "sigrl": _sigrl,
+    "mlgcn": _mlgcn,
 }
 
 
 def _state_dict(tm) -> dict[str, np.ndarray]:
-    """Parameters, buffers and the plain-tensor attributes SSGRL and SigRL keep, as numpy."""
+    """Parameters, buffers and the plain-tensor attributes SSGRL, SigRL and ML-GCN keep, as
+    numpy."""
     sd = {k: v.detach().numpy().copy() for k, v in tm.state_dict().items()}
-    for name in ("word_features", "in_matrix", "out_matrix", "label_emb"):
+    for name in ("word_features", "in_matrix", "out_matrix", "label_emb", "inp"):
         if hasattr(tm, name):
             sd[name] = getattr(tm, name).numpy().copy()
     return sd
@@ -306,14 +340,20 @@ def build_pair(
     return tm, mlgraph_side(tm, method, config, num_classes, total, training), method
 
 
+def converted(tm, method: TorchMethod, config) -> tuple[nnx.Module, dict]:
+    """The torch model `tm`'s weights through the method's converter: (mlgraph module, its
+    table: mlgraph path -> (torch key, transform))."""
+    with tempfile.TemporaryDirectory() as scratch:
+        return method.convert(_state_dict(tm), config, pathlib.Path(scratch))
+
+
 def mlgraph_side(tm, method: TorchMethod, config, num_classes: int, total: int, training):
     """mlgraph's (module, graphdef, tx, state, config) starting from the torch model `tm`'s
     weights through the method's converter (nothing initialised), its optimizer built for a
     run of `total` steps on `training`; the config is the one it was built from (float32 on
     CPU). The torch model's parameters that mlgraph freezes get `requires_grad` off."""
     config = _precision(config)
-    with tempfile.TemporaryDirectory() as scratch:
-        module, table = method.convert(_state_dict(tm), config, pathlib.Path(scratch))
+    module, table = converted(tm, method, config)
     freeze_like_mlgraph(tm, table, config.optimizer.frozen)
     _, params, rest = nnx.split(module, nnx.Param, ...)
     mod, graphdef, tx, state = train_state.init_train_state(

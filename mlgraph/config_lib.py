@@ -141,7 +141,7 @@ def optimizer_config() -> ml_collections.ConfigDict:
     # A step whose loss or updated parameters are not finite stops the run (exit 2, naming the
     # last good checkpoint); True instead skips such updates, counted as train/skipped.
     o.skip_nonfinite = False
-    o.schedule = "onecycle"  # or 'constant', 'warmup_cosine'
+    o.schedule = "onecycle"  # or 'constant', 'warmup_cosine', 'multistep' (milestones, step_gamma)
     # 'warmup_cosine': linear warm-up from 0 over this share of the steps, then a half cosine
     # from lr to min_lr, per step.
     o.warmup_fraction = 0.0
@@ -261,6 +261,7 @@ RANGES: dict[str, Range] = {
     "optimizer.final_div_factor": POSITIVE,
     "optimizer.layer_decay": Range(0, 1, low_open=True),
     "optimizer.step_epochs": POSITIVE,
+    "optimizer.milestones": NON_NEGATIVE,  # epochs counted from 0
     "optimizer.step_gamma": Range(0, 1, low_open=True),
     "model.*dropout": Range(0, 1, high_open=True),
     "model.cam_threshold": FRACTION,

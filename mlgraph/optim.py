@@ -51,8 +51,15 @@ def onecycle(
     return value
 
 
-def learning_rate_fn(opt: ml_collections.ConfigDict, total_steps: int) -> Callable:
-    """The learning-rate schedule of `config.optimizer` over `total_steps` updates."""
+def learning_rate_fn(
+    opt: ml_collections.ConfigDict, total_steps: int, num_epochs: float | None = None
+) -> Callable:
+    """The learning-rate schedule of `config.optimizer` over `total_steps` updates;
+    'multistep' counts epochs of the run, `num_epochs` (`config.num_epochs`) in all.
+
+    Raises:
+      ConfigError: an unknown schedule, or 'multistep' without `num_epochs` or milestones.
+    """
     if opt.schedule == "constant":
         return lambda step: jnp.asarray(opt.lr, jnp.float32)
     if opt.schedule == "onecycle":
@@ -60,10 +67,33 @@ def learning_rate_fn(opt: ml_collections.ConfigDict, total_steps: int) -> Callab
         return onecycle(total_steps, opt.lr, initial, initial / opt.final_div_factor, opt.pct_start)
     if opt.schedule == "warmup_cosine":
         return warmup_cosine(total_steps, opt.lr, opt.min_lr, opt.warmup_fraction)
+    if opt.schedule == "multistep":
+        if num_epochs is None or "milestones" not in opt:
+            raise ConfigError(
+                "config.optimizer.schedule='multistep' steps the rate at epochs: it needs "
+                "config.optimizer.milestones (epochs) and step_gamma, and the run's num_epochs"
+            )
+        return multistep(total_steps, num_epochs, opt.lr, opt.milestones, opt.step_gamma)
     raise ConfigError(
-        f"config.optimizer.schedule='{opt.schedule}': expected 'onecycle', 'constant' or "
-        "'warmup_cosine'"
+        f"config.optimizer.schedule='{opt.schedule}': expected 'onecycle', 'constant', "
+        "'warmup_cosine' or 'multistep'"
     )
+
+
+def multistep(total_steps: int, num_epochs: float, lr: float, milestones, gamma: float) -> Callable:
+    """ML-GCN's `adjust_learning_rate` (engine.py): at the start of each epoch (from 0) listed in
+    `milestones` the rate is multiplied by `gamma` (a repeated entry counts once), so epoch e
+    runs at lr x gamma^|{m <= e}|. The run's epochs are `total_steps / num_epochs` steps each
+    (`config_lib.total_steps`); epoch m starts at step ceil(m x that)."""
+    per_epoch = total_steps / num_epochs
+    # The slack keeps a product that is an integer but for rounding (30 x 2565.1) on its step.
+    starts = sorted({math.ceil(m * per_epoch - 1e-9) for m in milestones})
+
+    def value(step):
+        passed = sum((jnp.asarray(step) >= s).astype(jnp.float32) for s in starts)
+        return jnp.asarray(lr, jnp.float32) * jnp.float32(gamma) ** passed
+
+    return value
 
 
 def warmup_cosine(total_steps: int, lr: float, min_lr: float, warmup_fraction: float) -> Callable:
@@ -110,8 +140,10 @@ def torch_sgd(
     )
 
 
-def _base_transform(opt: ml_collections.ConfigDict, total_steps: int, lr_scale: float):
-    lr = learning_rate_fn(opt, total_steps)
+def _base_transform(
+    opt: ml_collections.ConfigDict, total_steps: int, lr_scale: float, num_epochs: float | None
+):
+    lr = learning_rate_fn(opt, total_steps, num_epochs)
     scaled_lr = (lambda s: lr(s) * lr_scale) if lr_scale != 1.0 else lr
     if opt.name == "sgd":
         return optax.inject_hyperparams(torch_sgd)(
@@ -165,20 +197,24 @@ def trainable_size(params: nnx.State, opt: ml_collections.ConfigDict) -> int:
 
 
 def make_optimizer(
-    opt: ml_collections.ConfigDict, total_steps: int, params: nnx.State
+    opt: ml_collections.ConfigDict,
+    total_steps: int,
+    params: nnx.State,
+    num_epochs: float | None = None,
 ) -> optax.GradientTransformation:
     """The optax transformation for `config.optimizer`, with freezing, lr multipliers and
     gradient-norm clipping (`clip_grad_norm` > 0: torch's `clip_grad_norm_` over the trained
-    parameters, before the update)."""
+    parameters, before the update); `num_epochs` (`config.num_epochs`) for a schedule by
+    epochs."""
     if not opt.frozen and not opt.lr_mults:
-        tx = _base_transform(opt, total_steps, 1.0)
+        tx = _base_transform(opt, total_steps, 1.0, num_epochs)
     else:
         transforms = {
-            "default": _base_transform(opt, total_steps, 1.0),
+            "default": _base_transform(opt, total_steps, 1.0, num_epochs),
             "frozen": optax.set_to_zero(),
         }
         for i, (_pattern, mult) in enumerate(opt.lr_mults):
-            transforms[f"mult{i}"] = _base_transform(opt, total_steps, float(mult))
+            transforms[f"mult{i}"] = _base_transform(opt, total_steps, float(mult), num_epochs)
         tx = optax.multi_transform(transforms, param_labels(params, opt))
     if opt.clip_grad_norm < 0:
         raise ConfigError(

@@ -77,7 +77,7 @@ def make_optimizer(mod, config: ml_collections.ConfigDict, total: int, params):
     `config.optimizer`."""
     if hasattr(mod, "make_optimizer"):
         return mod.make_optimizer(config, total, params)
-    return optim.make_optimizer(config.optimizer, total, params)
+    return optim.make_optimizer(config.optimizer, total, params, config.num_epochs)
 
 
 def init_train_state(
@@ -112,7 +112,13 @@ def init_train_state(
         extra = mod.init_extra(config, training)
         if earlier_run is not None:
             extra = init_from.carry_extra(extra, earlier_run["extra"])
-    state = {
+    return mod, graphdef, tx, new_state(tx, params, rest, extra)
+
+
+def new_state(tx, params, rest, extra: dict) -> dict:
+    """The train state (`init_train_state`'s dict) of a run at step 0 from the model's `params`
+    and `rest` and the method's `extra`, with a fresh optimizer state and the EMA a copy."""
+    return {
         "params": params,
         "rest": rest,
         # Both under one jit each: eagerly, every variable shape compiles its own program.
@@ -124,7 +130,6 @@ def init_train_state(
         "extra": jax.tree.map(jnp.asarray, extra),
         divergence.HEALTH: divergence.initial_health(),
     }
-    return mod, graphdef, tx, state
 
 
 def abstract_train_state(

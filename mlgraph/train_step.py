@@ -102,7 +102,7 @@ class StepContext:
 def default_train_step(ctx: StepContext):
     """The (un-jitted) step: (state, batch) -> (new state, scalar metrics): the method's loss
     and its gradient, one optax update, the EMA of every state entry."""
-    lr_fn = optim.learning_rate_fn(ctx.config.optimizer, ctx.total_steps)
+    lr_fn = optim.learning_rate_fn(ctx.config.optimizer, ctx.total_steps, ctx.config.num_epochs)
 
     def train_step(state, batch):
         loss, aux, rest, grads = ctx.loss_and_grads(

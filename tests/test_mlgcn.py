@@ -1,10 +1,11 @@
 """ML-GCN: official-layout checkpoint -> mlgraph ML-GCN, against a plain-torch ML-GCN written from
 docs/ssgrl_mlgcn.md.
 
-The torch model follows docs/ssgrl_mlgcn.md §3 with the official names: `features` (a Sequential
-conv1, bn1, relu, maxpool, layer1..4 of a reduced torchvision-style ResNet), `pooling`
-(MaxPool2d over the whole map), `gc1`/`gc2` (bias-free GraphConvolution, weight (in, out)),
-`relu` (LeakyReLU 0.2) and the Parameter `A` from `gen_A`; `gen_adj` each forward. The
+The torch model (`mlgraph.torch_reference.mlgcn`, here with a reduced ResNet: width 4, one block
+a stage) follows docs/ssgrl_mlgcn.md §3 with the official names: `features` (a Sequential
+conv1, bn1, relu, maxpool, layer1..4 of a torchvision-style ResNet), `pooling` (MaxPool2d over
+the whole map), `gc1`/`gc2` (bias-free GraphConvolution, weight (in, out)), `relu` (LeakyReLU
+0.2) and the Parameter `A` from `gen_A`; `gen_adj` each forward. The
 correlation statistics are checked against `gen_A`/`gen_adj` written from docs/ssgrl_mlgcn.md
 §3.1. The released code's pooling is `MaxPool2d(14, 14)`, a global max at 448 px only: the
 parity tests run at 448 px, and at 576 px (an 18x18 map) against that fixed window.
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from torch_reference import PYTHON2, TorchBottleneck, randomize_batch_norms
+from torch_reference import PYTHON2, randomize_batch_norms
 
 from mlgraph import models, recipes
 from mlgraph.convert import core, io
@@ -30,6 +31,7 @@ from mlgraph.labels import arrays, cooccurrence
 from mlgraph.labels.__main__ import main as labels_main
 from mlgraph.labels.embeddings import load_embeddings
 from mlgraph.models import mlgcn
+from mlgraph.torch_reference.mlgcn import TorchMLGCN
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -48,50 +50,6 @@ def gen_a(adj: np.ndarray, nums: np.ndarray, t: float, p: float = 0.25) -> np.nd
     return a + np.identity(len(nums))
 
 
-class TorchGraphConvolution(nn.Module):
-    """Bias-free graph convolution: adj @ (x @ weight), weight (in, out)."""
-
-    def __init__(self, inp: int, out: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(inp, out).uniform_(-0.3, 0.3))
-
-    def forward(self, x, adj):
-        return adj @ (x @ self.weight)
-
-
-class TorchMLGCN(nn.Module):
-    """The official `GCNResnet` layout with a reduced backbone (width 4, one block a stage)."""
-
-    def __init__(self, a: np.ndarray, words: np.ndarray, pooling: nn.Module | None = None):
-        super().__init__()
-        w = 4
-        stages, inp = [], w
-        for i in range(4):
-            stages.append(nn.Sequential(TorchBottleneck(inp, w * 2**i, 1 if i == 0 else 2)))
-            inp = 4 * w * 2**i
-        self.features = nn.Sequential(
-            nn.Conv2d(3, w, 7, 2, 3, bias=False),
-            nn.BatchNorm2d(w),
-            nn.ReLU(),
-            nn.MaxPool2d(3, 2, 1),
-            *stages,
-        )
-        self.pooling = nn.AdaptiveMaxPool2d(1) if pooling is None else pooling
-        self.gc1 = TorchGraphConvolution(words.shape[1], HIDDEN)
-        self.gc2 = TorchGraphConvolution(HIDDEN, inp)
-        self.relu = nn.LeakyReLU(0.2)
-        self.A = nn.Parameter(torch.from_numpy(a).float())
-        self.inp = torch.from_numpy(words)
-
-    def forward(self, images):
-        x = self.pooling(self.features(images)).flatten(1)
-        d = torch.pow(self.A.sum(1).float(), -0.5)
-        d = torch.diag(d)
-        adj = torch.matmul(torch.matmul(self.A, d).t(), d).detach()  # gen_adj
-        w = self.gc2(self.relu(self.gc1(self.inp, adj)), adj)
-        return x @ w.t()
-
-
 def _setup(seed: int, tmp_path):
     rng = np.random.default_rng(seed)
     y = (rng.random((60, C)) < 0.4).astype(np.float32)
@@ -101,7 +59,7 @@ def _setup(seed: int, tmp_path):
     words = rng.normal(size=(C, E)).astype(np.float32)
     np.save(tmp_path / "words.npy", words)
     torch.manual_seed(seed)
-    model = TorchMLGCN(a, words)
+    model = TorchMLGCN((1, 1, 1, 1), 4, a, words, hidden=HIDDEN)
     randomize_batch_norms(model, torch.Generator().manual_seed(seed))
     return model.eval(), counts
 

@@ -143,6 +143,28 @@ def torch_linear(
     )
 
 
+class TorchBatchNorm(nnx.BatchNorm):
+    """`nnx.BatchNorm` whose running variance follows torch's `BatchNorm2d`: in training mode
+    it moves toward the batch variance with Bessel's correction, var x n / (n - 1) over the n
+    values per channel, while the batch is still normalized by the biased one, as torch does
+    (flax's own update takes the biased variance: with the 16 values per channel of a 2x2
+    layer4 map at batch 4, its running variance moves 6 % less than torch's)."""
+
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+        """Normalize `x` (features last); in training mode also update the statistics."""
+        if use_running_average is None:
+            use_running_average = self.use_running_average
+        if use_running_average:
+            return super().__call__(x, use_running_average=True)
+        before = self.var[...]
+        y = super().__call__(x, use_running_average=False)
+        n = x.size // x.shape[-1]
+        # flax stored m * before + (1 - m) * var; torch takes (1 - m) * var * n / (n - 1).
+        kept = self.momentum * before
+        self.var[...] = jax.lax.stop_gradient(kept + (self.var[...] - kept) * (n / max(n - 1, 1)))
+        return y
+
+
 class ElementWiseLinear(nnx.Module):
     """One linear classifier per class: logit[b, c] = <x[b, c], weight[c]> + bias[c].
 
@@ -168,31 +190,6 @@ class ElementWiseLinear(nnx.Module):
         x = x.astype(self.dtype)
         w, b = self.weight[...].astype(self.dtype), self.bias[...].astype(self.dtype)
         return jnp.einsum("bcd,cd->bc", x, w) + b
-
-
-class TorchBatchNorm(nnx.BatchNorm):
-    """`nnx.BatchNorm` with torch's running variance: in training, the batch is normalised with
-    its biased variance and the running average takes the unbiased one (n/(n − 1), n the
-    values per channel over the whole batch), as `torch.nn.BatchNorm2d` does; flax's would
-    average the biased one. (At a ResNet-101's layer4, 14 x 14 x 128 values, the two differ by
-    4e-5; at small maps and batches by several per cent.) Features on the last axis."""
-
-    def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
-        """As `nnx.BatchNorm.__call__`; the running variance updated as torch does."""
-        ura = self.use_running_average if use_running_average is None else use_running_average
-        if ura is None or ura or mask is not None:
-            return super().__call__(x, use_running_average, mask=mask)
-        old = self.var[...]
-        y = super().__call__(x, use_running_average=False)
-        # The batch variance exactly as flax computes it (E[x²] − E[x]², in at least float32).
-        xf = x.astype(jnp.promote_types(self.dtype or x.dtype, jnp.float32))
-        axes = tuple(range(x.ndim - 1))
-        mean = xf.mean(axes)
-        var = jnp.maximum(0.0, (xf * xf).mean(axes) - mean * mean)
-        n = x.size // x.shape[-1]
-        unbiased = var * (n / max(n - 1, 1))
-        self.var[...] = jax.lax.stop_gradient(self.momentum * old + (1 - self.momentum) * unbiased)
-        return y
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,9 @@ with `pip install torch==2.13.0` or the `convert` extra).
 
 `layers`: torchvision's v1.5 bottleneck and ResNet trunk, DETR's post-norm encoder layer and
 sine table. `salgl`: SALGL (docs/salgl.md §1-§2) in training and evaluation, with the official
-`[B, C, N, A]` attention and the co-occurrence update inside the training forward.
+`[B, C, N, A]` attention and the co-occurrence update inside the training forward. `ssgrl`,
+`mlgcn`, `q2l`: those models with the official names. `ssgrl_train`, `mlgcn_train`,
+`q2l_train`: their released training loops, transcribed (`loop`: what they share).
 """
 
 from __future__ import annotations

@@ -11,9 +11,15 @@ torch = require_torch()
 F = torch.nn.functional
 
 
+def _at_least_float32(x):
+    # bfloat16 autocast logits are scored in float32; a float64 run (the parity tests' drift
+    # measure) stays float64.
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def asl(logits, targets, gamma_pos=0.0, gamma_neg=2.0, clip=0.0, eps=1e-5):
     """ASL of logits [B, C] against 0/1 targets (`mlgraph.losses.asl`'s equations)."""
-    p = torch.sigmoid(logits.float())
+    p = torch.sigmoid(_at_least_float32(logits))
     p_neg = 1 - p
     if clip > 0:
         p_neg = (p_neg + clip).clamp(max=1)
@@ -32,7 +38,7 @@ def classification(logits, targets, loss_cfg):
       ValueError: another loss name.
     """
     if loss_cfg.name == "bce":
-        return F.binary_cross_entropy_with_logits(logits.float(), targets)
+        return F.binary_cross_entropy_with_logits(_at_least_float32(logits), targets)
     if loss_cfg.name == "asl":
         return asl(
             logits,

@@ -2,7 +2,8 @@
 trunk with the extra `avgpool1` (2x2/s2), semantic decoupling (`word_semantic`), the gated
 graph network over the fixed graph M (`graph_net`, the official reset gate that reuses U_z
 unless `paper=True`), `fc_output` and the per-class classifiers. The word vectors and M are
-plain attributes, as in the official code, so `state_dict()` is an official checkpoint's."""
+buffers kept out of `state_dict()` (plain attributes in the official code), which is an
+official checkpoint's."""
 
 from __future__ import annotations
 
@@ -93,9 +94,13 @@ class TorchSSGRL(nn.Module):
         self.graph_net = TorchGGNN(d, steps, paper)
         self.fc_output = nn.Linear(2 * d, d)
         self.classifiers = TorchElementWise(words.shape[0], d)
-        self.word_features = torch.from_numpy(np.array(words, np.float32))
-        self.in_matrix = torch.from_numpy(np.array(graph, np.float32))
-        self.out_matrix = self.in_matrix.t()
+        # Buffers outside the state dict (plain attributes in the official code): they follow
+        # .to() and .double(), and the checkpoint stays the official one.
+        constants = {"word_features": words, "in_matrix": graph, "out_matrix": graph.T}
+        for name, value in constants.items():
+            self.register_buffer(
+                name, torch.from_numpy(np.array(value, np.float32)), persistent=False
+            )
 
     def forward(self, images):
         h0 = self.word_semantic(self.resnet_101(images), self.word_features)

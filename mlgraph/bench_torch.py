@@ -4,7 +4,10 @@ same weights, batch and precision, timed beside mlgraph's.
 The torch models are the ones the parity tests check (`mlgraph.torch_reference`): SALGL with
 the official `[B, C, N, A]` attention and the co-occurrence update inside the training forward;
 SSGRL with the official mode switch (only layer4's batch norms in train mode); Query2Label with
-FrozenBatchNorm2d. Their random initial weights go through the method's converter
+FrozenBatchNorm2d; Scob and the single-positive baselines (Cole et al.'s AN and ROLE, Zhou et
+al.'s EM and EM+APL) with their released training loops (`scob_train`, `spml_train`), whose
+step is the official iteration: Scob's two updates with the Grad-CAM++ masks between them and
+the bank after them. Their random initial weights go through the method's converter
 (`mlgraph.convert.<method>`) into mlgraph's train state, so both frameworks start from
 identical parameters, and the parameters `config.optimizer.frozen` freezes in mlgraph (named
 through the converter's table) get no gradient in torch. A torch train step is what the
@@ -46,14 +49,19 @@ class TorchMethod:
         (SSGRL takes its word vectors and graph from mlgraph's state).
       convert: (torch state dict as numpy, config, scratch folder) -> (mlgraph module, its
         conversion table: mlgraph path -> (torch key, transform)).
-      train_loss: (torch model, images, targets, config) -> the training loss.
+      train_loss: (torch model, images, targets, config) -> the training loss (None for a
+        method with `make_step`).
       eval_logits: (torch model, images) -> logits.
+      make_step: (torch model, config, images, targets) -> a function running one iteration of
+        the method's own training loop and returning its loss; None: `make_torch_step`'s
+        forward, `train_loss`, backward and one optimizer step.
     """
 
     build: Callable[..., Any]
     convert: Callable[..., tuple[nnx.Module, dict]]
-    train_loss: Callable[..., Any]
+    train_loss: Callable[..., Any] | None
     eval_logits: Callable[..., Any]
+    make_step: Callable[..., Callable[[], Any]] | None = None
 
 
 def _salgl() -> TorchMethod:
@@ -127,7 +135,101 @@ def _q2l() -> TorchMethod:
     )
 
 
-METHODS: dict[str, Callable[[], TorchMethod]] = {"salgl": _salgl, "ssgrl": _ssgrl, "q2l": _q2l}
+def _observed_batch(b: int, num_classes: int) -> np.ndarray:
+    """The observed single positives of `bench_compile.synthetic_training` (one row an image of
+    the timed batch), the rows `build_pair`'s state holds."""
+    return np.eye(num_classes, dtype=np.float32)[np.arange(b) % num_classes]
+
+
+def _with_label_matrix(tm, extra: dict):
+    """`tm` with its label estimator `g.logits` set to mlgraph's Phi (`extra["phi"]`, when the
+    method keeps one), so that both start from the matrix mlgraph initialised."""
+    if "phi" in extra:
+        torch = require_torch()
+        with torch.no_grad():
+            tm.g.logits.copy_(torch.from_numpy(np.array(extra["phi"])))
+    return tm
+
+
+def _loop_iteration(trainer, x, loss_of=lambda out: out) -> Callable[[], Any]:
+    """One iteration of an official loop (`trainer.train_iter`) on the timed batch `x`, whose
+    images are the training rows 0..B-1; returns its loss (`loss_of` its record)."""
+    indices = require_torch().arange(x.shape[0])
+    return lambda: loss_of(trainer.train_iter(x, indices))
+
+
+def _scob() -> TorchMethod:
+    from mlgraph.convert import scob as convert_scob
+    from mlgraph.torch_reference import scob as reference
+    from mlgraph.torch_reference import scob_train
+
+    def build(config, c, state):
+        n = len(state["extra"]["observed"])
+        return _with_label_matrix(reference.from_config(config.model, c, n), state["extra"])
+
+    def convert(sd, config, _scratch):
+        opts = {"image_size": config.image_size, "num_heads": config.model.num_heads}
+        module, _, _ = convert_scob.convert(sd, opts)
+        return module, convert_scob.table(module, config.model.num_layers)
+
+    def make_step(tm, config, x, _y):
+        observed = _observed_batch(x.shape[0], tm.fh.classifier.out_features)
+        settings = scob_train.ScobSettings.from_config(config)
+        trainer = scob_train.ScobTrainer(tm, observed, settings)
+        trainer.before_epoch()
+        return _loop_iteration(trainer, x, lambda out: out["classification"])
+
+    return TorchMethod(
+        build=build,
+        convert=convert,
+        train_loss=None,
+        eval_logits=lambda tm, x: tm(x),
+        make_step=make_step,
+    )
+
+
+def _spml() -> TorchMethod:
+    from mlgraph import models
+    from mlgraph.convert import core, torchvision_resnet
+    from mlgraph.torch_reference import spml_train
+
+    def build(config, c, state):
+        n = len(state["extra"]["observed"])
+        return _with_label_matrix(spml_train.from_config(config.model, c, n), state["extra"])
+
+    def convert(sd, config, _scratch):
+        c = sd["f.linear_classifier.weight"].shape[0]
+        module = nnx.eval_shape(lambda: models.create(config, num_classes=c, rngs=nnx.Rngs(0)))
+        trunk = torchvision_resnet.table(module.backbone, prefix="f.feature_extractor.")
+        table = {f"backbone/{k}": v for k, v in trunk.items()}
+        table |= core.linear("head", "f.linear_classifier")
+        ignored = [r".*num_batches_tracked", r"g\.logits"]
+        core.load_into(module, sd, table, ignored=ignored, source="the torch SPML model")
+        return module, table
+
+    def make_step(tm, config, x, _y):
+        observed = _observed_batch(x.shape[0], tm.f.linear_classifier.out_features)
+        settings = spml_train.SpmlSettings.from_config(config)
+        trainer = spml_train.SpmlTrainer(tm, observed, settings)
+        tm.train()  # the loop's `run_train_phase`
+        return _loop_iteration(trainer, x)
+
+    return TorchMethod(
+        build=build,
+        convert=convert,
+        train_loss=None,
+        eval_logits=lambda tm, x: tm(x),
+        make_step=make_step,
+    )
+
+
+METHODS: dict[str, Callable[[], TorchMethod]] = {
+    "salgl": _salgl,
+    "ssgrl": _ssgrl,
+    "q2l": _q2l,
+    "scob": _scob,
+    "spml": _spml,
+}
 
 
 def _state_dict(tm) -> dict[str, np.ndarray]:
@@ -152,10 +254,11 @@ def freeze_like_mlgraph(tm, table: dict, frozen_patterns) -> int:
     return sum(p.numel() for p in tm.parameters() if p.requires_grad)
 
 
-def build_pair(config, num_classes: int):
+def build_pair(config, num_classes: int, training: datasets.TrainingSplit | None = None):
     """(torch model, mlgraph's (module, graphdef, tx, state, config)) with the same weights;
     the config is the one mlgraph's side was built from (float32 on CPU). The torch model's
-    parameters that mlgraph freezes have `requires_grad` off.
+    parameters that mlgraph freezes have `requires_grad` off. `training`: the training split
+    of the per-example state (default: the batch's images, each with one observed positive).
 
     Raises:
       ConfigError: a method without a torch model, or torch not installed.
@@ -172,8 +275,8 @@ def build_pair(config, num_classes: int):
         )
     method = METHODS[config.model.name]()
     b = config.batch_size
-    observed = np.eye(num_classes, dtype=np.float32)[np.arange(b) % num_classes]
-    training = datasets.TrainingSplit(range(b), num_classes, observed)
+    if training is None:
+        training = datasets.TrainingSplit(range(b), num_classes, _observed_batch(b, num_classes))
     mod, graphdef, tx, state = train_state.init_train_state(config, num_classes, 1000, training)
 
     torch.manual_seed(config.seed)
@@ -226,8 +329,11 @@ def make_torch_step(tm, method: TorchMethod, config, x, y) -> Callable[[], Any]:
     """One official training step of `tm` on images `x` [B, 3, H, W] and targets `y`, as a
     function returning the loss: forward in train mode (bfloat16 autocast on CUDA), the loss,
     backward, the optimizer on the parameters with a gradient, and the EMA of every floating
-    state entry when `config.ema.decay` > 0 (kept in a copy of the model)."""
+    state entry when `config.ema.decay` > 0 (kept in a copy of the model); a method with its
+    own loop (`TorchMethod.make_step`) runs one iteration of it instead."""
     torch = require_torch()
+    if method.make_step is not None:
+        return method.make_step(tm, config, x, y)
     tm.train()
     optimizer = torch_optimizer(
         torch, [p for p in tm.parameters() if p.requires_grad], config.optimizer

@@ -4,7 +4,10 @@ with `pip install torch==2.13.0` or the `convert` extra).
 
 `layers`: torchvision's v1.5 bottleneck and ResNet trunk, DETR's post-norm encoder layer and
 sine table. `salgl`: SALGL (docs/salgl.md §1-§2) in training and evaluation, with the official
-`[B, C, N, A]` attention and the co-occurrence update inside the training forward.
+`[B, C, N, A]` attention and the co-occurrence update inside the training forward. `scob`: the
+Scob network with the official module names (docs/scob_spml.md §3.2, §4). `scob_train` and
+`spml_train`: the released training loops of Scob and of the single-positive baselines (Cole et
+al.'s AN and ROLE, Zhou et al.'s EM and EM+APL) in the official order of operations.
 """
 
 from __future__ import annotations

@@ -48,8 +48,9 @@ def _conv(cin, cout, k, stride, pad, *, dtype, param_dtype, rngs) -> nnx.Conv:
 
 
 def _bn(features, *, dtype, param_dtype, rngs) -> nnx.BatchNorm:
-    # torch momentum 0.1 (weight of the new batch) == flax momentum 0.9 (weight of the old stats).
-    return nnx.BatchNorm(
+    # torch momentum 0.1 (weight of the new batch) == flax momentum 0.9 (weight of the old stats);
+    # the running variance moves towards the unbiased batch variance, as torch's.
+    return layers.TorchBatchNorm(
         features, momentum=0.9, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, rngs=rngs
     )
 

@@ -19,8 +19,10 @@ and the prototype bank (its images exactly, their confidences and keys). The flo
 drift of the torch run itself over the same steps (measured 2026-12-07; mlgraph's differences in
 brackets): classification loss 4.0e-7 [1.6e-6], contrastive loss 1.5e-7 [9.4e-5], parameter
 updates 4.2e-6 [5.0e-4], running statistics 9.8e-8 [5.8e-8], Adam moments 2.2e-6 and 4.5e-7
-[4.3e-4, 2.3e-5], label estimator update 9.6e-7 [3.4e-5]. Where mlgraph's differences exceed
-the drift it is the masks: mlgraph's Grad-CAM++ patch scores agree with torch's to about 2e-5,
+[4.3e-4, 2.3e-5], label estimator update 1.3e-5 [2.6e-5] and its Adam moments 1.4e-6
+[1.2e-5], bank confidences 1.0e-7 [4.1e-6] and keys 9.6e-7 [1.8e-6]. Where mlgraph's
+differences exceed the drift it is the masks: mlgraph's Grad-CAM++ patch scores agree with
+torch's to about 2e-5,
 not to float32's 1e-7 (its own float32 rounding, through a map normalised twice), so a patch
 that close to the 0.5 threshold flips: in that run, one at step 15 (torch's score 1.75e-5 from
 the threshold) and one at step 17 (1.29e-5), while torch's float32 and float64 runs kept every
@@ -86,7 +88,7 @@ TOLERANCES = {
     "adam_nu": 5e-4,
     "label_estimator": 5e-4,
     "label_adam_mu": 5e-3,
-    "bank_confidence": 1e-5,
+    "bank_confidence": 5e-5,
     "bank_keys": 5e-3,
 }
 

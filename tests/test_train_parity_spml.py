@@ -19,6 +19,7 @@ differences in brackets:
     Adam first moments  1.2e-3 [3.8e-6]  3.0e-6 [1.6e-4]  3.1e-6 [3.4e-6]  8.4e-3 [8.4e-3]
     Adam second moments 9.0e-4 [1.3e-5]  2.0e-6 [2.5e-4]  1.8e-6 [1.4e-5]  3.7e-3 [3.7e-3]
     label matrix update                  8.6e-4 [2.6e-5]
+    label matrix Adam mu                 9.2e-7 [5.1e-6]
     pseudo-labels (abs)                                                    2.2e-6 [1.7e-6]
 
 (relative: the largest difference over the largest value for the losses and the label matrix,

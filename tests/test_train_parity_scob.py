@@ -22,9 +22,8 @@ updates 4.2e-6 [5.0e-4], running statistics 9.8e-8 [5.8e-8], Adam moments 2.2e-6
 [4.3e-4, 2.3e-5], label estimator update 1.3e-5 [2.6e-5] and its Adam moments 1.4e-6
 [1.2e-5], bank confidences 1.0e-7 [4.1e-6] and keys 9.6e-7 [1.8e-6]. Where mlgraph's
 differences exceed the drift it is the masks: mlgraph's Grad-CAM++ patch scores agree with
-torch's to about 2e-5,
-not to float32's 1e-7 (its own float32 rounding, through a map normalised twice), so a patch
-that close to the 0.5 threshold flips: in that run, one at step 15 (torch's score 1.75e-5 from
+torch's to about 2e-5, not to float32's 1e-7 (its own float32 rounding, through a map
+normalised twice), so a patch that close to the 0.5 threshold flips: in that run, one at step 15 (torch's score 1.75e-5 from
 the threshold) and one at step 17 (1.29e-5), while torch's float32 and float64 runs kept every
 mask. A flipped patch changes that step's contrastive gradient; the tolerances hold that, and
 the salient shares must agree exactly at every step where no torch score came within 1e-4 of

@@ -5,18 +5,21 @@ The torch models are the ones the parity tests check (`mlgraph.torch_reference`)
 the official `[B, C, N, A]` attention and the co-occurrence update inside the training forward;
 SSGRL with the official mode switch (only layer4's batch norms in train mode); Query2Label with
 FrozenBatchNorm2d; SigRL's CLIPVIT (its label table and frozen CLIP teacher beside it); ML-GCN
-with its `GCNResnet` layout. Their random initial weights go through the method's converter
+with its `GCNResnet` layout; Scob and the single-positive baselines (Cole et al.'s AN and ROLE,
+Zhou et al.'s EM and EM+APL). Their random initial weights go through the method's converter
 (`mlgraph.convert.<method>`) into mlgraph's train state, so both frameworks start from
 identical parameters, and the parameters `config.optimizer.frozen` freezes in mlgraph (named
 through the converter's table) get no gradient in torch. A torch train step is what the
 official loop does per batch: forward (with the targets for SALGL), `config.loss`, backward,
 the optimizer step (`config.optimizer.name`), and the EMA of every state entry when
-`config.ema.decay` > 0. SALGL, SigRL and ML-GCN time their training transcriptions' step
-instead (`mlgraph.torch_reference.salgl_train`: AdamW, OneCycle and the EMA per step;
-`sigrl_train`: the layer-decay AdamW groups, the per-iteration schedule, the teacher's
-forward and the ranking + distillation loss; `mlgcn_train`: the parameter groups and the
-gradient clipping). The eval forward runs without gradients in
-eval mode. Float32 on CPU; on CUDA, bfloat16 autocast against mlgraph's `config.dtype`.
+`config.ema.decay` > 0. SALGL, SigRL, ML-GCN, Scob and the single-positive baselines time
+their training transcriptions' step instead (`mlgraph.torch_reference.salgl_train`: AdamW,
+OneCycle and the EMA per step; `sigrl_train`: the layer-decay AdamW groups, the per-iteration
+schedule, the teacher's forward and the ranking + distillation loss; `mlgcn_train`: the
+parameter groups and the gradient clipping; `scob_train`: Scob's two updates with the
+Grad-CAM++ masks between them and the bank after them; `spml_train`: Cole's and Zhou's loops,
+with the label matrix). The eval forward runs without gradients in eval mode. Float32 on CPU;
+on CUDA, bfloat16 autocast against mlgraph's `config.dtype`.
 """
 
 from __future__ import annotations
@@ -60,7 +63,8 @@ class TorchMethod:
         (SSGRL takes its word vectors and graph from mlgraph's state).
       convert: (torch state dict as numpy, config, scratch folder) -> (mlgraph module, its
         conversion table: mlgraph path -> (torch key, transform)).
-      train_loss: (torch model, images, targets, config) -> the training loss.
+      train_loss: (torch model, images, targets, config) -> the training loss (None for a
+        method whose loss only its `make_step` computes).
       eval_logits: (torch model, images) -> logits.
       make_step: (torch model, config, images, targets) -> a function running one step of the
         method's training transcription (`mlgraph.torch_reference.<method>_train`) and
@@ -69,7 +73,7 @@ class TorchMethod:
 
     build: Callable[..., Any]
     convert: Callable[..., tuple[nnx.Module, dict]]
-    train_loss: Callable[..., Any]
+    train_loss: Callable[..., Any] | None
     eval_logits: Callable[..., Any]
     make_step: Callable[..., Callable[[], Any]] | None = None
 
@@ -259,12 +263,99 @@ def _mlgcn() -> TorchMethod:
     )
 
 
+def _with_label_matrix(tm, extra: dict):
+    """`tm` with its label estimator `g.logits` set to mlgraph's Phi (`extra["phi"]`, when the
+    method keeps one), so that both start from the matrix mlgraph initialised."""
+    if "phi" in extra:
+        torch = require_torch()
+        with torch.no_grad():
+            tm.g.logits.copy_(torch.from_numpy(np.array(extra["phi"])))
+    return tm
+
+
+def _loop_iteration(trainer, x, loss_of=lambda out: out) -> Callable[[], Any]:
+    """One iteration of an official loop (`trainer.train_iter`) on the timed batch `x`, whose
+    images are the training rows 0..B-1; returns its loss (`loss_of` its record)."""
+    indices = require_torch().arange(x.shape[0])
+    return lambda: loss_of(trainer.train_iter(x, indices))
+
+
+def _scob() -> TorchMethod:
+    from mlgraph.convert import scob as convert_scob
+    from mlgraph.torch_reference import scob as reference
+    from mlgraph.torch_reference import scob_train
+
+    def build(config, c, state):
+        n = len(state["extra"]["observed"])
+        return _with_label_matrix(reference.from_config(config.model, c, n), state["extra"])
+
+    def convert(sd, config, _scratch):
+        opts = {"image_size": config.image_size, "num_heads": config.model.num_heads}
+        module, _, _ = convert_scob.convert(sd, opts)
+        return module, convert_scob.table(module, config.model.num_layers)
+
+    def make_step(tm, config, x, _y):
+        observed = bench_compile.synthetic_training(
+            x.shape[0], tm.fh.classifier.out_features
+        ).observed
+        settings = scob_train.ScobSettings.from_config(config)
+        trainer = scob_train.ScobTrainer(tm, observed, settings)
+        trainer.before_epoch()
+        return _loop_iteration(trainer, x, lambda out: out["classification"])
+
+    return TorchMethod(
+        build=build,
+        convert=convert,
+        train_loss=None,
+        eval_logits=lambda tm, x: tm(x),
+        make_step=make_step,
+    )
+
+
+def _spml() -> TorchMethod:
+    from mlgraph import models
+    from mlgraph.convert import core, torchvision_resnet
+    from mlgraph.torch_reference import spml_train
+
+    def build(config, c, state):
+        n = len(state["extra"]["observed"])
+        return _with_label_matrix(spml_train.from_config(config.model, c, n), state["extra"])
+
+    def convert(sd, config, _scratch):
+        c = sd["f.linear_classifier.weight"].shape[0]
+        module = nnx.eval_shape(lambda: models.create(config, num_classes=c, rngs=nnx.Rngs(0)))
+        trunk = torchvision_resnet.table(module.backbone, prefix="f.feature_extractor.")
+        table = {f"backbone/{k}": v for k, v in trunk.items()}
+        table |= core.linear("head", "f.linear_classifier")
+        ignored = [r".*num_batches_tracked", r"g\.logits"]
+        core.load_into(module, sd, table, ignored=ignored, source="the torch SPML model")
+        return module, table
+
+    def make_step(tm, config, x, _y):
+        c = tm.f.linear_classifier.out_features
+        observed = bench_compile.synthetic_training(x.shape[0], c).observed
+        settings = spml_train.SpmlSettings.from_config(config)
+        trainer = spml_train.SpmlTrainer(tm, observed, settings)
+        tm.train()  # the loop's `run_train_phase`
+        return _loop_iteration(trainer, x)
+
+    return TorchMethod(
+        build=build,
+        convert=convert,
+        train_loss=None,
+        eval_logits=lambda tm, x: tm(x),
+        make_step=make_step,
+    )
+
+
 METHODS: dict[str, Callable[[], TorchMethod]] = {
     "salgl": _salgl,
     "ssgrl": _ssgrl,
     "q2l": _q2l,
     "sigrl": _sigrl,
     "mlgcn": _mlgcn,
+    "scob": _scob,
+    "spml": _spml,
 }
 
 

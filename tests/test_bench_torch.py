@@ -131,7 +131,7 @@ def test_without_torch_or_a_torch_model_the_errors_say_why(monkeypatch):
         bench_torch.build_pair(c, 5)
     assert str(e.value) == (
         "--against torch: config.model.name='baseline' has no torch model; one exists for "
-        "salgl, ssgrl, q2l, sigrl, mlgcn"
+        "salgl, ssgrl, q2l, sigrl, mlgcn, scob, spml"
     )
     monkeypatch.setitem(sys.modules, "torch", None)
     with pytest.raises(ConfigError) as e:

@@ -4,7 +4,7 @@ to `load_converted` are applied or refused in one line; a checkpoint file cut sh
 truncated. Each fault leaves what was written before it as it was.
 
 The checkpoints are tiny and synthetic: the package's plain-torch models of the methods
-(`mlgraph.torch_reference`, tests/scob_reference.py, tests/sigrl_reference.py) at one block per
+(`mlgraph.torch_reference`, tests/sigrl_reference.py) at one block per
 ResNet stage and width 4, and shape-only state dicts for the backbone sources.
 """
 
@@ -106,7 +106,7 @@ def _q2l(tmp_path):
 
 
 def _scob(tmp_path):
-    from scob_reference import TorchScob
+    from mlgraph.torch_reference.scob import TorchScob
 
     torch.manual_seed(0)
     model = TorchScob(

@@ -20,14 +20,15 @@ from mlgraph.convert import scob as convert_scob
 from mlgraph.models import cam, scob
 
 torch = pytest.importorskip("torch")
-from scob_reference import (  # noqa: E402
+from scob_reference import official_checkpoint  # noqa: E402
+from train_helpers import final_run  # noqa: E402
+
+from mlgraph.torch_reference.scob import (  # noqa: E402
     TorchClassifier,
     TorchImageMid,
     TorchProjector,
     TorchScob,
-    official_checkpoint,
 )
-from train_helpers import final_run  # noqa: E402
 
 D, HEADS, FFN = 32, 4, 64
 

@@ -139,6 +139,7 @@ def strong_augment(
     mean: Sequence[float],
     std: Sequence[float],
     undo_std: Sequence[float] | None = None,
+    photometric: bool = True,
 ) -> jax.Array:
     """Scob's strong augmentation of a normalised batch [B, H, W, 3] (docs/scob_spml.md §3.5).
 
@@ -146,11 +147,15 @@ def strong_augment(
     (Scob's code has 0.255 for the blue std, so blue comes back x 0.255/0.225); ColorJitter
     (0.8, 0.8, 0.8, 0.2) with probability 0.3; RandomGrayscale(p=0.1) itself gated at 0.2; a
     3x3 Gaussian blur with sigma U[1, 2] at 0.2; normalise with `mean` and `std` again. No
-    clamping but inside ColorJitter.
+    clamping but inside ColorJitter. `photometric=False` keeps only the two normalisations,
+    the stages that always run (`key` unused): the official pipeline with its random stages'
+    probabilities at 0.
     """
     mean = jnp.asarray(mean, images.dtype)
     std = jnp.asarray(std, images.dtype)
     undo = std if undo_std is None else jnp.asarray(undo_std, images.dtype)
+    if not photometric:
+        return (images * undo + mean * undo / std - mean) / std
 
     def one(args):
         img, k = args

@@ -8,6 +8,7 @@ PyTorch-style initializers and Linear, and the per-class linear classifier.
   `xavier_uniform_` draws on flax's [in, out] kernel layout.
 * `ElementWiseLinear` is the per-class `Element_Wise_Layer` classifier of SSGRL, SALGL
   (docs/salgl.md §1.11) and Query2Label.
+* `TorchBatchNorm` is batch norm with torch's running variance (the unbiased batch variance).
 * `patch_grid` is the patch grid of a ViT-style backbone, or the image size it cannot take.
 * `TorchBatchNorm` is batch norm with torch's running variance (the unbiased batch variance).
 """

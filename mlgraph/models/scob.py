@@ -31,12 +31,20 @@ learning rates step by epoch (StepLR).
 The official code's behaviour is the default, each part behind a flag (docs/scob_spml.md §3.6, §6):
 `faithful_momentum_bug` (fm2 frozen at its random init, since the code's EMA is a no-op; False:
 a real EMA with `momentum` and an initial copy), `drifting_backbone_bn` (the "frozen"
-backbone's batch norm uses batch statistics and updates its running ones outside the CAM pass),
+backbone's batch norm uses batch statistics and updates its running ones outside the CAM pass,
+except in the first classification pass of each epoch: chinopie's `set_train` puts frozen batch
+norms in eval mode and never calls `train()`, so that pass runs on the running statistics, as
+the previous phase left them; False: always on the running statistics),
 `nan_skip_batch` (a sample with no salient patch at a scale makes torch's attention NaN and the
 whole batch's contrastive step is skipped, its keys kept out of the bank; False: that sample's
 keys are all unmasked instead), and in `config.loss` `hard_correlation` (R < 1 set to 0, so the
 co-occurrence weighting is the identity) and `exclude_own_prototype` (False: the own class's
-prototype stays in the softmax at logit 0).
+prototype stays in the softmax at logit 0). `strong_augment=False` keeps only the contrastive
+view's two normalisations (the official pipeline's stages that always run; its random ones off),
+for parity runs against torch. Not reproduced: in the official code the first classification
+pass of each epoch after the first also runs without dropout (the model is still in eval mode
+from the validation); a traced dropout switch would cost a second classification pass every
+step for one iteration an epoch.
 
 Names: `fm*_14` is the stride-32 scale and `fm*_28` the stride-16 one (their grids at 448 px),
 as in the official checkpoints, whose keys `mlgraph.convert.scob` maps by renaming.
@@ -220,6 +228,7 @@ class Scob(nnx.Module):
         momentum: float = 0.999,
         drifting_backbone_bn: bool = True,
         nan_skip_batch: bool = True,
+        strong_augment: bool = True,
     ):
         """Arguments after `rngs` are the `config.model` fields: the backbone, the transformers'
         width `dim` (D, per scale), heads, layers, FFN width, dropout and position-table size,
@@ -272,6 +281,7 @@ class Scob(nnx.Module):
         self.momentum = float(momentum)
         self.drifting_backbone_bn = bool(drifting_backbone_bn)
         self.nan_skip_batch = bool(nan_skip_batch)
+        self.strong_augment = bool(strong_augment)
 
     def features(self, images: jax.Array, *, train: bool = False) -> tuple[jax.Array, jax.Array]:
         """The frozen backbone's (stride-32, stride-16) maps, outside every gradient; `train`:
@@ -280,6 +290,25 @@ class Scob(nnx.Module):
         maps, state = _pyramid(graphdef, state, images, train)
         nnx.update(self.backbone, state)
         return maps
+
+    def drifting_features(self, images: jax.Array, first: jax.Array):
+        """(the classification pass's maps, the CAM pass's) of an iteration under
+        `drifting_backbone_bn`: the classification pass on batch statistics, updating the
+        running ones, except where the traced `first` holds (an epoch's first iteration), where
+        it runs on the running statistics and leaves them; the CAM pass always on the running
+        statistics after it.
+
+        So the eval-mode pass serves both where `first` holds, and the step runs the backbone
+        twice, as without the exception. Both passes run and a select picks: XLA:CPU's
+        collectives (the batch statistics over a sharded batch) can deadlock inside a
+        conditional."""
+        graphdef, state = nnx.split(self.backbone)
+        train_maps, trained = _pyramid(graphdef, state, images, True)
+        pick = functools.partial(jnp.where, first)
+        kept = jax.tree.map(pick, state, trained)
+        eval_maps, _ = _pyramid(graphdef, kept, images, False)
+        nnx.update(self.backbone, kept)
+        return jax.tree.map(pick, eval_maps, train_maps), eval_maps
 
     def online(self, x32, x16, salient32=None, salient16=None, *, train=False, rngs=None):
         """h = [fm1_14(x32) ; fm1_28(x16)] [B, 2D] (key masks optional)."""
@@ -597,7 +626,11 @@ def make_train_step(ctx):
         """(state, batch) -> (state, metrics): one iteration, one page on purpose (above)."""
         params, rest, opt, extra = state["params"], state["rest"], state["opt"], state["extra"]
         step, index, images = state["step"], batch["index"], batch["image"]
-        epoch = step * config.batch_size // extra["phi"].shape[0]
+        num_train = extra["phi"].shape[0]
+        epoch = step * config.batch_size // num_train
+        # The epoch's first iteration classifies with the backbone's batch norm on its running
+        # statistics, the mode the previous phase left it in (module docstring).
+        first = epoch > (step - 1) * config.batch_size // num_train
         k_cls, k_key, k_query, k_aug = jax.random.split(jax.random.fold_in(dropout_base, step), 4)
         observed = extra["observed"][index]
         targets = jnp.argmax(observed, axis=1)
@@ -607,7 +640,10 @@ def make_train_step(ctx):
 
         # 1. Classification and label estimation, without masks.
         model = merged(params, rest)
-        x32, x16 = model.features(images, train=drifting)
+        if drifting:
+            (x32, x16), (x32_eval, x16_eval) = model.drifting_features(images, first)
+        else:
+            x32, x16 = x32_eval, x16_eval = model.features(images)
         rest = nnx.state(model, nnx.Not(nnx.Param))
         parts, others = tx.groups.split(params)
 
@@ -632,18 +668,21 @@ def make_train_step(ctx):
 
         # 2. Semantic guidance: Grad-CAM++ of p[b, y_b] with the updated network, eval mode.
         model = merged(params, rest)
-        x32_eval, x16_eval = model.features(images) if drifting else (x32, x16)
         _, salient32, salient16 = guidance(model, x32_eval, x16_eval, targets)
         salient32, salient16, blank = key_masks(salient32, salient16, nan_skip)
 
         # 3. Contrastive step: keys on the clean view, queries on the strong augmentation.
-        if drifting:  # the key pass's backbone forward (same batch statistics) moves them again
-            model.features(images, train=True)
+        if drifting:  # the key pass's own backbone forward, which moves the statistics again
+            k32, k16 = model.features(images, train=True)
             rest = nnx.state(model, nnx.Not(nnx.Param))
+        else:
+            k32, k16 = x32, x16
         keys = model.momentum_features(
-            x32, x16, salient32, salient16, train=True, rngs=nnx.Rngs(dropout=k_key)
+            k32, k16, salient32, salient16, train=True, rngs=nnx.Rngs(dropout=k_key)
         )
-        augmented = device_augment.strong_augment(images, k_aug, mean, std, UNDO_STD)
+        augmented = device_augment.strong_augment(
+            images, k_aug, mean, std, UNDO_STD, photometric=settings.strong_augment
+        )
         xa32, xa16 = model.features(augmented, train=drifting)
         rest = nnx.state(model, nnx.Not(nnx.Param))
         prototypes = bank_prototypes(extra["bank"])

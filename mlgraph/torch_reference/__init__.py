@@ -5,8 +5,12 @@ with `pip install torch==2.13.0` or the `convert` extra).
 `layers`: torchvision's v1.5 bottleneck and ResNet trunk, DETR's post-norm encoder layer and
 sine table. `salgl`: SALGL (docs/salgl.md §1-§2) in training and evaluation, with the official
 `[B, C, N, A]` attention and the co-occurrence update inside the training forward. `ssgrl`,
-`mlgcn`, `q2l`: those models with the official names. `ssgrl_train`, `mlgcn_train`,
-`q2l_train`: their released training loops, transcribed (`loop`: what they share).
+`mlgcn`, `q2l`, `sigrl`: those models with the official names; `scob`: the Scob network with
+the official module names (docs/scob_spml.md §3.2, §4). `ssgrl_train`, `mlgcn_train`,
+`q2l_train`, `salgl_train`, `sigrl_train`, `scob_train` and `spml_train`: the released training
+loops of those methods and of the single-positive baselines (Cole et al.'s AN and ROLE, Zhou et
+al.'s EM and EM+APL) transcribed in the official order of operations (`loop`: what the first
+three share).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ import optax
 import pytest
 
 from mlgraph import bench_compile, bench_torch, config_lib, train_state, train_step
-from mlgraph.torch_reference.loop import named_optimizer_state
+from mlgraph.torch_reference.training import optimizer_state
 
 torch = pytest.importorskip("torch")
 
@@ -280,7 +280,7 @@ def compare(
 ) -> dict[str, tuple[float, str]]:
     """The worst relative error of each kind between a run's flat views `got` (`mlgraph_views` or
     `record_views`; `start`: mlgraph's initial train state) and the transcribed run `record`
-    (a `TrainRecord`), as {kind: (error, path)}: 'params' and 'rest' (what training
+    (a `TrainRun`), as {kind: (error, path)}: 'params' and 'rest' (what training
     changed), each optimizer slot of `slots` (mlgraph slot -> torch state key, e.g. {'mu':
     'exp_avg'}), and 'ema' (the EMA's change of the parameters torch trains) when the record
     has an EMA (over all trained parameters at once). Paths `skip` names are left out
@@ -342,8 +342,8 @@ def torch_lockstep_drift(make_loop, tm, images, labels, epochs: int, targets) ->
                 found[kind].append((e, f"step {step}: {where}"))
             step += 1
     out = {kind: max(values) for kind, values in found.items()}
-    s32 = named_optimizer_state(loop32.model, loop32.optimizer)
-    s64 = named_optimizer_state(loop64.model, loop64.optimizer)
+    s32 = optimizer_state(loop32.optimizer, loop32.model)
+    s64 = optimizer_state(loop64.optimizer, loop64.model)
     errors = {
         f"{name}.{k}": relative_errors({0: v.astype(np.float64)}, {0: s64[name][k]})[0]
         for name, entries in s32.items()

@@ -42,7 +42,7 @@ from mlgraph import optim, recipes
 from mlgraph.errors import ConfigError
 from mlgraph.labels import cooccurrence
 from mlgraph.torch_reference import mlgcn_train
-from mlgraph.torch_reference.loop import named_optimizer_state
+from mlgraph.torch_reference.training import optimizer_state
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -102,9 +102,7 @@ def measure(config, mlgraph_changes=None, drift: bool = False) -> dict:
         step = max(range(len(run[kind])), key=lambda i: run[kind][i][0])
         errors[kind] = (run[kind][step][0], f"step {step}: {run[kind][step][1]}")
     got = optimizer_slots(run["final"]["opt"], "trace")
-    buffers = {
-        k: v["momentum_buffer"] for k, v in named_optimizer_state(tm, loop.optimizer).items()
-    }
+    buffers = {k: v["momentum_buffer"] for k, v in optimizer_state(loop.optimizer, tm).items()}
     errors["trace"] = worst(relative_errors(got, torch_in_mlgraph_layout(table, buffers, got)))
     errors.update({f"drift/{k}": v for k, v in found.items()})
     return dict(run, errors=errors)

@@ -9,8 +9,8 @@ sine table. `salgl`: SALGL (docs/salgl.md §1-§2) in training and evaluation, w
 the official module names (docs/scob_spml.md §3.2, §4). `ssgrl_train`, `mlgcn_train`,
 `q2l_train`, `salgl_train`, `sigrl_train`, `scob_train` and `spml_train`: the released training
 loops of those methods and of the single-positive baselines (Cole et al.'s AN and ROLE, Zhou et
-al.'s EM and EM+APL) transcribed in the official order of operations (`loop`: what the first
-three share).
+al.'s EM and EM+APL) transcribed in the official order of operations (`training`: the run
+record, the epoch driver and the EMA the first five share).
 """
 
 from __future__ import annotations

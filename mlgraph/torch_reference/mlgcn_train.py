@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mlgraph.torch_reference import require_torch
-from mlgraph.torch_reference.loop import TrainRecord, run
+from mlgraph.torch_reference.training import TrainRun, run
 
 torch = require_torch()
 nn = torch.nn
@@ -86,7 +86,7 @@ class MLGCNLoop:
 
 def train(
     model, batches: Sequence[tuple[Any, Any]], epochs: int, recipe: Recipe = Recipe()
-) -> TrainRecord:
+) -> TrainRun:
     """`epochs` official epochs of `model` over `batches` ((images [B, 3, H, W], targets [B, C]
     in the loaders' -1 / 0 / 1 coding) pairs, in this order every epoch), recorded; `model` is
     trained in place."""

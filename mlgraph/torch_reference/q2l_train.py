@@ -20,13 +20,12 @@ the AMP scaler, off here: float32 on CPU), `scheduler.step()` (per iteration), a
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 from mlgraph.torch_reference import losses, require_torch
-from mlgraph.torch_reference.loop import TrainRecord, run
+from mlgraph.torch_reference.training import ModelEma, TrainRun, run
 
 torch = require_torch()
 
@@ -47,28 +46,6 @@ class Recipe:
     gamma_pos: float = 0.0  # --gamma_pos
     clip: float = 0.0  # --loss_clip
     eps: float = 1e-5  # --eps
-
-
-class ModelEma:
-    """`main_mlc.py`'s ModelEma: a deep copy in eval mode; `update` moves every `state_dict`
-    entry to decay * ema + (1 - decay) * model."""
-
-    def __init__(self, model, decay: float):
-        self.module = copy.deepcopy(model)
-        self.module.eval()
-        self.decay = decay
-
-    def update(self, model) -> None:
-        """One EMA step toward `model`."""
-        with torch.no_grad():
-            for e, m in zip(
-                self.module.state_dict().values(), model.state_dict().values(), strict=True
-            ):
-                e.copy_(self.decay * e + (1.0 - self.decay) * m)
-
-    def state_dict(self):
-        """The EMA model's state dict."""
-        return self.module.state_dict()
 
 
 class Q2LLoop:
@@ -124,7 +101,7 @@ class Q2LLoop:
 
 def train(
     model, batches: Sequence[tuple[Any, Any]], epochs: int, recipe: Recipe = Recipe()
-) -> TrainRecord:
+) -> TrainRun:
     """`epochs` official epochs of `model` over `batches` ((images [B, 3, H, W], 0/1 targets
     [B, C]) pairs, in this order every epoch; OneCycleLR spans them all), recorded; `model` is
     trained in place."""

@@ -26,12 +26,11 @@ need); the per-epoch validation changes nothing and is left out.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import types
 from collections.abc import Sequence
 
-from mlgraph.torch_reference import require_torch
+from mlgraph.torch_reference import require_torch, training
 from mlgraph.torch_reference.losses import classification
 from mlgraph.torch_reference.training import TrainRun, numpy_state, optimizer_state
 
@@ -56,27 +55,19 @@ class Args:
     lamda: float = 1.0
 
 
-class ModelEma(torch.nn.Module):
-    """SALGL's `lib/utils.ModelEma`: a deep copy of the model in eval mode whose every
-    `state_dict` entry becomes decay·e + (1 − decay)·m after each step; with `comat_ema` off
-    the copy takes the live co-occurrence counts instead."""
+class ModelEma(training.ModelEma):
+    """SALGL's `lib/utils.ModelEma`: Query2Label's, and with `comat_ema` off the copy takes
+    the live co-occurrence counts instead of their average."""
 
     def __init__(self, model, decay: float = 0.9997, comat_ema: bool = False):
-        super().__init__()
-        self.module = copy.deepcopy(model)
-        self.module.eval()
-        self.decay = decay
+        super().__init__(model, decay)
         self.comat_ema = comat_ema
 
     def update(self, model) -> None:
         """One EMA step from `model`."""
-        with torch.no_grad():
-            for e, m in zip(
-                self.module.state_dict().values(), model.state_dict().values(), strict=True
-            ):
-                e.copy_(self.decay * e + (1.0 - self.decay) * m)
-            if not self.comat_ema:
-                self.module.comatrix = model.comatrix
+        super().update(model)
+        if not self.comat_ema:
+            self.module.comatrix = model.comatrix
 
 
 class Trainer:

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mlgraph.torch_reference import require_torch
-from mlgraph.torch_reference.loop import TrainRecord, run
+from mlgraph.torch_reference.training import TrainRun, run
 
 torch = require_torch()
 nn = torch.nn
@@ -73,7 +73,7 @@ class SSGRLLoop:
 
 def train(
     model, batches: Sequence[tuple[Any, Any]], epochs: int, recipe: Recipe = Recipe()
-) -> TrainRecord:
+) -> TrainRun:
     """`epochs` official epochs of `model` over `batches` ((images [B, 3, H, W], 0/1 targets
     [B, C]) pairs, in this order every epoch), recorded; `model` is trained in place."""
     return run(SSGRLLoop(model, recipe), batches, epochs)

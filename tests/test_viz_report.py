@@ -99,6 +99,22 @@ def test_curves_equal_the_log_and_a_resumed_runs_repeated_steps_are_drawn_once(t
     }
     assert run_log.best_evaluation(found, "eval/ema_mAP") == (4, 21.5)
     assert run_log.best_evaluation(found, "val/ema_mAP") is None
+    # Counts a method logs (SigRL's kept images) get their own axis; a part of the loss, and a
+    # count that stayed 0, stay with the loss.
+    parts = {"train/kept_images": [30.0, 31.0], "train/rank": [0.5, 0.25], "train/skips": [0, 0]}
+    write_log(
+        tmp_path / "metrics.jsonl",
+        [
+            {"step": s, "train/loss": 1.0 / s} | {k: v[s - 1] for k, v in parts.items()}
+            for s in (1, 2)
+        ],
+    )
+    found = run_log.curves(run_log.read_records(tmp_path))
+    panels = {title: [c.name for c in curves] for title, _, curves in run_log.panels(found)}
+    assert panels == {
+        "training loss": ["train/loss", "train/rank", "train/skips"],
+        "training counts": ["train/kept_images"],
+    }
 
 
 @pytest.mark.parametrize(

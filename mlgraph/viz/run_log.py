@@ -102,14 +102,19 @@ def curves(records: Sequence[Mapping]) -> dict[str, Curve]:
 
 def panels(found: Mapping[str, Curve]) -> list[tuple[str, str, list[Curve]]]:
     """The report's training-curve panels from `curves`' output, those with a curve only:
-    (title, y label, curves) for the loss (`train/*` but the learning rate), the learning
-    rate, the mAP of each evaluation (model and EMA) and the other mAPs the method logs
-    (`spml_mAP`; SigRL's ZSL and GZSL views)."""
+    (title, y label, curves) for the loss (`train/*` but the learning rate and the counts),
+    the counts a method logs per step (a `train/` value that is a whole number at every step
+    and not always 0: SigRL's `kept_images`, Scob's `contrastive_skips`, `skipped`; on the
+    loss's axis they would flatten it), the learning rate, the mAP of each evaluation (model
+    and EMA) and the other mAPs the method logs (`spml_mAP`; SigRL's ZSL and GZSL views)."""
     train = [c for n, c in found.items() if n.startswith("train/") and n != LR]
+    counts = [c for c in train if c.name != "train/loss" and _is_count(c.values)]
+    losses = [c for c in train if c not in counts]
     # The total first: it is drawn boldest.
-    train.sort(key=lambda c: c.name != "train/loss")
+    losses.sort(key=lambda c: c.name != "train/loss")
     out = [
-        ("training loss", "loss (and other train/ values)", train),
+        ("training loss", "loss (and other train/ values)", losses),
+        ("training counts", "count per logged step", counts),
         ("learning rate", "learning rate", [found[LR]] if LR in found else []),
         ("evaluation mAP", "mAP (%)", [c for n, c in found.items() if MAIN_MAP.match(n)]),
         (
@@ -119,6 +124,10 @@ def panels(found: Mapping[str, Curve]) -> list[tuple[str, str, list[Curve]]]:
         ),
     ]
     return [p for p in out if p[2]]
+
+
+def _is_count(values: np.ndarray) -> bool:
+    return bool(np.all(values == np.round(values)) and np.any(values != 0))
 
 
 def best_evaluation(found: Mapping[str, Curve], metric: str) -> tuple[int, float] | None:

@@ -46,3 +46,14 @@ def tiny_coco_dir(tmp_path_factory):
     from train_helpers import tiny_coco
 
     return tiny_coco(tmp_path_factory.mktemp("tiny_coco"))
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread while the test runs (`torch_train_compare.torch_threads`): the torch
+    side of a parity test is a tiny model, and a thread pool beside XLA's only waits."""
+    # Imported here: the helper pulls in mlgraph's train step, which most test files never need.
+    from torch_train_compare import torch_threads
+
+    with torch_threads(1):
+        yield

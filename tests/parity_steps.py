@@ -1,17 +1,18 @@
-"""Shared by the many-step training parity tests (tests/test_train_parity_*.py): fixed batches,
-mlgraph's real train step run over them (`train_state.make_optimizer` and
+"""The in-order fixed-batch runs of the many-step training parity tests of SSGRL, ML-GCN and
+Query2Label (tests/test_train_parity_{ssgrl,mlgcn,q2l}.py): random batches, the same every
+epoch, mlgraph's real train step run over them (`train_state.make_optimizer` and
 `train_step.make_train_step` of a paper recipe's config), free (`measure_free`) or in lockstep
 with the torch run (`run_lockstep`, for a recipe too chaotic at test size to follow freely),
 and per-tensor comparisons with a transcribed official torch run
 (`mlgraph.torch_reference.<method>_train`) through the method's converter table (mlgraph path
--> (torch key, transform)).
+-> (torch key, transform)); the primitives are `torch_train_compare`'s.
 
-Each comparison is relative to what training moved: for a parameter, |mlgraph - torch| of the
-final values over |torch's change| of that tensor (L2 norms over the tensor; so a weight that
-moved by 1e-3 is checked on its 1e-3, not on its own size); the same for the running
-statistics' changes and the EMA's, and for the optimizer's moments over their own norm. The
-float32 noise a tolerance must sit above is measured the same way, on a float64 torch run
-(`measure_free(..., drift=True)`, `torch_lockstep_drift`).
+Each comparison is `torch_train_compare.relative_l2`, relative to what training moved: for a
+parameter, |mlgraph - torch| of the final values over |torch's change| of that tensor (L2 norms
+over the tensor; so a weight that moved by 1e-3 is checked on its 1e-3, not on its own size);
+the same for the running statistics' changes and the EMA's, and for the optimizer's moments over
+their own norm. The float32 noise a tolerance must sit above is measured the same way, on a
+float64 torch run (`measure_free(..., drift=True)`, `torch_lockstep_drift`).
 """
 
 from __future__ import annotations
@@ -22,28 +23,27 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
+from torch_train_compare import (
+    flat,
+    jit_train_step,
+    optimizer_slots,
+    path_name,
+    relative_l2,
+    run_steps,
+    to_mlgraph,
+    worst,
+)
 
-from mlgraph import bench_compile, bench_torch, config_lib, train_state, train_step
+from mlgraph import bench_compile, bench_torch, config_lib, train_state
 from mlgraph.torch_reference.training import optimizer_state
 
 torch = pytest.importorskip("torch")
 
 
-@pytest.fixture
-def one_torch_thread():
-    """torch on one thread while the test runs: on a shared 2-core host, two torch threads
-    beside XLA's wait on each other (a 30-step run takes 30x longer)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def fixed_batches(n: int, b: int, size: int, c: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(images [n, b, size, size, 3] float32, 0/1 labels [n, b, c]), every image with at least
-    one label."""
+def random_batches(n: int, b: int, size: int, c: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`n` batches of random images and labels, fed in this order every epoch: (images [n, b,
+    size, size, 3] float32, 0/1 labels [n, b, c]), every image with at least one label."""
     rng = np.random.default_rng(seed)
     images = rng.standard_normal((n, b, size, size, 3)).astype(np.float32)
     labels = (rng.random((n, b, c)) < 0.4).astype(np.float32)
@@ -98,35 +98,31 @@ def _step(mod, graphdef, state, config, labels, epochs: int):
     assert total == n * epochs, (total, n, epochs)
     tx = train_state.make_optimizer(mod, config, total, state["params"])
     state = dict(state, opt=tx.init(state["params"]))
-    return state, jax.jit(train_step.make_train_step(mod, graphdef, tx, config, total))
+    return state, jit_train_step(mod, graphdef, tx, config, total)
 
 
 def _batch(x, y):
     return {"image": x, "labels": y, "index": np.arange(len(y), dtype=np.int32)}
 
 
-def run_mlgraph(mod, graphdef, state, config, images, labels, epochs: int):
-    """`epochs` passes of mlgraph's train step over the fixed batches (in order); returns
-    (losses, lrs, final state)."""
+def run_mlgraph_in_order(mod, graphdef, state, config, images, labels, epochs: int):
+    """`epochs` passes of mlgraph's train step over the `random_batches` (in order, a fresh
+    optimizer state); returns (losses, lrs, final state as numpy)."""
     state, step = _step(mod, graphdef, state, config, labels, epochs)
-    losses, lrs = [], []
-    for _ in range(epochs):
-        for x, y in zip(images, labels, strict=True):
-            state, metrics = step(state, _batch(x, y))
-            losses.append(float(metrics["loss"]))
-            lrs.append(float(metrics["lr"]))
-    return np.array(losses), np.array(lrs), jax.tree.map(np.asarray, state)
+    batches = [_batch(x, y) for _ in range(epochs) for x, y in zip(images, labels, strict=True)]
+    state, metrics = run_steps(step, state, batches)
+    losses, lrs = (np.array([m[k] for m in metrics]) for k in ("loss", "lr"))
+    return losses, lrs, jax.tree.map(np.asarray, state)
 
 
-def from_torch(tree, table: dict, torch_state: dict):
-    """`tree` (an nnx state) with every entry the table maps to a key of `torch_state` (numpy)
-    taken from it, in mlgraph's layout."""
+def with_torch_values(tree, table: dict, torch_state: dict):
+    """`tree` (an nnx state) with every entry the table maps to a key of `torch_state` taken
+    from it, in mlgraph's layout and the entry's dtype."""
+    values = to_mlgraph(table, torch_state)
 
     def value(path, leaf):
-        key, transform = table.get(_name(path), (None, None))
-        if key not in torch_state:
-            return leaf
-        return jnp.asarray(transform(np.asarray(torch_state[key])), leaf.dtype)
+        name = path_name(path)
+        return jnp.asarray(values[name], leaf.dtype) if name in values else leaf
 
     return jax.tree_util.tree_map_with_path(value, tree)
 
@@ -136,9 +132,9 @@ def run_lockstep(loop, mod, graphdef, state, config, table, images, labels, epoc
     `epochs` passes, mlgraph's parameters and running statistics set to torch's before every
     step while its optimizer state and step count run on their own (`targets` maps the 0/1
     labels to the loop's). Returns a dict: 'loss' (per-step relative loss errors), 'params'
-    and 'rest' (per step, the worst `relative_change_errors` of mlgraph's update against
-    torch's, with its path), 'grad_norms' (torch's, before clipping), 'lrs' (torch's groups'
-    learning rates), 'lr' (mlgraph's) and 'final' (mlgraph's last state)."""
+    and 'rest' (per step, the worst `relative_l2` of mlgraph's update against torch's, with
+    its path), 'grad_norms' (torch's, before clipping), 'lrs' (torch's groups' learning
+    rates), 'lr' (mlgraph's) and 'final' (mlgraph's last state)."""
     state, step = _step(mod, graphdef, state, config, labels, epochs)
     batches = torch_batches(images, labels, targets=targets)
     out = {"loss": [], "params": [], "rest": [], "grad_norms": [], "lrs": [], "lr": []}
@@ -148,8 +144,8 @@ def run_lockstep(loop, mod, graphdef, state, config, table, images, labels, epoc
             before = {k: v.detach().numpy().copy() for k, v in loop.model.state_dict().items()}
             state = dict(
                 state,
-                params=from_torch(state["params"], table, before),
-                rest=from_torch(state["rest"], table, before),
+                params=with_torch_values(state["params"], table, before),
+                rest=with_torch_values(state["rest"], table, before),
             )
             state, metrics = step(state, _batch(x, y))
             out["lrs"].append([float(g["lr"]) for g in loop.optimizer.param_groups])
@@ -160,77 +156,11 @@ def run_lockstep(loop, mod, graphdef, state, config, table, images, labels, epoc
             after = {k: v.detach().numpy() for k, v in loop.model.state_dict().items()}
             for kind in ("params", "rest"):
                 got = flat(state[kind])
-                want = torch_in_mlgraph_layout(table, after, got)
-                start = torch_in_mlgraph_layout(table, before, got)
-                out[kind].append(worst(relative_change_errors(got, want, start)))
+                want = to_mlgraph(table, after, paths=got)
+                start = to_mlgraph(table, before, paths=got)
+                out[kind].append(worst(relative_l2(got, want, start)))
     out["final"] = jax.tree.map(np.asarray, state)
     return out
-
-
-def _name(keys) -> str:
-    return "/".join(str(k.key) for k in keys if isinstance(k, jax.tree_util.DictKey))
-
-
-def flat(tree) -> dict[str, np.ndarray]:
-    """An nnx state (params, rest) as {'/'-joined path: array}."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {_name(path): np.asarray(v) for path, v in leaves}
-
-
-def optimizer_slots(opt_state, slot: str) -> dict[str, np.ndarray]:
-    """The optimizer's per-parameter `slot` ('mu', 'nu' of Adam; 'trace' of SGD's momentum)
-    as {parameter path: array}, over every group of a multi-transform."""
-    out = {}
-    leaves = jax.tree_util.tree_flatten_with_path(
-        opt_state, is_leaf=lambda x: isinstance(x, optax.MaskedNode)
-    )[0]
-    for path, value in leaves:
-        names = [getattr(k, "name", None) for k in path]
-        if slot not in names or isinstance(value, optax.MaskedNode):
-            continue
-        out[_name(path[names.index(slot) + 1 :])] = np.asarray(value)
-    return out
-
-
-def torch_in_mlgraph_layout(table: dict, torch_state: dict, paths) -> dict[str, np.ndarray]:
-    """{path: transform(torch_state[key])} for the `paths` the table maps to a key
-    `torch_state` has (the rest, e.g. constant buffers the converter does not read, are left
-    out)."""
-    out = {}
-    for path in paths:
-        key, transform = table.get(path, (None, None))
-        if key in torch_state:
-            out[path] = np.asarray(transform(np.asarray(torch_state[key])))
-    return out
-
-
-def _ratio(err: float, scale: float) -> float:
-    return err / scale if scale > 0 else (0.0 if err == 0 else float("inf"))
-
-
-def relative_change_errors(got: dict, want: dict, start: dict) -> dict[str, float]:
-    """{path: |got - want| / |want - start|} (L2 norms over the tensor) over the paths `want`
-    has: the error of what training changed, relative to torch's change of that tensor (inf
-    when torch changed nothing and mlgraph did)."""
-    return {
-        p: _ratio(float(np.linalg.norm(got[p] - w)), float(np.linalg.norm(w - start[p])))
-        for p, w in want.items()
-    }
-
-
-def relative_errors(got: dict, want: dict) -> dict[str, float]:
-    """{path: |got - want| / |want|} (L2 norms over the tensor) over the paths `want` has (0
-    where both are 0)."""
-    return {
-        p: _ratio(float(np.linalg.norm(got[p] - w)), float(np.linalg.norm(w)))
-        for p, w in want.items()
-    }
-
-
-def worst(errors: dict[str, float]) -> tuple[float, str]:
-    """(the largest error, its path)."""
-    path = max(errors, key=errors.get)
-    return errors[path], path
 
 
 def loss_error(got, want) -> tuple[float, str]:
@@ -250,7 +180,8 @@ def mlgraph_views(final: dict, slots) -> dict[str, dict[str, np.ndarray]]:
     """mlgraph's final train state as flat views by kind: 'params', 'rest', each optimizer
     slot of `slots` and 'ema' (the EMA's parameters)."""
     views = {"params": flat(final["params"]), "rest": flat(final["rest"])}
-    views.update({slot: optimizer_slots(final["opt"], slot) for slot in slots})
+    found = optimizer_slots(final["opt"])
+    views.update({slot: found[slot] for slot in slots})
     views["ema"] = flat(final["ema"]["params"])
     return views
 
@@ -258,15 +189,11 @@ def mlgraph_views(final: dict, slots) -> dict[str, dict[str, np.ndarray]]:
 def record_views(table: dict, record, paths, slots: dict[str, str]) -> dict:
     """A transcribed run's record as `mlgraph_views` has mlgraph's, in mlgraph's layout over
     `paths` (e.g. a float64 run's, to measure the float32 drift)."""
-    views = {
-        kind: torch_in_mlgraph_layout(table, record.state, paths) for kind in ("params", "rest")
-    }
-    for slot, key in slots.items():
-        views[slot] = torch_in_mlgraph_layout(
-            table, {k: v[key].astype(np.float64) for k, v in record.optimizer.items()}, paths
-        )
+    views = {kind: to_mlgraph(table, record.state, paths=paths) for kind in ("params", "rest")}
+    for slot, field in slots.items():
+        views[slot] = to_mlgraph(table, record.optimizer, field=field, paths=paths)
     if record.ema is not None:
-        views["ema"] = torch_in_mlgraph_layout(table, record.ema, paths)
+        views["ema"] = to_mlgraph(table, record.ema, paths=paths)
     return views
 
 
@@ -289,15 +216,13 @@ def compare(
     params0, rest0 = flat(start["params"]), flat(start["rest"])
     out = {}
     for kind, s in (("params", params0), ("rest", rest0)):
-        want = torch_in_mlgraph_layout(table, record.state, [p for p in s if not skip(p)])
-        out[kind] = worst(relative_change_errors(got[kind], want, s))
+        want = to_mlgraph(table, record.state, paths=[p for p in s if not skip(p)])
+        out[kind] = worst(relative_l2(got[kind], want, s))
     stepped = {p for p in params0 if table.get(p, (None,))[0] in record.optimizer}
-    for slot, key in slots.items():
+    for slot, field in slots.items():
         mine = {p: v for p, v in got[slot].items() if not skip(p)}
-        want = torch_in_mlgraph_layout(
-            table, {k: v[key] for k, v in record.optimizer.items()}, mine
-        )
-        errors = relative_errors(mine, want)
+        want = to_mlgraph(table, record.optimizer, field=field, paths=mine)
+        errors = relative_l2(mine, want)
         errors.update({p: float(np.abs(v).max()) for p, v in mine.items() if p not in want})
         out[slot] = worst(errors)
     if record.ema is not None:
@@ -305,10 +230,9 @@ def compare(
         # about 1e-5, near float32's rounding of a value of 1 (6e-8 a step), so a single
         # tensor of large values (the label queries) is rounding-dominated in either run.
         trained = [p for p in params0 if p in stepped and not skip(p)]
-        want = torch_in_mlgraph_layout(table, record.ema, trained)
-        err = sum(float(np.sum((got["ema"][p] - w) ** 2)) for p, w in want.items())
-        moved = sum(float(np.sum((w - params0[p]) ** 2)) for p, w in want.items())
-        out["ema"] = (_ratio(err**0.5, moved**0.5), "all trained parameters")
+        want = to_mlgraph(table, record.ema, paths=trained)
+        error = relative_l2(got["ema"], want, params0, pooled=True)
+        out["ema"] = (error, "all trained parameters")
     return out
 
 
@@ -335,9 +259,7 @@ def torch_lockstep_drift(make_loop, tm, images, labels, epochs: int, targets) ->
             a32 = {k: v.detach().double().numpy() for k, v in loop32.model.state_dict().items()}
             a64 = {k: v.detach().numpy() for k, v in loop64.model.state_dict().items()}
             for kind, keys in (("params", params), ("rest", set(a64) - params)):
-                errors = relative_change_errors(
-                    {k: a32[k] for k in keys}, {k: a64[k] for k in keys}, before
-                )
+                errors = relative_l2({k: a32[k] for k in keys}, a64, before)
                 e, where = worst({k: v for k, v in errors.items() if np.isfinite(v)})
                 found[kind].append((e, f"step {step}: {where}"))
             step += 1
@@ -345,7 +267,7 @@ def torch_lockstep_drift(make_loop, tm, images, labels, epochs: int, targets) ->
     s32 = optimizer_state(loop32.optimizer, loop32.model)
     s64 = optimizer_state(loop64.optimizer, loop64.model)
     errors = {
-        f"{name}.{k}": relative_errors({0: v.astype(np.float64)}, {0: s64[name][k]})[0]
+        f"{name}.{k}": relative_l2({0: v}, {0: s64[name][k]})[0]
         for name, entries in s32.items()
         for k, v in entries.items()
         if v.ndim
@@ -379,8 +301,8 @@ def measure_free(
     tm, (mod, graphdef, state, built), table = pair or build(
         config, num_classes, None, mlgraph_changes
     )
-    images, labels = fixed_batches(n, b, size, num_classes, seed=1)
-    losses, lrs, final = run_mlgraph(mod, graphdef, state, built, images, labels, epochs)
+    images, labels = random_batches(n, b, size, num_classes, seed=1)
+    losses, lrs, final = run_mlgraph_in_order(mod, graphdef, state, built, images, labels, epochs)
     tm64 = float64_copy(tm) if drift else None
     record = train(tm, torch_batches(images, labels), epochs)
     torch_lrs = [g[0] for g in record.lrs]

@@ -27,16 +27,8 @@ import copy
 import numpy as np
 import pytest
 from parity_steps import build as build_both
-from parity_steps import (
-    fixed_batches,
-    one_torch_thread,  # noqa: F401 (a fixture)
-    optimizer_slots,
-    relative_errors,
-    run_lockstep,
-    torch_in_mlgraph_layout,
-    torch_lockstep_drift,
-    worst,
-)
+from parity_steps import random_batches, run_lockstep, torch_lockstep_drift
+from torch_train_compare import optimizer_slots, relative_l2, to_mlgraph, worst
 
 from mlgraph import optim, recipes
 from mlgraph.errors import ConfigError
@@ -91,7 +83,7 @@ def measure(config, mlgraph_changes=None, drift: bool = False) -> dict:
     `run_lockstep`'s record with 'errors', the worst of each kind as {kind: (error, where)};
     with `drift`, `torch_lockstep_drift`'s under 'drift/<kind>' (the tolerances' measure)."""
     tm, (mod, graphdef, state, built), table = build_both(config, C, None, mlgraph_changes)
-    images, labels = fixed_batches(BATCHES, B, SIZE, C, seed=1)
+    images, labels = random_batches(BATCHES, B, SIZE, C, seed=1)
     found = {}
     if drift:
         found = torch_lockstep_drift(_loop, copy.deepcopy(tm), images, labels, EPOCHS, _targets)
@@ -101,9 +93,10 @@ def measure(config, mlgraph_changes=None, drift: bool = False) -> dict:
     for kind in ("params", "rest"):
         step = max(range(len(run[kind])), key=lambda i: run[kind][i][0])
         errors[kind] = (run[kind][step][0], f"step {step}: {run[kind][step][1]}")
-    got = optimizer_slots(run["final"]["opt"], "trace")
-    buffers = {k: v["momentum_buffer"] for k, v in optimizer_state(loop.optimizer, tm).items()}
-    errors["trace"] = worst(relative_errors(got, torch_in_mlgraph_layout(table, buffers, got)))
+    got = optimizer_slots(run["final"]["opt"])["trace"]
+    buffers = optimizer_state(loop.optimizer, tm)
+    want = to_mlgraph(table, buffers, field="momentum_buffer", paths=got)
+    errors["trace"] = worst(relative_l2(got, want))
     errors.update({f"drift/{k}": v for k, v in found.items()})
     return dict(run, errors=errors)
 

@@ -21,10 +21,8 @@ import re
 
 import numpy as np
 import pytest
-from parity_steps import (
-    measure_free,
-    one_torch_thread,  # noqa: F401 (a fixture)
-)
+from parity_steps import measure_free
+from torch_train_compare import ADAM_SLOTS
 
 from mlgraph import recipes
 from mlgraph.torch_reference import q2l_train
@@ -54,9 +52,6 @@ def _config():
     return c
 
 
-SLOTS = {"mu": "exp_avg", "nu": "exp_avg_sq"}
-
-
 def _noise(path: str) -> bool:
     return bool(NOISE.fullmatch(path))
 
@@ -65,7 +60,7 @@ def measure(config, mlgraph_changes=None, drift: bool = False) -> dict:
     """`parity_steps.measure_free` of `config` with the Query2Label transcription."""
     shape = (BATCHES, B, SIZE)
     return measure_free(
-        q2l_train.train, config, C, shape, EPOCHS, SLOTS, _noise,
+        q2l_train.train, config, C, shape, EPOCHS, ADAM_SLOTS, _noise,
         mlgraph_changes=mlgraph_changes, drift=drift,
     )  # fmt: skip
 

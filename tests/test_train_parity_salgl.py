@@ -15,7 +15,6 @@ epoch boundaries, the warm-up's peak, and 32 EMA updates.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import jax
@@ -23,6 +22,7 @@ import numpy as np
 import pytest
 import torch_train_compare as compare
 from flax import nnx
+from parity_steps import torch_batches
 from train_helpers import load_config
 
 torch = pytest.importorskip("torch")
@@ -87,29 +87,17 @@ def _batches(steps: int):
 def torch_run(tm, batches, dtype=torch.float32):
     """The transcription on a copy of `tm` in `dtype`."""
     model = copy.deepcopy(tm).to(dtype)
-    steps = [
-        (torch.from_numpy(b["image"].transpose(0, 3, 1, 2).copy()).to(dtype),
-         torch.from_numpy(b["labels"]).to(dtype))
-        for b in batches
-    ]  # fmt: skip
+    steps = torch_batches([b["image"] for b in batches], [b["labels"] for b in batches], dtype)
     n = BATCHES_PER_EPOCH
     per_epoch = [steps[e * n : (e + 1) * n] for e in range(EPOCHS)]
     return salgl_train.run(model, per_epoch, salgl_train.Args(max_epochs=EPOCHS))
 
 
-@contextlib.contextmanager
 def torch_settings():
-    """One thread (a tiny model: threads would only wait on each other) and torch's native CPU
-    kernels: its oneDNN ones drift from the float64 run by 9e-5 in the loss over these steps
-    (ResNet convolutions and batch norms), the native ones by 1.4e-6, mlgraph's by 4.4e-7."""
-    threads, onednn = torch.get_num_threads(), torch.backends.mkldnn.enabled
-    torch.set_num_threads(1)
-    torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-        torch.backends.mkldnn.enabled = onednn
+    """One thread and torch's native CPU kernels: its oneDNN ones drift from the float64 run by
+    9e-5 in the loss over these steps (ResNet convolutions and batch norms), the native ones by
+    1.4e-6, mlgraph's by 4.4e-7."""
+    return compare.torch_threads(1, onednn=False)
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +122,7 @@ def _runs(tmp_path_factory):
     )
     start = numpy_state(tm)
     batches = _batches(total)
-    state, metrics = compare.run_mlgraph(side, total, side[3], batches)
+    state, metrics = compare.run_bench_side(side, total, side[3], batches)
     table = convert_salgl.table(nnx.merge(side[1], state["params"], state["rest"]))
     return dict(
         tm=tm, batches=batches, start=start, metrics=metrics, table=table,
@@ -163,9 +151,9 @@ def test_parameters_buffers_adam_state_and_ema_after_the_last_step_match(runs):
     state, run, table = runs["state"], runs["run"], runs["table"]
     errors = compare.state_errors(_mlgraph_entries(state), run.state, runs["start"], table, GAUGE)
     stats = {p: errors.pop(p) for p in list(errors) if p.endswith(("/mean", "/var"))}
-    name, err = compare.worst(errors)
+    err, name = compare.worst(errors)
     assert err < PARAM_TOL, (name, err)
-    name, err = compare.worst(stats)
+    err, name = compare.worst(stats)
     assert len(stats) == 2 * 17 and err < STATS_TOL, (name, err)
     # The co-occurrence counts took every image's labels once (in its one scene), on both
     # sides (the counts are a compared entry above).
@@ -173,13 +161,13 @@ def test_parameters_buffers_adam_state_and_ema_after_the_last_step_match(runs):
     assert np.trace(comatrix, axis1=1, axis2=2).sum() == sum(
         b["labels"].sum() for b in runs["batches"]
     )
-    mu, nu, counts = compare.adam_state(state["opt"])
-    assert counts == {int(s["step"]) for s in run.optimizer.values()} == {32}
-    name, err = compare.worst(compare.moment_errors(mu, nu, run.optimizer, table, GAUGE))
+    slots = compare.optimizer_slots(state["opt"])
+    assert set(slots["count"].values()) == {int(s["step"]) for s in run.optimizer.values()} == {32}
+    err, name = compare.worst(compare.moment_errors(slots, run.optimizer, table, GAUGE))
     assert err < MOMENT_TOL, (name, err)
     # The EMA of every entry, the counts and batch statistics included.
     ema = compare.state_errors(_mlgraph_entries(state["ema"]), run.ema, runs["start"], table, GAUGE)
-    name, err = compare.worst(ema)
+    err, name = compare.worst(ema)
     assert err < EMA_TOL, (name, err)
 
 
@@ -190,14 +178,14 @@ def test_torch_float32_drift_is_below_the_tolerances(runs):
     single, table = runs["run"], runs["table"]
     losses = max(abs(a - b) / abs(b) for a, b in zip(single.losses, double.losses, strict=True))
     start = runs["start"]
-    single_state = compare.from_torch(single.state, table)
+    single_state = compare.to_mlgraph(table, single.state)
     errors = compare.state_errors(single_state, double.state, start, table, GAUGE)
     stats = {p: errors.pop(p) for p in list(errors) if p.endswith(("/mean", "/var"))}
-    (_, params), (_, stats) = compare.worst(errors), compare.worst(stats)
-    mu, nu = (compare.from_torch(single.optimizer, table, f) for f in ("exp_avg", "exp_avg_sq"))
-    _, moments = compare.worst(compare.moment_errors(mu, nu, double.optimizer, table, GAUGE))
-    single_ema = compare.from_torch(single.ema, table)
-    _, ema = compare.worst(compare.state_errors(single_ema, double.ema, start, table, GAUGE))
+    (params, _), (stats, _) = compare.worst(errors), compare.worst(stats)
+    slots = compare.torch_adam_slots(table, single.optimizer)
+    moments, _ = compare.worst(compare.moment_errors(slots, double.optimizer, table, GAUGE))
+    single_ema = compare.to_mlgraph(table, single.ema)
+    ema, _ = compare.worst(compare.state_errors(single_ema, double.ema, start, table, GAUGE))
     print(
         f"float32 vs float64: losses {losses:.1e}, parameters and buffers {params:.1e}, "
         f"batch-norm statistics {stats:.1e}, moments {moments:.1e}, EMA {ema:.1e}"

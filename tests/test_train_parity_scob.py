@@ -45,28 +45,22 @@ import re
 
 import numpy as np
 import pytest
+from torch_train_compare import flat, max_relative_error, to_mlgraph
 from train_helpers import load_config
 from train_parity import (
-    adam_moments,
+    build_pair_and_run_mlgraph,
     check_figures,
-    fixed_batches,
-    flat,
-    images_and_labels,
-    l2,
-    mlgraph_run,
-    normalised,
-    one_torch_thread,  # noqa: F401 (autouse: the torch side on one thread)
-    rel,
-    to_mlgraph,
-    torch_moments,
+    label_matrix_figures,
+    shuffled_epochs,
+    trained_state_figures,
 )
 
-from mlgraph import bench_torch
-from mlgraph.data import datasets
 from mlgraph.models import scob
 
 torch = pytest.importorskip("torch")
 from mlgraph.torch_reference import scob_train  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 N, B, C, SIZE = 16, 8, 5, 128
 EPOCHS = 16  # then one more step
@@ -121,21 +115,12 @@ def parity_figures(config=None) -> dict[str, tuple[float, float]]:
     `scob_config()`) and the official loop's in torch float32 and float64; returns each
     quantity's (mlgraph vs torch float32, torch float32 vs float64)."""
     config = config or scob_config()
-    source, labels, observed = images_and_labels(N, SIZE, C, seed=0)
-    training = datasets.TrainingSplit(source, C, observed)
-    images = normalised(source, config, C)
-    epochs = fixed_batches(N, B, EPOCHS + 1, seed=1)
+    epochs = shuffled_epochs(N, B, EPOCHS + 1, seed=1)
     epochs[-1] = epochs[-1][:1]
     steps = sum(len(e) for e in epochs)
-    tm, (mod, graphdef, tx, state, config), method = bench_torch.build_pair(
-        config, C, training=training
-    )
-    table = bench_torch.converted(tm, method, config)[1]
-    start, phi0 = to_mlgraph(table, tm.state_dict()), tm.g.logits.detach().double().numpy()
-    final, records = mlgraph_run(mod, graphdef, tx, state, config, training, images, labels, epochs)
-
-    x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
-    batches = [[(x[rows], torch.from_numpy(rows)) for rows in e] for e in epochs]
+    side = build_pair_and_run_mlgraph(config, N, SIZE, C, epochs)
+    tm, table, observed, start = side.tm, side.table, side.observed, side.start
+    final, records, batches = side.final, side.records, side.batches
     t64 = scob_train.ScobTrainer(copy.deepcopy(tm).double(), observed, OFFICIAL)
     t32 = scob_train.ScobTrainer(tm, observed, OFFICIAL)
     rec64, rec32 = t64.run(batches), t32.run(batches)
@@ -145,8 +130,8 @@ def parity_figures(config=None) -> dict[str, tuple[float, float]]:
 
     figures = {
         f"{key}_loss": (
-            rel(curve(records, key), curve(rec32, key)),
-            rel(curve(rec32, key), curve(rec64, key)),
+            max_relative_error(curve(records, key), curve(rec32, key)),
+            max_relative_error(curve(rec32, key), curve(rec64, key)),
         )
         for key in ("classification", "contrastive")
     }
@@ -164,42 +149,29 @@ def parity_figures(config=None) -> dict[str, tuple[float, float]]:
     np.testing.assert_array_equal(ran, curve(rec32, "contrastive") > 0, "contrastive steps")
     assert ran.sum() > steps // 2  # the second update ran
 
-    s32, s64 = to_mlgraph(table, t32.model.state_dict()), to_mlgraph(table, t64.model.state_dict())
-    params, rest = flat(final["params"]), flat(final["rest"])
-    p32, r32 = ({k: s32[k] for k in part} for part in (params, rest))
-    figures["params"] = (l2(params, s32, start), l2(p32, s64, start))
-    figures["batch_stats"] = (l2(rest, s32, start), l2(r32, s64, start))
-    for path in params:  # the "momentum" branch never moves (the official no-op EMA)
+    state_figures, slots, o32 = trained_state_figures(final, table, start, t32, t64)
+    figures |= state_figures
+    s32 = to_mlgraph(table, t32.model.state_dict(), dtype=np.float64)
+    for path, value in flat(final["params"]).items():
+        # The "momentum" branch never moves (the official no-op EMA).
         if path.startswith("fm2_"):
-            np.testing.assert_array_equal(params[path], start[path])
+            np.testing.assert_array_equal(value, start[path])
             np.testing.assert_array_equal(s32[path], start[path])
-    m = adam_moments(flat(final["opt"]))
-    m32, m64 = torch_moments(t32.optimizer, t32.model), torch_moments(t64.optimizer, t64.model)
-    for name in ("mu", "nu"):
-        a, b = to_mlgraph(table, m32[name]), to_mlgraph(table, m64[name])
-        assert set(a) == set(m[name])
-        figures[f"adam_{name}"] = (l2(m[name], a), l2(a, b))
     # Step counts per group: two a step for the transformers' groups, one for the classifier
     # and the label estimator, one per contrastive step for the projector (torch skips a None
     # gradient).
     contrastive_steps = int((curve(rec32, "contrastive") > 0).sum())
     want = {"linear": steps + contrastive_steps, "transformer": steps + contrastive_steps}
     want |= {"classifier": steps, "projector": contrastive_steps}
-    counts = {g.split("/")[0]: n for g, n in m["count"].items()}
+    counts = {g.split("/")[0]: n for g, n in slots["count"].items()}
     assert counts == want, f"Adam steps per group: mlgraph {counts}, torch {want}"
     for path, (key, _) in table.items():
         group = [g for g, regex in scob.GROUPS.items() if re.fullmatch(regex, path)]
-        assert m32["step"].get(key, 0) == (want[group[0]] if group else 0), path
-    phi32 = t32.model.g.logits.detach().double().numpy()
-    phi64 = t64.model.g.logits.detach().numpy()
-    figures["label_estimator"] = (
-        rel(final["extra"]["phi"] - phi0, phi32 - phi0),
-        rel(phi32 - phi0, phi64 - phi0),
+        torch_steps = int(o32[key]["step"]) if key in o32 else 0
+        assert torch_steps == (want[group[0]] if group else 0), path
+    figures["label_estimator"], figures["label_adam_mu"] = label_matrix_figures(
+        final, side.phi0, t32, t64, steps
     )
-    pm = adam_moments(flat(final["extra"]["phi_opt"]))
-    assert set(pm["count"].values()) == {m32["step"]["g.logits"]} == {steps}
-    mu32 = m32["mu"]["g.logits"]
-    figures["label_adam_mu"] = (rel(pm["mu"][""], mu32), rel(mu32, m64["mu"]["g.logits"]))
     bank, b32, b64 = (
         _sorted_bank(final["extra"]["bank"]),
         t32.bank.as_arrays(),
@@ -210,10 +182,13 @@ def parity_figures(config=None) -> dict[str, tuple[float, float]]:
         np.testing.assert_array_equal(b32[k], b64[k], f"the bank's {k}")
     assert 0 < b32["filled"].sum() <= B  # the last epoch's one batch, after the bank emptied
     figures["bank_confidence"] = (
-        rel(bank["confidence"], b32["confidence"]),
-        rel(b32["confidence"], b64["confidence"]),
+        max_relative_error(bank["confidence"], b32["confidence"]),
+        max_relative_error(b32["confidence"], b64["confidence"]),
     )
-    figures["bank_keys"] = (rel(bank["key"], b32["key"]), rel(b32["key"], b64["key"]))
+    figures["bank_keys"] = (
+        max_relative_error(bank["key"], b32["key"]),
+        max_relative_error(b32["key"], b64["key"]),
+    )
     return figures
 
 

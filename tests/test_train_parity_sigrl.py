@@ -134,12 +134,9 @@ def torch_run(tm, table, batches, epochs: int, dtype=torch.float32):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model: threads would only wait on each other
-    try:
+    # Not the one_torch_thread fixture: that one is per test, and this runs before any.
+    with compare.torch_threads(1):
         yield _runs(tmp_path_factory)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _runs(tmp_path_factory):
@@ -164,7 +161,7 @@ def _runs(tmp_path_factory):
     state["params"]["teacher"] = jax.tree.map(half, state["params"]["teacher"])
     start = numpy_state(tm)
     batches = _batches(total)
-    state, metrics = compare.run_mlgraph(side, total, state, batches)
+    state, metrics = compare.run_bench_side(side, total, state, batches)
     conv_table = convert_sigrl.table(nnx.merge(side[1], state["params"], state["rest"]))
     model = jax.tree.map(np.asarray, state)
     return dict(
@@ -205,23 +202,23 @@ def test_parameters_and_adam_state_after_the_last_step_match(runs):
     blocks = tuple(f"backbone/transformer/resblocks/{i}/" for i in range(FIX, DEPTH))
     trained = {p for p in errors if p.startswith((*blocks, "backbone/ln_post", "backbone/proj"))}
     trained |= {p for p in errors if not p.startswith("backbone/")}
-    after, before = (compare.from_torch(x, table, skip=GAUGE) for x in (run.state, runs["start"]))
+    after, before = (compare.to_mlgraph(table, x, skip=GAUGE) for x in (run.state, runs["start"]))
     moved = {p for p in errors if not np.array_equal(after[p], before[p])}
     assert len(trained) == 2 * 12 + 3 + 7 and moved == trained
-    name, err = compare.worst(errors)
+    err, name = compare.worst(errors)
     assert err < PARAM_TOL, (name, err)
     # Adam's step count: every iteration but the skipped one, on both sides; its moments.
-    mu, nu, counts = compare.adam_state(state["opt"])
+    slots = compare.optimizer_slots(state["opt"])
     steps = {int(s["step"]) for s in run.optimizer.values()}
-    assert counts == steps == {39}
+    assert set(slots["count"].values()) == steps == {39}
     # The same trained set on both sides.
-    assert set(mu) == set(compare.from_torch(run.optimizer, table, "exp_avg"))
-    moments = compare.moment_errors(mu, nu, run.optimizer, table, GAUGE, _without_key_bias)
-    name, err = compare.worst(moments)
+    assert set(slots["mu"]) == set(compare.to_mlgraph(table, run.optimizer, field="exp_avg"))
+    moments = compare.moment_errors(slots, run.optimizer, table, GAUGE, _without_key_bias)
+    err, name = compare.worst(moments)
     assert err < MOMENT_TOL, (name, err)
     # The teacher never trains; SigRL keeps no EMA (decay 0: the live weights).
     teacher = compare.flat(state["params"]["teacher"])
-    assert teacher and not any(p.startswith("teacher") for p in mu)
+    assert teacher and not any(p.startswith("teacher") for p in slots["mu"])
     for path, value in compare.flat(state["ema"]["params"]).items():
         np.testing.assert_array_equal(value, params[path])
 
@@ -247,13 +244,13 @@ def test_torch_float32_drift_is_below_the_tolerances(runs):
     losses_drift = max(
         abs(a - b) / abs(b) for a, b in zip(single.losses, double.losses, strict=True) if b == b
     )
-    params = compare.from_torch(single.state, table)
-    _, params_drift = compare.worst(
+    params = compare.to_mlgraph(table, single.state)
+    params_drift, _ = compare.worst(
         compare.state_errors(params, double.state, runs["start"], table, GAUGE, _without_key_bias)
     )
-    mu, nu = (compare.from_torch(single.optimizer, table, f) for f in ("exp_avg", "exp_avg_sq"))
-    _, moments_drift = compare.worst(
-        compare.moment_errors(mu, nu, double.optimizer, table, GAUGE, _without_key_bias)
+    slots = compare.torch_adam_slots(table, single.optimizer)
+    moments_drift, _ = compare.worst(
+        compare.moment_errors(slots, double.optimizer, table, GAUGE, _without_key_bias)
     )
     print(f"float32 vs float64: losses {losses_drift:.1e}, parameters {params_drift:.1e}, "
           f"moments {moments_drift:.1e}")  # fmt: skip

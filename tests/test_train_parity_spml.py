@@ -44,27 +44,20 @@ import copy
 
 import numpy as np
 import pytest
+from torch_train_compare import flat, max_relative_error
 from train_helpers import load_config
 from train_parity import (
-    adam_moments,
+    build_pair_and_run_mlgraph,
     check_figures,
-    fixed_batches,
-    flat,
-    images_and_labels,
-    l2,
-    mlgraph_run,
-    normalised,
-    one_torch_thread,  # noqa: F401 (autouse: the torch side on one thread)
-    rel,
-    to_mlgraph,
-    torch_moments,
+    label_matrix_figures,
+    shuffled_epochs,
+    trained_state_figures,
 )
-
-from mlgraph import bench_torch
-from mlgraph.data import datasets
 
 torch = pytest.importorskip("torch")
 from mlgraph.torch_reference import spml_train  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 N, B, C, SIZE = 16, 8, 5, 32
 EPOCHS = 16
@@ -99,19 +92,9 @@ def parity_figures(loss: str, config=None) -> dict[str, tuple[float, float]]:
     `spml_config(loss)`) and the official loop's in torch float32 and float64; returns each
     quantity's (mlgraph vs torch float32, torch float32 vs float64)."""
     config = config or spml_config(loss)
-    source, labels, observed = images_and_labels(N, SIZE, C, seed=0)
-    training = datasets.TrainingSplit(source, C, observed)
-    images = normalised(source, config, C)
-    epochs = fixed_batches(N, B, EPOCHS, seed=1)
-    tm, (mod, graphdef, tx, state, config), method = bench_torch.build_pair(
-        config, C, training=training
-    )
-    table = bench_torch.converted(tm, method, config)[1]
-    start, phi0 = to_mlgraph(table, tm.state_dict()), tm.g.logits.detach().double().numpy()
-    final, records = mlgraph_run(mod, graphdef, tx, state, config, training, images, labels, epochs)
-
-    x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
-    batches = [[(x[rows], torch.from_numpy(rows)) for rows in e] for e in epochs]
+    side = build_pair_and_run_mlgraph(config, N, SIZE, C, shuffled_epochs(N, B, EPOCHS, seed=1))
+    tm, table, observed, start = side.tm, side.table, side.observed, side.start
+    final, records, batches, x = side.final, side.records, side.batches, side.images
     split = [(x[i : i + B], torch.arange(i, i + B)) for i in range(0, N, B)]
     settings = spml_train.SpmlSettings(loss=loss, num_epochs=EPOCHS, **OFFICIAL)
     t64 = spml_train.SpmlTrainer(copy.deepcopy(tm).double(), observed, settings)
@@ -119,36 +102,19 @@ def parity_figures(loss: str, config=None) -> dict[str, tuple[float, float]]:
     loss64, loss32 = np.array(t64.run(batches, split)), np.array(t32.run(batches, split))
 
     jax_loss = np.array([r["loss"] for r in records])
-    s32, s64 = to_mlgraph(table, t32.model.state_dict()), to_mlgraph(table, t64.model.state_dict())
-    params, rest = flat(final["params"]), flat(final["rest"])
-    p32, r32 = ({k: s32[k] for k in part} for part in (params, rest))
-    m = adam_moments(flat(final["opt"]))
-    m32, m64 = torch_moments(t32.optimizer, t32.model), torch_moments(t64.optimizer, t64.model)
-    figures = {
-        "loss": (rel(jax_loss, loss32), rel(loss32, loss64)),
-        "params": (l2(params, s32, start), l2(p32, s64, start)),
-        "batch_stats": (l2(rest, s32, start), l2(r32, s64, start)),
-    }
-    for name in ("mu", "nu"):
-        a, b = to_mlgraph(table, m32[name]), to_mlgraph(table, m64[name])
-        assert set(a) == set(m[name]) == set(params)  # every parameter compared
-        figures[f"adam_{name}"] = (l2(m[name], a), l2(a, b))
+    figures = {"loss": (max_relative_error(jax_loss, loss32), max_relative_error(loss32, loss64))}
+    state_figures, slots, o32 = trained_state_figures(final, table, start, t32, t64)
+    figures |= state_figures
+    assert set(slots["mu"]) == set(flat(final["params"]))  # every parameter compared
     # Adam's step counts: one a step, for every parameter (and Phi) on both sides.
-    counts = set(m["count"].values()), set(m32["step"].values())
+    counts = set(slots["count"].values()), {int(s["step"]) for s in o32.values()}
     assert counts == ({N // B * EPOCHS},) * 2, f"Adam step counts: mlgraph, torch {counts}"
     if loss == "role":
-        phi32 = t32.model.g.logits.detach().double().numpy()
-        phi64 = t64.model.g.logits.detach().numpy()
-        figures["label_matrix"] = (
-            rel(final["extra"]["phi"] - phi0, phi32 - phi0),
-            rel(phi32 - phi0, phi64 - phi0),
+        figures["label_matrix"], figures["label_adam_mu"] = label_matrix_figures(
+            final, side.phi0, t32, t64, N // B * EPOCHS
         )
-        pm = adam_moments(flat(final["extra"]["phi_opt"]))
-        assert set(pm["count"].values()) == {m32["step"]["g.logits"]} == {N // B * EPOCHS}
-        mu32 = m32["mu"]["g.logits"]
-        figures["label_adam_mu"] = (rel(pm["mu"][""], mu32), rel(mu32, m64["mu"]["g.logits"]))
     else:  # g has no gradient: torch skips it, and mlgraph keeps no label matrix
-        assert "g.logits" not in m32["step"] and "phi" not in final["extra"]
+        assert "g.logits" not in o32 and "phi" not in final["extra"]
     z, z32, z64 = final["extra"]["observed"], t32.label_matrix_obs, t64.label_matrix_obs
     # The same pseudo-negatives, exactly.
     assert ((z < 0) == (z32 < 0)).all(), (

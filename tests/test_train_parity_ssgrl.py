@@ -18,12 +18,8 @@ import copy
 import numpy as np
 import pytest
 from parity_steps import build as build_both
-from parity_steps import (
-    fixed_batches,
-    measure_free,
-    one_torch_thread,  # noqa: F401 (a fixture)
-    torch_batches,
-)
+from parity_steps import measure_free, random_batches, torch_batches
+from torch_train_compare import ADAM_SLOTS
 
 from mlgraph import bench_torch, recipes
 from mlgraph.torch_reference import ssgrl_train
@@ -54,14 +50,11 @@ def _config(tmp_path):
     return c
 
 
-SLOTS = {"mu": "exp_avg", "nu": "exp_avg_sq"}
-
-
 def measure(config, mlgraph_changes=None, drift: bool = False, pair=None) -> dict:
     """`parity_steps.measure_free` of `config` with the SSGRL transcription."""
     shape = (BATCHES, B, SIZE)
     return measure_free(
-        ssgrl_train.train, config, C, shape, EPOCHS, SLOTS,
+        ssgrl_train.train, config, C, shape, EPOCHS, ADAM_SLOTS,
         pair=pair, mlgraph_changes=mlgraph_changes, drift=drift,
     )  # fmt: skip
 
@@ -90,7 +83,7 @@ def test_the_first_official_step_is_the_single_step_parity(built):
     (both are main.py's forward, BCE and Adam, on the same parameters)."""
     _, (_, (_, _, _, config), _), untrained = built
     tm, generic = copy.deepcopy(untrained), copy.deepcopy(untrained)
-    images, labels = fixed_batches(1, B, SIZE, C, seed=3)
+    images, labels = random_batches(1, B, SIZE, C, seed=3)
     (x, y), *_ = torch_batches(images, labels)
     loop = ssgrl_train.SSGRLLoop(tm)
     loop.start_epoch(0)

@@ -10,7 +10,6 @@ PyTorch-style initializers and Linear, and the per-class linear classifier.
   (docs/salgl.md §1.11) and Query2Label.
 * `TorchBatchNorm` is batch norm with torch's running variance (the unbiased batch variance).
 * `patch_grid` is the patch grid of a ViT-style backbone, or the image size it cannot take.
-* `TorchBatchNorm` is batch norm with torch's running variance (the unbiased batch variance).
 """
 
 from __future__ import annotations

@@ -160,3 +160,88 @@ def test_materialize_on_cpu_keeps_values_and_gradients():
     nan_first = x.at[0, 0].set(jnp.nan)
     got = np.asarray(jax.jit(layers.materialize_on_cpu)(nan_first))
     np.testing.assert_array_equal(got, np.asarray(nan_first))
+
+
+def _flax_batch_norm(x, scale, bias, dtype):
+    bn = nnx.BatchNorm(x.shape[-1], momentum=0.9, epsilon=1e-5, dtype=dtype, rngs=nnx.Rngs(0))
+    bn.scale[...], bn.bias[...] = scale, bias
+    return bn, bn(x, use_running_average=False)
+
+
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
+def test_torch_batch_norm_is_flaxs_forward_with_torchs_running_variance_and_one_pass_backward(
+    dtype,
+):
+    import jax
+
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((4, 5, 6, 8)) * 3 + 1, dtype or jnp.float32)
+    scale = jnp.asarray(rng.standard_normal(8) + 1, jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(8), jnp.float32)
+    weights = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    bn = layers.TorchBatchNorm(8, momentum=0.9, epsilon=1e-5, dtype=dtype, rngs=nnx.Rngs(0))
+    bn.scale[...], bn.bias[...] = scale, bias
+    flax_bn, want = _flax_batch_norm(x, scale, bias, dtype)
+    # The forward and the running mean are flax's, to the bit; the running variance moved
+    # towards the unbiased batch variance: n / (n - 1) = 120 / 119 times flax's move.
+    np.testing.assert_array_equal(np.asarray(bn(x)), np.asarray(want))
+    np.testing.assert_array_equal(np.asarray(bn.mean[...]), np.asarray(flax_bn.mean[...]))
+    moved, flax_moved = bn.var[...] - 0.9, flax_bn.var[...] - 0.9
+    np.testing.assert_allclose(np.asarray(moved / flax_moved), 120 / 119, rtol=1e-5)
+
+    def loss(norm):
+        return lambda x, s, b: (norm(x, s, b).astype(jnp.float32) * weights).sum()
+
+    ours = jax.grad(
+        loss(lambda x, s, b: layers.batch_norm_train(x, s, b, 1e-5, dtype)[0]), (0, 1, 2)
+    )
+    autodiff = jax.grad(loss(lambda x, s, b: _flax_batch_norm(x, s, b, dtype)[1]), (0, 1, 2))
+    got, flax_grads = ours(x, scale, bias), autodiff(x, scale, bias)
+    # The parameter gradients are the float32 sums over the (dtype) cotangent.
+    g = np.asarray(weights.astype(dtype or jnp.float32), np.float64)
+    xf = np.asarray(x, np.float64)
+    x_hat = (xf - xf.mean((0, 1, 2))) / np.sqrt(xf.var((0, 1, 2)) + 1e-5)
+    np.testing.assert_allclose(np.asarray(got[2]), g.sum((0, 1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(got[1]), (g * x_hat).sum((0, 1, 2)), rtol=2e-5)
+    scale_error = np.abs(np.asarray(flax_grads[1]) - (g * x_hat).sum((0, 1, 2))).max()
+    if dtype is None:  # autodiff of flax's layer: the same gradients, to two float32 sums'
+        for mine, theirs in zip(got, flax_grads, strict=True):  # rounding (8e-6 seen)
+            np.testing.assert_allclose(np.asarray(mine), np.asarray(theirs), rtol=3e-5, atol=1e-5)
+    else:  # autodiff rounds the parameter gradients to bfloat16; dx is bfloat16 either way
+        assert scale_error > 1e-2, scale_error
+        dx_error = np.abs(np.asarray(got[0], np.float32) - np.asarray(flax_grads[0], np.float32))
+        assert dx_error.max() <= 0.02 * np.abs(np.asarray(flax_grads[0], np.float32)).max()
+
+
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
+def test_torch_batch_norm_takes_the_one_pass_backward_only_below_float32(dtype):
+    import jax
+
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((2, 3, 4, 8)) * 2 - 1, dtype or jnp.float32)
+    scale = jnp.asarray(rng.standard_normal(8) + 1, jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(8), jnp.float32)
+    weights = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+
+    def layer_loss(layer):
+        def loss(x, s, b):
+            bn = layer(8, momentum=0.9, epsilon=1e-5, dtype=dtype, rngs=nnx.Rngs(0))
+            bn.scale[...], bn.bias[...] = s, b
+            return (bn(x, use_running_average=False).astype(jnp.float32) * weights).sum()
+
+        return jax.grad(loss, (0, 1, 2))(x, scale, bias)
+
+    def one_pass_loss(x, s, b):
+        y = layers.batch_norm_train(x, s, b, 1e-5, dtype)[0]
+        return (y.astype(jnp.float32) * weights).sum()
+
+    got = layer_loss(layers.TorchBatchNorm)
+    # float32: flax's autodiff, bit for bit (what the many-step parity tests measured);
+    # bfloat16: `batch_norm_train`'s backward, bit for bit.
+    want = (
+        layer_loss(nnx.BatchNorm)
+        if dtype is None
+        else jax.grad(one_pass_loss, (0, 1, 2))(x, scale, bias)
+    )
+    for mine, theirs in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(mine), np.asarray(theirs))

@@ -1,7 +1,8 @@
 """Divergence: non-finite losses and updates, caught inside the jitted step, read lazily.
 
 Every step a method provides is wrapped (`guard_step`): from the step's returned loss and the
-updated parameters (a non-finite gradient makes them non-finite through any optax update) it
+updated parameters (a non-finite gradient makes them non-finite through any optax update;
+`train_step` reads them through the EMA's parameters, finite exactly where they are) it
 computes one finite flag, on the device, and records the first bad step in the train state's
 `health` entry. The host reads `health` only where it waits for the device anyway (a log line,
 an epoch hook, an evaluation, a checkpoint), so the check costs no extra host sync, and a state
@@ -46,11 +47,16 @@ def all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])) if leaves else True
 
 
-def guard_step(train_step: Callable, skip_nonfinite: bool) -> Callable:
+def guard_step(
+    train_step: Callable,
+    skip_nonfinite: bool,
+    updated: Callable[[dict], Any] = lambda state: state["params"],
+) -> Callable:
     """`train_step` (state, batch) -> (state, metrics) with the finite check around it.
 
     The method's step sees the state without `health`, as it always did. The step is finite
-    when its `metrics["loss"]` and every updated parameter are; the first step that is not is
+    when its `metrics["loss"]` and every updated parameter are, read in `updated(new state)`
+    (the parameters, or a tree finite exactly where they are); the first step that is not is
     recorded in `health`. With `skip_nonfinite` such a step's new state is replaced by the old
     one (but for the step count) and `metrics["skipped"]` counts the skipped updates so far.
     """
@@ -60,7 +66,7 @@ def guard_step(train_step: Callable, skip_nonfinite: bool) -> Callable:
         before = {k: v for k, v in state.items() if k != HEALTH}
         after, metrics = train_step(before, batch)
         loss = jnp.asarray(metrics["loss"], jnp.float32)
-        finite = jnp.isfinite(loss) & all_finite(after["params"])
+        finite = jnp.isfinite(loss) & all_finite(updated(after))
         first = (health["bad_step"] < 0) & ~finite
         health = {
             "skipped": health["skipped"] + (~finite).astype(jnp.int32) * int(skip_nonfinite),

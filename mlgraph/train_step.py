@@ -135,7 +135,20 @@ def make_train_step(mod, graphdef: nnx.GraphDef, tx, config: ml_collections.Conf
         ema_live=tuple(config.ema.live) + tuple(method_live),
     )
     train_step = getattr(mod, "make_train_step", default_train_step)(ctx)
-    return divergence.guard_step(train_step, config.optimizer.skip_nonfinite)
+    return divergence.guard_step(
+        train_step, config.optimizer.skip_nonfinite, updated=_ema_parameters
+    )
+
+
+def _ema_parameters(state: dict) -> Any:
+    """The EMA's parameters after a step: decay * ema + (1 - decay) * the updated parameters
+    with decay in [0, 1) (or those parameters, taken live), so from a finite EMA they are
+    finite exactly where the updated parameters are. The finite check reads them rather than
+    the parameters because XLA then fuses the optimizer update, the EMA and the check into one
+    pass over each parameter; read on the parameters, the check's reduction kept the EMA a
+    pass of its own (salgl_coco's AdamW, EMA and check on one v5e chip: 7.73 -> 6.84 ms by
+    the compiled ops' estimated cycles, 10.45 -> 9.49 GB accessed; README, Accelerators)."""
+    return state["ema"]["params"]
 
 
 def jit_train_step(

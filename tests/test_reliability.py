@@ -14,11 +14,21 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from train_helpers import REPO, final_state, tiny_config, wait_for
 
-from mlgraph import checkpointing, divergence, recipes, train, workdir_lock
+from mlgraph import (
+    bench_compile,
+    checkpointing,
+    divergence,
+    recipes,
+    train,
+    train_state,
+    train_step,
+    workdir_lock,
+)
 from mlgraph.errors import WorkdirError
 from mlgraph.metric_writer import read_metrics
 
@@ -300,6 +310,47 @@ def test_guard_step_flags_and_skips_inside_jit():
             assert str(e.value).startswith(
                 "step 2: the update is not finite (loss 1.0); no checkpoint yet; "
             )
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.9997])
+def test_the_train_step_flags_a_nonfinite_update_under_a_finite_loss(decay, tmp_path):
+    # The check reads the EMA's parameters (`train_step._ema_parameters`), with the EMA on or
+    # off (decay 0): a NaN gradient under a finite loss is still caught, and skipped.
+    config = tiny_config(tmp_path)
+    config.ema.decay = decay
+    config.optimizer.skip_nonfinite = True
+    c, b = 5, 4
+    training = bench_compile.synthetic_training(b, c)
+    mod, graphdef, tx, state = train_state.init_train_state(config, c, 4, training)
+
+    class NanGradient:  # the method, its loss finite and the loss's gradient NaN
+        def __getattr__(self, name):
+            return getattr(mod, name)
+
+        @staticmethod
+        def loss_fn(outputs, batch, config):
+            loss, aux = mod.loss_fn(outputs, batch, config)
+            logits = outputs["logits"]  # d sqrt(|x - x|) = 0 * inf at 0: NaN
+            return loss + 0.0 * jnp.sqrt(jnp.abs(logits - logits)).sum(), aux
+
+    batch = {
+        "image": np.zeros((b, 32, 32, 3), np.float32),
+        "labels": np.eye(b, c, dtype=np.float32),
+        "index": np.arange(b, dtype=np.int32),
+    }
+    for module, bad in ((mod, False), (NanGradient(), True)):
+        step = jax.jit(train_step.make_train_step(module, graphdef, tx, config, 4))
+        new, metrics = step(jax.tree.map(np.asarray, state), batch)
+        assert np.isfinite(float(metrics["loss"]))
+        assert int(metrics["skipped"]) == int(bad)
+        assert int(new[divergence.HEALTH]["bad_step"]) == (1 if bad else -1)
+        moved = [
+            np.any(x != y)
+            for x, y in zip(
+                jax.tree.leaves(new["params"]), jax.tree.leaves(state["params"]), strict=True
+            )
+        ]
+        assert any(moved) != bad  # a skipped update leaves every parameter as it was
 
 
 def test_nonfinite_scores_say_the_model_diverged():

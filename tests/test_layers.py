@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -69,8 +70,6 @@ def test_conv_with_matmul_weight_gradient_equals_lax(kernel, stride, pad, size, 
     """ResNet's convolutions (stem, 1x1, strided 1x1 shortcut; 3x3 and strided 3x3 on odd sizes,
     on RGB input so that they take the matmul path too): the same output and gradients as
     `jax.lax.conv_general_dilated`."""
-    import jax
-
     rng = np.random.default_rng(kernel * 10 + stride)
     x = jnp.asarray(rng.standard_normal((2, size, size, cin)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((kernel, kernel, cin, 5)), jnp.float32)
@@ -96,8 +95,6 @@ def test_conv_with_matmul_weight_gradient_equals_lax(kernel, stride, pad, size, 
 def test_matmul_weight_gradient_only_where_it_is_faster(kernel, cin, matmul):
     """1x1 kernels and the RGB stem take the matmul weight gradient; a 3x3 kernel on feature
     maps keeps XLA's convolution, which is as fast or faster there (`_matmul_dw_is_faster`)."""
-    import jax
-
     x = jnp.ones((1, 8, 8, cin), jnp.float32)
     w = jnp.ones((kernel, kernel, cin, 4), jnp.float32)
     dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
@@ -113,8 +110,6 @@ def _largest_fusions(train: bool) -> list[int]:
     """Operand counts of the two largest fusions XLA:CPU compiles (with the test process's
     XLA_FLAGS: -O0 and `mlgraph.xla_options`') for a ResNet with a stage of 8 identity blocks:
     the train gradient, or the eval forward."""
-    import jax
-
     from mlgraph.models.backbones import resnet
 
     m = resnet.create(image_size=64, layers=(1, 1, 8, 1), width=16, rngs=nnx.Rngs(0))
@@ -151,8 +146,6 @@ def test_resnet_blocks_keep_their_output_instead_of_xla_recomputing_it(train, mo
 
 
 def test_materialize_on_cpu_keeps_values_and_gradients():
-    import jax
-
     x = jnp.asarray(RNG.standard_normal((3, 4)), jnp.float32).at[0, 1].set(-0.0)
     np.testing.assert_array_equal(np.asarray(jax.jit(layers.materialize_on_cpu)(x)), x)
     grad = jax.grad(lambda v: (layers.materialize_on_cpu(v * 2.0) ** 2).sum())(x)
@@ -172,8 +165,6 @@ def _flax_batch_norm(x, scale, bias, dtype):
 def test_torch_batch_norm_is_flaxs_forward_with_torchs_running_variance_and_one_pass_backward(
     dtype,
 ):
-    import jax
-
     rng = np.random.default_rng(7)
     x = jnp.asarray(rng.standard_normal((4, 5, 6, 8)) * 3 + 1, dtype or jnp.float32)
     scale = jnp.asarray(rng.standard_normal(8) + 1, jnp.float32)
@@ -215,8 +206,6 @@ def test_torch_batch_norm_is_flaxs_forward_with_torchs_running_variance_and_one_
 
 @pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
 def test_torch_batch_norm_takes_the_one_pass_backward_only_below_float32(dtype):
-    import jax
-
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.standard_normal((2, 3, 4, 8)) * 2 - 1, dtype or jnp.float32)
     scale = jnp.asarray(rng.standard_normal(8) + 1, jnp.float32)
